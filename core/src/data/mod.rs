@@ -1,0 +1,244 @@
+//! Data sets and the batch pipeline.
+//!
+//! A data set is a [`Examples`] implementation: it says which example ids an epoch visits and
+//! how to collate a list of ids into a host-side batch. The [`Loader`] turns that into a stream
+//! of batches prepared on a background thread (collation itself is parallel with rayon), so the
+//! training step never waits on data. Batch `b` of the stream is a pure function of
+//! `(seed, b)`: the same recipe and seed give the same batches whatever the thread timing, and a
+//! resumed run can restart the stream at any batch.
+
+pub mod fashion_mnist;
+pub mod idx;
+pub mod text;
+
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+/// A batch in host memory, ready to move to a device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostBatch {
+    pub inputs: HostTensor,
+    /// Class ids (classification) or next-token ids (language models).
+    pub targets: Vec<u32>,
+    pub target_shape: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostTensor {
+    F32(Vec<f32>, Vec<usize>),
+    U32(Vec<u32>, Vec<usize>),
+}
+
+/// A batch on a device.
+pub struct Batch {
+    pub inputs: Tensor,
+    pub targets: Tensor,
+}
+
+impl HostBatch {
+    pub fn to_device(&self, device: &Device) -> candle_core::Result<Batch> {
+        let inputs = match &self.inputs {
+            HostTensor::F32(v, s) => Tensor::from_slice(v, s.as_slice(), device)?,
+            HostTensor::U32(v, s) => Tensor::from_slice(v, s.as_slice(), device)?,
+        };
+        let targets = Tensor::from_slice(&self.targets, self.target_shape.as_slice(), device)?;
+        Ok(Batch { inputs, targets })
+    }
+
+    /// Examples in the batch.
+    pub fn len(&self) -> usize {
+        self.target_shape.first().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One split of a data set.
+pub trait Examples: Send + Sync {
+    /// Ids visited by one training epoch, in order (`rng` is seeded per epoch).
+    fn train_order(&self, rng: &mut ChaCha8Rng, shuffle: bool) -> Vec<usize>;
+    /// Ids visited by one evaluation pass, in order; every example exactly once.
+    fn eval_order(&self) -> Vec<usize>;
+    /// Builds a batch from example ids.
+    fn collate(&self, ids: &[usize]) -> HostBatch;
+    /// Items a batch of `n` examples counts for throughput (examples, or tokens).
+    fn items_per_example(&self) -> usize {
+        1
+    }
+}
+
+/// The splits a task trains and evaluates on, plus what the run directory records about them.
+pub struct DataSplits {
+    pub train: Arc<dyn Examples>,
+    pub val: Arc<dyn Examples>,
+    /// Held-out split reported at the end of training, when the data set has one.
+    pub test: Option<Arc<dyn Examples>>,
+    /// Number of classes (classification) or vocabulary size (language models).
+    pub num_classes: usize,
+    /// `(path, sha256)` of every file read.
+    pub files: Vec<(String, String)>,
+    /// Characters of a character-level vocabulary, in id order.
+    pub vocab: Option<Vec<char>>,
+}
+
+/// Batches per training epoch (the last incomplete batch is dropped so shapes stay fixed).
+pub fn batches_per_epoch(examples: &dyn Examples, batch_size: usize, seed: u64) -> usize {
+    let order = examples.train_order(&mut epoch_rng(seed, 0), false);
+    order.len() / batch_size
+}
+
+fn epoch_rng(seed: u64, epoch: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(epoch);
+    rng
+}
+
+/// The training batch stream. Iterates forever: batch `b` belongs to epoch
+/// `b / batches_per_epoch`; the consumer decides when to stop.
+pub struct Loader {
+    rx: Receiver<(u64, HostBatch)>,
+    pub batches_per_epoch: usize,
+}
+
+impl Loader {
+    /// Starts the stream at global batch index `start`.
+    pub fn new(
+        examples: Arc<dyn Examples>,
+        batch_size: usize,
+        shuffle: bool,
+        seed: u64,
+        prefetch: usize,
+        start: u64,
+    ) -> Self {
+        let per_epoch = batches_per_epoch(examples.as_ref(), batch_size, seed);
+        assert!(per_epoch > 0, "the training split is smaller than one batch");
+        let (tx, rx) = sync_channel(prefetch);
+        std::thread::Builder::new()
+            .name("kiln-data".into())
+            .spawn(move || {
+                let mut b = start;
+                loop {
+                    let epoch = b / per_epoch as u64;
+                    let order = examples.train_order(&mut epoch_rng(seed, epoch), shuffle);
+                    let first = (b % per_epoch as u64) as usize;
+                    for i in first..per_epoch {
+                        let ids = &order[i * batch_size..(i + 1) * batch_size];
+                        if tx.send((epoch, examples.collate(ids))).is_err() {
+                            return; // the trainer is done
+                        }
+                        b += 1;
+                    }
+                }
+            })
+            .expect("spawning the data thread");
+        Loader {
+            rx,
+            batches_per_epoch: per_epoch,
+        }
+    }
+
+    /// The next batch and the epoch it belongs to.
+    pub fn next_batch(&self) -> (u64, HostBatch) {
+        self.rx.recv().expect("the data thread stopped unexpectedly")
+    }
+}
+
+/// Batches of an evaluation pass, in order; the last batch may be smaller.
+pub fn eval_batches(
+    examples: &dyn Examples,
+    batch_size: usize,
+    max_batches: Option<usize>,
+) -> impl Iterator<Item = HostBatch> + '_ {
+    let order = examples.eval_order();
+    let n = order.len().div_ceil(batch_size);
+    let n = max_batches.map_or(n, |m| m.min(n));
+    (0..n).map(move |i| {
+        let end = ((i + 1) * batch_size).min(order.len());
+        examples.collate(&order[i * batch_size..end])
+    })
+}
+
+/// Hex sha256 of a file's bytes.
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path)?;
+    Ok(hex(&Sha256::digest(&bytes)))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ten examples whose "image" is the id itself.
+    struct Ids(usize);
+    impl Examples for Ids {
+        fn train_order(&self, rng: &mut ChaCha8Rng, shuffle: bool) -> Vec<usize> {
+            let mut v: Vec<usize> = (0..self.0).collect();
+            if shuffle {
+                rand::seq::SliceRandom::shuffle(v.as_mut_slice(), rng);
+            }
+            v
+        }
+        fn eval_order(&self) -> Vec<usize> {
+            (0..self.0).collect()
+        }
+        fn collate(&self, ids: &[usize]) -> HostBatch {
+            HostBatch {
+                inputs: HostTensor::F32(ids.iter().map(|&i| i as f32).collect(), vec![ids.len()]),
+                targets: ids.iter().map(|&i| i as u32).collect(),
+                target_shape: vec![ids.len()],
+            }
+        }
+    }
+
+    fn take(l: &Loader, n: usize) -> Vec<(u64, Vec<u32>)> {
+        (0..n)
+            .map(|_| {
+                let (e, b) = l.next_batch();
+                (e, b.targets)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn epochs_are_permutations_and_reproducible() {
+        let ex: Arc<dyn Examples> = Arc::new(Ids(10));
+        let a = take(&Loader::new(ex.clone(), 3, true, 7, 2, 0), 6);
+        let b = take(&Loader::new(ex.clone(), 3, true, 7, 2, 0), 6);
+        assert_eq!(a, b, "same seed, same batches");
+        // 10 examples / batch 3 → 3 batches per epoch, the 10th example dropped.
+        assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), [0, 0, 0, 1, 1, 1]);
+        let mut first: Vec<u32> = a[..3].iter().flat_map(|x| x.1.clone()).collect();
+        first.sort();
+        first.dedup();
+        assert_eq!(first.len(), 9, "no example repeats within an epoch");
+        assert_ne!(a[..3], a[3..6], "each epoch is shuffled anew");
+        let c = take(&Loader::new(ex.clone(), 3, true, 8, 2, 0), 3);
+        assert_ne!(a[..3], c[..], "another seed, another order");
+    }
+
+    #[test]
+    fn stream_restarts_at_any_batch() {
+        let ex: Arc<dyn Examples> = Arc::new(Ids(10));
+        let all = take(&Loader::new(ex.clone(), 3, true, 7, 2, 0), 7);
+        let tail = take(&Loader::new(ex, 3, true, 7, 2, 4), 3);
+        assert_eq!(all[4..], tail[..]);
+    }
+
+    #[test]
+    fn eval_visits_every_example_once() {
+        let ex = Ids(10);
+        let got: Vec<u32> = eval_batches(&ex, 4, None).flat_map(|b| b.targets).collect();
+        assert_eq!(got, (0..10).collect::<Vec<u32>>());
+        assert_eq!(eval_batches(&ex, 4, Some(2)).count(), 2);
+    }
+}

@@ -1,0 +1,63 @@
+//! Device selection: `auto`, `cpu`, `cuda` or `cuda:N`.
+
+use candle_core::Device;
+
+/// A parsed device request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRequest {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+/// Parses a device string, with a message listing the valid forms on error.
+pub fn parse_device(s: &str) -> Result<DeviceRequest, String> {
+    match s {
+        "auto" => Ok(DeviceRequest::Auto),
+        "cpu" => Ok(DeviceRequest::Cpu),
+        "cuda" => Ok(DeviceRequest::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceRequest::Cuda)
+            .ok_or_else(|| {
+                format!("unknown device `{s}`; valid choices: \"auto\", \"cpu\", \"cuda\", \"cuda:N\"")
+            }),
+    }
+}
+
+/// Opens the requested device. `auto` picks CUDA device 0 when kiln was built with `--features
+/// cuda` and a GPU is present, the CPU otherwise.
+pub fn open_device(s: &str) -> anyhow::Result<Device> {
+    match parse_device(s).map_err(anyhow::Error::msg)? {
+        DeviceRequest::Cpu => Ok(Device::Cpu),
+        DeviceRequest::Auto => {
+            if candle_core::utils::cuda_is_available() {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+        DeviceRequest::Cuda(n) => {
+            if !candle_core::utils::cuda_is_available() {
+                anyhow::bail!(
+                    "device `{s}` requested but this kiln was built without CUDA; \
+                     rebuild with `cargo build --release --features cuda` or use --device cpu"
+                );
+            }
+            Device::new_cuda(n).map_err(|e| {
+                anyhow::anyhow!("cannot open CUDA device {n}: {e}; check `nvidia-smi` or use --device cpu")
+            })
+        }
+    }
+}
+
+/// A short human name for a device (for logs and summaries).
+pub fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}

@@ -1,0 +1,14 @@
+//! kiln-core: recipes, data, devices, checkpoint io and metrics — everything the rest of kiln
+//! stands on that is not a model or a training loop.
+
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod metrics;
+pub mod recipe;
+pub mod rng;
+
+pub use recipe::{Recipe, RecipeError};
+
+/// kiln's version (the workspace version).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

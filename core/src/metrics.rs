@@ -1,0 +1,108 @@
+//! Metrics: one JSON object per line in `metrics.jsonl`, and best/final tracking for
+//! `summary.json`.
+
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// Appends metric records to `metrics.jsonl`, flushing each line so a crash loses nothing.
+pub struct MetricsLog {
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl MetricsLog {
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(MetricsLog {
+            file: std::io::BufWriter::new(file),
+        })
+    }
+
+    /// Writes `{"step": step, name: value, ...}`.
+    pub fn write(&mut self, step: usize, values: &BTreeMap<String, f64>) -> std::io::Result<()> {
+        let mut obj = Map::new();
+        obj.insert("step".into(), step.into());
+        for (k, v) in values {
+            obj.insert(k.clone(), json_number(*v));
+        }
+        serde_json::to_writer(&mut self.file, &Value::Object(obj))?;
+        self.file.write_all(b"\n")?;
+        self.file.flush()
+    }
+}
+
+/// JSON has no NaN or infinity: write those as null.
+pub fn json_number(v: f64) -> Value {
+    serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
+}
+
+/// Whether a larger value of this metric is better (accuracy) or a smaller one (loss).
+pub fn higher_is_better(name: &str) -> bool {
+    name.ends_with("accuracy") || name.ends_with("f1")
+}
+
+/// The last value of every metric and the best one of each eval metric.
+#[derive(Debug, Default, Clone)]
+pub struct Tracker {
+    pub last: BTreeMap<String, f64>,
+    pub best: BTreeMap<String, f64>,
+    pub best_step: BTreeMap<String, usize>,
+}
+
+impl Tracker {
+    pub fn update(&mut self, step: usize, values: &BTreeMap<String, f64>) {
+        for (k, &v) in values {
+            self.last.insert(k.clone(), v);
+            if !k.starts_with("eval/") || !v.is_finite() {
+                continue;
+            }
+            let better = match self.best.get(k) {
+                None => true,
+                Some(&b) if higher_is_better(k) => v > b,
+                Some(&b) => v < b,
+            };
+            if better {
+                self.best.insert(k.clone(), v);
+                self.best_step.insert(k.clone(), step);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracks_best_by_direction() {
+        let mut t = Tracker::default();
+        let m = |l: f64, a: f64| {
+            BTreeMap::from([("eval/loss".to_string(), l), ("eval/accuracy".to_string(), a)])
+        };
+        t.update(1, &m(2.0, 0.5));
+        t.update(2, &m(1.0, 0.4));
+        t.update(3, &m(1.5, 0.6));
+        assert_eq!(t.best["eval/loss"], 1.0);
+        assert_eq!(t.best_step["eval/loss"], 2);
+        assert_eq!(t.best["eval/accuracy"], 0.6);
+        assert_eq!(t.last["eval/loss"], 1.5);
+    }
+
+    #[test]
+    fn writes_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.jsonl");
+        let mut log = MetricsLog::create(&p).unwrap();
+        log.write(5, &BTreeMap::from([("train/loss".to_string(), 1.25)])).unwrap();
+        log.write(6, &BTreeMap::from([("train/loss".to_string(), f64::NAN)])).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines[0]["step"], 5);
+        assert_eq!(lines[0]["train/loss"], 1.25);
+        assert!(lines[1]["train/loss"].is_null());
+    }
+}

@@ -1,0 +1,633 @@
+//! Recipes: one TOML file that fully defines an experiment.
+//!
+//! Loading is three steps, each of which can fail with an error that names the key, the place it
+//! came from (file and line, or the `--set` argument) and what would be valid:
+//! 1. parse the text (syntax errors),
+//! 2. apply `--set key.path=value` overrides on the document,
+//! 3. deserialize into typed sections (unknown keys, wrong types) and validate ranges.
+//!
+//! The `[model]` table is kept as raw TOML here: each model owns its config type in
+//! `kiln-models`, which deserializes it through [`RecipeSource::decode`] so its errors carry the
+//! same file/line information.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// An error in a recipe: where it is, which key, and what to do about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecipeError {
+    /// `recipes/x.toml:12` or `--set optim.lr=-1`.
+    pub location: String,
+    /// Dotted key path, e.g. `optim.lr` (empty for syntax errors).
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for RecipeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "recipe error at {}: {}", self.location, self.message)
+        } else {
+            write!(
+                f,
+                "recipe error at {}: key `{}`: {}",
+                self.location, self.key, self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for RecipeError {}
+
+/// The recipe text after overrides, with enough bookkeeping to point errors at their source.
+#[derive(Debug, Clone)]
+pub struct RecipeSource {
+    pub path: PathBuf,
+    /// Text after overrides (this is what was parsed).
+    pub text: String,
+    /// `key.path` → the raw `--set` argument that changed it.
+    overrides: Vec<(String, String)>,
+}
+
+impl RecipeSource {
+    /// Turns a key path and a message into an error located in the file or at the `--set` flag.
+    pub fn error(&self, key: &str, message: impl Into<String>) -> RecipeError {
+        let message = message.into();
+        if let Some((_, arg)) = self
+            .overrides
+            .iter()
+            .rev()
+            .find(|(k, _)| key == k || key.starts_with(&format!("{k}.")))
+        {
+            return RecipeError {
+                location: format!("--set {arg}"),
+                key: key.to_string(),
+                message,
+            };
+        }
+        let line = key_line(&self.text, key);
+        let location = match line {
+            Some(l) => format!("{}:{}", self.path.display(), l),
+            None => self.path.display().to_string(),
+        };
+        RecipeError {
+            location,
+            key: key.to_string(),
+            message,
+        }
+    }
+
+    /// Deserializes `value` (found at `prefix` in the recipe) into `T`, reporting unknown keys and
+    /// wrong types by their full dotted path.
+    pub fn decode<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+        value: toml::Value,
+    ) -> Result<T, RecipeError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let inner = e.path().to_string();
+            let mut key = join_key(prefix, if inner == "." { "" } else { &inner });
+            let message = e.into_inner().message().to_string();
+            // For an unknown field serde reports the table's path; name the offending key.
+            if let Some(field) = unknown_field_name(&message) {
+                key = join_key(&key, &field);
+            }
+            self.error(&key, message)
+        })
+    }
+}
+
+fn join_key(a: &str, b: &str) -> String {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.to_string(),
+        (_, true) => a.to_string(),
+        _ => format!("{a}.{b}"),
+    }
+}
+
+fn unknown_field_name(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// 1-based line of the key at `path` in `text` (the deepest segment that exists).
+fn key_line(text: &str, path: &str) -> Option<usize> {
+    let doc = toml_edit::Document::parse(text).ok()?;
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut span = None;
+    for seg in path.split('.') {
+        let Some((key, item)) = table.get_key_value(seg) else {
+            break;
+        };
+        span = key.span().or(item.span()).or(span);
+        match item.as_table_like() {
+            Some(t) => table = t,
+            None => break,
+        }
+    }
+    let offset = span?.start;
+    Some(text[..offset.min(text.len())].matches('\n').count() + 1)
+}
+
+/// Applies `key.path=value` overrides to TOML text. Values parse as TOML (`3e-4`, `true`,
+/// `[1, 2]`, `"x"`); anything that is not valid TOML is taken as a plain string.
+fn apply_overrides(
+    path: &Path,
+    text: &str,
+    sets: &[String],
+) -> Result<(String, Vec<(String, String)>), RecipeError> {
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| syntax_error(path, text, &e))?;
+    let mut applied = Vec::new();
+    for arg in sets {
+        let bad = |message: String| RecipeError {
+            location: format!("--set {arg}"),
+            key: String::new(),
+            message,
+        };
+        let (key, raw) = arg
+            .split_once('=')
+            .ok_or_else(|| bad("expected key.path=value, e.g. --set optim.lr=3e-4".into()))?;
+        let key = key.trim();
+        if key.is_empty() || key.split('.').any(str::is_empty) {
+            return Err(bad(format!("`{key}` is not a dotted key path")));
+        }
+        let value: toml_edit::Value = raw
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| toml_edit::Value::from(raw.trim()));
+        let segs: Vec<&str> = key.split('.').collect();
+        let mut table: &mut dyn toml_edit::TableLike = doc.as_table_mut();
+        for seg in &segs[..segs.len() - 1] {
+            let item = table
+                .entry(seg)
+                .or_insert(toml_edit::Item::Table(toml_edit::Table::new()));
+            table = item.as_table_like_mut().ok_or_else(|| {
+                bad(format!("`{seg}` in `{key}` is a value, not a table of keys"))
+            })?;
+        }
+        table.insert(segs[segs.len() - 1], toml_edit::Item::Value(value));
+        applied.push((key.to_string(), arg.clone()));
+    }
+    Ok((doc.to_string(), applied))
+}
+
+fn syntax_error(path: &Path, text: &str, e: &toml_edit::TomlError) -> RecipeError {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    RecipeError {
+        location: match line {
+            Some(l) => format!("{}:{}", path.display(), l),
+            None => path.display().to_string(),
+        },
+        key: String::new(),
+        message: format!("TOML syntax error: {}", e.message()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The typed recipe
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// Inputs → one label per example; metrics: loss, accuracy.
+    Classification,
+    /// Next-token prediction; metrics: loss, perplexity.
+    LanguageModel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dataset {
+    /// Fashion-MNIST in IDX(.gz) files (Debian's `dataset-fashion-mnist`).
+    FashionMnist,
+    /// One text file, character-level tokens, first `1 - val_fraction` for training.
+    TextChar,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub dataset: Dataset,
+    /// Folder (fashion-mnist) or file (text-char). Relative paths are taken from the current
+    /// directory.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    pub batch_size: usize,
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    /// fashion-mnist: examples held out of the training split for validation.
+    #[serde(default)]
+    pub val_size: usize,
+    /// text-char: fraction of the text (from the end) used for validation.
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    /// text-char: tokens per training sequence.
+    #[serde(default)]
+    pub seq_len: Option<usize>,
+    /// Batches prepared ahead of the training step.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    Adamw,
+    Sgd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    pub name: OptimizerName,
+    pub lr: f64,
+    /// Decoupled (AdamW) or L2-free SGD weight decay; applied to weights of rank ≥ 2 only.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// AdamW (β1, β2).
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// SGD momentum (0 = plain SGD).
+    #[serde(default)]
+    pub momentum: f64,
+    #[serde(default)]
+    pub nesterov: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleName {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub name: ScheduleName,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Floor of the decay, as a fraction of `optim.lr`.
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    /// Steps over which the decay runs (default: the run's total steps).
+    #[serde(default)]
+    pub decay_steps: Option<usize>,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            name: ScheduleName::Constant,
+            warmup_steps: 0,
+            min_lr_ratio: 0.0,
+            decay_steps: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// Optimizer steps to run; exactly one of `max_steps` and `epochs` is set.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    #[serde(default)]
+    pub epochs: Option<usize>,
+    /// Micro-batches summed into one optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Global L2 norm bound for the gradient (0 = no clipping).
+    #[serde(default)]
+    pub clip_grad_norm: f64,
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+    /// 0 = evaluate only at the end.
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Batches per periodic evaluation (0 = the whole split). The final evaluation always uses
+    /// the whole split.
+    #[serde(default)]
+    pub eval_batches: usize,
+    /// 0 = checkpoint only at the end.
+    #[serde(default)]
+    pub checkpoint_every: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecipe {
+    #[serde(default)]
+    description: String,
+    task: Task,
+    #[serde(default = "default_seed")]
+    seed: u64,
+    #[serde(default = "default_device")]
+    device: String,
+    #[serde(default = "default_precision")]
+    precision: Precision,
+    model: toml::Table,
+    data: DataConfig,
+    optim: OptimConfig,
+    #[serde(default)]
+    schedule: ScheduleConfig,
+    trainer: TrainerConfig,
+}
+
+/// A validated recipe. `model` is still raw TOML: `kiln-models` decodes it.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// File stem, e.g. `shakespeare-char`.
+    pub name: String,
+    pub description: String,
+    pub task: Task,
+    pub seed: u64,
+    pub device: String,
+    pub precision: Precision,
+    pub model: toml::Table,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    pub schedule: ScheduleConfig,
+    pub trainer: TrainerConfig,
+    pub source: RecipeSource,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+fn default_val_fraction() -> f64 {
+    0.1
+}
+fn default_prefetch() -> usize {
+    4
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_log_every() -> usize {
+    10
+}
+fn default_seed() -> u64 {
+    1337
+}
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_precision() -> Precision {
+    Precision::F32
+}
+
+impl Recipe {
+    /// Reads a recipe file and applies `--set` overrides.
+    pub fn load(path: impl AsRef<Path>, sets: &[String]) -> Result<Recipe, RecipeError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError {
+            location: path.display().to_string(),
+            key: String::new(),
+            message: format!("cannot read the recipe: {e} (run `kiln recipes` to list recipes)"),
+        })?;
+        Self::parse(path, &text, sets)
+    }
+
+    /// Parses recipe text; `path` is used for the name and in error messages.
+    pub fn parse(path: &Path, text: &str, sets: &[String]) -> Result<Recipe, RecipeError> {
+        let (text, overrides) = apply_overrides(path, text, sets)?;
+        let source = RecipeSource {
+            path: path.to_path_buf(),
+            text,
+            overrides,
+        };
+        let value: toml::Value = toml::from_str::<toml::Table>(&source.text)
+            .map(toml::Value::Table)
+            .map_err(|e| RecipeError {
+                location: path.display().to_string(),
+                key: String::new(),
+                message: format!("TOML syntax error: {}", e.message()),
+            })?;
+        let raw: RawRecipe = source.decode("", value)?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "recipe".into());
+        let recipe = Recipe {
+            name,
+            description: raw.description,
+            task: raw.task,
+            seed: raw.seed,
+            device: raw.device,
+            precision: raw.precision,
+            model: raw.model,
+            data: raw.data,
+            optim: raw.optim,
+            schedule: raw.schedule,
+            trainer: raw.trainer,
+            source,
+        };
+        recipe.validate()?;
+        Ok(recipe)
+    }
+
+    fn validate(&self) -> Result<(), RecipeError> {
+        let err = |key: &str, msg: String| Err(self.source.error(key, msg));
+        if self.precision != Precision::F32 {
+            return err(
+                "precision",
+                format!(
+                    "{:?} is not supported yet: mixed precision is not implemented; \
+                     use precision = \"f32\"",
+                    self.precision
+                )
+                .to_lowercase(),
+            );
+        }
+        crate::device::parse_device(&self.device).map_err(|m| self.source.error("device", m))?;
+        if !self.model.contains_key("kind") {
+            return err(
+                "model.kind",
+                "missing; valid choices: \"mlp\", \"cnn\", \"gpt\"".into(),
+            );
+        }
+        let d = &self.data;
+        if d.batch_size == 0 {
+            return err("data.batch_size", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&d.val_fraction) {
+            return err(
+                "data.val_fraction",
+                format!("must be in [0, 1), got {}", d.val_fraction),
+            );
+        }
+        if d.prefetch == 0 {
+            return err("data.prefetch", "must be at least 1".into());
+        }
+        match (self.task, d.dataset) {
+            (Task::Classification, Dataset::FashionMnist) => {
+                if d.seq_len.is_some() {
+                    return err(
+                        "data.seq_len",
+                        "applies to text data sets only; remove it".into(),
+                    );
+                }
+            }
+            (Task::LanguageModel, Dataset::TextChar) => match d.seq_len {
+                None => return err("data.seq_len", "missing: text data needs a sequence length (the model's context), e.g. seq_len = 64".into()),
+                Some(0) => return err("data.seq_len", "must be at least 1".into()),
+                _ => {}
+            },
+            (task, ds) => {
+                return err(
+                    "data.dataset",
+                    format!(
+                        "{ds:?} does not fit task {task:?}: fashion-mnist is for \
+                         \"classification\", text-char for \"language-model\""
+                    ),
+                )
+            }
+        }
+        let o = &self.optim;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return err("optim.lr", format!("must be a positive number, got {}", o.lr));
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            return err(
+                "optim.weight_decay",
+                format!("must be ≥ 0, got {}", o.weight_decay),
+            );
+        }
+        for (i, b) in o.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                return err(&format!("optim.betas"), format!("betas[{i}] must be in [0, 1), got {b}"));
+            }
+        }
+        if !(o.eps > 0.0) {
+            return err("optim.eps", format!("must be > 0, got {}", o.eps));
+        }
+        if !(0.0..1.0).contains(&o.momentum) {
+            return err(
+                "optim.momentum",
+                format!("must be in [0, 1), got {}", o.momentum),
+            );
+        }
+        if o.nesterov && (o.name != OptimizerName::Sgd || o.momentum == 0.0) {
+            return err(
+                "optim.nesterov",
+                "needs name = \"sgd\" and momentum > 0".into(),
+            );
+        }
+        let s = &self.schedule;
+        if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+            return err(
+                "schedule.min_lr_ratio",
+                format!("must be in [0, 1], got {}", s.min_lr_ratio),
+            );
+        }
+        if s.decay_steps == Some(0) {
+            return err("schedule.decay_steps", "must be at least 1".into());
+        }
+        let t = &self.trainer;
+        match (t.max_steps, t.epochs) {
+            (Some(_), Some(_)) => {
+                return err(
+                    "trainer.epochs",
+                    "set either trainer.max_steps or trainer.epochs, not both".into(),
+                )
+            }
+            (None, None) => {
+                return err(
+                    "trainer.max_steps",
+                    "missing: set trainer.max_steps or trainer.epochs".into(),
+                )
+            }
+            (Some(0), _) => return err("trainer.max_steps", "must be at least 1".into()),
+            (_, Some(0)) => return err("trainer.epochs", "must be at least 1".into()),
+            _ => {}
+        }
+        if t.grad_accum == 0 {
+            return err("trainer.grad_accum", "must be at least 1".into());
+        }
+        if !(t.clip_grad_norm.is_finite() && t.clip_grad_norm >= 0.0) {
+            return err(
+                "trainer.clip_grad_norm",
+                format!("must be ≥ 0 (0 = off), got {}", t.clip_grad_norm),
+            );
+        }
+        if t.log_every == 0 {
+            return err("trainer.log_every", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The model table's `kind`.
+    pub fn model_kind(&self) -> &str {
+        self.model.get("kind").and_then(|v| v.as_str()).unwrap_or("")
+    }
+
+    /// The recipe as resolved TOML (after overrides, defaults filled in). `model` is the resolved
+    /// model table supplied by the model zoo.
+    pub fn to_toml(&self, model: &toml::Table) -> String {
+        let raw = RawRecipe {
+            description: self.description.clone(),
+            task: self.task,
+            seed: self.seed,
+            device: self.device.clone(),
+            precision: self.precision,
+            model: model.clone(),
+            data: self.data.clone(),
+            optim: self.optim.clone(),
+            schedule: self.schedule.clone(),
+            trainer: self.trainer.clone(),
+        };
+        toml::to_string(&raw).expect("a recipe always serializes")
+    }
+}
+
+/// A recipe in `recipes/` with its one-line description (for `kiln recipes`).
+pub struct RecipeListing {
+    pub name: String,
+    pub path: PathBuf,
+    pub description: String,
+}
+
+/// Lists `*.toml` recipes in `dir`, sorted by name.
+pub fn list_recipes(dir: &Path) -> std::io::Result<Vec<RecipeListing>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path)?;
+            let description = toml::from_str::<toml::Table>(&text)
+                .ok()
+                .and_then(|t| t.get("description")?.as_str().map(str::to_string))
+                .unwrap_or_else(|| "(unreadable recipe)".into());
+            out.push(RecipeListing {
+                name: path.file_stem().unwrap().to_string_lossy().into_owned(),
+                path,
+                description,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
