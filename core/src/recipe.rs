@@ -47,6 +47,9 @@ pub struct RecipeSource {
     pub path: PathBuf,
     /// Text after overrides (this is what was parsed).
     pub text: String,
+    /// Text as written in the file: line numbers in errors refer to it (overrides may add lines
+    /// to `text`).
+    original: String,
     /// `key.path` → the raw `--set` argument that changed it.
     overrides: Vec<(String, String)>,
 }
@@ -67,7 +70,22 @@ impl RecipeSource {
                 message,
             };
         }
-        let line = key_line(&self.text, key);
+        let line = key_line(&self.original, key);
+        // A table that only an override created (e.g. `--set schedule.warmup_steps=10` without a
+        // `[schedule]` in the file) has no line: point at the flag that created it.
+        if line.is_none() {
+            if let Some((_, arg)) = self
+                .overrides
+                .iter()
+                .find(|(k, _)| k.starts_with(&format!("{key}.")))
+            {
+                return RecipeError {
+                    location: format!("--set {arg}"),
+                    key: key.to_string(),
+                    message,
+                };
+            }
+        }
         let location = match line {
             Some(l) => format!("{}:{}", self.path.display(), l),
             None => self.path.display().to_string(),
@@ -90,9 +108,11 @@ impl RecipeSource {
             let inner = e.path().to_string();
             let mut key = join_key(prefix, if inner == "." { "" } else { &inner });
             let message = e.into_inner().message().to_string();
-            // For an unknown field serde reports the table's path; name the offending key.
+            // For an unknown field the path may be the table's; name the offending key (once).
             if let Some(field) = unknown_field_name(&message) {
-                key = join_key(&key, &field);
+                if key.rsplit('.').next() != Some(field.as_str()) {
+                    key = join_key(&key, &field);
+                }
             }
             self.error(&key, message)
         })
@@ -117,7 +137,8 @@ fn key_line(text: &str, path: &str) -> Option<usize> {
     let doc = toml_edit::Document::parse(text).ok()?;
     let mut table: &dyn toml_edit::TableLike = doc.as_table();
     let mut span = None;
-    for seg in path.split('.') {
+    // Array elements (`optim.betas[1]`) are located at their array's key.
+    for seg in path.split('.').map(|s| s.split('[').next().unwrap_or(s)) {
         let Some((key, item)) = table.get_key_value(seg) else {
             break;
         };
@@ -277,8 +298,10 @@ pub enum ScheduleName {
     Cosine,
 }
 
+/// Every key is optional: a `[schedule]` table with only `warmup_steps` is a constant schedule
+/// with warmup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ScheduleConfig {
     pub name: ScheduleName,
     #[serde(default)]
@@ -413,10 +436,12 @@ impl Recipe {
 
     /// Parses recipe text; `path` is used for the name and in error messages.
     pub fn parse(path: &Path, text: &str, sets: &[String]) -> Result<Recipe, RecipeError> {
+        let original = text;
         let (text, overrides) = apply_overrides(path, text, sets)?;
         let source = RecipeSource {
             path: path.to_path_buf(),
             text,
+            original: original.to_string(),
             overrides,
         };
         let value: toml::Value = toml::from_str::<toml::Table>(&source.text)

@@ -13,6 +13,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod gelu;
 pub mod layer_norm;
+pub mod max_pool;
 pub mod softmax;
 
 pub use attention::causal_self_attention;
@@ -20,6 +21,7 @@ pub use cross_entropy::cross_entropy;
 pub use dropout::dropout;
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
+pub use max_pool::max_pool2d;
 pub use softmax::softmax_last_dim;
 
 #[cfg(test)]

@@ -1,0 +1,990 @@
+//! Integration tests for the recipe loader (`kiln_core::recipe`): parsing, `--set` overrides,
+//! error locations (file:line or the `--set` argument), validation and the resolved-TOML round
+//! trip.
+
+use kiln_core::recipe::{
+    list_recipes, Dataset, OptimizerName, Precision, Recipe, RecipeError, ScheduleConfig,
+    ScheduleName, Task,
+};
+use std::path::{Path, PathBuf};
+
+const FILE: &str = "recipes/t.toml";
+
+/// A minimal valid language-model recipe. Line numbers (1-based) are noted on the right.
+fn base() -> String {
+    [
+        r#"description = "test recipe""#, //  1
+        r#"task = "language-model""#,     //  2
+        r#"seed = 1"#,                    //  3
+        r#"[model]"#,                     //  4
+        r#"kind = "gpt""#,                //  5
+        r#"n_layer = 2"#,                 //  6
+        r#"[data]"#,                      //  7
+        r#"dataset = "text-char""#,       //  8
+        r#"path = "x.txt""#,              //  9
+        r#"batch_size = 4"#,              // 10
+        r#"seq_len = 8"#,                 // 11
+        r#"[optim]"#,                     // 12
+        r#"name = "adamw""#,              // 13
+        r#"lr = 1e-3"#,                   // 14
+        r#"[trainer]"#,                   // 15
+        r#"max_steps = 10"#,              // 16
+    ]
+    .join("\n")
+        + "\n"
+}
+
+/// A valid classification recipe (fashion-mnist, no seq_len).
+fn base_classification() -> String {
+    [
+        r#"description = "mlp""#,        //  1
+        r#"task = "classification""#,    //  2
+        r#"[model]"#,                    //  3
+        r#"kind = "mlp""#,               //  4
+        r#"[data]"#,                     //  5
+        r#"dataset = "fashion-mnist""#,  //  6
+        r#"batch_size = 32"#,            //  7
+        r#"[optim]"#,                    //  8
+        r#"name = "sgd""#,               //  9
+        r#"lr = 0.1"#,                   // 10
+        r#"momentum = 0.9"#,             // 11
+        r#"nesterov = true"#,            // 12
+        r#"[trainer]"#,                  // 13
+        r#"epochs = 2"#,                 // 14
+    ]
+    .join("\n")
+        + "\n"
+}
+
+/// Replaces the exact line `from` (which must occur once) with `to` (may be several lines, or
+/// empty to delete the line).
+fn replace_line(text: &str, from: &str, to: &str) -> String {
+    let mut hits = 0;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line == from {
+            hits += 1;
+            if !to.is_empty() {
+                out.push(to.to_string());
+            }
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    assert_eq!(hits, 1, "line `{from}` must occur exactly once in:\n{text}");
+    out.join("\n") + "\n"
+}
+
+/// Inserts `new` right after the exact line `after`.
+fn insert_after(text: &str, after: &str, new: &str) -> String {
+    replace_line(text, after, &format!("{after}\n{new}"))
+}
+
+fn sets(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn parse(text: &str) -> Result<Recipe, RecipeError> {
+    Recipe::parse(Path::new(FILE), text, &[])
+}
+
+fn parse_with(text: &str, args: &[&str]) -> Result<Recipe, RecipeError> {
+    Recipe::parse(Path::new(FILE), text, &sets(args))
+}
+
+fn ok(text: &str, args: &[&str]) -> Recipe {
+    match parse_with(text, args) {
+        Ok(r) => r,
+        Err(e) => panic!("expected the recipe to parse, got: {e}\n--- text ---\n{text}"),
+    }
+}
+
+fn err(text: &str, args: &[&str]) -> RecipeError {
+    match parse_with(text, args) {
+        Ok(r) => panic!("expected an error, the recipe parsed: {r:?}\n--- text ---\n{text}"),
+        Err(e) => e,
+    }
+}
+
+fn at(line: usize) -> String {
+    format!("{FILE}:{line}")
+}
+
+/// Asserts location, key, and that the message contains every one of `parts`.
+#[track_caller]
+fn check(e: &RecipeError, location: &str, key: &str, parts: &[&str]) {
+    assert_eq!(e.location, location, "location of {e:?}");
+    assert_eq!(e.key, key, "key of {e:?}");
+    for p in parts {
+        assert!(
+            e.message.contains(p),
+            "message of {e:?} should contain {p:?}"
+        );
+    }
+}
+
+/// Shorthand: the error of `text` must be at file line `line`, at `key`, with `parts` in the
+/// message.
+#[track_caller]
+fn file_error(text: &str, line: usize, key: &str, parts: &[&str]) {
+    let e = err(text, &[]);
+    check(&e, &at(line), key, parts);
+}
+
+/// Shorthand: the error after `--set arg` on the base recipe must point at the flag.
+#[track_caller]
+fn set_error(text: &str, arg: &str, key: &str, parts: &[&str]) {
+    let e = err(text, &[arg]);
+    check(&e, &format!("--set {arg}"), key, parts);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Valid recipes and defaults
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn base_recipe_parses_with_defaults() {
+    let r = ok(&base(), &[]);
+    assert_eq!(r.name, "t");
+    assert_eq!(r.description, "test recipe");
+    assert_eq!(r.task, Task::LanguageModel);
+    assert_eq!(r.seed, 1);
+    assert_eq!(r.device, "auto");
+    assert_eq!(r.precision, Precision::F32);
+    assert_eq!(r.model_kind(), "gpt");
+    assert_eq!(r.model.get("n_layer").and_then(|v| v.as_integer()), Some(2));
+
+    assert_eq!(r.data.dataset, Dataset::TextChar);
+    assert_eq!(r.data.path, Some(PathBuf::from("x.txt")));
+    assert_eq!(r.data.batch_size, 4);
+    assert_eq!(r.data.seq_len, Some(8));
+    assert!(r.data.shuffle);
+    assert_eq!(r.data.val_size, 0);
+    assert_eq!(r.data.val_fraction, 0.1);
+    assert_eq!(r.data.prefetch, 4);
+
+    assert_eq!(r.optim.name, OptimizerName::Adamw);
+    assert_eq!(r.optim.lr, 1e-3);
+    assert_eq!(r.optim.weight_decay, 0.0);
+    assert_eq!(r.optim.betas, [0.9, 0.999]);
+    assert_eq!(r.optim.eps, 1e-8);
+    assert_eq!(r.optim.momentum, 0.0);
+    assert!(!r.optim.nesterov);
+
+    assert_eq!(r.schedule, ScheduleConfig::default());
+    assert_eq!(r.schedule.name, ScheduleName::Constant);
+    assert_eq!(r.schedule.warmup_steps, 0);
+    assert_eq!(r.schedule.decay_steps, None);
+
+    assert_eq!(r.trainer.max_steps, Some(10));
+    assert_eq!(r.trainer.epochs, None);
+    assert_eq!(r.trainer.grad_accum, 1);
+    assert_eq!(r.trainer.clip_grad_norm, 0.0);
+    assert_eq!(r.trainer.log_every, 10);
+    assert_eq!(r.trainer.eval_every, 0);
+    assert_eq!(r.trainer.eval_batches, 0);
+    assert_eq!(r.trainer.checkpoint_every, 0);
+
+    assert_eq!(r.source.path, PathBuf::from(FILE));
+}
+
+#[test]
+fn seed_and_description_default_when_absent() {
+    let text = replace_line(&base(), "seed = 1", "");
+    let text = replace_line(&text, r#"description = "test recipe""#, "");
+    let r = ok(&text, &[]);
+    assert_eq!(r.seed, 1337);
+    assert_eq!(r.description, "");
+}
+
+#[test]
+fn full_recipe_parses() {
+    let text = r#"
+description = "everything set"
+task = "language-model"
+seed = 7
+device = "cpu"
+precision = "f32"
+
+[model]
+kind = "gpt"
+n_layer = 4
+n_head = 4
+n_embd = 128
+
+[data]
+dataset = "text-char"
+path = "data/shakespeare.txt"
+batch_size = 16
+shuffle = false
+val_fraction = 0.05
+seq_len = 64
+prefetch = 2
+
+[optim]
+name = "adamw"
+lr = 6e-4
+weight_decay = 0.1
+betas = [0.9, 0.95]
+eps = 1e-6
+
+[schedule]
+name = "cosine"
+warmup_steps = 100
+min_lr_ratio = 0.1
+decay_steps = 900
+
+[trainer]
+max_steps = 1000
+grad_accum = 2
+clip_grad_norm = 1.0
+log_every = 5
+eval_every = 100
+eval_batches = 20
+checkpoint_every = 500
+"#;
+    let r = ok(text, &[]);
+    assert_eq!(r.seed, 7);
+    assert_eq!(r.device, "cpu");
+    assert_eq!(r.model.get("n_embd").and_then(|v| v.as_integer()), Some(128));
+    assert!(!r.data.shuffle);
+    assert_eq!(r.data.val_fraction, 0.05);
+    assert_eq!(r.data.seq_len, Some(64));
+    assert_eq!(r.data.prefetch, 2);
+    assert_eq!(r.optim.lr, 6e-4);
+    assert_eq!(r.optim.weight_decay, 0.1);
+    assert_eq!(r.optim.betas, [0.9, 0.95]);
+    assert_eq!(r.optim.eps, 1e-6);
+    assert_eq!(
+        r.schedule,
+        ScheduleConfig {
+            name: ScheduleName::Cosine,
+            warmup_steps: 100,
+            min_lr_ratio: 0.1,
+            decay_steps: Some(900),
+        }
+    );
+    assert_eq!(r.trainer.max_steps, Some(1000));
+    assert_eq!(r.trainer.grad_accum, 2);
+    assert_eq!(r.trainer.clip_grad_norm, 1.0);
+    assert_eq!(r.trainer.log_every, 5);
+    assert_eq!(r.trainer.eval_every, 100);
+    assert_eq!(r.trainer.eval_batches, 20);
+    assert_eq!(r.trainer.checkpoint_every, 500);
+}
+
+#[test]
+fn classification_recipe_with_sgd_nesterov_and_epochs_parses() {
+    let r = ok(&base_classification(), &[]);
+    assert_eq!(r.task, Task::Classification);
+    assert_eq!(r.data.dataset, Dataset::FashionMnist);
+    assert_eq!(r.data.path, None);
+    assert_eq!(r.data.seq_len, None);
+    assert_eq!(r.optim.name, OptimizerName::Sgd);
+    assert!(r.optim.nesterov);
+    assert_eq!(r.trainer.epochs, Some(2));
+    assert_eq!(r.trainer.max_steps, None);
+}
+
+#[test]
+fn valid_devices_are_accepted() {
+    for dev in ["auto", "cpu", "cuda", "cuda:0", "cuda:3"] {
+        let r = ok(&base(), &[&format!("device={dev}")]);
+        assert_eq!(r.device, dev);
+    }
+}
+
+#[test]
+fn boundary_values_are_accepted() {
+    // Closed ends of every range check.
+    let r = ok(
+        &base(),
+        &[
+            "data.val_fraction=0",
+            "optim.weight_decay=0",
+            "optim.betas=[0.0, 0.0]",
+            "schedule.min_lr_ratio=1",
+            "trainer.clip_grad_norm=0",
+        ],
+    );
+    assert_eq!(r.data.val_fraction, 0.0);
+    assert_eq!(r.optim.betas, [0.0, 0.0]);
+    assert_eq!(r.schedule.min_lr_ratio, 1.0);
+    let r = ok(&base(), &["schedule.min_lr_ratio=0.0"]);
+    assert_eq!(r.schedule.min_lr_ratio, 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// --set overrides
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn set_float() {
+    let r = ok(&base(), &["optim.lr=3e-4"]);
+    assert_eq!(r.optim.lr, 3e-4);
+    // An integer where a float is expected is accepted too.
+    let r = ok(&base(), &["optim.lr=1"]);
+    assert_eq!(r.optim.lr, 1.0);
+}
+
+#[test]
+fn set_int() {
+    let r = ok(&base(), &["data.batch_size=64", "seed=42"]);
+    assert_eq!(r.data.batch_size, 64);
+    assert_eq!(r.seed, 42);
+}
+
+#[test]
+fn set_bool() {
+    let r = ok(&base(), &["data.shuffle=false"]);
+    assert!(!r.data.shuffle);
+    let r = ok(&base(), &["data.shuffle=true"]);
+    assert!(r.data.shuffle);
+}
+
+#[test]
+fn set_string_without_quotes() {
+    let r = ok(&base(), &["data.path=/tmp/x"]);
+    assert_eq!(r.data.path, Some(PathBuf::from("/tmp/x")));
+    let r = ok(&base(), &["device=cpu"]);
+    assert_eq!(r.device, "cpu");
+}
+
+#[test]
+fn set_string_with_quotes() {
+    let r = ok(&base(), &[r#"data.path="/tmp/with space.txt""#]);
+    assert_eq!(r.data.path, Some(PathBuf::from("/tmp/with space.txt")));
+}
+
+#[test]
+fn set_array() {
+    let r = ok(&base(), &["optim.betas=[0.8,0.9]"]);
+    assert_eq!(r.optim.betas, [0.8, 0.9]);
+}
+
+#[test]
+fn set_enum() {
+    let r = ok(&base(), &["optim.name=sgd", "optim.momentum=0.9"]);
+    assert_eq!(r.optim.name, OptimizerName::Sgd);
+    assert_eq!(r.optim.momentum, 0.9);
+}
+
+#[test]
+fn set_model_key_lands_in_model_table() {
+    let r = ok(&base(), &["model.n_layer=3", "model.n_embd=64"]);
+    assert_eq!(r.model.get("n_layer").and_then(|v| v.as_integer()), Some(3));
+    assert_eq!(r.model.get("n_embd").and_then(|v| v.as_integer()), Some(64));
+    assert_eq!(r.model_kind(), "gpt");
+}
+
+#[test]
+fn set_creates_missing_optional_key() {
+    // A key absent from its (existing) table.
+    let r = ok(&base(), &["trainer.grad_accum=4"]);
+    assert_eq!(r.trainer.grad_accum, 4);
+    // A key in an absent table: the table is created, the rest of it defaults.
+    let r = ok(&base(), &["schedule.warmup_steps=10"]);
+    assert_eq!(r.schedule.warmup_steps, 10);
+    assert_eq!(r.schedule.name, ScheduleName::Constant);
+    let r = ok(&base(), &["schedule.name=linear", "schedule.warmup_steps=10"]);
+    assert_eq!(r.schedule.name, ScheduleName::Linear);
+    assert_eq!(r.schedule.warmup_steps, 10);
+}
+
+#[test]
+fn set_trims_whitespace_and_last_set_wins() {
+    let r = ok(&base(), &[" optim.lr = 0.5 ", "optim.lr=0.25"]);
+    assert_eq!(r.optim.lr, 0.25);
+}
+
+#[test]
+fn set_value_may_contain_equals_sign() {
+    let r = ok(&base(), &["data.path=/tmp/a=b"]);
+    assert_eq!(r.data.path, Some(PathBuf::from("/tmp/a=b")));
+}
+
+#[test]
+fn set_can_fix_an_invalid_file() {
+    // The file alone fails validation; the override makes it valid.
+    let text = replace_line(&base(), "batch_size = 4", "batch_size = 0");
+    assert!(parse(&text).is_err());
+    let r = ok(&text, &["data.batch_size=2"]);
+    assert_eq!(r.data.batch_size, 2);
+}
+
+#[test]
+fn set_does_not_shift_file_line_numbers() {
+    // Overrides that add lines to the document (a new key in [data], a new [schedule] table)
+    // must not move the line reported for an error further down in the file.
+    let text = insert_after(&base(), "lr = 1e-3", "lrr = 0.1"); // line 15
+    let e = err(&text, &["data.shuffle=false", "data.val_size=3"]);
+    check(&e, &at(15), "optim.lrr", &["unknown field `lrr`"]);
+    let e = err(&text, &["schedule.warmup_steps=3", "model.n_embd=8"]);
+    check(&e, &at(15), "optim.lrr", &["unknown field `lrr`"]);
+    let text = replace_line(&base(), "max_steps = 10", "max_steps = 0"); // line 16
+    let e = err(&text, &["optim.betas=[0.5, 0.5]", "data.prefetch=2"]);
+    check(&e, &at(16), "trainer.max_steps", &["must be at least 1"]);
+}
+
+#[test]
+fn set_malformed_without_equals() {
+    let e = err(&base(), &["optim.lr"]);
+    check(&e, "--set optim.lr", "", &["expected key.path=value"]);
+}
+
+#[test]
+fn set_malformed_empty_segment() {
+    let e = err(&base(), &["optim..lr=1"]);
+    check(&e, "--set optim..lr=1", "", &["`optim..lr` is not a dotted key path"]);
+    let e = err(&base(), &[".lr=1"]);
+    check(&e, "--set .lr=1", "", &["not a dotted key path"]);
+    let e = err(&base(), &["optim.=1"]);
+    check(&e, "--set optim.=1", "", &["not a dotted key path"]);
+    let e = err(&base(), &["=1"]);
+    check(&e, "--set =1", "", &["not a dotted key path"]);
+}
+
+#[test]
+fn set_sub_key_of_a_scalar() {
+    let e = err(&base(), &["seed.x=1"]);
+    check(
+        &e,
+        "--set seed.x=1",
+        "",
+        &["`seed` in `seed.x` is a value, not a table of keys"],
+    );
+    let e = err(&base(), &["optim.lr.x=1"]);
+    check(&e, "--set optim.lr.x=1", "", &["`lr` in `optim.lr.x` is a value"]);
+}
+
+#[test]
+fn set_malformed_is_reported_even_after_good_sets() {
+    let e = err(&base(), &["optim.lr=3e-4", "bad"]);
+    check(&e, "--set bad", "", &["expected key.path=value"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deserialization errors: unknown keys, wrong types, bad enum values
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn unknown_key_in_section() {
+    let text = insert_after(&base(), "lr = 1e-3", "lrr = 0.1"); // line 15
+    let e = err(&text, &[]);
+    check(
+        &e,
+        &at(15),
+        "optim.lrr",
+        &["unknown field `lrr`", "expected one of", "`lr`", "`betas`", "`nesterov`"],
+    );
+}
+
+#[test]
+fn unknown_key_in_each_section_gets_its_line() {
+    let text = insert_after(&base(), "path = \"x.txt\"", "shufle = true"); // line 10
+    file_error(&text, 10, "data.shufle", &["unknown field `shufle`", "`shuffle`"]);
+    let text = insert_after(&base(), "max_steps = 10", "max_step = 3"); // line 17
+    file_error(&text, 17, "trainer.max_step", &["unknown field `max_step`", "`max_steps`"]);
+    let text = base() + "[schedule]\nname = \"cosine\"\nwarmup = 5\n"; // lines 17-19
+    file_error(&text, 19, "schedule.warmup", &["unknown field `warmup`", "`warmup_steps`"]);
+}
+
+#[test]
+fn unknown_top_level_key() {
+    let text = insert_after(&base(), "seed = 1", "colour = \"red\""); // line 4
+    let e = err(&text, &[]);
+    check(
+        &e,
+        &at(4),
+        "colour",
+        &["unknown field `colour`", "expected one of", "`seed`", "`trainer`"],
+    );
+}
+
+#[test]
+fn unknown_top_level_table() {
+    let text = base() + "[optimizer]\nname = \"sgd\"\n"; // line 17
+    file_error(&text, 17, "optimizer", &["unknown field `optimizer`", "`optim`"]);
+}
+
+#[test]
+fn unknown_key_via_set() {
+    set_error(&base(), "optim.lrr=1", "optim.lrr", &["unknown field `lrr`", "expected one of"]);
+    set_error(&base(), "colour=red", "colour", &["unknown field `colour`"]);
+}
+
+#[test]
+fn model_table_accepts_any_key() {
+    // `[model]` is decoded by kiln-models; the recipe loader keeps it as raw TOML.
+    let text = insert_after(&base(), "n_layer = 2", "whatever = [1, 2]");
+    let r = ok(&text, &["model.other=true"]);
+    assert!(r.model.contains_key("whatever"));
+    assert!(r.model.contains_key("other"));
+}
+
+#[test]
+fn wrong_type_in_file() {
+    let text = replace_line(&base(), "batch_size = 4", r#"batch_size = "big""#); // line 10
+    file_error(&text, 10, "data.batch_size", &["invalid type", "\"big\"", "usize"]);
+}
+
+#[test]
+fn wrong_type_via_set() {
+    set_error(&base(), "data.batch_size=big", "data.batch_size", &["invalid type", "\"big\""]);
+    set_error(&base(), "optim.lr=fast", "optim.lr", &["invalid type", "\"fast\""]);
+    set_error(&base(), "data.shuffle=1", "data.shuffle", &["invalid type", "bool"]);
+}
+
+#[test]
+fn negative_value_for_unsigned_field() {
+    let text = replace_line(&base(), "max_steps = 10", "max_steps = -5"); // line 16
+    file_error(&text, 16, "trainer.max_steps", &["-5"]);
+}
+
+#[test]
+fn wrong_type_in_array() {
+    let text = insert_after(&base(), "lr = 1e-3", r#"betas = [0.9, "x"]"#); // line 15
+    let e = err(&text, &[]);
+    assert_eq!(e.location, at(15), "{e:?}");
+    assert!(e.key.starts_with("optim.betas"), "{e:?}");
+    assert!(e.message.contains("invalid type"), "{e:?}");
+}
+
+#[test]
+fn wrong_array_length() {
+    set_error(&base(), "optim.betas=[0.9]", "optim.betas", &["invalid length 1"]);
+}
+
+#[test]
+fn section_given_as_a_value() {
+    let text = replace_line(&base(), "seed = 1", "seed = 1\nschedule = \"cosine\""); // line 4
+    file_error(&text, 4, "schedule", &["invalid type", "\"cosine\""]);
+}
+
+#[test]
+fn bad_enum_value() {
+    let text = replace_line(&base(), r#"name = "adamw""#, r#"name = "adam""#); // line 13
+    file_error(&text, 13, "optim.name", &["unknown variant `adam`", "`adamw`", "`sgd`"]);
+}
+
+#[test]
+fn bad_enum_values_elsewhere() {
+    set_error(
+        &base(),
+        "task=regression",
+        "task",
+        &["unknown variant `regression`", "`classification`", "`language-model`"],
+    );
+    set_error(
+        &base(),
+        "data.dataset=mnist",
+        "data.dataset",
+        &["unknown variant `mnist`", "`fashion-mnist`", "`text-char`"],
+    );
+    set_error(
+        &base(),
+        "schedule.name=step",
+        "schedule.name",
+        &["unknown variant `step`", "`constant`", "`linear`", "`cosine`"],
+    );
+    set_error(
+        &base(),
+        "precision=f64",
+        "precision",
+        &["unknown variant `f64`", "`f32`", "`bf16`", "`f16`"],
+    );
+}
+
+#[test]
+fn missing_required_fields() {
+    // Missing required key in a section: reported at the section header.
+    let text = replace_line(&base(), "lr = 1e-3", ""); // [optim] is line 12
+    file_error(&text, 12, "optim", &["missing field `lr`"]);
+    let text = replace_line(&base(), "batch_size = 4", ""); // [data] is line 7
+    file_error(&text, 7, "data", &["missing field `batch_size`"]);
+    // Missing required top-level key / table: no line to point at.
+    let text = replace_line(&base(), r#"task = "language-model""#, "");
+    let e = err(&text, &[]);
+    check(&e, FILE, "", &["missing field `task`"]);
+    let text = replace_line(&base(), "[trainer]", "");
+    let text = replace_line(&text, "max_steps = 10", "");
+    let e = err(&text, &[]);
+    check(&e, FILE, "", &["missing field `trainer`"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation (every branch of Recipe::validate)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn precision_must_be_f32() {
+    let text = insert_after(&base(), "seed = 1", r#"precision = "bf16""#); // line 4
+    file_error(&text, 4, "precision", &["bf16 is not supported yet", "precision = \"f32\""]);
+    set_error(&base(), "precision=f16", "precision", &["f16 is not supported yet"]);
+}
+
+#[test]
+fn bad_device() {
+    let text = insert_after(&base(), "seed = 1", r#"device = "tpu""#); // line 4
+    file_error(&text, 4, "device", &["unknown device `tpu`", "\"cpu\"", "\"cuda:N\""]);
+    set_error(&base(), "device=cuda:x", "device", &["unknown device `cuda:x`"]);
+}
+
+#[test]
+fn missing_model_kind() {
+    let text = replace_line(&base(), r#"kind = "gpt""#, ""); // [model] is line 4
+    file_error(&text, 4, "model.kind", &["missing", "\"mlp\"", "\"cnn\"", "\"gpt\""]);
+}
+
+#[test]
+fn batch_size_zero() {
+    let text = replace_line(&base(), "batch_size = 4", "batch_size = 0"); // line 10
+    file_error(&text, 10, "data.batch_size", &["must be at least 1"]);
+    set_error(&base(), "data.batch_size=0", "data.batch_size", &["must be at least 1"]);
+}
+
+#[test]
+fn val_fraction_out_of_range() {
+    let text = insert_after(&base(), "seq_len = 8", "val_fraction = 1.0"); // line 12
+    file_error(&text, 12, "data.val_fraction", &["must be in [0, 1)", "got 1"]);
+    set_error(&base(), "data.val_fraction=-0.1", "data.val_fraction", &["got -0.1"]);
+    set_error(&base(), "data.val_fraction=nan", "data.val_fraction", &["got NaN"]);
+}
+
+#[test]
+fn prefetch_zero() {
+    let text = insert_after(&base(), "seq_len = 8", "prefetch = 0"); // line 12
+    file_error(&text, 12, "data.prefetch", &["must be at least 1"]);
+}
+
+#[test]
+fn seq_len_on_fashion_mnist() {
+    let text = insert_after(&base_classification(), "batch_size = 32", "seq_len = 16"); // line 8
+    file_error(&text, 8, "data.seq_len", &["applies to text data sets only"]);
+}
+
+#[test]
+fn text_char_needs_seq_len() {
+    let text = replace_line(&base(), "seq_len = 8", ""); // [data] is line 7
+    file_error(&text, 7, "data.seq_len", &["missing", "seq_len = 64"]);
+    let text = replace_line(&base(), "seq_len = 8", "seq_len = 0"); // line 11
+    file_error(&text, 11, "data.seq_len", &["must be at least 1"]);
+}
+
+#[test]
+fn dataset_task_mismatch() {
+    let text = replace_line(&base(), r#"task = "language-model""#, r#"task = "classification""#);
+    file_error(&text, 8, "data.dataset", &["does not fit task", "fashion-mnist is for"]);
+    // The other way round.
+    set_error(
+        &base_classification(),
+        "task=language-model",
+        "data.dataset",
+        &["does not fit task", "text-char for \"language-model\""],
+    );
+}
+
+#[test]
+fn dataset_task_mismatch_via_set_dataset() {
+    // The mismatch is named at the dataset key, which here came from --set.
+    set_error(&base(), "data.dataset=fashion-mnist", "data.dataset", &["does not fit task"]);
+}
+
+#[test]
+fn lr_must_be_positive() {
+    let text = replace_line(&base(), "lr = 1e-3", "lr = 0.0"); // line 14
+    file_error(&text, 14, "optim.lr", &["must be a positive number", "got 0"]);
+    set_error(&base(), "optim.lr=-1", "optim.lr", &["must be a positive number", "got -1"]);
+    set_error(&base(), "optim.lr=nan", "optim.lr", &["got NaN"]);
+    set_error(&base(), "optim.lr=inf", "optim.lr", &["got inf"]);
+}
+
+#[test]
+fn weight_decay_negative() {
+    let text = insert_after(&base(), "lr = 1e-3", "weight_decay = -0.1"); // line 15
+    file_error(&text, 15, "optim.weight_decay", &["must be ≥ 0", "got -0.1"]);
+    set_error(&base(), "optim.weight_decay=nan", "optim.weight_decay", &["got NaN"]);
+}
+
+#[test]
+fn betas_out_of_range() {
+    let text = insert_after(&base(), "lr = 1e-3", "betas = [0.9, 1.0]"); // line 15
+    file_error(&text, 15, "optim.betas", &["betas[1] must be in [0, 1)", "got 1"]);
+    set_error(&base(), "optim.betas=[-0.1, 0.9]", "optim.betas", &["betas[0]", "got -0.1"]);
+}
+
+#[test]
+fn eps_not_positive() {
+    let text = insert_after(&base(), "lr = 1e-3", "eps = 0.0"); // line 15
+    file_error(&text, 15, "optim.eps", &["must be > 0", "got 0"]);
+    set_error(&base(), "optim.eps=-1e-8", "optim.eps", &["must be > 0"]);
+    set_error(&base(), "optim.eps=nan", "optim.eps", &["got NaN"]);
+}
+
+#[test]
+fn momentum_out_of_range() {
+    let text = replace_line(&base_classification(), "momentum = 0.9", "momentum = 1.0"); // 11
+    file_error(&text, 11, "optim.momentum", &["must be in [0, 1)", "got 1"]);
+    set_error(&base(), "optim.momentum=-0.5", "optim.momentum", &["got -0.5"]);
+}
+
+#[test]
+fn nesterov_needs_sgd_with_momentum() {
+    // Nesterov with AdamW.
+    let text = insert_after(&base(), "lr = 1e-3", "nesterov = true"); // line 15
+    file_error(&text, 15, "optim.nesterov", &["needs name = \"sgd\" and momentum > 0"]);
+    // Nesterov with SGD but no momentum.
+    let text = replace_line(&base_classification(), "momentum = 0.9", ""); // nesterov: line 11
+    file_error(&text, 11, "optim.nesterov", &["momentum > 0"]);
+    set_error(
+        &base_classification(),
+        "optim.momentum=0",
+        "optim.nesterov",
+        &["momentum > 0"],
+    );
+}
+
+#[test]
+fn min_lr_ratio_out_of_range() {
+    let text = base() + "[schedule]\nname = \"cosine\"\nmin_lr_ratio = 1.5\n"; // line 19
+    file_error(&text, 19, "schedule.min_lr_ratio", &["must be in [0, 1]", "got 1.5"]);
+    set_error(&base(), "schedule.min_lr_ratio=-0.1", "schedule.min_lr_ratio", &["got -0.1"]);
+}
+
+#[test]
+fn decay_steps_zero() {
+    let text = base() + "[schedule]\nname = \"linear\"\ndecay_steps = 0\n"; // line 19
+    file_error(&text, 19, "schedule.decay_steps", &["must be at least 1"]);
+}
+
+#[test]
+fn both_max_steps_and_epochs() {
+    let text = insert_after(&base(), "max_steps = 10", "epochs = 3"); // line 17
+    file_error(&text, 17, "trainer.epochs", &["either trainer.max_steps or trainer.epochs"]);
+    set_error(&base(), "trainer.epochs=1", "trainer.epochs", &["not both"]);
+}
+
+#[test]
+fn neither_max_steps_nor_epochs() {
+    let text = replace_line(&base(), "max_steps = 10", ""); // [trainer] is line 15
+    file_error(&text, 15, "trainer.max_steps", &["missing", "trainer.epochs"]);
+}
+
+#[test]
+fn max_steps_zero() {
+    let text = replace_line(&base(), "max_steps = 10", "max_steps = 0"); // line 16
+    file_error(&text, 16, "trainer.max_steps", &["must be at least 1"]);
+}
+
+#[test]
+fn epochs_zero() {
+    let text = replace_line(&base(), "max_steps = 10", "epochs = 0"); // line 16
+    file_error(&text, 16, "trainer.epochs", &["must be at least 1"]);
+    set_error(&base_classification(), "trainer.epochs=0", "trainer.epochs", &["at least 1"]);
+}
+
+#[test]
+fn grad_accum_zero() {
+    let text = insert_after(&base(), "max_steps = 10", "grad_accum = 0"); // line 17
+    file_error(&text, 17, "trainer.grad_accum", &["must be at least 1"]);
+}
+
+#[test]
+fn clip_grad_norm_negative() {
+    let text = insert_after(&base(), "max_steps = 10", "clip_grad_norm = -1.0"); // line 17
+    file_error(&text, 17, "trainer.clip_grad_norm", &["must be ≥ 0 (0 = off)", "got -1"]);
+    set_error(&base(), "trainer.clip_grad_norm=inf", "trainer.clip_grad_norm", &["got inf"]);
+}
+
+#[test]
+fn log_every_zero() {
+    let text = insert_after(&base(), "max_steps = 10", "log_every = 0"); // line 17
+    file_error(&text, 17, "trainer.log_every", &["must be at least 1"]);
+}
+
+#[test]
+fn dotted_keys_and_inline_tables_get_lines() {
+    // Keys written as `optim.lr = ...` at top level or inside an inline table are located too.
+    let text = [
+        r#"task = "language-model""#,                                     // 1
+        r#"model = { kind = "gpt" }"#,                                    // 2
+        r#"data = { dataset = "text-char", batch_size = 0, seq_len = 8 }"#, // 3
+        r#"optim.name = "adamw""#,                                        // 4
+        r#"optim.lr = 1e-3"#,                                             // 5
+        r#"trainer.max_steps = 10"#,                                      // 6
+    ]
+    .join("\n");
+    file_error(&text, 3, "data.batch_size", &["must be at least 1"]);
+    let text = text.replace("batch_size = 0", "batch_size = 2");
+    let text = text.replace("optim.lr = 1e-3", "optim.lr = -1.0");
+    file_error(&text, 5, "optim.lr", &["must be a positive number"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Syntax errors, files, display
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn syntax_error_reports_line() {
+    let text = replace_line(&base(), "lr = 1e-3", "lr = "); // line 14
+    let e = err(&text, &[]);
+    check(&e, &at(14), "", &["TOML syntax error"]);
+    let text = replace_line(&base(), "[trainer]", "[trainer"); // line 15
+    let e = err(&text, &[]);
+    check(&e, &at(15), "", &["TOML syntax error"]);
+    // A duplicate key is a syntax error too.
+    let text = insert_after(&base(), "lr = 1e-3", "lr = 2e-3"); // line 15
+    let e = err(&text, &[]);
+    check(&e, &at(15), "", &["TOML syntax error"]);
+}
+
+#[test]
+fn syntax_error_wins_over_set() {
+    let text = replace_line(&base(), "seed = 1", "seed = = 1"); // line 3
+    let e = err(&text, &["optim.lr=1"]);
+    check(&e, &at(3), "", &["TOML syntax error"]);
+}
+
+#[test]
+fn error_display_names_location_and_key() {
+    let e = err(&base(), &["optim.lr=-1"]);
+    let shown = e.to_string();
+    assert!(shown.starts_with("recipe error at --set optim.lr=-1: key `optim.lr`: "), "{shown}");
+    let e = err(&base(), &["optim.lr"]);
+    let shown = e.to_string();
+    assert!(shown.starts_with("recipe error at --set optim.lr: expected"), "{shown}");
+}
+
+#[test]
+fn load_reads_a_file_and_applies_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-gpt.toml");
+    std::fs::write(&path, base()).unwrap();
+    let r = Recipe::load(&path, &sets(&["optim.lr=0.5"])).unwrap();
+    assert_eq!(r.name, "tiny-gpt");
+    assert_eq!(r.optim.lr, 0.5);
+    assert_eq!(r.source.path, path);
+
+    // Errors from a loaded file name that file.
+    std::fs::write(&path, replace_line(&base(), "lr = 1e-3", "lr = -1.0")).unwrap();
+    let e = Recipe::load(&path, &[]).unwrap_err();
+    check(&e, &format!("{}:14", path.display()), "optim.lr", &["positive"]);
+}
+
+#[test]
+fn load_missing_file_mentions_kiln_recipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope.toml");
+    let e = Recipe::load(&path, &[]).unwrap_err();
+    check(&e, &path.display().to_string(), "", &["cannot read the recipe", "kiln recipes"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// to_toml round trip
+// ---------------------------------------------------------------------------------------------
+
+#[track_caller]
+fn assert_same_sections(a: &Recipe, b: &Recipe) {
+    assert_eq!(a.description, b.description);
+    assert_eq!(a.task, b.task);
+    assert_eq!(a.seed, b.seed);
+    assert_eq!(a.device, b.device);
+    assert_eq!(a.precision, b.precision);
+    assert_eq!(a.model, b.model);
+    assert_eq!(a.data, b.data);
+    assert_eq!(a.optim, b.optim);
+    assert_eq!(a.schedule, b.schedule);
+    assert_eq!(a.trainer, b.trainer);
+}
+
+#[test]
+fn to_toml_round_trip() {
+    let first = ok(
+        &base(),
+        &[
+            "optim.lr=3e-4",
+            "optim.betas=[0.8,0.9]",
+            "schedule.name=cosine",
+            "schedule.warmup_steps=10",
+            "schedule.decay_steps=100",
+            "schedule.min_lr_ratio=0.1",
+            "trainer.clip_grad_norm=1.0",
+            "data.path=/tmp/x",
+            "model.n_embd=32",
+        ],
+    );
+    let resolved = first.to_toml(&first.model);
+    let second = ok(&resolved, &[]);
+    assert_same_sections(&first, &second);
+    // Defaults are written out explicitly.
+    for key in ["betas", "eps", "grad_accum", "log_every", "prefetch", "val_fraction"] {
+        assert!(resolved.contains(key), "`{key}` missing from resolved recipe:\n{resolved}");
+    }
+    // Resolving again is stable.
+    assert_eq!(second.to_toml(&second.model), resolved);
+}
+
+#[test]
+fn to_toml_round_trip_defaults_and_classification() {
+    for text in [base(), base_classification()] {
+        let first = ok(&text, &[]);
+        let resolved = first.to_toml(&first.model);
+        let second = ok(&resolved, &[]);
+        assert_same_sections(&first, &second);
+    }
+}
+
+#[test]
+fn to_toml_uses_the_supplied_model_table() {
+    let r = ok(&base(), &[]);
+    let mut model = r.model.clone();
+    model.insert("n_head".into(), toml::Value::Integer(4));
+    let again = ok(&r.to_toml(&model), &[]);
+    assert_eq!(again.model, model);
+}
+
+// ---------------------------------------------------------------------------------------------
+// list_recipes
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn list_recipes_sorted_with_descriptions() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("zeta.toml"), base()).unwrap();
+    std::fs::write(
+        dir.path().join("alpha.toml"),
+        replace_line(&base(), r#"description = "test recipe""#, r#"description = "first one""#),
+    )
+    .unwrap();
+    // Not recipes: another extension, and a subfolder.
+    std::fs::write(dir.path().join("notes.txt"), "description = \"no\"").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+
+    let list = list_recipes(dir.path()).unwrap();
+    let names: Vec<&str> = list.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "zeta"]);
+    assert_eq!(list[0].description, "first one");
+    assert_eq!(list[1].description, "test recipe");
+    assert_eq!(list[0].path, dir.path().join("alpha.toml"));
+    assert_eq!(list[1].path, dir.path().join("zeta.toml"));
+}
+
+#[test]
+fn list_recipes_marks_unreadable_recipes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broken.toml"), "description = \n").unwrap();
+    std::fs::write(dir.path().join("nodesc.toml"), "task = \"classification\"\n").unwrap();
+    let list = list_recipes(dir.path()).unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].name, "broken");
+    assert_eq!(list[0].description, "(unreadable recipe)");
+    assert_eq!(list[1].name, "nodesc");
+    assert_eq!(list[1].description, "(unreadable recipe)");
+}
+
+#[test]
+fn list_recipes_empty_and_missing_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(list_recipes(dir.path()).unwrap().is_empty());
+    assert!(list_recipes(&dir.path().join("missing")).is_err());
+}

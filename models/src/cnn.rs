@@ -1,0 +1,111 @@
+//! A small convolutional network for 28×28 images:
+//! [conv 3×3 → ReLU → max-pool 2] per stage, then a hidden linear layer and the classifier.
+
+use crate::{check_dropout, dropout_rng, ConfigError, Model};
+use candle_core::{Result, Tensor};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CnnConfig {
+    /// Output channels of each stage (each stage halves the resolution).
+    pub channels: Vec<usize>,
+    /// Width of the hidden linear layer.
+    pub hidden: usize,
+    #[serde(default)]
+    pub dropout: f64,
+    /// Filled from the data: (channels, height, width) and number of classes.
+    #[serde(default)]
+    pub input_shape: Vec<usize>,
+    #[serde(default)]
+    pub num_classes: usize,
+}
+
+impl CnnConfig {
+    pub(crate) fn resolve(&mut self, classes: usize, input: &[usize]) -> std::result::Result<(), ConfigError> {
+        check_dropout(self.dropout, "model.dropout")?;
+        if self.channels.is_empty() || self.channels.contains(&0) {
+            return Err(("model.channels", "needs at least one stage, each with at least 1 channel".into()));
+        }
+        if self.hidden == 0 {
+            return Err(("model.hidden", "must be at least 1".into()));
+        }
+        if input.len() != 3 {
+            return Err(("model.kind", format!("cnn needs image inputs (C, H, W), the data gives {input:?}")));
+        }
+        let shrink = 1 << self.channels.len();
+        if input[1] < shrink || input[2] < shrink {
+            return Err(("model.channels", format!("{} stages shrink {}×{} images to nothing", self.channels.len(), input[1], input[2])));
+        }
+        self.input_shape = input.to_vec();
+        self.num_classes = classes;
+        Ok(())
+    }
+}
+
+pub struct Cnn {
+    convs: Vec<Conv2d>,
+    fc1: Linear,
+    fc2: Linear,
+    dropout: f64,
+    rng: Mutex<ChaCha8Rng>,
+}
+
+impl Cnn {
+    pub fn new(cfg: &CnnConfig, vb: VarBuilder, seed: u64) -> Result<Self> {
+        let same = Conv2dConfig { padding: 1, ..Default::default() };
+        let mut c_in = cfg.input_shape[0];
+        let mut convs = Vec::new();
+        for (i, &c) in cfg.channels.iter().enumerate() {
+            convs.push(conv2d(c_in, c, 3, same, vb.pp(format!("features.{i}")))?);
+            c_in = c;
+        }
+        let shrink = 1 << cfg.channels.len();
+        let flat = c_in * (cfg.input_shape[1] / shrink) * (cfg.input_shape[2] / shrink);
+        Ok(Cnn {
+            convs,
+            fc1: linear(flat, cfg.hidden, vb.pp("classifier.fc1"))?,
+            fc2: linear(cfg.hidden, cfg.num_classes, vb.pp("classifier.fc2"))?,
+            dropout: cfg.dropout,
+            rng: dropout_rng(seed),
+        })
+    }
+}
+
+impl Model for Cnn {
+    fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = xs.clone();
+        for conv in &self.convs {
+            x = kiln_kernels::max_pool2d(&conv.forward(&x)?.relu()?, 2)?;
+        }
+        let mut x = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
+        if train {
+            x = kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock().unwrap())?;
+        }
+        self.fc2.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{check_model_grads, rand};
+    use crate::ModelConfig;
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let cfg = ModelConfig::Cnn(CnnConfig {
+            channels: vec![2, 3],
+            hidden: 5,
+            dropout: 0.0,
+            input_shape: vec![1, 6, 6],
+            num_classes: 3,
+        });
+        let x = rand(&[2, 1, 6, 6], 1);
+        let y = Tensor::new(&[0u32, 2], x.device()).unwrap();
+        check_model_grads(&cfg, &x, &y);
+    }
+}

@@ -1,0 +1,96 @@
+//! A multilayer perceptron for flattened images: Linear → ReLU → … → Linear.
+
+use crate::{check_dropout, dropout_rng, ConfigError, Model};
+use candle_core::{Result, Tensor};
+use candle_nn::{linear, Linear, Module, VarBuilder};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpConfig {
+    /// Widths of the hidden layers.
+    pub hidden: Vec<usize>,
+    #[serde(default)]
+    pub dropout: f64,
+    /// Filled from the data: flattened input size and number of classes.
+    #[serde(default)]
+    pub input_dim: usize,
+    #[serde(default)]
+    pub num_classes: usize,
+}
+
+impl MlpConfig {
+    pub(crate) fn resolve(&mut self, classes: usize, input: &[usize]) -> std::result::Result<(), ConfigError> {
+        check_dropout(self.dropout, "model.dropout")?;
+        if self.hidden.contains(&0) {
+            return Err(("model.hidden", "layer widths must be at least 1".into()));
+        }
+        self.input_dim = input.iter().product();
+        self.num_classes = classes;
+        Ok(())
+    }
+}
+
+pub struct Mlp {
+    layers: Vec<Linear>,
+    dropout: f64,
+    rng: Mutex<ChaCha8Rng>,
+}
+
+impl Mlp {
+    pub fn new(cfg: &MlpConfig, vb: VarBuilder, seed: u64) -> Result<Self> {
+        let widths: Vec<usize> = std::iter::once(cfg.input_dim)
+            .chain(cfg.hidden.iter().copied())
+            .chain(std::iter::once(cfg.num_classes))
+            .collect();
+        let layers = widths
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| linear(w[0], w[1], vb.pp(format!("layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Mlp {
+            layers,
+            dropout: cfg.dropout,
+            rng: dropout_rng(seed),
+        })
+    }
+}
+
+impl Model for Mlp {
+    fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = xs.flatten_from(1)?;
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x)?;
+            if i < last {
+                x = x.relu()?;
+                if train {
+                    x = kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock().unwrap())?;
+                }
+            }
+        }
+        Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{check_model_grads, rand};
+    use crate::ModelConfig;
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let cfg = ModelConfig::Mlp(MlpConfig {
+            hidden: vec![5, 4],
+            dropout: 0.0,
+            input_dim: 6,
+            num_classes: 3,
+        });
+        let x = rand(&[4, 1, 2, 3], 1);
+        let y = Tensor::new(&[0u32, 2, 1, 2], x.device()).unwrap();
+        check_model_grads(&cfg, &x, &y);
+    }
+}
