@@ -70,10 +70,10 @@ impl RecipeSource {
                 message,
             };
         }
-        let line = key_line(&self.original, key);
-        // A table that only an override created (e.g. `--set schedule.warmup_steps=10` without a
-        // `[schedule]` in the file) has no line: point at the flag that created it.
-        if line.is_none() {
+        let (line, in_file) = key_line(&self.original, key);
+        // A table that only an override created (e.g. `--set data.batch_size=2` without a
+        // `[data]` in the file): point at the flag that created it.
+        if !in_file {
             if let Some((_, arg)) = self
                 .overrides
                 .iter()
@@ -132,24 +132,33 @@ fn unknown_field_name(message: &str) -> Option<String> {
     Some(rest[..rest.find('`')?].to_string())
 }
 
-/// 1-based line of the key at `path` in `text` (the deepest segment that exists).
-fn key_line(text: &str, path: &str) -> Option<usize> {
-    let doc = toml_edit::Document::parse(text).ok()?;
+/// 1-based line of the key at `path` in `text` (the deepest segment that exists), and whether
+/// the whole path exists.
+fn key_line(text: &str, path: &str) -> (Option<usize>, bool) {
+    let Ok(doc) = toml_edit::Document::parse(text) else {
+        return (None, false);
+    };
     let mut table: &dyn toml_edit::TableLike = doc.as_table();
     let mut span = None;
     // Array elements (`optim.betas[1]`) are located at their array's key.
-    for seg in path.split('.').map(|s| s.split('[').next().unwrap_or(s)) {
+    let segs: Vec<&str> = path
+        .split('.')
+        .map(|s| s.split('[').next().unwrap_or(s))
+        .collect();
+    let mut found = 0;
+    for seg in &segs {
         let Some((key, item)) = table.get_key_value(seg) else {
             break;
         };
+        found += 1;
         span = key.span().or(item.span()).or(span);
         match item.as_table_like() {
             Some(t) => table = t,
             None => break,
         }
     }
-    let offset = span?.start;
-    Some(text[..offset.min(text.len())].matches('\n').count() + 1)
+    let line = span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    (line, found == segs.len())
 }
 
 /// Applies `key.path=value` overrides to TOML text. Values parse as TOML (`3e-4`, `true`,
@@ -185,7 +194,9 @@ fn apply_overrides(
                 .entry(seg)
                 .or_insert(toml_edit::Item::Table(toml_edit::Table::new()));
             table = item.as_table_like_mut().ok_or_else(|| {
-                bad(format!("`{seg}` in `{key}` is a value, not a table of keys"))
+                bad(format!(
+                    "`{seg}` in `{key}` is a value, not a table of keys"
+                ))
             })?;
         }
         table.insert(segs[segs.len() - 1], toml_edit::Item::Value(value));
@@ -533,7 +544,10 @@ impl Recipe {
         }
         let o = &self.optim;
         if !(o.lr.is_finite() && o.lr > 0.0) {
-            return err("optim.lr", format!("must be a positive number, got {}", o.lr));
+            return err(
+                "optim.lr",
+                format!("must be a positive number, got {}", o.lr),
+            );
         }
         if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
             return err(
@@ -543,10 +557,13 @@ impl Recipe {
         }
         for (i, b) in o.betas.iter().enumerate() {
             if !(0.0..1.0).contains(b) {
-                return err(&format!("optim.betas"), format!("betas[{i}] must be in [0, 1), got {b}"));
+                return err(
+                    "optim.betas",
+                    format!("betas[{i}] must be in [0, 1), got {b}"),
+                );
             }
         }
-        if !(o.eps > 0.0) {
+        if o.eps.is_nan() || o.eps <= 0.0 {
             return err("optim.eps", format!("must be > 0, got {}", o.eps));
         }
         if !(0.0..1.0).contains(&o.momentum) {
@@ -606,7 +623,10 @@ impl Recipe {
 
     /// The model table's `kind`.
     pub fn model_kind(&self) -> &str {
-        self.model.get("kind").and_then(|v| v.as_str()).unwrap_or("")
+        self.model
+            .get("kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
     }
 
     /// The recipe as resolved TOML (after overrides, defaults filled in). `model` is the resolved

@@ -33,11 +33,26 @@ impl ModelConfig {
         num_classes: usize,
         input_shape: &[usize],
     ) -> std::result::Result<Self, RecipeError> {
+        let mut cfg = Self::decode(recipe)?;
+        let err = |(key, msg): ConfigError| recipe.source.error(key, msg);
+        match &mut cfg {
+            ModelConfig::Mlp(c) => c.resolve(num_classes, input_shape).map_err(err)?,
+            ModelConfig::Cnn(c) => c.resolve(num_classes, input_shape).map_err(err)?,
+            ModelConfig::Gpt(c) => c
+                .resolve(num_classes, recipe.data.seq_len.unwrap_or(0))
+                .map_err(err)?,
+        }
+        Ok(cfg)
+    }
+
+    /// Decodes the `[model]` table as written, without consulting the data (a run's resolved
+    /// `recipe.toml` already holds the data-derived fields).
+    pub fn decode(recipe: &Recipe) -> std::result::Result<Self, RecipeError> {
         let src = &recipe.source;
         let mut table = recipe.model.clone();
         let kind = table.remove("kind");
         let value = toml::Value::Table(table);
-        let mut cfg = match kind.as_ref().and_then(|k| k.as_str()) {
+        Ok(match kind.as_ref().and_then(|k| k.as_str()) {
             Some("mlp") => ModelConfig::Mlp(src.decode("model", value)?),
             Some("cnn") => ModelConfig::Cnn(src.decode("model", value)?),
             Some("gpt") => ModelConfig::Gpt(src.decode("model", value)?),
@@ -49,17 +64,7 @@ impl ModelConfig {
                     ),
                 ))
             }
-        };
-        let err = |key: &str, msg: String| src.error(key, msg);
-        match &mut cfg {
-            ModelConfig::Mlp(c) => c.resolve(num_classes, input_shape).map_err(|(k, m)| err(k, m))?,
-            ModelConfig::Cnn(c) => c.resolve(num_classes, input_shape).map_err(|(k, m)| err(k, m))?,
-            ModelConfig::Gpt(c) => {
-                let seq_len = recipe.data.seq_len.unwrap_or(0);
-                c.resolve(num_classes, seq_len).map_err(|(k, m)| err(k, m))?
-            }
-        }
-        Ok(cfg)
+        })
     }
 
     /// The resolved config as a TOML table (for the run's `recipe.toml`).

@@ -1,1 +1,9 @@
+//! kiln-trainers: the training loop, optimizers, learning-rate schedules and tasks.
 
+pub mod optim;
+pub mod run;
+pub mod schedule;
+pub mod task;
+pub mod trainer;
+
+pub use trainer::{train, TrainOptions, TrainOutcome};

@@ -163,6 +163,20 @@ pub fn eval_batches(
     })
 }
 
+/// Loads the data set a recipe names.
+pub fn load(recipe: &crate::Recipe) -> anyhow::Result<DataSplits> {
+    let d = &recipe.data;
+    match d.dataset {
+        crate::recipe::Dataset::FashionMnist => fashion_mnist::load(d.path.as_deref(), d.val_size),
+        crate::recipe::Dataset::TextChar => {
+            let path = d.path.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("data.path is required for text-char: set it to a UTF-8 text file")
+            })?;
+            text::load(path, d.seq_len.unwrap_or(1), d.val_fraction)
+        }
+    }
+}
+
 /// Hex sha256 of a file's bytes.
 pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     use sha2::{Digest, Sha256};

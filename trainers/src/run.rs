@@ -1,0 +1,110 @@
+//! The run directory: `recipe.toml` (resolved), `metrics.jsonl`, `summary.json`,
+//! `checkpoints/step-<N>/`, and `vocab.json` for character-level models. Also reopens a finished
+//! run for `kiln eval` and `kiln generate`.
+
+use crate::trainer::TrainOptions;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarMap;
+use kiln_core::checkpoint;
+use kiln_core::data::DataSplits;
+use kiln_core::recipe::Recipe;
+use kiln_models::{Model, ModelConfig};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The commit kiln was built from.
+pub const GIT_COMMIT: &str = env!("KILN_GIT_COMMIT");
+
+pub struct RunDir {
+    pub path: PathBuf,
+    pub started: Instant,
+}
+
+impl RunDir {
+    /// Creates the run directory and writes the resolved recipe (and the vocabulary).
+    pub fn create(recipe: &Recipe, model: &ModelConfig, data: &DataSplits, opts: &TrainOptions) -> Result<Self> {
+        let path = match &opts.run_dir {
+            Some(p) => {
+                if p.exists() && std::fs::read_dir(p)?.next().is_some() {
+                    bail!("run directory {} already exists and is not empty; pick another --run-dir (nothing was overwritten)", p.display());
+                }
+                p.clone()
+            }
+            None => {
+                let root = opts.runs_root.clone().unwrap_or_else(|| PathBuf::from("runs"));
+                let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
+                let base = root.join(format!("{}-{stamp}", recipe.name));
+                let mut p = base.clone();
+                let mut n = 2;
+                while p.exists() {
+                    p = PathBuf::from(format!("{}-{n}", base.display()));
+                    n += 1;
+                }
+                p
+            }
+        };
+        std::fs::create_dir_all(&path).with_context(|| format!("creating the run directory {}", path.display()))?;
+        std::fs::write(path.join("recipe.toml"), recipe.to_toml(&model.to_table()))?;
+        if let Some(vocab) = &data.vocab {
+            let chars: Vec<String> = vocab.iter().map(|c| c.to_string()).collect();
+            std::fs::write(path.join("vocab.json"), serde_json::to_string(&chars)?)?;
+        }
+        Ok(RunDir { path, started: Instant::now() })
+    }
+}
+
+/// A finished (or checkpointed) run, loaded for inference.
+pub struct LoadedRun {
+    pub recipe: Recipe,
+    pub model_cfg: ModelConfig,
+    pub model: Box<dyn Model>,
+    pub checkpoint: PathBuf,
+}
+
+/// Reads `run_dir/recipe.toml` and the weights of `run_dir/checkpoints/latest`.
+pub fn load_run(run_dir: &Path, device: &Device) -> Result<LoadedRun> {
+    let recipe_path = run_dir.join("recipe.toml");
+    if !recipe_path.exists() {
+        bail!("{} is not a kiln run directory: it has no recipe.toml", run_dir.display());
+    }
+    let recipe = Recipe::load(&recipe_path, &[])?;
+    let model_cfg = ModelConfig::decode(&recipe)?;
+    let checkpoint = checkpoint::latest(&run_dir.join("checkpoints"))?;
+    let weights = checkpoint::load_tensors(&checkpoint.join(checkpoint::MODEL_FILE), device)?;
+    // Build with fresh parameters, then check every tensor is present and shaped as expected.
+    let varmap = VarMap::new();
+    let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, device);
+    model_cfg.build(vb, recipe.seed)?;
+    let mut tensors = std::collections::HashMap::new();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let w = weights.get(name).with_context(|| {
+            format!("{} has no tensor {name}; the checkpoint does not match the run's model", checkpoint.display())
+        })?;
+        if w.shape() != var.shape() {
+            bail!("{}: {name} has shape {:?}, the model expects {:?}", checkpoint.display(), w.dims(), var.dims());
+        }
+        tensors.insert(name.clone(), w.to_dtype(DType::F32)?);
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
+    let model = model_cfg.build(vb, recipe.seed)?;
+    Ok(LoadedRun { recipe, model_cfg, model, checkpoint })
+}
+
+/// The character vocabulary of a run, if it is a character-level model.
+pub fn load_vocab(run_dir: &Path) -> Result<Vec<char>> {
+    let p = run_dir.join("vocab.json");
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("{} has no vocab.json: `kiln generate` needs a character-level language model run", run_dir.display()))?;
+    let chars: Vec<String> = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))?;
+    chars
+        .iter()
+        .map(|s| {
+            let mut it = s.chars();
+            match (it.next(), it.next()) {
+                (Some(c), None) => Ok(c),
+                _ => bail!("{}: entry {s:?} is not one character", p.display()),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,424 @@
+//! The training loop. One function, top to bottom:
+//! batch → forward → loss → backward → accumulate → clip → optimizer step → schedule → log →
+//! periodic eval → checkpoint, then a final evaluation, checkpoint and summary.
+
+use crate::optim::{self, Optimizer, Param};
+use crate::run::{self, RunDir};
+use crate::schedule::Schedule;
+use crate::task;
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kiln_core::checkpoint;
+use kiln_core::data::{self, DataSplits, Loader};
+use kiln_core::metrics::{MetricsLog, Tracker};
+use kiln_core::recipe::Recipe;
+use kiln_models::{Model, ModelConfig};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How `kiln train` was invoked, beyond the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Exact run directory (default: `<runs_root>/<recipe>-<timestamp>`).
+    pub run_dir: Option<PathBuf>,
+    /// Parent of default run directories (default `runs`).
+    pub runs_root: Option<PathBuf>,
+    /// Overrides the recipe's `device`.
+    pub device: Option<String>,
+    /// Log lines only, no progress bar.
+    pub quiet: bool,
+}
+
+/// What a finished run leaves behind.
+pub struct TrainOutcome {
+    pub run_dir: PathBuf,
+    pub summary: serde_json::Value,
+}
+
+pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
+    let device = kiln_core::device::open_device(opts.device.as_deref().unwrap_or(&recipe.device))?;
+    let data = data::load(recipe)?;
+    let model_cfg = ModelConfig::from_recipe(recipe, data.num_classes, &input_shape(&data))?;
+    let run = RunDir::create(recipe, &model_cfg, &data, opts)?;
+
+    let varmap = VarMap::new();
+    let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, &device);
+    let model = model_cfg.build(vb, recipe.seed)?;
+    let params = params_of(&varmap);
+    let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
+    let mut optimizer = optim::build(&recipe.optim);
+
+    let t = &recipe.trainer;
+    let d = &recipe.data;
+    let loader = Loader::new(data.train.clone(), d.batch_size, d.shuffle, recipe.seed, d.prefetch, 0);
+    let total_steps = match (t.max_steps, t.epochs) {
+        (Some(n), _) => n,
+        (None, Some(e)) => (e * loader.batches_per_epoch / t.grad_accum).max(1),
+        (None, None) => unreachable!("validated: one of max_steps and epochs is set"),
+    };
+    let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr, total_steps);
+    let items_per_example = data.train.items_per_example();
+    let eval_batches = (t.eval_batches > 0).then_some(t.eval_batches);
+
+    let mut log = MetricsLog::create(&run.path.join("metrics.jsonl"))?;
+    let mut tracker = Tracker::default();
+    let progress = Progress::new(total_steps, opts.quiet);
+    progress.line(&format!(
+        "training {} ({} parameters) on {} for {total_steps} steps → {}",
+        recipe.name,
+        n_params,
+        kiln_core::device::device_name(&device),
+        run.path.display()
+    ));
+
+    let mut last_checkpoint: Option<PathBuf> = None;
+    let mut epoch = 0;
+    let mut window = Window::default();
+    let mut train_seconds = 0.0;
+    let mut items_seen = 0usize;
+    for step in 1..=total_steps {
+        let started = Instant::now();
+        let lr = schedule.lr(step - 1);
+
+        // Forward and backward over the micro-batches of this step, summing their gradients.
+        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut step_loss = 0.0;
+        for _ in 0..t.grad_accum {
+            let (batch_epoch, host) = loader.next_batch();
+            epoch = batch_epoch;
+            let batch = host.to_device(&device)?;
+            let logits = model.forward(&batch.inputs, true)?;
+            let loss = task::loss(&logits, &batch.targets)?;
+            let loss_value = loss.to_scalar::<f32>()? as f64;
+            if !loss_value.is_finite() {
+                bail!(diverged(step, "loss", loss_value, &last_checkpoint));
+            }
+            step_loss += loss_value / t.grad_accum as f64;
+            let store = (loss / t.grad_accum as f64)?.backward()?;
+            accumulate(&mut grads, &params, &store)?;
+            items_seen += host.len() * items_per_example;
+            window.items += host.len() * items_per_example;
+        }
+        if step == 1 {
+            check_gradients(&params, &grads)?;
+        }
+        let grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("checked at step 1")).collect();
+
+        let grad_norm = global_norm(&grads)?;
+        if !grad_norm.is_finite() {
+            bail!(diverged(step, "gradient norm", grad_norm, &last_checkpoint));
+        }
+        let grads = clip(grads, grad_norm, t.clip_grad_norm)?;
+        optimizer.step(&params, &grads, lr)?;
+
+        let elapsed = started.elapsed().as_secs_f64();
+        train_seconds += elapsed;
+        window.add(step_loss, elapsed);
+        progress.step(step_loss, lr, window.rate());
+
+        if step % t.log_every == 0 || step == total_steps {
+            let values = BTreeMap::from([
+                ("train/loss".to_string(), window.mean_loss()),
+                ("lr".to_string(), lr),
+                ("grad_norm".to_string(), grad_norm),
+                ("throughput".to_string(), window.rate()),
+                ("epoch".to_string(), epoch as f64),
+            ]);
+            log.write(step, &values)?;
+            tracker.update(step, &values);
+            progress.log(step, total_steps, &values);
+            window = Window::default();
+        }
+        if t.eval_every > 0 && step % t.eval_every == 0 && step < total_steps {
+            let values = evaluate(&varmap, &model_cfg, recipe, &data.val, eval_batches, &device, "eval")?;
+            log.write(step, &values)?;
+            tracker.update(step, &values);
+            progress.log(step, total_steps, &values);
+        }
+        if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < total_steps {
+            let state = TrainerState { step, epoch, optimizer: optimizer.as_ref(), tracker: &tracker };
+            last_checkpoint = Some(save_checkpoint(&run.path, &varmap, &state)?);
+        }
+    }
+
+    // Final evaluation on the whole validation split (and the test split, when there is one).
+    let mut values = evaluate(&varmap, &model_cfg, recipe, &data.val, None, &device, "eval")?;
+    if let Some(test) = &data.test {
+        values.extend(evaluate(&varmap, &model_cfg, recipe, test, None, &device, "test")?);
+    }
+    log.write(total_steps, &values)?;
+    tracker.update(total_steps, &values);
+    progress.log(total_steps, total_steps, &values);
+    let state = TrainerState { step: total_steps, epoch, optimizer: optimizer.as_ref(), tracker: &tracker };
+    let final_checkpoint = save_checkpoint(&run.path, &varmap, &state)?;
+    progress.finish();
+
+    let rate_key = match recipe.task {
+        kiln_core::recipe::Task::Classification => "samples_per_second",
+        kiln_core::recipe::Task::LanguageModel => "tokens_per_second",
+    };
+    let summary = json!({
+        "recipe": recipe.name,
+        "kiln_version": kiln_core::VERSION,
+        "git_commit": run::GIT_COMMIT,
+        "seed": recipe.seed,
+        "device": kiln_core::device::device_name(&device),
+        "parameters": n_params,
+        "steps": total_steps,
+        "epochs": items_seen as f64 / (loader.batches_per_epoch * d.batch_size * items_per_example) as f64,
+        "wall_seconds": run.started.elapsed().as_secs_f64(),
+        "train_seconds": train_seconds,
+        rate_key: items_seen as f64 / train_seconds,
+        "final": metric_map(&tracker.last),
+        "best": metric_map(&tracker.best),
+        "best_step": tracker.best_step,
+        "checkpoint": final_checkpoint.strip_prefix(&run.path).unwrap_or(&final_checkpoint),
+        "data_files": data.files.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
+    });
+    std::fs::write(run.path.join("summary.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    progress.line(&format!("done in {:.1}s → {}", run.started.elapsed().as_secs_f64(), run.path.display()));
+    Ok(TrainOutcome { run_dir: run.path, summary })
+}
+
+/// The shape of one input example, e.g. [1, 28, 28] or [seq_len].
+fn input_shape(data: &DataSplits) -> Vec<usize> {
+    match data.train.collate(&[0]).inputs {
+        data::HostTensor::F32(_, s) | data::HostTensor::U32(_, s) => s[1..].to_vec(),
+    }
+}
+
+/// Trainable parameters, sorted by name so every run visits them in the same order.
+pub fn params_of(varmap: &VarMap) -> Vec<Param> {
+    let mut params: Vec<Param> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(name, var)| Param { name: name.clone(), var: var.clone() })
+        .collect();
+    params.sort_by(|a, b| a.name.cmp(&b.name));
+    params
+}
+
+fn accumulate(grads: &mut [Option<Tensor>], params: &[Param], store: &GradStore) -> Result<()> {
+    for (acc, p) in grads.iter_mut().zip(params) {
+        if let Some(g) = store.get(p.var.as_tensor()) {
+            *acc = Some(match acc.take() {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to train when a trainable parameter gets no gradient (an op without a backward cut
+/// the graph, or the parameter is unused) or a non-finite one.
+pub fn check_gradients(params: &[Param], grads: &[Option<Tensor>]) -> Result<()> {
+    let missing: Vec<&str> = params
+        .iter()
+        .zip(grads)
+        .filter(|(_, g)| g.is_none())
+        .map(|(p, _)| p.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "refusing to train: {} trainable parameter(s) received no gradient: {}. An op without \
+             a backward pass (e.g. candle-nn's fused layer_norm/softmax) or an unused or detached \
+             parameter cuts them off; use kiln's ops from kiln-kernels",
+            missing.len(),
+            missing.join(", ")
+        );
+    }
+    let mut bad = Vec::new();
+    for (p, g) in params.iter().zip(grads) {
+        let g = g.as_ref().expect("checked above");
+        let sum = g.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            bad.push(p.name.as_str());
+        }
+    }
+    if !bad.is_empty() {
+        bail!(
+            "refusing to train: non-finite gradients before the first update for: {}. Check the \
+             data for NaN/Inf and the model's initialization",
+            bad.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let squares = grads
+        .iter()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
+}
+
+/// Scales all gradients by `max_norm / norm` when their global norm exceeds `max_norm` (> 0).
+fn clip(grads: Vec<Tensor>, norm: f64, max_norm: f64) -> Result<Vec<Tensor>> {
+    if max_norm <= 0.0 || norm <= max_norm {
+        return Ok(grads);
+    }
+    let scale = max_norm / (norm + 1e-6);
+    Ok(grads.iter().map(|g| g * scale).collect::<candle_core::Result<_>>()?)
+}
+
+fn diverged(step: usize, what: &str, value: f64, last: &Option<PathBuf>) -> String {
+    let kept = match last {
+        Some(p) => format!("the last good checkpoint is {}", p.display()),
+        None => "no checkpoint had been written yet".into(),
+    };
+    format!(
+        "training diverged at step {step}: the {what} is {value}. Nothing was saved from this \
+         step; {kept}. Try a lower optim.lr, trainer.clip_grad_norm = 1.0, or a longer \
+         schedule.warmup_steps"
+    )
+}
+
+/// Evaluates the current weights without building an autograd graph: the model is rebuilt on
+/// detached views of the parameters (no copy), so no op records its inputs.
+pub fn evaluate(
+    varmap: &VarMap,
+    model_cfg: &ModelConfig,
+    recipe: &Recipe,
+    examples: &std::sync::Arc<dyn data::Examples>,
+    max_batches: Option<usize>,
+    device: &Device,
+    prefix: &str,
+) -> Result<BTreeMap<String, f64>> {
+    let model = detached_model(varmap, model_cfg, recipe.seed, device)?;
+    task::evaluate(model.as_ref(), recipe.task, examples.as_ref(), recipe.data.batch_size, max_batches, device, prefix)
+}
+
+pub fn detached_model(varmap: &VarMap, cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Box<dyn Model>> {
+    let tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
+    Ok(cfg.build(vb, seed)?)
+}
+
+struct TrainerState<'a> {
+    step: usize,
+    epoch: u64,
+    optimizer: &'a dyn Optimizer,
+    tracker: &'a Tracker,
+}
+
+fn save_checkpoint(run_dir: &Path, varmap: &VarMap, s: &TrainerState) -> Result<PathBuf> {
+    let weights: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let state = json!({
+        "step": s.step,
+        "epoch": s.epoch,
+        "optimizer_steps": s.optimizer.steps(),
+        "best": metric_map(&s.tracker.best),
+        "best_step": s.tracker.best_step,
+    });
+    checkpoint::write_checkpoint(&run_dir.join("checkpoints"), s.step, |dir| {
+        checkpoint::save_tensors(&dir.join(checkpoint::MODEL_FILE), &weights)?;
+        checkpoint::save_tensors(&dir.join(checkpoint::OPTIMIZER_FILE), &s.optimizer.state())?;
+        std::fs::write(dir.join(checkpoint::STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+        Ok(())
+    })
+    .with_context(|| format!("writing the checkpoint at step {}", s.step))
+}
+
+fn metric_map(m: &BTreeMap<String, f64>) -> serde_json::Value {
+    serde_json::Value::Object(m.iter().map(|(k, v)| (k.clone(), kiln_core::metrics::json_number(*v))).collect())
+}
+
+/// Loss and throughput since the last log line.
+#[derive(Default)]
+struct Window {
+    loss_sum: f64,
+    steps: usize,
+    items: usize,
+    seconds: f64,
+}
+
+impl Window {
+    fn add(&mut self, loss: f64, seconds: f64) {
+        self.loss_sum += loss;
+        self.steps += 1;
+        self.seconds += seconds;
+    }
+    fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.steps.max(1) as f64
+    }
+    /// Examples (or tokens) per second.
+    fn rate(&self) -> f64 {
+        self.items as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// A progress bar (step, loss, lr, throughput, ETA) on a terminal; plain log lines otherwise or
+/// with `--quiet`.
+struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    fn new(total: usize, quiet: bool) -> Self {
+        use std::io::IsTerminal;
+        if quiet || !std::io::stderr().is_terminal() {
+            return Progress { bar: None };
+        }
+        let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {pos}/{len} [{bar:30}] {msg} [{elapsed} < {eta}]")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        Progress { bar: Some(bar) }
+    }
+
+    fn step(&self, loss: f64, lr: f64, rate: f64) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {rate:.0}/s"));
+            bar.inc(1);
+        }
+    }
+
+    fn line(&self, s: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(s),
+            None => println!("{s}"),
+        }
+    }
+
+    /// Log lines go to stdout with --quiet; eval lines are shown above the bar too.
+    fn log(&self, step: usize, total: usize, values: &BTreeMap<String, f64>) {
+        let is_eval = values.keys().any(|k| !k.starts_with("train/") && k.contains('/'));
+        if self.bar.is_some() && !is_eval {
+            return;
+        }
+        let parts: Vec<String> = values
+            .iter()
+            .map(|(k, v)| if k == "lr" { format!("{k} {v:.3e}") } else { format!("{k} {v:.4}") })
+            .collect();
+        self.line(&format!("step {step}/{total} | {}", parts.join(" | ")));
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
