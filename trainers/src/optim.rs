@@ -1,6 +1,9 @@
 //! Optimizers whose whole state is plain named tensors plus a step count, so a checkpoint can
 //! save it and a resumed run continue exactly (candle-nn's AdamW keeps its moments private).
 //!
+//! State tensors are detached when stored: an update reads the parameter (a candle `Var`), so
+//! candle would otherwise chain every step's moments to the previous step's graph.
+//!
 //! Weight decay applies to parameters of rank ≥ 2 (matrices, embeddings, conv kernels) and not
 //! to biases or norm gains, as in nanoGPT and most recipes.
 
@@ -73,7 +76,7 @@ impl Optimizer for AdamW {
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for (p, g) in params.iter().zip(grads) {
-            let g = g.to_dtype(DType::F32)?;
+            let g = g.to_dtype(DType::F32)?.detach();
             let m = match self.m.get(&p.name) {
                 Some(m) => ((m * self.beta1)? + (&g * (1.0 - self.beta1))?)?,
                 None => (&g * (1.0 - self.beta1))?,
@@ -90,8 +93,8 @@ impl Optimizer for AdamW {
                 theta.clone()
             };
             p.var.set(&(theta - update)?)?;
-            self.m.insert(p.name.clone(), m);
-            self.v.insert(p.name.clone(), v);
+            self.m.insert(p.name.clone(), m.detach());
+            self.v.insert(p.name.clone(), v.detach());
         }
         Ok(())
     }
@@ -136,7 +139,7 @@ impl Optimizer for Sgd {
         self.t += 1;
         for (p, g) in params.iter().zip(grads) {
             let theta = p.var.as_tensor();
-            let mut g = g.to_dtype(DType::F32)?;
+            let mut g = g.to_dtype(DType::F32)?.detach();
             if p.decays() && self.weight_decay > 0.0 {
                 g = (g + (theta * self.weight_decay)?)?;
             }
@@ -150,7 +153,7 @@ impl Optimizer for Sgd {
                 } else {
                     b.clone()
                 };
-                self.buf.insert(p.name.clone(), b);
+                self.buf.insert(p.name.clone(), b.detach());
             }
             p.var.set(&(theta - (g * lr)?)?)?;
         }

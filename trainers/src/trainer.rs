@@ -205,12 +205,15 @@ pub fn params_of(varmap: &VarMap) -> Vec<Param> {
     params
 }
 
+/// Adds this micro-batch's gradients to the running sums. Gradients are detached: candle records
+/// the ops that computed them, and a kept reference would keep the whole step's graph (and, via
+/// the optimizer moments, every earlier step's) alive.
 fn accumulate(grads: &mut [Option<Tensor>], params: &[Param], store: &GradStore) -> Result<()> {
     for (acc, p) in grads.iter_mut().zip(params) {
-        if let Some(g) = store.get(p.var.as_tensor()) {
+        if let Some(g) = store.get(p.var.as_tensor()).map(Tensor::detach) {
             *acc = Some(match acc.take() {
                 Some(a) => (a + g)?,
-                None => g.clone(),
+                None => g,
             });
         }
     }
