@@ -9,6 +9,7 @@
 //! finite differences, gradients).
 
 pub mod attention;
+pub mod conv2d;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod gelu;
@@ -17,6 +18,7 @@ pub mod max_pool;
 pub mod softmax;
 
 pub use attention::causal_self_attention;
+pub use conv2d::conv2d;
 pub use cross_entropy::cross_entropy;
 pub use dropout::dropout;
 pub use gelu::gelu;

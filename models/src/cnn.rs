@@ -3,7 +3,7 @@
 
 use crate::{check_dropout, dropout_rng, ConfigError, Model};
 use candle_core::{Result, Tensor};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
+use candle_nn::{linear, Init, Linear, Module, VarBuilder};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
@@ -46,8 +46,28 @@ impl CnnConfig {
     }
 }
 
+/// A 3×3 convolution with "same" padding, initialized as PyTorch's `Conv2d`.
+struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv {
+    fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
+        let bound = 1.0 / ((c_in * 9) as f64).sqrt();
+        Ok(Conv {
+            weight: vb.get_with_hints((c_out, c_in, 3, 3), "weight", candle_nn::init::DEFAULT_KAIMING_UNIFORM)?,
+            bias: vb.get_with_hints(c_out, "bias", Init::Uniform { lo: -bound, up: bound })?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        kiln_kernels::conv2d(x, &self.weight, Some(&self.bias), 1)
+    }
+}
+
 pub struct Cnn {
-    convs: Vec<Conv2d>,
+    convs: Vec<Conv>,
     fc1: Linear,
     fc2: Linear,
     dropout: f64,
@@ -56,11 +76,10 @@ pub struct Cnn {
 
 impl Cnn {
     pub fn new(cfg: &CnnConfig, vb: VarBuilder, seed: u64) -> Result<Self> {
-        let same = Conv2dConfig { padding: 1, ..Default::default() };
         let mut c_in = cfg.input_shape[0];
         let mut convs = Vec::new();
         for (i, &c) in cfg.channels.iter().enumerate() {
-            convs.push(conv2d(c_in, c, 3, same, vb.pp(format!("features.{i}")))?);
+            convs.push(Conv::new(c_in, c, vb.pp(format!("features.{i}")))?);
             c_in = c;
         }
         let shrink = 1 << cfg.channels.len();
