@@ -162,7 +162,8 @@ fn key_line(text: &str, path: &str) -> (Option<usize>, bool) {
 }
 
 /// Applies `key.path=value` overrides to TOML text. Values parse as TOML (`3e-4`, `true`,
-/// `[1, 2]`, `"x"`); anything that is not valid TOML is taken as a plain string.
+/// `[1, 2]`, `"x"`); anything that is not valid TOML is taken as a plain string. An empty value
+/// (`key.path=`) removes the key, so that its default applies.
 fn apply_overrides(
     path: &Path,
     text: &str,
@@ -183,10 +184,6 @@ fn apply_overrides(
         if key.is_empty() || key.split('.').any(str::is_empty) {
             return Err(bad(format!("`{key}` is not a dotted key path")));
         }
-        let value: toml_edit::Value = raw
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| toml_edit::Value::from(raw.trim()));
         let segs: Vec<&str> = key.split('.').collect();
         let mut table: &mut dyn toml_edit::TableLike = doc.as_table_mut();
         for seg in &segs[..segs.len() - 1] {
@@ -199,7 +196,16 @@ fn apply_overrides(
                 ))
             })?;
         }
-        table.insert(segs[segs.len() - 1], toml_edit::Item::Value(value));
+        let last = segs[segs.len() - 1];
+        if raw.trim().is_empty() {
+            table.remove(last);
+        } else {
+            let value: toml_edit::Value = raw
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| toml_edit::Value::from(raw.trim()));
+            table.insert(last, toml_edit::Item::Value(value));
+        }
         applied.push((key.to_string(), arg.clone()));
     }
     Ok((doc.to_string(), applied))

@@ -1294,3 +1294,16 @@ fn list_recipes_empty_and_missing_dir() {
     assert!(list_recipes(dir.path()).unwrap().is_empty());
     assert!(list_recipes(&dir.path().join("missing")).is_err());
 }
+
+#[test]
+fn set_empty_value_removes_a_key() {
+    // max_steps → epochs: the empty value drops the old key so the two do not clash.
+    let r = ok(&base(), &["trainer.max_steps=", "trainer.epochs=3"]);
+    assert_eq!((r.trainer.max_steps, r.trainer.epochs), (None, Some(3)));
+    // Removing an optional key restores its default.
+    let with_seed = ok(&base(), &["seed="]);
+    assert_eq!(with_seed.seed, 1337);
+    // Removing a required key is reported like a missing one.
+    let e = err(&base(), &["optim.lr="]);
+    assert!(e.message.contains("missing field `lr`"), "{e}");
+}

@@ -1,0 +1,159 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// Whether a file from ../shared (or an installed data set) is present. Absent: the test is
+/// skipped with a printed reason, unless `KILN_REQUIRE_SHARED=1` (as in CI), which fails it.
+pub fn require(path: &Path, what: &str) -> bool {
+    if path.exists() {
+        return true;
+    }
+    if std::env::var("KILN_REQUIRE_SHARED").as_deref() == Ok("1") {
+        panic!("{what} is missing at {} and KILN_REQUIRE_SHARED=1", path.display());
+    }
+    eprintln!("skipping: {what} not found at {}", path.display());
+    false
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+/// A small repetitive text: learnable in a few dozen steps.
+pub fn write_text(dir: &Path) -> PathBuf {
+    let line = "to be, or not to be, that is the question.\n";
+    let p = dir.join("tiny.txt");
+    std::fs::write(&p, line.repeat(60)).unwrap();
+    p
+}
+
+/// A tiny character-level GPT recipe over `text`.
+pub fn tiny_gpt_recipe(dir: &Path, text: &Path, extra: &str) -> PathBuf {
+    let p = dir.join("tiny-gpt.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"description = "tiny gpt for tests"
+task = "language-model"
+seed = 7
+device = "cpu"
+{extra}
+[model]
+kind = "gpt"
+n_layer = 1
+n_head = 2
+n_embd = 32
+
+[data]
+dataset = "text-char"
+path = "{}"
+seq_len = 16
+batch_size = 8
+
+[optim]
+name = "adamw"
+lr = 3e-3
+weight_decay = 0.1
+
+[schedule]
+name = "cosine"
+warmup_steps = 5
+
+[trainer]
+max_steps = 60
+log_every = 10
+eval_every = 30
+eval_batches = 4
+checkpoint_every = 30
+clip_grad_norm = 1.0
+"#,
+            text.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Writes IDX files shaped like Fashion-MNIST: `n` train and `m` test 8×8 images; class `c`
+/// lights row `c % 8` (plus noise), so classes are separable.
+pub fn write_image_fixture(dir: &Path, n: usize, m: usize) {
+    fn idx(dims: &[usize], data: &[u8]) -> Vec<u8> {
+        let mut out = vec![0, 0, 0x08, dims.len() as u8];
+        for &d in dims {
+            out.extend_from_slice(&(d as u32).to_be_bytes());
+        }
+        out.extend_from_slice(data);
+        out
+    }
+    let mut state = 12345u32;
+    let mut noise = move || {
+        state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+        (state >> 27) as u8
+    };
+    for (name, count) in [("train", n), ("t10k", m)] {
+        let labels: Vec<u8> = (0..count).map(|i| (i * 7 % 10) as u8).collect();
+        let mut images = Vec::new();
+        for &l in &labels {
+            for r in 0..8 {
+                for c in 0..8 {
+                    let on = r == (l as usize % 8) && (l < 8 || c < 4);
+                    images.push(if on { 200 } else { noise() });
+                }
+            }
+        }
+        std::fs::write(dir.join(format!("{name}-images-idx3-ubyte")), idx(&[count, 8, 8], &images)).unwrap();
+        std::fs::write(dir.join(format!("{name}-labels-idx1-ubyte")), idx(&[count], &labels)).unwrap();
+    }
+}
+
+/// An MLP recipe over an image fixture folder.
+pub fn mlp_recipe(dir: &Path, data: &Path, extra_trainer: &str) -> PathBuf {
+    let p = dir.join("tiny-mlp.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"description = "tiny mlp for tests"
+task = "classification"
+seed = 3
+device = "cpu"
+
+[model]
+kind = "mlp"
+hidden = [32]
+
+[data]
+dataset = "fashion-mnist"
+path = "{}"
+val_size = 40
+batch_size = 16
+
+[optim]
+name = "adamw"
+lr = 1e-2
+
+[trainer]
+log_every = 5
+{extra_trainer}
+"#,
+            data.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Reads metrics.jsonl as JSON values.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn summary(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+}
