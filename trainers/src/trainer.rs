@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_core::checkpoint;
-use kiln_core::data::{self, DataSplits, Loader};
+use kiln_core::data::{self, Batch, DataSplits, Loader};
 use kiln_core::metrics::{MetricsLog, Tracker};
 use kiln_core::recipe::Recipe;
 use kiln_models::{Model, ModelConfig};
@@ -85,36 +85,20 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
         let started = Instant::now();
         let lr = schedule.lr(step - 1);
 
-        // Forward and backward over the micro-batches of this step, summing their gradients.
-        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-        let mut step_loss = 0.0;
+        // This step's micro-batches: gradients are summed over them before one update.
+        let mut batches = Vec::with_capacity(t.grad_accum);
         for _ in 0..t.grad_accum {
             let (batch_epoch, host) = loader.next_batch();
             epoch = batch_epoch;
-            let batch = host.to_device(&device)?;
-            let logits = model.forward(&batch.inputs, true)?;
-            let loss = task::loss(&logits, &batch.targets)?;
-            let loss_value = loss.to_scalar::<f32>()? as f64;
-            if !loss_value.is_finite() {
-                bail!(diverged(step, "loss", loss_value, &last_checkpoint));
-            }
-            step_loss += loss_value / t.grad_accum as f64;
-            let store = (loss / t.grad_accum as f64)?.backward()?;
-            accumulate(&mut grads, &params, &store)?;
             items_seen += host.len() * items_per_example;
             window.items += host.len() * items_per_example;
+            batches.push(host.to_device(&device)?);
         }
-        if step == 1 {
-            check_gradients(&params, &grads)?;
+        let out = train_step(model.as_ref(), &params, optimizer.as_mut(), &batches, lr, t.clip_grad_norm, step == 1)?;
+        if let Some((what, value)) = out.diverged {
+            bail!(diverged(step, what, value, &last_checkpoint));
         }
-        let grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("checked at step 1")).collect();
-
-        let grad_norm = global_norm(&grads)?;
-        if !grad_norm.is_finite() {
-            bail!(diverged(step, "gradient norm", grad_norm, &last_checkpoint));
-        }
-        let grads = clip(grads, grad_norm, t.clip_grad_norm)?;
-        optimizer.step(&params, &grads, lr)?;
+        let (step_loss, grad_norm) = (out.loss, out.grad_norm);
 
         let elapsed = started.elapsed().as_secs_f64();
         train_seconds += elapsed;
@@ -183,6 +167,57 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
     std::fs::write(run.path.join("summary.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
     progress.line(&format!("done in {:.1}s → {}", run.started.elapsed().as_secs_f64(), run.path.display()));
     Ok(TrainOutcome { run_dir: run.path, summary })
+}
+
+/// What one optimizer step reports.
+pub struct StepOutput {
+    /// Mean loss over the micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// `Some((what, value))` when the loss or the gradient went non-finite; no update was made.
+    pub diverged: Option<(&'static str, f64)>,
+}
+
+/// One optimizer update: forward and backward over `batches` (gradients summed, each loss scaled
+/// by 1/len), the no-gradient guard when `check`, global-norm clipping, then the update.
+pub fn train_step(
+    model: &dyn Model,
+    params: &[Param],
+    optimizer: &mut dyn Optimizer,
+    batches: &[Batch],
+    lr: f64,
+    clip_norm: f64,
+    check: bool,
+) -> Result<StepOutput> {
+    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut loss_sum = 0.0;
+    for batch in batches {
+        let logits = model.forward(&batch.inputs, true)?;
+        let loss = task::loss(&logits, &batch.targets)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Ok(StepOutput { loss: value, grad_norm: f64::NAN, diverged: Some(("loss", value)) });
+        }
+        loss_sum += value;
+        let store = (loss / batches.len() as f64)?.backward()?;
+        accumulate(&mut grads, params, &store)?;
+    }
+    if check {
+        check_gradients(params, &grads)?;
+    }
+    let grads: Vec<Tensor> = grads
+        .into_iter()
+        .zip(params)
+        .map(|(g, p)| g.with_context(|| format!("{} lost its gradient after the first step", p.name)))
+        .collect::<Result<_>>()?;
+    let loss = loss_sum / batches.len() as f64;
+    let grad_norm = global_norm(&grads)?;
+    if !grad_norm.is_finite() {
+        return Ok(StepOutput { loss, grad_norm, diverged: Some(("gradient norm", grad_norm)) });
+    }
+    optimizer.step(params, &clip(grads, grad_norm, clip_norm)?, lr)?;
+    Ok(StepOutput { loss, grad_norm, diverged: None })
 }
 
 /// The shape of one input example, e.g. [1, 28, 28] or [seq_len].
