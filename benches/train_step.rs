@@ -18,18 +18,42 @@ use rand::{Rng, SeedableRng};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn adamw() -> OptimConfig {
-    OptimConfig { name: OptimizerName::Adamw, lr: 1e-3, weight_decay: 0.1, betas: [0.9, 0.99], eps: 1e-8, momentum: 0.0, nesterov: false }
+    OptimConfig {
+        name: OptimizerName::Adamw,
+        lr: 1e-3,
+        weight_decay: 0.1,
+        betas: [0.9, 0.99],
+        eps: 1e-8,
+        momentum: 0.0,
+        nesterov: false,
+    }
 }
 
 fn bench_step(c: &mut Criterion, name: &str, cfg: ModelConfig, batch: Batch) {
     let device = Device::Cpu;
     let varmap = candle_nn::VarMap::new();
-    let model = cfg.build(kiln::core::rng::seeded_var_builder(&varmap, 0, DType::F32, &device), 0).unwrap();
+    let model = cfg
+        .build(
+            kiln::core::rng::seeded_var_builder(&varmap, 0, DType::F32, &device),
+            0,
+        )
+        .unwrap();
     let params = trainer::params_of(&varmap);
     let mut opt = optim::build(&adamw());
     let batches = [batch];
     c.bench_function(name, |b| {
-        b.iter(|| trainer::train_step(model.as_ref(), &params, opt.as_mut(), &batches, 1e-3, 1.0, false).unwrap())
+        b.iter(|| {
+            trainer::train_step(
+                model.as_ref(),
+                &params,
+                opt.as_mut(),
+                &batches,
+                1e-3,
+                1.0,
+                false,
+            )
+            .unwrap()
+        })
     });
 }
 
@@ -37,17 +61,32 @@ fn benches(c: &mut Criterion) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let dev = Device::Cpu;
 
-    let tokens: Vec<u32> = (0..12 * 65).map(|_| rng.random_range(0..65)).collect();
-    let gpt = ModelConfig::Gpt(GptConfig { n_layer: 4, n_head: 4, n_embd: 128, block_size: 64, vocab_size: 65, dropout: 0.0, bias: true });
+    let tokens: Vec<u32> = (0..12 * 64 + 1).map(|_| rng.random_range(0..65)).collect();
+    let gpt = ModelConfig::Gpt(GptConfig {
+        n_layer: 4,
+        n_head: 4,
+        n_embd: 128,
+        block_size: 64,
+        vocab_size: 65,
+        dropout: 0.0,
+        bias: true,
+    });
     let batch = Batch {
         inputs: Tensor::from_slice(&tokens[..12 * 64], (12, 64), &dev).unwrap(),
-        targets: Tensor::from_slice(&tokens[65..65 + 12 * 64], (12, 64), &dev).unwrap(),
+        targets: Tensor::from_slice(&tokens[1..12 * 64 + 1], (12, 64), &dev).unwrap(),
     };
     bench_step(c, "shakespeare_char_cpu_step", gpt, batch);
 
-    let pixels: Vec<f32> = (0..128 * 784).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let pixels: Vec<f32> = (0..128 * 784)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
     let labels: Vec<u32> = (0..128).map(|_| rng.random_range(0..10)).collect();
-    let mlp = ModelConfig::Mlp(MlpConfig { hidden: vec![512, 256], dropout: 0.0, input_dim: 784, num_classes: 10 });
+    let mlp = ModelConfig::Mlp(MlpConfig {
+        hidden: vec![512, 256],
+        dropout: 0.0,
+        input_dim: 784,
+        num_classes: 10,
+    });
     let batch = Batch {
         inputs: Tensor::from_slice(&pixels, (128, 784), &dev).unwrap(),
         targets: Tensor::from_slice(&labels, 128, &dev).unwrap(),

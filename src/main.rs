@@ -17,7 +17,11 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Train deep-learning models from TOML recipes")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Train deep-learning models from TOML recipes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -93,20 +97,45 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { recipe, set, run_dir, device, quiet } => {
+        Command::Train {
+            recipe,
+            set,
+            run_dir,
+            device,
+            quiet,
+        } => {
             let path = resolve_recipe_path(recipe);
             let recipe = Recipe::load(&path, &set)?;
-            let outcome = train(&recipe, &TrainOptions { run_dir, runs_root: None, device, quiet })?;
-            println!("{}", serde_json::to_string_pretty(&outcome.summary["final"])?);
+            let outcome = train(
+                &recipe,
+                &TrainOptions {
+                    run_dir,
+                    runs_root: None,
+                    device,
+                    quiet,
+                },
+            )?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&outcome.summary["final"])?
+            );
             Ok(())
         }
-        Command::Eval { run_dir, split, device } => {
+        Command::Eval {
+            run_dir,
+            split,
+            device,
+        } => {
             let device = kiln::core::device::open_device(device.as_deref().unwrap_or("auto"))?;
             let run = load_run(&run_dir, &device)?;
             let data = kiln::core::data::load(&run.recipe)?;
             let (examples, prefix) = match split {
                 Split::Val => (data.val, "eval"),
-                Split::Test => (data.test.context("this data set has no test split; use --split val")?, "test"),
+                Split::Test => (
+                    data.test
+                        .context("this data set has no test split; use --split val")?,
+                    "test",
+                ),
             };
             let metrics = kiln::trainers::task::evaluate(
                 run.model.as_ref(),
@@ -118,30 +147,55 @@ fn run(cli: Cli) -> Result<()> {
                 prefix,
             )?;
             let mut out = serde_json::Map::new();
-            out.insert("checkpoint".into(), run.checkpoint.display().to_string().into());
+            out.insert(
+                "checkpoint".into(),
+                run.checkpoint.display().to_string().into(),
+            );
             for (k, v) in metrics {
                 out.insert(k, kiln::core::metrics::json_number(v));
             }
             println!("{}", serde_json::Value::Object(out));
             Ok(())
         }
-        Command::Generate { run_dir, prompt, max_new_tokens, temperature, top_k, seed, device } => {
+        Command::Generate {
+            run_dir,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            seed,
+            device,
+        } => {
             let device = kiln::core::device::open_device(device.as_deref().unwrap_or("auto"))?;
-            let vocab = CharVocab { chars: load_vocab(&run_dir)? };
+            let vocab = CharVocab {
+                chars: load_vocab(&run_dir)?,
+            };
             let run = load_run(&run_dir, &device)?;
             let kiln::models::ModelConfig::Gpt(cfg) = &run.model_cfg else {
                 bail!("{} is not a language-model run", run_dir.display());
             };
-            let ids = vocab
-                .encode(&prompt)
-                .map_err(|c| anyhow::anyhow!("the prompt has {c:?}, which is not in the model's vocabulary"))?;
-            let sampling = Sampling { max_new_tokens, temperature, top_k, seed };
+            let ids = vocab.encode(&prompt).map_err(|c| {
+                anyhow::anyhow!("the prompt has {c:?}, which is not in the model's vocabulary")
+            })?;
+            let sampling = Sampling {
+                max_new_tokens,
+                temperature,
+                top_k,
+                seed,
+            };
             let mut out = std::io::stdout().lock();
             write!(out, "{prompt}")?;
-            generate(run.model.as_ref(), &ids, cfg.block_size, &sampling, &device, |t| {
-                let _ = write!(out, "{}", vocab.decode(&[t]));
-                let _ = out.flush();
-            })?;
+            generate(
+                run.model.as_ref(),
+                &ids,
+                cfg.block_size,
+                &sampling,
+                &device,
+                |t| {
+                    let _ = write!(out, "{}", vocab.decode(&[t]));
+                    let _ = out.flush();
+                },
+            )?;
             writeln!(out)?;
             Ok(())
         }

@@ -7,7 +7,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn kiln(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(cwd).output().expect("kiln runs")
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("kiln runs")
 }
 
 fn stdout(o: &Output) -> String {
@@ -24,8 +28,14 @@ fn recipes_lists_every_shipped_recipe() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     for name in ["shakespeare-char", "fashion-mnist-mlp", "fashion-mnist-cnn"] {
-        let line = out.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} not listed:\n{out}"));
-        assert!(line.len() > name.len() + 10, "{name} has a description: {line}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{out}"));
+        assert!(
+            line.len() > name.len() + 10,
+            "{name} has a description: {line}"
+        );
     }
 }
 
@@ -36,36 +46,90 @@ fn train_eval_generate() {
     let recipe = tiny_gpt_recipe(dir.path(), &text, "");
     let run = dir.path().join("run");
     let r = recipe.to_str().unwrap();
-    let o = kiln(&["train", r, "--quiet", "--run-dir", run.to_str().unwrap(), "--set", "trainer.max_steps=40", "--device", "cpu"], dir.path());
+    let o = kiln(
+        &[
+            "train",
+            r,
+            "--quiet",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--set",
+            "trainer.max_steps=40",
+            "--device",
+            "cpu",
+        ],
+        dir.path(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let log = stdout(&o);
-    assert!(log.contains("step 10/40 |") && log.contains("train/loss"), "--quiet prints log lines:\n{log}");
-    let final_metrics: serde_json::Value = serde_json::from_str(&log[log.find("{\n").expect("final metrics JSON")..]).unwrap();
+    assert!(
+        log.contains("step 10/40 |") && log.contains("train/loss"),
+        "--quiet prints log lines:\n{log}"
+    );
+    let final_metrics: serde_json::Value =
+        serde_json::from_str(&log[log.find("{\n").expect("final metrics JSON")..]).unwrap();
     let final_loss = final_metrics["eval/loss"].as_f64().unwrap();
 
     // eval reproduces the final validation loss from the saved checkpoint.
-    let o = kiln(&["eval", run.to_str().unwrap(), "--device", "cpu"], dir.path());
+    let o = kiln(
+        &["eval", run.to_str().unwrap(), "--device", "cpu"],
+        dir.path(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let m: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    assert!((m["eval/loss"].as_f64().unwrap() - final_loss).abs() < 1e-5, "{m} vs {final_loss}");
+    assert!(
+        (m["eval/loss"].as_f64().unwrap() - final_loss).abs() < 1e-5,
+        "{m} vs {final_loss}"
+    );
     assert!(m["checkpoint"].as_str().unwrap().ends_with("step-40"));
-    let o = kiln(&["eval", run.to_str().unwrap(), "--split", "test"], dir.path());
-    assert!(!o.status.success() && stderr(&o).contains("no test split"), "{}", stderr(&o));
+    let o = kiln(
+        &["eval", run.to_str().unwrap(), "--split", "test"],
+        dir.path(),
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("no test split"),
+        "{}",
+        stderr(&o)
+    );
 
     // Greedy generation is deterministic and extends the prompt; sampling depends on the seed.
     let gen = |extra: &[&str]| {
-        let mut args = vec!["generate", run.to_str().unwrap(), "--prompt", "to be", "--max-new-tokens", "30"];
+        let mut args = vec![
+            "generate",
+            run.to_str().unwrap(),
+            "--prompt",
+            "to be",
+            "--max-new-tokens",
+            "30",
+        ];
         args.extend_from_slice(extra);
         let o = kiln(&args, dir.path());
         assert!(o.status.success(), "{}", stderr(&o));
         stdout(&o).trim_end_matches('\n').to_string()
     };
     let greedy = gen(&["--temperature", "0"]);
-    assert!(greedy.starts_with("to be") && greedy.chars().count() == 35, "{greedy:?}");
+    assert!(
+        greedy.starts_with("to be") && greedy.chars().count() == 35,
+        "{greedy:?}"
+    );
     assert_eq!(greedy, gen(&["--temperature", "0"]));
     assert_eq!(gen(&["--seed", "1"]), gen(&["--seed", "1"]));
-    let o = kiln(&["generate", run.to_str().unwrap(), "--prompt", "Zebra", "--max-new-tokens", "3"], dir.path());
-    assert!(!o.status.success() && stderr(&o).contains("not in the model's vocabulary"), "{}", stderr(&o));
+    let o = kiln(
+        &[
+            "generate",
+            run.to_str().unwrap(),
+            "--prompt",
+            "Zebra",
+            "--max-new-tokens",
+            "3",
+        ],
+        dir.path(),
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("not in the model's vocabulary"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -83,16 +147,46 @@ fn bad_input_gets_one_clear_error_and_a_nonzero_exit() {
             assert!(err.contains(w), "{args:?}: expected {w:?} in {err}");
         }
     };
-    fails(&["train", r, "--set", "optim.lrr=1"], &["--set optim.lrr=1", "optim.lrr", "expected one of"]);
-    fails(&["train", r, "--set", "data.batch_size=big"], &["data.batch_size", "invalid type"]);
-    fails(&["train", r, "--set", "precision=bf16"], &["precision", "not supported yet", "f32"]);
-    fails(&["train", r, "--set", "data.path=/nonexistent/x.txt"], &["/nonexistent/x.txt", "data.path"]);
-    fails(&["train", r, "--device", "tpu"], &["unknown device `tpu`", "cuda:N"]);
-    fails(&["train", "no-such-recipe.toml"], &["no-such-recipe.toml", "kiln recipes"]);
-    fails(&["eval", dir.path().to_str().unwrap()], &["not a kiln run directory"]);
+    fails(
+        &["train", r, "--set", "optim.lrr=1"],
+        &["--set optim.lrr=1", "optim.lrr", "expected one of"],
+    );
+    fails(
+        &["train", r, "--set", "data.batch_size=big"],
+        &["data.batch_size", "invalid type"],
+    );
+    fails(
+        &["train", r, "--set", "precision=bf16"],
+        &["precision", "not supported yet", "f32"],
+    );
+    fails(
+        &["train", r, "--set", "data.path=/nonexistent/x.txt"],
+        &["/nonexistent/x.txt", "data.path"],
+    );
+    fails(
+        &["train", r, "--device", "tpu"],
+        &["unknown device `tpu`", "cuda:N"],
+    );
+    fails(
+        &["train", "no-such-recipe.toml"],
+        &["no-such-recipe.toml", "kiln recipes"],
+    );
+    fails(
+        &["eval", dir.path().to_str().unwrap()],
+        &["not a kiln run directory"],
+    );
     // A model config error points at the model key in the file.
-    std::fs::write(&recipe, std::fs::read_to_string(&recipe).unwrap().replace("n_head = 2", "n_head = 3")).unwrap();
-    fails(&["train", r], &["tiny-gpt.toml:", "model.n_head", "not divisible"]);
+    std::fs::write(
+        &recipe,
+        std::fs::read_to_string(&recipe)
+            .unwrap()
+            .replace("n_head = 2", "n_head = 3"),
+    )
+    .unwrap();
+    fails(
+        &["train", r],
+        &["tiny-gpt.toml:", "model.n_head", "not divisible"],
+    );
 }
 
 #[test]
@@ -101,10 +195,29 @@ fn corrupt_checkpoint_is_named_and_refused() {
     let text = write_text(dir.path());
     let recipe = tiny_gpt_recipe(dir.path(), &text, "");
     let run = dir.path().join("run");
-    let o = kiln(&["train", recipe.to_str().unwrap(), "--quiet", "--run-dir", run.to_str().unwrap(), "--set", "trainer.max_steps=5"], dir.path());
+    let o = kiln(
+        &[
+            "train",
+            recipe.to_str().unwrap(),
+            "--quiet",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--set",
+            "trainer.max_steps=5",
+        ],
+        dir.path(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
-    std::fs::write(run.join("checkpoints/step-5/model.safetensors"), b"not safetensors").unwrap();
+    std::fs::write(
+        run.join("checkpoints/step-5/model.safetensors"),
+        b"not safetensors",
+    )
+    .unwrap();
     let o = kiln(&["eval", run.to_str().unwrap()], dir.path());
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("step-5/model.safetensors") && stderr(&o).contains("corrupt"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("step-5/model.safetensors") && stderr(&o).contains("corrupt"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -10,7 +10,10 @@ use std::path::Path;
 #[test]
 fn shipped_tinyshakespeare_is_the_known_file_with_nanogpt_splits() {
     let p = repo().join("data/tinyshakespeare/input.txt");
-    assert_eq!(sha256_file(&p).unwrap(), "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed");
+    assert_eq!(
+        sha256_file(&p).unwrap(),
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    );
     let d = text::load(&p, 64, 0.1).unwrap();
     assert_eq!(d.num_classes, 65);
     // nanoGPT's prepare.py: 1,003,854 train and 111,540 val characters.
@@ -25,7 +28,10 @@ fn shipped_tinyshakespeare_is_the_known_file_with_nanogpt_splits() {
 
 #[test]
 fn fashion_mnist_from_debian() {
-    if !require(Path::new(FASHION_MNIST), "Fashion-MNIST (apt-get install -y dataset-fashion-mnist)") {
+    if !require(
+        Path::new(FASHION_MNIST),
+        "Fashion-MNIST (apt-get install -y dataset-fashion-mnist)",
+    ) {
         return;
     }
     let d = fashion_mnist::load(None, 5000).unwrap();
@@ -36,7 +42,11 @@ fn fashion_mnist_from_debian() {
     // The test split is balanced: 1,000 images per class.
     let labels = test.collate(&test.eval_order()).targets;
     for c in 0..10 {
-        assert_eq!(labels.iter().filter(|&&l| l == c).count(), 1000, "class {c}");
+        assert_eq!(
+            labels.iter().filter(|&&l| l == c).count(),
+            1000,
+            "class {c}"
+        );
     }
     assert_eq!(d.files.len(), 4);
 }
@@ -46,8 +56,10 @@ fn every_shipped_recipe_is_valid() {
     let listing = kiln::core::recipe::list_recipes(&repo().join("recipes")).unwrap();
     assert!(listing.len() >= 3);
     for r in listing {
-        let recipe = Recipe::load(&r.path, &[]).unwrap_or_else(|e| panic!("{}: {e}", r.path.display()));
-        kiln::models::ModelConfig::decode(&recipe).unwrap_or_else(|e| panic!("{}: {e}", r.path.display()));
+        let recipe =
+            Recipe::load(&r.path, &[]).unwrap_or_else(|e| panic!("{}: {e}", r.path.display()));
+        kiln::models::ModelConfig::decode(&recipe)
+            .unwrap_or_else(|e| panic!("{}: {e}", r.path.display()));
         assert!(!recipe.description.is_empty());
     }
 }

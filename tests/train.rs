@@ -14,12 +14,19 @@ use std::path::Path;
 fn run(recipe: &Path, dir: &Path, name: &str, sets: &[&str]) -> anyhow::Result<std::path::PathBuf> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let recipe = Recipe::load(recipe, &sets)?;
-    let opts = TrainOptions { run_dir: Some(dir.join(name)), quiet: true, ..Default::default() };
+    let opts = TrainOptions {
+        run_dir: Some(dir.join(name)),
+        quiet: true,
+        ..Default::default()
+    };
     Ok(train(&recipe, &opts)?.run_dir)
 }
 
 fn train_losses(run: &Path) -> Vec<f64> {
-    metrics(run).iter().filter_map(|m| m["train/loss"].as_f64()).collect()
+    metrics(run)
+        .iter()
+        .filter_map(|m| m["train/loss"].as_f64())
+        .collect()
 }
 
 #[test]
@@ -32,11 +39,19 @@ fn gpt_loss_falls_and_run_dir_is_complete() {
     let losses = train_losses(&run);
     assert_eq!(losses.len(), 6, "a train/loss line every 10 of 60 steps");
     let vocab = 16f64; // distinct characters in the text
-    assert!((losses[0] - vocab.ln()).abs() < 0.6, "starts near ln(V): {}", losses[0]);
+    assert!(
+        (losses[0] - vocab.ln()).abs() < 0.6,
+        "starts near ln(V): {}",
+        losses[0]
+    );
     assert!(losses[5] < 0.6 * losses[0], "loss must fall: {losses:?}");
 
     // Periodic eval at step 30 and the final one at 60.
-    let evals: Vec<u64> = metrics(&run).iter().filter(|m| m.get("eval/loss").is_some()).map(|m| m["step"].as_u64().unwrap()).collect();
+    let evals: Vec<u64> = metrics(&run)
+        .iter()
+        .filter(|m| m.get("eval/loss").is_some())
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(evals, vec![30, 60]);
 
     let s = summary(&run);
@@ -53,15 +68,32 @@ fn gpt_loss_falls_and_run_dir_is_complete() {
     // Checkpoints at 30 and at the end; `latest` names the last.
     for step in [30, 60] {
         let ck = run.join(format!("checkpoints/step-{step}"));
-        for f in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+        for f in [
+            "model.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json",
+        ] {
             assert!(ck.join(f).is_file(), "{} missing", ck.join(f).display());
         }
     }
-    assert_eq!(std::fs::read_to_string(run.join("checkpoints/latest")).unwrap(), "step-60");
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints/step-60/trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(run.join("checkpoints/latest")).unwrap(),
+        "step-60"
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("checkpoints/step-60/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(state["optimizer_steps"], 60);
-    let opt = candle_core::safetensors::load(run.join("checkpoints/step-60/optimizer.safetensors"), &Device::Cpu).unwrap();
-    assert!(opt.contains_key("transformer.wte.weight.exp_avg") && opt.contains_key("transformer.wte.weight.exp_avg_sq"));
+    let opt = candle_core::safetensors::load(
+        run.join("checkpoints/step-60/optimizer.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(
+        opt.contains_key("transformer.wte.weight.exp_avg")
+            && opt.contains_key("transformer.wte.weight.exp_avg_sq")
+    );
 
     // The resolved recipe re-parses, with the data-derived fields filled in.
     let resolved = Recipe::load(run.join("recipe.toml"), &[]).unwrap();
@@ -75,7 +107,11 @@ fn same_seed_same_run_other_seed_other_run() {
     let dir = tempfile::tempdir().unwrap();
     let text = write_text(dir.path());
     let recipe = tiny_gpt_recipe(dir.path(), &text, "");
-    let sets = ["trainer.max_steps=20", "trainer.checkpoint_every=0", "trainer.eval_every=10"];
+    let sets = [
+        "trainer.max_steps=20",
+        "trainer.checkpoint_every=0",
+        "trainer.eval_every=10",
+    ];
     let a = run(&recipe, dir.path(), "a", &sets).unwrap();
     let b = run(&recipe, dir.path(), "b", &sets).unwrap();
     let mut other = sets.to_vec();
@@ -93,7 +129,8 @@ fn same_seed_same_run_other_seed_other_run() {
             .collect()
     };
     assert_eq!(strip(&a), strip(&b));
-    let weights = |run: &Path| std::fs::read(run.join("checkpoints/step-20/model.safetensors")).unwrap();
+    let weights =
+        |run: &Path| std::fs::read(run.join("checkpoints/step-20/model.safetensors")).unwrap();
     assert_eq!(weights(&a), weights(&b), "identical weights, byte for byte");
     assert_ne!(strip(&a), strip(&c), "another seed trains another model");
 }
@@ -102,7 +139,11 @@ fn same_seed_same_run_other_seed_other_run() {
 fn mlp_learns_a_separable_image_task() {
     let dir = tempfile::tempdir().unwrap();
     write_image_fixture(dir.path(), 400, 100);
-    let recipe = mlp_recipe(dir.path(), dir.path(), "epochs = 4\ngrad_accum = 2\nclip_grad_norm = 5.0");
+    let recipe = mlp_recipe(
+        dir.path(),
+        dir.path(),
+        "epochs = 4\ngrad_accum = 2\nclip_grad_norm = 5.0",
+    );
     let run = run(&recipe, dir.path(), "run", &[]).unwrap();
     let s = summary(&run);
     // 360 training images / (16 × 2 accumulation) = 11 steps per epoch.
@@ -117,7 +158,19 @@ fn sgd_nesterov_trains_too() {
     let dir = tempfile::tempdir().unwrap();
     write_image_fixture(dir.path(), 400, 100);
     let recipe = mlp_recipe(dir.path(), dir.path(), "epochs = 3");
-    let run = run(&recipe, dir.path(), "run", &["optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.nesterov=true", "schedule.name=linear"]).unwrap();
+    let run = run(
+        &recipe,
+        dir.path(),
+        "run",
+        &[
+            "optim.name=sgd",
+            "optim.lr=0.1",
+            "optim.momentum=0.9",
+            "optim.nesterov=true",
+            "schedule.name=linear",
+        ],
+    )
+    .unwrap();
     assert!(summary(&run)["final"]["test/accuracy"].as_f64().unwrap() >= 0.9);
 }
 
@@ -125,16 +178,38 @@ fn sgd_nesterov_trains_too() {
 fn divergence_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     write_image_fixture(dir.path(), 400, 100);
-    let recipe = mlp_recipe(dir.path(), dir.path(), "max_steps = 20\ncheckpoint_every = 1");
+    let recipe = mlp_recipe(
+        dir.path(),
+        dir.path(),
+        "max_steps = 20\ncheckpoint_every = 1",
+    );
     // An absurd learning rate blows the weights up to infinity within a few steps.
-    let err = run(&recipe, dir.path(), "run", &["optim.lr=1e30", "optim.name=sgd"]).unwrap_err().to_string();
+    let err = run(
+        &recipe,
+        dir.path(),
+        "run",
+        &["optim.lr=1e30", "optim.name=sgd"],
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("training diverged at step"), "{err}");
     assert!(err.contains("last good checkpoint"), "{err}");
     let ck = kiln::core::checkpoint::latest(&dir.path().join("run/checkpoints")).unwrap();
-    assert!(err.contains(&ck.display().to_string()), "the error names {}: {err}", ck.display());
-    let weights = kiln::core::checkpoint::load_tensors(&ck.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(
+        err.contains(&ck.display().to_string()),
+        "the error names {}: {err}",
+        ck.display()
+    );
+    let weights =
+        kiln::core::checkpoint::load_tensors(&ck.join("model.safetensors"), &Device::Cpu).unwrap();
     for (name, t) in weights {
-        let s = t.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let s = t
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(s.is_finite(), "{name} in the kept checkpoint is not finite");
     }
     assert!(!dir.path().join("run/summary.json").exists());
@@ -144,22 +219,41 @@ fn divergence_stops_the_run_and_keeps_the_last_good_checkpoint() {
 fn a_parameter_without_gradient_is_refused_by_name() {
     let varmap = candle_nn::VarMap::new();
     let vb = kiln::core::rng::seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
-    let used = vb.get_with_hints((3, 2), "used.weight", candle_nn::Init::Const(0.5)).unwrap();
-    let cut = vb.get_with_hints((2, 2), "cut.weight", candle_nn::Init::Const(0.5)).unwrap();
+    let used = vb
+        .get_with_hints((3, 2), "used.weight", candle_nn::Init::Const(0.5))
+        .unwrap();
+    let cut = vb
+        .get_with_hints((2, 2), "cut.weight", candle_nn::Init::Const(0.5))
+        .unwrap();
     // `cut` enters the model through a detached copy, as it would after a no-backward op.
     let x = Tensor::ones((4, 3), DType::F32, &Device::Cpu).unwrap();
     let y = x.matmul(&used).unwrap().matmul(&cut.detach()).unwrap();
     let grads = y.sum_all().unwrap().backward().unwrap();
     let params = kiln::trainers::trainer::params_of(&varmap);
-    let collected: Vec<Option<Tensor>> = params.iter().map(|p: &Param| grads.get(p.var.as_tensor()).cloned()).collect();
-    let err = check_gradients(&params, &collected).unwrap_err().to_string();
-    assert!(err.contains("refusing to train") && err.contains("cut.weight") && !err.contains("used.weight"), "{err}");
+    let collected: Vec<Option<Tensor>> = params
+        .iter()
+        .map(|p: &Param| grads.get(p.var.as_tensor()).cloned())
+        .collect();
+    let err = check_gradients(&params, &collected)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("refusing to train")
+            && err.contains("cut.weight")
+            && !err.contains("used.weight"),
+        "{err}"
+    );
 
     // A non-finite gradient is refused too.
     let nan = Tensor::new(&[[f32::NAN, 0.0], [0.0, 0.0]], &Device::Cpu).unwrap();
     let ones = Tensor::ones((3, 2), DType::F32, &Device::Cpu).unwrap();
-    let err = check_gradients(&params, &[Some(nan), Some(ones)]).unwrap_err().to_string();
-    assert!(err.contains("non-finite") && err.contains("cut.weight"), "{err}");
+    let err = check_gradients(&params, &[Some(nan), Some(ones)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("non-finite") && err.contains("cut.weight"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -169,7 +263,12 @@ fn an_existing_run_directory_is_never_overwritten() {
     let recipe = tiny_gpt_recipe(dir.path(), &text, "");
     std::fs::create_dir_all(dir.path().join("run")).unwrap();
     std::fs::write(dir.path().join("run/keep.txt"), "precious").unwrap();
-    let err = run(&recipe, dir.path(), "run", &["trainer.max_steps=2"]).unwrap_err().to_string();
+    let err = run(&recipe, dir.path(), "run", &["trainer.max_steps=2"])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("already exists"), "{err}");
-    assert_eq!(std::fs::read_to_string(dir.path().join("run/keep.txt")).unwrap(), "precious");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("run/keep.txt")).unwrap(),
+        "precious"
+    );
 }

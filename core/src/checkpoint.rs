@@ -102,7 +102,10 @@ mod tests {
         let t = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
         for step in [10, 20] {
             write_checkpoint(&ck, step, |d| {
-                save_tensors(&d.join(MODEL_FILE), &HashMap::from([("w".to_string(), t.clone())]))
+                save_tensors(
+                    &d.join(MODEL_FILE),
+                    &HashMap::from([("w".to_string(), t.clone())]),
+                )
             })
             .unwrap();
         }
@@ -123,6 +126,9 @@ mod tests {
         let p = dir.path().join(MODEL_FILE);
         std::fs::write(&p, b"garbage").unwrap();
         let err = load_tensors(&p, &Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("model.safetensors") && err.contains("corrupt"), "{err}");
+        assert!(
+            err.contains("model.safetensors") && err.contains("corrupt"),
+            "{err}"
+        );
     }
 }

@@ -21,7 +21,9 @@ pub fn parse_device(s: &str) -> Result<DeviceRequest, String> {
             .and_then(|n| n.parse().ok())
             .map(DeviceRequest::Cuda)
             .ok_or_else(|| {
-                format!("unknown device `{s}`; valid choices: \"auto\", \"cpu\", \"cuda\", \"cuda:N\"")
+                format!(
+                    "unknown device `{s}`; valid choices: \"auto\", \"cpu\", \"cuda\", \"cuda:N\""
+                )
             }),
     }
 }
@@ -47,7 +49,9 @@ pub fn open_device(s: &str) -> anyhow::Result<Device> {
                 );
             }
             Device::new_cuda(n).map_err(|e| {
-                anyhow::anyhow!("cannot open CUDA device {n}: {e}; check `nvidia-smi` or use --device cpu")
+                anyhow::anyhow!(
+                    "cannot open CUDA device {n}: {e}; check `nvidia-smi` or use --device cpu"
+                )
             })
         }
     }

@@ -81,7 +81,10 @@ mod tests {
     fn tracks_best_by_direction() {
         let mut t = Tracker::default();
         let m = |l: f64, a: f64| {
-            BTreeMap::from([("eval/loss".to_string(), l), ("eval/accuracy".to_string(), a)])
+            BTreeMap::from([
+                ("eval/loss".to_string(), l),
+                ("eval/accuracy".to_string(), a),
+            ])
         };
         t.update(1, &m(2.0, 0.5));
         t.update(2, &m(1.0, 0.4));
@@ -97,10 +100,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.jsonl");
         let mut log = MetricsLog::create(&p).unwrap();
-        log.write(5, &BTreeMap::from([("train/loss".to_string(), 1.25)])).unwrap();
-        log.write(6, &BTreeMap::from([("train/loss".to_string(), f64::NAN)])).unwrap();
+        log.write(5, &BTreeMap::from([("train/loss".to_string(), 1.25)]))
+            .unwrap();
+        log.write(6, &BTreeMap::from([("train/loss".to_string(), f64::NAN)]))
+            .unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
-        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines[0]["step"], 5);
         assert_eq!(lines[0]["train/loss"], 1.25);
         assert!(lines[1]["train/loss"].is_null());

@@ -114,8 +114,15 @@ mod tests {
             let vm = VarMap::new();
             let vb = seeded_var_builder(&vm, seed, DType::F32, &dev);
             for n in names {
-                vb.get_with_hints((3, 4), n, Init::Randn { mean: 0.0, stdev: 1.0 })
-                    .unwrap();
+                vb.get_with_hints(
+                    (3, 4),
+                    n,
+                    Init::Randn {
+                        mean: 0.0,
+                        stdev: 1.0,
+                    },
+                )
+                .unwrap();
             }
             let data = vm.data().lock().unwrap();
             let mut out: Vec<(String, Vec<f32>)> = data
@@ -134,10 +141,20 @@ mod tests {
     #[test]
     fn init_statistics() {
         let mut rng = rng_for(0, "x");
-        let v = sample(Init::Randn { mean: 0.0, stdev: 0.02 }, &Shape::from(10_000), &mut rng);
+        let v = sample(
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+            &Shape::from(10_000),
+            &mut rng,
+        );
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / v.len() as f32;
         assert!(mean.abs() < 1e-3 && (var.sqrt() - 0.02).abs() < 1e-3);
-        assert_eq!(sample(Init::Const(1.0), &Shape::from(3), &mut rng), vec![1.0; 3]);
+        assert_eq!(
+            sample(Init::Const(1.0), &Shape::from(3), &mut rng),
+            vec![1.0; 3]
+        );
     }
 }

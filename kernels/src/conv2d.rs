@@ -15,7 +15,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize) -> Res
         candle_core::bail!("conv2d: input has {c} channels, kernel is {:?}", w.dims());
     }
     let x = if padding > 0 {
-        x.pad_with_zeros(2, padding, padding)?.pad_with_zeros(3, padding, padding)?
+        x.pad_with_zeros(2, padding, padding)?
+            .pad_with_zeros(3, padding, padding)?
     } else {
         x.clone()
     };
@@ -43,11 +44,19 @@ mod tests {
 
     #[test]
     fn matches_candle_conv2d_and_gradients() {
-        let (x, w, b) = (rand(&[2, 3, 6, 5], 1), rand(&[4, 3, 3, 3], 2), rand(&[4], 3));
+        let (x, w, b) = (
+            rand(&[2, 3, 6, 5], 1),
+            rand(&[4, 3, 3, 3], 2),
+            rand(&[4], 3),
+        );
         for p in [0, 1] {
             let ours = conv2d(&x, &w, Some(&b), p).unwrap();
             // candle's forward is a direct convolution: an independent reference.
-            let want = x.conv2d(&w, p, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap();
+            let want = x
+                .conv2d(&w, p, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
             assert_eq!(ours.dims(), want.dims());
             assert!(max_abs_diff(&ours, &want) < 1e-12);
         }

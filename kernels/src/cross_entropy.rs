@@ -8,7 +8,11 @@ pub const IGNORE_INDEX: u32 = u32::MAX;
 
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     // The loss is computed in f32 (f64 stays f64, for gradient checks).
-    let dtype = if logits.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let dtype = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let logits = logits.to_dtype(dtype)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
@@ -31,7 +35,10 @@ mod tests {
     fn matches_reference_and_gradients() {
         let logits = (rand(&[6, 5], 11) * 5.0).unwrap();
         let t = Tensor::new(&[0u32, 4, 2, IGNORE_INDEX, 1, 3], logits.device()).unwrap();
-        let got = cross_entropy(&logits, &t).unwrap().to_scalar::<f64>().unwrap();
+        let got = cross_entropy(&logits, &t)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         let rows = logits.to_vec2::<f64>().unwrap();
         let (mut sum, mut n) = (0.0, 0.0);
         for (row, &y) in rows.iter().zip(&[0usize, 4, 2, usize::MAX, 1, 3]) {

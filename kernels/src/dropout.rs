@@ -33,6 +33,12 @@ mod tests {
         assert!(y.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
         let mean = y.iter().sum::<f32>() / y.len() as f32;
         assert!((mean - 1.0).abs() < 0.03);
-        assert_eq!(dropout(&x, 0.0, &mut rng).unwrap().to_vec1::<f32>().unwrap(), vec![1.0; 10_000]);
+        assert_eq!(
+            dropout(&x, 0.0, &mut rng)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            vec![1.0; 10_000]
+        );
     }
 }

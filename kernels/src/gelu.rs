@@ -40,11 +40,13 @@ macro_rules! gelu_kernels {
         fn $fwd(x: &[$t]) -> Vec<$t> {
             let (c, k) = (C as $t, K as $t);
             let mut y = vec![0 as $t; x.len()];
-            y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = 0.5 * x * (1.0 + fast_tanh!(c * (x + k * x * x * x)));
-                }
-            });
+            y.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(y, x)| {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = 0.5 * x * (1.0 + fast_tanh!(c * (x + k * x * x * x)));
+                    }
+                });
             y
         }
 
@@ -56,7 +58,8 @@ macro_rules! gelu_kernels {
                 .for_each(|(dx, (x, g))| {
                     for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
                         let t = fast_tanh!(c * (x + k * x * x * x));
-                        let d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * k * x * x);
+                        let d =
+                            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * k * x * x);
                         *dx = g * d;
                     }
                 });
@@ -91,7 +94,10 @@ impl CustomOp1 for GeluTanh {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluTanhBackward)?))
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &GeluTanhBackward,
+        )?))
     }
 }
 
@@ -103,10 +109,20 @@ impl CustomOp2 for GeluTanhBackward {
         "kiln-gelu-tanh-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(bwd_f32(contiguous(x, l1)?, contiguous(g, l2)?)),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(bwd_f64(contiguous(x, l1)?, contiguous(g, l2)?)),
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(bwd_f32(contiguous(x, l1)?, contiguous(g, l2)?))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(bwd_f64(contiguous(x, l1)?, contiguous(g, l2)?))
+            }
             _ => candle_core::bail!("kiln gelu backward: unsupported dtypes"),
         };
         Ok((out, l1.shape().clone()))
@@ -133,10 +149,20 @@ mod tests {
 
     #[test]
     fn f32_matches_candle_gelu() {
-        let x = (rand(&[2, 5000], 9) * 5.0).unwrap().to_dtype(DType::F32).unwrap();
+        let x = (rand(&[2, 5000], 9) * 5.0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         let ours = gelu(&x).unwrap();
         let candle = x.gelu().unwrap();
-        let diff: f32 = (ours - candle).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (ours - candle)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(diff < 1e-5, "{diff}");
     }
 }

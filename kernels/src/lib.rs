@@ -24,7 +24,7 @@ pub use dropout::dropout;
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
 pub use max_pool::max_pool2d;
-pub use softmax::softmax_last_dim;
+pub use softmax::softmax;
 
 #[cfg(test)]
 pub(crate) mod testing {
@@ -54,8 +54,19 @@ pub(crate) mod testing {
                 .to_scalar::<f64>()
                 .unwrap()
         };
-        let grads = (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g: Vec<f64> = grads.get(&var).expect("x has a gradient").flatten_all().unwrap().to_vec1().unwrap();
+        let grads = (out * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<f64> = grads
+            .get(&var)
+            .expect("x has a gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let xs: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
         let h = 1e-5;
         for i in 0..xs.len() {

@@ -30,7 +30,12 @@ mod tests {
     #[test]
     fn matches_reference_and_gradients() {
         let x = rand(&[2, 3, 5, 7], 4);
-        let got: Vec<f64> = max_pool2d(&x, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f64> = max_pool2d(&x, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let xs: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
         let mut want = Vec::new();
         for bc in 0..6 {

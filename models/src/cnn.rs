@@ -25,20 +25,38 @@ pub struct CnnConfig {
 }
 
 impl CnnConfig {
-    pub(crate) fn resolve(&mut self, classes: usize, input: &[usize]) -> std::result::Result<(), ConfigError> {
+    pub(crate) fn resolve(
+        &mut self,
+        classes: usize,
+        input: &[usize],
+    ) -> std::result::Result<(), ConfigError> {
         check_dropout(self.dropout, "model.dropout")?;
         if self.channels.is_empty() || self.channels.contains(&0) {
-            return Err(("model.channels", "needs at least one stage, each with at least 1 channel".into()));
+            return Err((
+                "model.channels",
+                "needs at least one stage, each with at least 1 channel".into(),
+            ));
         }
         if self.hidden == 0 {
             return Err(("model.hidden", "must be at least 1".into()));
         }
         if input.len() != 3 {
-            return Err(("model.kind", format!("cnn needs image inputs (C, H, W), the data gives {input:?}")));
+            return Err((
+                "model.kind",
+                format!("cnn needs image inputs (C, H, W), the data gives {input:?}"),
+            ));
         }
         let shrink = 1 << self.channels.len();
         if input[1] < shrink || input[2] < shrink {
-            return Err(("model.channels", format!("{} stages shrink {}×{} images to nothing", self.channels.len(), input[1], input[2])));
+            return Err((
+                "model.channels",
+                format!(
+                    "{} stages shrink {}×{} images to nothing",
+                    self.channels.len(),
+                    input[1],
+                    input[2]
+                ),
+            ));
         }
         self.input_shape = input.to_vec();
         self.num_classes = classes;
@@ -56,8 +74,19 @@ impl Conv {
     fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
         let bound = 1.0 / ((c_in * 9) as f64).sqrt();
         Ok(Conv {
-            weight: vb.get_with_hints((c_out, c_in, 3, 3), "weight", candle_nn::init::DEFAULT_KAIMING_UNIFORM)?,
-            bias: vb.get_with_hints(c_out, "bias", Init::Uniform { lo: -bound, up: bound })?,
+            weight: vb.get_with_hints(
+                (c_out, c_in, 3, 3),
+                "weight",
+                candle_nn::init::DEFAULT_KAIMING_UNIFORM,
+            )?,
+            bias: vb.get_with_hints(
+                c_out,
+                "bias",
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?,
         })
     }
 

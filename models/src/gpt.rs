@@ -37,26 +37,52 @@ fn yes() -> bool {
 }
 
 impl GptConfig {
-    pub(crate) fn resolve(&mut self, vocab: usize, seq_len: usize) -> std::result::Result<(), ConfigError> {
+    pub(crate) fn resolve(
+        &mut self,
+        vocab: usize,
+        seq_len: usize,
+    ) -> std::result::Result<(), ConfigError> {
         check_dropout(self.dropout, "model.dropout")?;
-        for (key, v) in [("model.n_layer", self.n_layer), ("model.n_head", self.n_head), ("model.n_embd", self.n_embd)] {
+        for (key, v) in [
+            ("model.n_layer", self.n_layer),
+            ("model.n_head", self.n_head),
+            ("model.n_embd", self.n_embd),
+        ] {
             if v == 0 {
                 return Err((key, "must be at least 1".into()));
             }
         }
-        if self.n_embd % self.n_head != 0 {
-            return Err(("model.n_head", format!("n_embd = {} is not divisible by n_head = {}", self.n_embd, self.n_head)));
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err((
+                "model.n_head",
+                format!(
+                    "n_embd = {} is not divisible by n_head = {}",
+                    self.n_embd, self.n_head
+                ),
+            ));
         }
         if self.block_size == 0 {
             self.block_size = seq_len;
         }
         if seq_len > self.block_size {
-            return Err(("model.block_size", format!("{} is shorter than data.seq_len = {seq_len}", self.block_size)));
+            return Err((
+                "model.block_size",
+                format!(
+                    "{} is shorter than data.seq_len = {seq_len}",
+                    self.block_size
+                ),
+            ));
         }
         if self.vocab_size == 0 {
             self.vocab_size = vocab;
         } else if self.vocab_size < vocab {
-            return Err(("model.vocab_size", format!("{} is smaller than the data's vocabulary ({vocab})", self.vocab_size)));
+            return Err((
+                "model.vocab_size",
+                format!(
+                    "{} is smaller than the data's vocabulary ({vocab})",
+                    self.vocab_size
+                ),
+            ));
         }
         Ok(())
     }
@@ -70,8 +96,17 @@ struct Conv1D {
 
 impl Conv1D {
     fn new(n_in: usize, n_out: usize, std: f64, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints((n_in, n_out), "weight", Init::Randn { mean: 0.0, stdev: std })?;
-        let bias = bias.then(|| vb.get_with_hints(n_out, "bias", Init::Const(0.0))).transpose()?;
+        let weight = vb.get_with_hints(
+            (n_in, n_out),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        )?;
+        let bias = bias
+            .then(|| vb.get_with_hints(n_out, "bias", Init::Const(0.0)))
+            .transpose()?;
         Ok(Conv1D { weight, bias })
     }
 }
@@ -82,7 +117,10 @@ impl Module for Conv1D {
         let mut out_dims = x.dims().to_vec();
         let n_in = out_dims.pop().expect("x has a feature dimension");
         out_dims.push(self.weight.dim(1)?);
-        let y = x.reshape(((), n_in))?.matmul(&self.weight)?.reshape(out_dims)?;
+        let y = x
+            .reshape(((), n_in))?
+            .matmul(&self.weight)?
+            .reshape(out_dims)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -98,7 +136,9 @@ struct LayerNorm {
 impl LayerNorm {
     fn new(n: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get_with_hints(n, "weight", Init::Const(1.0))?;
-        let bias = bias.then(|| vb.get_with_hints(n, "bias", Init::Const(0.0))).transpose()?;
+        let bias = bias
+            .then(|| vb.get_with_hints(n, "bias", Init::Const(0.0)))
+            .transpose()?;
         Ok(LayerNorm { weight, bias })
     }
 
@@ -158,7 +198,14 @@ impl Gpt {
         // Residual projections are scaled down by √(2·n_layer) (GPT-2 paper, nanoGPT).
         let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
         let embedding = |n: usize, name: &str| -> Result<Embedding> {
-            let w = vb.get_with_hints((n, c), &format!("{name}.weight"), Init::Randn { mean: 0.0, stdev: std })?;
+            let w = vb.get_with_hints(
+                (n, c),
+                &format!("{name}.weight"),
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
+            )?;
             Ok(Embedding::new(w, c))
         };
         let h = (0..cfg.n_layer)
@@ -204,10 +251,16 @@ impl Model for Gpt {
     fn forward(&self, idx: &Tensor, train: bool) -> Result<Tensor> {
         let (_, t) = idx.dims2()?;
         if t > self.config.block_size {
-            candle_core::bail!("sequence of {t} tokens is longer than block_size {}", self.config.block_size);
+            candle_core::bail!(
+                "sequence of {t} tokens is longer than block_size {}",
+                self.config.block_size
+            );
         }
         let pos = Tensor::arange(0u32, t as u32, idx.device())?;
-        let x = self.wte.forward(idx)?.broadcast_add(&self.wpe.forward(&pos)?)?;
+        let x = self
+            .wte
+            .forward(idx)?
+            .broadcast_add(&self.wpe.forward(&pos)?)?;
         let mut x = self.drop(x, train)?;
         for block in &self.h {
             let a = block.attn.forward(&block.ln_1.forward(&x)?)?;
@@ -217,7 +270,9 @@ impl Model for Gpt {
             x = (x + self.drop(m, train)?)?;
         }
         // The head shares the token embedding (HF's `lm_head.weight` is `transformer.wte.weight`).
-        self.ln_f.forward(&x)?.broadcast_matmul(&self.wte.embeddings().t()?)
+        self.ln_f
+            .forward(&x)?
+            .broadcast_matmul(&self.wte.embeddings().t()?)
     }
 }
 
@@ -229,7 +284,15 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn tiny() -> GptConfig {
-        GptConfig { n_layer: 2, n_head: 2, n_embd: 8, block_size: 5, vocab_size: 7, dropout: 0.0, bias: true }
+        GptConfig {
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 8,
+            block_size: 5,
+            vocab_size: 7,
+            dropout: 0.0,
+            bias: true,
+        }
     }
 
     #[test]
@@ -245,7 +308,12 @@ mod tests {
         let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
         Gpt::new(&tiny(), vb, 0).unwrap();
         let data = vm.data().lock().unwrap();
-        let shape = |n: &str| data.get(n).unwrap_or_else(|| panic!("missing {n}")).dims().to_vec();
+        let shape = |n: &str| {
+            data.get(n)
+                .unwrap_or_else(|| panic!("missing {n}"))
+                .dims()
+                .to_vec()
+        };
         assert_eq!(shape("transformer.wte.weight"), [7, 8]);
         assert_eq!(shape("transformer.wpe.weight"), [5, 8]);
         assert_eq!(shape("transformer.h.1.attn.c_attn.weight"), [8, 24]); // Conv1D: (in, out)
@@ -261,9 +329,26 @@ mod tests {
         let vm = candle_nn::VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F64, &Device::Cpu);
         let m = Gpt::new(&tiny(), vb, 0).unwrap();
-        let a = m.forward(&Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap(), false).unwrap();
-        let b = m.forward(&Tensor::new(&[[1u32, 2, 3, 6]], &Device::Cpu).unwrap(), false).unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().sum((0, 2)).unwrap().to_vec1::<f64>().unwrap();
+        let a = m
+            .forward(
+                &Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap(),
+                false,
+            )
+            .unwrap();
+        let b = m
+            .forward(
+                &Tensor::new(&[[1u32, 2, 3, 6]], &Device::Cpu).unwrap(),
+                false,
+            )
+            .unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum((0, 2))
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         assert_eq!(&diff[..3], &[0.0, 0.0, 0.0]);
         assert!(diff[3] > 0.0);
     }

@@ -112,7 +112,9 @@ pub(crate) mod testing {
     pub fn rand(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let v: Vec<f64> = (0..shape.iter().product()).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let v: Vec<f64> = (0..shape.iter().product())
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
@@ -123,7 +125,11 @@ pub(crate) mod testing {
         let loss_of = |m: &dyn Model| -> Tensor {
             let logits = m.forward(input, false).unwrap();
             let v = logits.dim(candle_core::D::Minus1).unwrap();
-            kiln_kernels::cross_entropy(&logits.reshape(((), v)).unwrap(), &targets.flatten_all().unwrap()).unwrap()
+            kiln_kernels::cross_entropy(
+                &logits.reshape(((), v)).unwrap(),
+                &targets.flatten_all().unwrap(),
+            )
+            .unwrap()
         };
         let grads = loss_of(model.as_ref()).backward().unwrap();
         let mut vars: Vec<(String, Var)> = vm.data().lock().unwrap().clone().into_iter().collect();
@@ -145,7 +151,8 @@ pub(crate) mod testing {
                 let eval = |delta: f64| -> f64 {
                     let mut p = flat.clone();
                     p[i] += delta;
-                    var.set(&Tensor::from_vec(p, orig.shape(), &Device::Cpu).unwrap()).unwrap();
+                    var.set(&Tensor::from_vec(p, orig.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
                     loss_of(model.as_ref()).to_scalar::<f64>().unwrap()
                 };
                 let fd = (eval(h) - eval(-h)) / (2.0 * h);

@@ -22,7 +22,11 @@ pub struct MlpConfig {
 }
 
 impl MlpConfig {
-    pub(crate) fn resolve(&mut self, classes: usize, input: &[usize]) -> std::result::Result<(), ConfigError> {
+    pub(crate) fn resolve(
+        &mut self,
+        classes: usize,
+        input: &[usize],
+    ) -> std::result::Result<(), ConfigError> {
         check_dropout(self.dropout, "model.dropout")?;
         if self.hidden.contains(&0) {
             return Err(("model.hidden", "layer widths must be at least 1".into()));

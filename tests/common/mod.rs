@@ -10,7 +10,10 @@ pub fn require(path: &Path, what: &str) -> bool {
         return true;
     }
     if std::env::var("KILN_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("{what} is missing at {} and KILN_REQUIRE_SHARED=1", path.display());
+        panic!(
+            "{what} is missing at {} and KILN_REQUIRE_SHARED=1",
+            path.display()
+        );
     }
     eprintln!("skipping: {what} not found at {}", path.display());
     false
@@ -104,8 +107,16 @@ pub fn write_image_fixture(dir: &Path, n: usize, m: usize) {
                 }
             }
         }
-        std::fs::write(dir.join(format!("{name}-images-idx3-ubyte")), idx(&[count, 8, 8], &images)).unwrap();
-        std::fs::write(dir.join(format!("{name}-labels-idx1-ubyte")), idx(&[count], &labels)).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}-images-idx3-ubyte")),
+            idx(&[count, 8, 8], &images),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{name}-labels-idx1-ubyte")),
+            idx(&[count], &labels),
+        )
+        .unwrap();
     }
 }
 

@@ -23,7 +23,10 @@ pub fn generate(
     device: &Device,
     mut emit: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    anyhow::ensure!(!prompt.is_empty(), "the prompt is empty: give at least one character");
+    anyhow::ensure!(
+        !prompt.is_empty(),
+        "the prompt is empty: give at least one character"
+    );
     anyhow::ensure!(
         s.temperature >= 0.0 && s.temperature.is_finite(),
         "--temperature must be ≥ 0 (0 = greedy), got {}",
@@ -68,7 +71,13 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut rand_chacha::ChaCha8Rng) -> Re
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let weights: Vec<f64> = logits
         .iter()
-        .map(|&l| if l < cutoff { 0.0 } else { (((l - max) as f64) / s.temperature).exp() })
+        .map(|&l| {
+            if l < cutoff {
+                0.0
+            } else {
+                (((l - max) as f64) / s.temperature).exp()
+            }
+        })
         .collect();
     let dist = WeightedIndex::new(&weights)?;
     Ok(dist.sample(rng) as u32)
@@ -79,7 +88,12 @@ mod tests {
     use super::*;
 
     fn sampling(temperature: f64, top_k: Option<usize>) -> Sampling {
-        Sampling { max_new_tokens: 1, temperature, top_k, seed: 0 }
+        Sampling {
+            max_new_tokens: 1,
+            temperature,
+            top_k,
+            seed: 0,
+        }
     }
 
     #[test]
@@ -88,12 +102,14 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         assert_eq!(sample(&logits, &sampling(0.0, None), &mut rng).unwrap(), 1);
         // With top-2 only ids 1 and 2 can come out, and both do.
-        let got: std::collections::BTreeSet<u32> =
-            (0..200).map(|_| sample(&logits, &sampling(1.0, Some(2)), &mut rng).unwrap()).collect();
+        let got: std::collections::BTreeSet<u32> = (0..200)
+            .map(|_| sample(&logits, &sampling(1.0, Some(2)), &mut rng).unwrap())
+            .collect();
         assert_eq!(got.into_iter().collect::<Vec<_>>(), vec![1, 2]);
         // A high temperature reaches every token.
-        let got: std::collections::BTreeSet<u32> =
-            (0..500).map(|_| sample(&logits, &sampling(50.0, None), &mut rng).unwrap()).collect();
+        let got: std::collections::BTreeSet<u32> = (0..500)
+            .map(|_| sample(&logits, &sampling(50.0, None), &mut rng).unwrap())
+            .collect();
         assert_eq!(got.len(), 4);
     }
 }

@@ -104,8 +104,14 @@ impl Optimizer for AdamW {
     }
 
     fn state(&self) -> HashMap<String, Tensor> {
-        let m = self.m.iter().map(|(k, t)| (format!("{k}.exp_avg"), t.clone()));
-        let v = self.v.iter().map(|(k, t)| (format!("{k}.exp_avg_sq"), t.clone()));
+        let m = self
+            .m
+            .iter()
+            .map(|(k, t)| (format!("{k}.exp_avg"), t.clone()));
+        let v = self
+            .v
+            .iter()
+            .map(|(k, t)| (format!("{k}.exp_avg_sq"), t.clone()));
         m.chain(v).collect()
     }
 
@@ -202,7 +208,10 @@ mod tests {
 
     fn param(values: &[f32], shape: (usize, usize)) -> Param {
         let t = Tensor::from_slice(values, shape, &Device::Cpu).unwrap();
-        Param { name: "w".into(), var: Var::from_tensor(&t).unwrap() }
+        Param {
+            name: "w".into(),
+            var: Var::from_tensor(&t).unwrap(),
+        }
     }
 
     fn values(p: &Param) -> Vec<f32> {
@@ -260,7 +269,10 @@ mod tests {
     #[test]
     fn biases_do_not_decay() {
         let t = Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap();
-        let bias = Param { name: "b".into(), var: Var::from_tensor(&t).unwrap() };
+        let bias = Param {
+            name: "b".into(),
+            var: Var::from_tensor(&t).unwrap(),
+        };
         let mut c = cfg(OptimizerName::Sgd);
         c.momentum = 0.0;
         let mut opt = build(&c);
@@ -273,18 +285,22 @@ mod tests {
     #[test]
     fn state_round_trip_is_exact() {
         for name in [OptimizerName::Adamw, OptimizerName::Sgd] {
-            let g = |s: f32| Tensor::from_slice(&[s, -s, 2.0 * s, 0.5], (2, 2), &Device::Cpu).unwrap();
+            let g =
+                |s: f32| Tensor::from_slice(&[s, -s, 2.0 * s, 0.5], (2, 2), &Device::Cpu).unwrap();
             let a = param(&[1.0, 2.0, 3.0, 4.0], (2, 2));
             let mut oa = build(&cfg(name));
             for s in 0..3 {
-                oa.step(std::slice::from_ref(&a), &[g(s as f32)], 0.05).unwrap();
+                oa.step(std::slice::from_ref(&a), &[g(s as f32)], 0.05)
+                    .unwrap();
             }
             let b = param(&values(&a), (2, 2));
             let mut ob = build(&cfg(name));
             ob.load_state(oa.state(), oa.steps()).unwrap();
             for s in 3..6 {
-                oa.step(std::slice::from_ref(&a), &[g(s as f32)], 0.05).unwrap();
-                ob.step(std::slice::from_ref(&b), &[g(s as f32)], 0.05).unwrap();
+                oa.step(std::slice::from_ref(&a), &[g(s as f32)], 0.05)
+                    .unwrap();
+                ob.step(std::slice::from_ref(&b), &[g(s as f32)], 0.05)
+                    .unwrap();
             }
             assert_eq!(values(&a), values(&b));
         }

@@ -23,7 +23,12 @@ pub struct RunDir {
 
 impl RunDir {
     /// Creates the run directory and writes the resolved recipe (and the vocabulary).
-    pub fn create(recipe: &Recipe, model: &ModelConfig, data: &DataSplits, opts: &TrainOptions) -> Result<Self> {
+    pub fn create(
+        recipe: &Recipe,
+        model: &ModelConfig,
+        data: &DataSplits,
+        opts: &TrainOptions,
+    ) -> Result<Self> {
         let path = match &opts.run_dir {
             Some(p) => {
                 if p.exists() && std::fs::read_dir(p)?.next().is_some() {
@@ -32,7 +37,10 @@ impl RunDir {
                 p.clone()
             }
             None => {
-                let root = opts.runs_root.clone().unwrap_or_else(|| PathBuf::from("runs"));
+                let root = opts
+                    .runs_root
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("runs"));
                 let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
                 let base = root.join(format!("{}-{stamp}", recipe.name));
                 let mut p = base.clone();
@@ -44,13 +52,17 @@ impl RunDir {
                 p
             }
         };
-        std::fs::create_dir_all(&path).with_context(|| format!("creating the run directory {}", path.display()))?;
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("creating the run directory {}", path.display()))?;
         std::fs::write(path.join("recipe.toml"), recipe.to_toml(&model.to_table()))?;
         if let Some(vocab) = &data.vocab {
             let chars: Vec<String> = vocab.iter().map(|c| c.to_string()).collect();
             std::fs::write(path.join("vocab.json"), serde_json::to_string(&chars)?)?;
         }
-        Ok(RunDir { path, started: Instant::now() })
+        Ok(RunDir {
+            path,
+            started: Instant::now(),
+        })
     }
 }
 
@@ -66,7 +78,10 @@ pub struct LoadedRun {
 pub fn load_run(run_dir: &Path, device: &Device) -> Result<LoadedRun> {
     let recipe_path = run_dir.join("recipe.toml");
     if !recipe_path.exists() {
-        bail!("{} is not a kiln run directory: it has no recipe.toml", run_dir.display());
+        bail!(
+            "{} is not a kiln run directory: it has no recipe.toml",
+            run_dir.display()
+        );
     }
     let recipe = Recipe::load(&recipe_path, &[])?;
     let model_cfg = ModelConfig::decode(&recipe)?;
@@ -79,24 +94,42 @@ pub fn load_run(run_dir: &Path, device: &Device) -> Result<LoadedRun> {
     let mut tensors = std::collections::HashMap::new();
     for (name, var) in varmap.data().lock().unwrap().iter() {
         let w = weights.get(name).with_context(|| {
-            format!("{} has no tensor {name}; the checkpoint does not match the run's model", checkpoint.display())
+            format!(
+                "{} has no tensor {name}; the checkpoint does not match the run's model",
+                checkpoint.display()
+            )
         })?;
         if w.shape() != var.shape() {
-            bail!("{}: {name} has shape {:?}, the model expects {:?}", checkpoint.display(), w.dims(), var.dims());
+            bail!(
+                "{}: {name} has shape {:?}, the model expects {:?}",
+                checkpoint.display(),
+                w.dims(),
+                var.dims()
+            );
         }
         tensors.insert(name.clone(), w.to_dtype(DType::F32)?);
     }
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
     let model = model_cfg.build(vb, recipe.seed)?;
-    Ok(LoadedRun { recipe, model_cfg, model, checkpoint })
+    Ok(LoadedRun {
+        recipe,
+        model_cfg,
+        model,
+        checkpoint,
+    })
 }
 
 /// The character vocabulary of a run, if it is a character-level model.
 pub fn load_vocab(run_dir: &Path) -> Result<Vec<char>> {
     let p = run_dir.join("vocab.json");
-    let text = std::fs::read_to_string(&p)
-        .with_context(|| format!("{} has no vocab.json: `kiln generate` needs a character-level language model run", run_dir.display()))?;
-    let chars: Vec<String> = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))?;
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "{} has no vocab.json: `kiln generate` needs a character-level language model run",
+            run_dir.display()
+        )
+    })?;
+    let chars: Vec<String> =
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))?;
     chars
         .iter()
         .map(|s| {

@@ -44,7 +44,12 @@ mod tests {
     use super::*;
 
     fn sched(name: ScheduleName, warmup: usize) -> Schedule {
-        let cfg = ScheduleConfig { name, warmup_steps: warmup, min_lr_ratio: 0.1, decay_steps: None };
+        let cfg = ScheduleConfig {
+            name,
+            warmup_steps: warmup,
+            min_lr_ratio: 0.1,
+            decay_steps: None,
+        };
         Schedule::new(&cfg, 1.0, 110)
     }
 
@@ -54,7 +59,10 @@ mod tests {
         assert!((s.lr(0) - 0.1).abs() < 1e-12);
         assert!((s.lr(9) - 1.0).abs() < 1e-12);
         assert!((s.lr(10) - 1.0).abs() < 1e-12);
-        assert!((s.lr(60) - 0.55).abs() < 1e-12, "halfway is the midpoint of lr and min");
+        assert!(
+            (s.lr(60) - 0.55).abs() < 1e-12,
+            "halfway is the midpoint of lr and min"
+        );
         assert!((s.lr(110) - 0.1).abs() < 1e-12);
         assert!((s.lr(500) - 0.1).abs() < 1e-12, "stays at the floor");
         let l = sched(ScheduleName::Linear, 10);

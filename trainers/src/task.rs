@@ -31,7 +31,11 @@ pub fn evaluate(
         loss_sum += loss(&logits, &batch.targets)?.to_scalar::<f32>()? as f64 * n as f64;
         if task == Task::Classification {
             let pred = logits.argmax(D::Minus1)?;
-            correct += pred.eq(&batch.targets)?.to_dtype(candle_core::DType::U32)?.sum_all()?.to_scalar::<u32>()? as u64;
+            correct += pred
+                .eq(&batch.targets)?
+                .to_dtype(candle_core::DType::U32)?
+                .sum_all()?
+                .to_scalar::<u32>()? as u64;
         }
         count += n;
     }

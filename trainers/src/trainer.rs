@@ -55,7 +55,14 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
 
     let t = &recipe.trainer;
     let d = &recipe.data;
-    let loader = Loader::new(data.train.clone(), d.batch_size, d.shuffle, recipe.seed, d.prefetch, 0);
+    let loader = Loader::new(
+        data.train.clone(),
+        d.batch_size,
+        d.shuffle,
+        recipe.seed,
+        d.prefetch,
+        0,
+    );
     let total_steps = match (t.max_steps, t.epochs) {
         (Some(n), _) => n,
         (None, Some(e)) => (e * loader.batches_per_epoch / t.grad_accum).max(1),
@@ -94,7 +101,15 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
             window.items += host.len() * items_per_example;
             batches.push(host.to_device(&device)?);
         }
-        let out = train_step(model.as_ref(), &params, optimizer.as_mut(), &batches, lr, t.clip_grad_norm, step == 1)?;
+        let out = train_step(
+            model.as_ref(),
+            &params,
+            optimizer.as_mut(),
+            &batches,
+            lr,
+            t.clip_grad_norm,
+            step == 1,
+        )?;
         if let Some((what, value)) = out.diverged {
             bail!(diverged(step, what, value, &last_checkpoint));
         }
@@ -119,26 +134,48 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
             window = Window::default();
         }
         if t.eval_every > 0 && step % t.eval_every == 0 && step < total_steps {
-            let values = evaluate(&varmap, &model_cfg, recipe, &data.val, eval_batches, &device, "eval")?;
+            let values = evaluate(
+                &varmap,
+                &model_cfg,
+                recipe,
+                &data.val,
+                eval_batches,
+                &device,
+                "eval",
+            )?;
             log.write(step, &values)?;
             tracker.update(step, &values);
             progress.log(step, total_steps, &values);
         }
         if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < total_steps {
-            let state = TrainerState { step, epoch, optimizer: optimizer.as_ref(), tracker: &tracker };
+            let state = TrainerState {
+                step,
+                epoch,
+                optimizer: optimizer.as_ref(),
+                tracker: &tracker,
+            };
             last_checkpoint = Some(save_checkpoint(&run.path, &varmap, &state)?);
         }
     }
 
     // Final evaluation on the whole validation split (and the test split, when there is one).
-    let mut values = evaluate(&varmap, &model_cfg, recipe, &data.val, None, &device, "eval")?;
+    let mut values = evaluate(
+        &varmap, &model_cfg, recipe, &data.val, None, &device, "eval",
+    )?;
     if let Some(test) = &data.test {
-        values.extend(evaluate(&varmap, &model_cfg, recipe, test, None, &device, "test")?);
+        values.extend(evaluate(
+            &varmap, &model_cfg, recipe, test, None, &device, "test",
+        )?);
     }
     log.write(total_steps, &values)?;
     tracker.update(total_steps, &values);
     progress.log(total_steps, total_steps, &values);
-    let state = TrainerState { step: total_steps, epoch, optimizer: optimizer.as_ref(), tracker: &tracker };
+    let state = TrainerState {
+        step: total_steps,
+        epoch,
+        optimizer: optimizer.as_ref(),
+        tracker: &tracker,
+    };
     let final_checkpoint = save_checkpoint(&run.path, &varmap, &state)?;
     progress.finish();
 
@@ -164,9 +201,19 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
         "checkpoint": final_checkpoint.strip_prefix(&run.path).unwrap_or(&final_checkpoint),
         "data_files": data.files.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
     });
-    std::fs::write(run.path.join("summary.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
-    progress.line(&format!("done in {:.1}s → {}", run.started.elapsed().as_secs_f64(), run.path.display()));
-    Ok(TrainOutcome { run_dir: run.path, summary })
+    std::fs::write(
+        run.path.join("summary.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
+    progress.line(&format!(
+        "done in {:.1}s → {}",
+        run.started.elapsed().as_secs_f64(),
+        run.path.display()
+    ));
+    Ok(TrainOutcome {
+        run_dir: run.path,
+        summary,
+    })
 }
 
 /// What one optimizer step reports.
@@ -197,7 +244,11 @@ pub fn train_step(
         let loss = task::loss(&logits, &batch.targets)?;
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
-            return Ok(StepOutput { loss: value, grad_norm: f64::NAN, diverged: Some(("loss", value)) });
+            return Ok(StepOutput {
+                loss: value,
+                grad_norm: f64::NAN,
+                diverged: Some(("loss", value)),
+            });
         }
         loss_sum += value;
         let store = (loss / batches.len() as f64)?.backward()?;
@@ -209,15 +260,25 @@ pub fn train_step(
     let grads: Vec<Tensor> = grads
         .into_iter()
         .zip(params)
-        .map(|(g, p)| g.with_context(|| format!("{} lost its gradient after the first step", p.name)))
+        .map(|(g, p)| {
+            g.with_context(|| format!("{} lost its gradient after the first step", p.name))
+        })
         .collect::<Result<_>>()?;
     let loss = loss_sum / batches.len() as f64;
     let grad_norm = global_norm(&grads)?;
     if !grad_norm.is_finite() {
-        return Ok(StepOutput { loss, grad_norm, diverged: Some(("gradient norm", grad_norm)) });
+        return Ok(StepOutput {
+            loss,
+            grad_norm,
+            diverged: Some(("gradient norm", grad_norm)),
+        });
     }
     optimizer.step(params, &clip(grads, grad_norm, clip_norm)?, lr)?;
-    Ok(StepOutput { loss, grad_norm, diverged: None })
+    Ok(StepOutput {
+        loss,
+        grad_norm,
+        diverged: None,
+    })
 }
 
 /// The shape of one input example, e.g. [1, 28, 28] or [seq_len].
@@ -234,7 +295,10 @@ pub fn params_of(varmap: &VarMap) -> Vec<Param> {
         .lock()
         .unwrap()
         .iter()
-        .map(|(name, var)| Param { name: name.clone(), var: var.clone() })
+        .map(|(name, var)| Param {
+            name: name.clone(),
+            var: var.clone(),
+        })
         .collect();
     params.sort_by(|a, b| a.name.cmp(&b.name));
     params
@@ -276,7 +340,11 @@ pub fn check_gradients(params: &[Param], grads: &[Option<Tensor>]) -> Result<()>
     let mut bad = Vec::new();
     for (p, g) in params.iter().zip(grads) {
         let g = g.as_ref().expect("checked above");
-        let sum = g.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        let sum = g
+            .to_dtype(DType::F32)?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         if !sum.is_finite() {
             bad.push(p.name.as_str());
         }
@@ -296,7 +364,10 @@ fn global_norm(grads: &[Tensor]) -> Result<f64> {
         .iter()
         .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
+    Ok(Tensor::stack(&squares, 0)?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        .sqrt() as f64)
 }
 
 /// Scales all gradients by `max_norm / norm` when their global norm exceeds `max_norm` (> 0).
@@ -305,7 +376,10 @@ fn clip(grads: Vec<Tensor>, norm: f64, max_norm: f64) -> Result<Vec<Tensor>> {
         return Ok(grads);
     }
     let scale = max_norm / (norm + 1e-6);
-    Ok(grads.iter().map(|g| g * scale).collect::<candle_core::Result<_>>()?)
+    Ok(grads
+        .iter()
+        .map(|g| g * scale)
+        .collect::<candle_core::Result<_>>()?)
 }
 
 fn diverged(step: usize, what: &str, value: f64, last: &Option<PathBuf>) -> String {
@@ -332,10 +406,23 @@ pub fn evaluate(
     prefix: &str,
 ) -> Result<BTreeMap<String, f64>> {
     let model = detached_model(varmap, model_cfg, recipe.seed, device)?;
-    task::evaluate(model.as_ref(), recipe.task, examples.as_ref(), recipe.data.batch_size, max_batches, device, prefix)
+    task::evaluate(
+        model.as_ref(),
+        recipe.task,
+        examples.as_ref(),
+        recipe.data.batch_size,
+        max_batches,
+        device,
+        prefix,
+    )
 }
 
-pub fn detached_model(varmap: &VarMap, cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Box<dyn Model>> {
+pub fn detached_model(
+    varmap: &VarMap,
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<Box<dyn Model>> {
     let tensors: HashMap<String, Tensor> = varmap
         .data()
         .lock()
@@ -372,14 +459,21 @@ fn save_checkpoint(run_dir: &Path, varmap: &VarMap, s: &TrainerState) -> Result<
     checkpoint::write_checkpoint(&run_dir.join("checkpoints"), s.step, |dir| {
         checkpoint::save_tensors(&dir.join(checkpoint::MODEL_FILE), &weights)?;
         checkpoint::save_tensors(&dir.join(checkpoint::OPTIMIZER_FILE), &s.optimizer.state())?;
-        std::fs::write(dir.join(checkpoint::STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+        std::fs::write(
+            dir.join(checkpoint::STATE_FILE),
+            serde_json::to_string_pretty(&state)?,
+        )?;
         Ok(())
     })
     .with_context(|| format!("writing the checkpoint at step {}", s.step))
 }
 
 fn metric_map(m: &BTreeMap<String, f64>) -> serde_json::Value {
-    serde_json::Value::Object(m.iter().map(|(k, v)| (k.clone(), kiln_core::metrics::json_number(*v))).collect())
+    serde_json::Value::Object(
+        m.iter()
+            .map(|(k, v)| (k.clone(), kiln_core::metrics::json_number(*v)))
+            .collect(),
+    )
 }
 
 /// Loss and throughput since the last log line.
@@ -420,9 +514,11 @@ impl Progress {
         }
         let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {pos}/{len} [{bar:30}] {msg} [{elapsed} < {eta}]")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{spinner} {pos}/{len} [{bar:30}] {msg} [{elapsed} < {eta}]",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         Progress { bar: Some(bar) }
     }
@@ -443,13 +539,21 @@ impl Progress {
 
     /// Log lines go to stdout with --quiet; eval lines are shown above the bar too.
     fn log(&self, step: usize, total: usize, values: &BTreeMap<String, f64>) {
-        let is_eval = values.keys().any(|k| !k.starts_with("train/") && k.contains('/'));
+        let is_eval = values
+            .keys()
+            .any(|k| !k.starts_with("train/") && k.contains('/'));
         if self.bar.is_some() && !is_eval {
             return;
         }
         let parts: Vec<String> = values
             .iter()
-            .map(|(k, v)| if k == "lr" { format!("{k} {v:.3e}") } else { format!("{k} {v:.4}") })
+            .map(|(k, v)| {
+                if k == "lr" {
+                    format!("{k} {v:.3e}")
+                } else {
+                    format!("{k} {v:.4}")
+                }
+            })
             .collect();
         self.line(&format!("step {step}/{total} | {}", parts.join(" | ")));
     }

@@ -221,6 +221,9 @@ pub(crate) mod tests {
     fn missing_data_says_how_to_install() {
         let dir = tempfile::tempdir().unwrap();
         let err = load(Some(dir.path()), 0).err().unwrap().to_string();
-        assert!(err.contains("apt-get install -y dataset-fashion-mnist"), "{err}");
+        assert!(
+            err.contains("apt-get install -y dataset-fashion-mnist"),
+            "{err}"
+        );
     }
 }

@@ -29,7 +29,10 @@ pub fn read_idx(path: &Path) -> anyhow::Result<IdxArray> {
 
 /// Parses IDX bytes.
 pub fn parse_idx(bytes: &[u8]) -> anyhow::Result<IdxArray> {
-    anyhow::ensure!(bytes.len() >= 4, "not an IDX file: shorter than its 4-byte header");
+    anyhow::ensure!(
+        bytes.len() >= 4,
+        "not an IDX file: shorter than its 4-byte header"
+    );
     anyhow::ensure!(
         bytes[0] == 0 && bytes[1] == 0,
         "not an IDX file: the magic number must start with two zero bytes"

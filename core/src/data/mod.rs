@@ -116,7 +116,10 @@ impl Loader {
         start: u64,
     ) -> Self {
         let per_epoch = batches_per_epoch(examples.as_ref(), batch_size, seed);
-        assert!(per_epoch > 0, "the training split is smaller than one batch");
+        assert!(
+            per_epoch > 0,
+            "the training split is smaller than one batch"
+        );
         let (tx, rx) = sync_channel(prefetch);
         std::thread::Builder::new()
             .name("kiln-data".into())
@@ -144,7 +147,9 @@ impl Loader {
 
     /// The next batch and the epoch it belongs to.
     pub fn next_batch(&self) -> (u64, HostBatch) {
-        self.rx.recv().expect("the data thread stopped unexpectedly")
+        self.rx
+            .recv()
+            .expect("the data thread stopped unexpectedly")
     }
 }
 
@@ -230,7 +235,10 @@ mod tests {
         let b = take(&Loader::new(ex.clone(), 3, true, 7, 2, 0), 6);
         assert_eq!(a, b, "same seed, same batches");
         // 10 examples / batch 3 → 3 batches per epoch, the 10th example dropped.
-        assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), [0, 0, 0, 1, 1, 1]);
+        assert_eq!(
+            a.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [0, 0, 0, 1, 1, 1]
+        );
         let mut first: Vec<u32> = a[..3].iter().flat_map(|x| x.1.clone()).collect();
         first.sort();
         first.dedup();

@@ -39,9 +39,7 @@ impl Examples for TokenWindows {
     }
 
     fn eval_order(&self) -> Vec<usize> {
-        (0..self.side_by_side())
-            .map(|i| i * self.seq_len)
-            .collect()
+        (0..self.side_by_side()).map(|i| i * self.seq_len).collect()
     }
 
     fn collate(&self, ids: &[usize]) -> HostBatch {
@@ -105,7 +103,9 @@ pub fn load(path: &Path, seq_len: usize, val_fraction: f64) -> anyhow::Result<Da
         )
     })?;
     let vocab = CharVocab::from_text(&text);
-    let tokens = vocab.encode(&text).expect("every character is in the vocabulary");
+    let tokens = vocab
+        .encode(&text)
+        .expect("every character is in the vocabulary");
     let n_train = (tokens.len() as f64 * (1.0 - val_fraction)) as usize;
     let (train, val) = tokens.split_at(n_train);
     for (name, part) in [("training", train), ("validation", val)] {
@@ -178,7 +178,10 @@ mod tests {
         std::fs::write(&p, "abcdefghij").unwrap();
         let err = load(&p, 8, 0.1).err().unwrap().to_string();
         assert!(err.contains("too few"), "{err}");
-        let err = load(&dir.path().join("missing.txt"), 8, 0.1).err().unwrap().to_string();
+        let err = load(&dir.path().join("missing.txt"), 8, 0.1)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("data.path"), "{err}");
     }
 }
