@@ -13,6 +13,31 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 use sha2::{Digest, Sha256};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A generator shared between a model (which draws dropout masks from it) and the trainer (which
+/// checkpoints its position so a resumed run draws the same masks).
+#[derive(Clone)]
+pub struct SharedRng(Arc<Mutex<ChaCha8Rng>>);
+
+impl SharedRng {
+    pub fn new(seed: u64, label: &str) -> Self {
+        SharedRng(Arc::new(Mutex::new(rng_for(seed, label))))
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, ChaCha8Rng> {
+        self.0.lock().expect("rng lock poisoned")
+    }
+
+    /// Words drawn so far: with the seed, the generator's whole state.
+    pub fn position(&self) -> u128 {
+        self.lock().get_word_pos()
+    }
+
+    pub fn set_position(&self, pos: u128) {
+        self.lock().set_word_pos(pos)
+    }
+}
 
 /// A ChaCha generator for `(seed, label)`: independent streams for independent purposes.
 pub fn rng_for(seed: u64, label: &str) -> ChaCha8Rng {

@@ -1,12 +1,11 @@
 //! A small convolutional network for 28×28 images:
 //! [conv 3×3 → ReLU → max-pool 2] per stage, then a hidden linear layer and the classifier.
 
-use crate::{check_dropout, dropout_rng, ConfigError, Model};
+use crate::{check_dropout, ConfigError, Model};
 use candle_core::{Result, Tensor};
 use candle_nn::{linear, Init, Linear, Module, VarBuilder};
-use rand_chacha::ChaCha8Rng;
+use kiln_core::rng::SharedRng;
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,11 +99,11 @@ pub struct Cnn {
     fc1: Linear,
     fc2: Linear,
     dropout: f64,
-    rng: Mutex<ChaCha8Rng>,
+    rng: SharedRng,
 }
 
 impl Cnn {
-    pub fn new(cfg: &CnnConfig, vb: VarBuilder, seed: u64) -> Result<Self> {
+    pub fn new(cfg: &CnnConfig, vb: VarBuilder, rng: SharedRng) -> Result<Self> {
         let mut c_in = cfg.input_shape[0];
         let mut convs = Vec::new();
         for (i, &c) in cfg.channels.iter().enumerate() {
@@ -118,7 +117,7 @@ impl Cnn {
             fc1: linear(flat, cfg.hidden, vb.pp("classifier.fc1"))?,
             fc2: linear(cfg.hidden, cfg.num_classes, vb.pp("classifier.fc2"))?,
             dropout: cfg.dropout,
-            rng: dropout_rng(seed),
+            rng,
         })
     }
 }
@@ -131,7 +130,7 @@ impl Model for Cnn {
         }
         let mut x = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
         if train {
-            x = kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock().unwrap())?;
+            x = kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock())?;
         }
         self.fc2.forward(&x)
     }

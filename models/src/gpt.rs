@@ -5,13 +5,12 @@
 //! `transformer.h.0.attn.c_attn.weight`, … The projections are GPT-2's `Conv1D`, whose weight is
 //! stored (in, out), so `x · W` needs no transpose and export is the identity.
 
-use crate::{check_dropout, dropout_rng, ConfigError, Model};
+use crate::{check_dropout, ConfigError, Model};
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Embedding, Init, Module, VarBuilder};
 use kiln_kernels::{causal_self_attention, gelu, layer_norm};
-use rand_chacha::ChaCha8Rng;
+use kiln_core::rng::SharedRng;
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,12 +185,12 @@ pub struct Gpt {
     h: Vec<Block>,
     ln_f: LayerNorm,
     dropout: f64,
-    rng: Mutex<ChaCha8Rng>,
+    rng: SharedRng,
     pub config: GptConfig,
 }
 
 impl Gpt {
-    pub fn new(cfg: &GptConfig, vb: VarBuilder, seed: u64) -> Result<Self> {
+    pub fn new(cfg: &GptConfig, vb: VarBuilder, rng: SharedRng) -> Result<Self> {
         let vb = vb.pp("transformer");
         let (c, bias) = (cfg.n_embd, cfg.bias);
         let std = 0.02;
@@ -232,14 +231,14 @@ impl Gpt {
             h,
             ln_f: LayerNorm::new(c, bias, vb.pp("ln_f"))?,
             dropout: cfg.dropout,
-            rng: dropout_rng(seed),
+            rng,
             config: cfg.clone(),
         })
     }
 
     fn drop(&self, x: Tensor, train: bool) -> Result<Tensor> {
         if train && self.dropout > 0.0 {
-            kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock().unwrap())
+            kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock())
         } else {
             Ok(x)
         }
@@ -306,7 +305,7 @@ mod tests {
     fn parameter_names_are_hugging_face_gpt2() {
         let vm = candle_nn::VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
-        Gpt::new(&tiny(), vb, 0).unwrap();
+        Gpt::new(&tiny(), vb, SharedRng::new(0, "dropout")).unwrap();
         let data = vm.data().lock().unwrap();
         let shape = |n: &str| {
             data.get(n)
@@ -328,7 +327,7 @@ mod tests {
         // Changing a later token must not change earlier logits.
         let vm = candle_nn::VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F64, &Device::Cpu);
-        let m = Gpt::new(&tiny(), vb, 0).unwrap();
+        let m = Gpt::new(&tiny(), vb, SharedRng::new(0, "dropout")).unwrap();
         let a = m
             .forward(
                 &Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap(),

@@ -8,6 +8,7 @@ pub mod mlp;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use kiln_core::recipe::{Recipe, RecipeError};
+pub use kiln_core::rng::SharedRng;
 use serde::{Deserialize, Serialize};
 
 /// A trainable network: inputs → logits.
@@ -75,23 +76,18 @@ impl ModelConfig {
         }
     }
 
-    /// Builds the model; `seed` drives dropout.
-    pub fn build(&self, vb: VarBuilder, seed: u64) -> Result<Box<dyn Model>> {
+    /// Builds the model; dropout masks come from `rng`.
+    pub fn build(&self, vb: VarBuilder, rng: SharedRng) -> Result<Box<dyn Model>> {
         Ok(match self {
-            ModelConfig::Mlp(c) => Box::new(mlp::Mlp::new(c, vb, seed)?),
-            ModelConfig::Cnn(c) => Box::new(cnn::Cnn::new(c, vb, seed)?),
-            ModelConfig::Gpt(c) => Box::new(gpt::Gpt::new(c, vb, seed)?),
+            ModelConfig::Mlp(c) => Box::new(mlp::Mlp::new(c, vb, rng)?),
+            ModelConfig::Cnn(c) => Box::new(cnn::Cnn::new(c, vb, rng)?),
+            ModelConfig::Gpt(c) => Box::new(gpt::Gpt::new(c, vb, rng)?),
         })
     }
 }
 
 /// A validation failure: (key path, message).
 pub type ConfigError = (&'static str, String);
-
-/// The generator behind a model's dropout layers.
-pub(crate) fn dropout_rng(seed: u64) -> std::sync::Mutex<rand_chacha::ChaCha8Rng> {
-    std::sync::Mutex::new(kiln_core::rng::rng_for(seed, "dropout"))
-}
 
 pub(crate) fn check_dropout(p: f64, key: &'static str) -> std::result::Result<(), ConfigError> {
     if (0.0..1.0).contains(&p) {
@@ -121,7 +117,7 @@ pub(crate) mod testing {
     pub fn check_model_grads(cfg: &ModelConfig, input: &Tensor, targets: &Tensor) {
         let vm = VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&vm, 3, DType::F64, &Device::Cpu);
-        let model = cfg.build(vb, 0).unwrap();
+        let model = cfg.build(vb, SharedRng::new(0, "dropout")).unwrap();
         let loss_of = |m: &dyn Model| -> Tensor {
             let logits = m.forward(input, false).unwrap();
             let v = logits.dim(candle_core::D::Minus1).unwrap();

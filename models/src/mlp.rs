@@ -1,11 +1,10 @@
 //! A multilayer perceptron for flattened images: Linear → ReLU → … → Linear.
 
-use crate::{check_dropout, dropout_rng, ConfigError, Model};
+use crate::{check_dropout, ConfigError, Model};
 use candle_core::{Result, Tensor};
 use candle_nn::{linear, Linear, Module, VarBuilder};
-use rand_chacha::ChaCha8Rng;
+use kiln_core::rng::SharedRng;
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,11 +39,11 @@ impl MlpConfig {
 pub struct Mlp {
     layers: Vec<Linear>,
     dropout: f64,
-    rng: Mutex<ChaCha8Rng>,
+    rng: SharedRng,
 }
 
 impl Mlp {
-    pub fn new(cfg: &MlpConfig, vb: VarBuilder, seed: u64) -> Result<Self> {
+    pub fn new(cfg: &MlpConfig, vb: VarBuilder, rng: SharedRng) -> Result<Self> {
         let widths: Vec<usize> = std::iter::once(cfg.input_dim)
             .chain(cfg.hidden.iter().copied())
             .chain(std::iter::once(cfg.num_classes))
@@ -57,7 +56,7 @@ impl Mlp {
         Ok(Mlp {
             layers,
             dropout: cfg.dropout,
-            rng: dropout_rng(seed),
+            rng,
         })
     }
 }
@@ -71,7 +70,7 @@ impl Model for Mlp {
             if i < last {
                 x = x.relu()?;
                 if train {
-                    x = kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock().unwrap())?;
+                    x = kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock())?;
                 }
             }
         }

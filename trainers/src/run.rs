@@ -90,7 +90,7 @@ pub fn load_run(run_dir: &Path, device: &Device) -> Result<LoadedRun> {
     // Build with fresh parameters, then check every tensor is present and shaped as expected.
     let varmap = VarMap::new();
     let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, device);
-    model_cfg.build(vb, recipe.seed)?;
+    model_cfg.build(vb, kiln_models::SharedRng::new(recipe.seed, "dropout"))?;
     let mut tensors = std::collections::HashMap::new();
     for (name, var) in varmap.data().lock().unwrap().iter() {
         let w = weights.get(name).with_context(|| {
@@ -110,7 +110,7 @@ pub fn load_run(run_dir: &Path, device: &Device) -> Result<LoadedRun> {
         tensors.insert(name.clone(), w.to_dtype(DType::F32)?);
     }
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = model_cfg.build(vb, recipe.seed)?;
+    let model = model_cfg.build(vb, kiln_models::SharedRng::new(recipe.seed, "dropout"))?;
     Ok(LoadedRun {
         recipe,
         model_cfg,

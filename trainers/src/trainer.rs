@@ -15,7 +15,7 @@ use kiln_core::checkpoint;
 use kiln_core::data::{self, Batch, DataSplits, Loader};
 use kiln_core::metrics::{MetricsLog, Tracker};
 use kiln_core::recipe::Recipe;
-use kiln_models::{Model, ModelConfig};
+use kiln_models::{Model, ModelConfig, SharedRng};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -48,7 +48,8 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
 
     let varmap = VarMap::new();
     let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, &device);
-    let model = model_cfg.build(vb, recipe.seed)?;
+    let dropout_rng = SharedRng::new(recipe.seed, "dropout");
+    let model = model_cfg.build(vb, dropout_rng.clone())?;
     let params = params_of(&varmap);
     let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
     let mut optimizer = optim::build(&recipe.optim);
@@ -405,7 +406,7 @@ pub fn evaluate(
     device: &Device,
     prefix: &str,
 ) -> Result<BTreeMap<String, f64>> {
-    let model = detached_model(varmap, model_cfg, recipe.seed, device)?;
+    let model = detached_model(varmap, model_cfg, device)?;
     task::evaluate(
         model.as_ref(),
         recipe.task,
@@ -420,7 +421,6 @@ pub fn evaluate(
 pub fn detached_model(
     varmap: &VarMap,
     cfg: &ModelConfig,
-    seed: u64,
     device: &Device,
 ) -> Result<Box<dyn Model>> {
     let tensors: HashMap<String, Tensor> = varmap
@@ -431,7 +431,7 @@ pub fn detached_model(
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
-    Ok(cfg.build(vb, seed)?)
+    Ok(cfg.build(vb, SharedRng::new(0, "unused: evaluation has no dropout"))?)
 }
 
 struct TrainerState<'a> {
