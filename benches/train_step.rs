@@ -33,7 +33,9 @@ fn bench_step(c: &mut Criterion, name: &str, cfg: ModelConfig, batch: Batch) {
     let device = Device::Cpu;
     let varmap = candle_nn::VarMap::new();
     let vb = kiln::core::rng::seeded_var_builder(&varmap, 0, DType::F32, &device);
-    let model = cfg.build(vb, kiln::models::SharedRng::new(0, "dropout")).unwrap();
+    let model = cfg
+        .build(vb, kiln::models::SharedRng::new(0, "dropout"))
+        .unwrap();
     let params = trainer::params_of(&varmap);
     let mut opt = optim::build(&adamw());
     let batches = [batch];

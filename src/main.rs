@@ -10,6 +10,8 @@ use kiln::trainers::{train, TrainOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
 
 // candle allocates a fresh buffer for every op; glibc hands large ones back to the kernel and
 // page-faults them in again on the next step. mimalloc keeps them.
@@ -30,10 +32,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a recipe; writes a run directory with the resolved recipe, metrics, checkpoints
-    /// and a summary.
+    /// and a summary. SIGINT/SIGTERM finish the current step, write a checkpoint and exit
+    /// (a second signal exits at once).
     Train {
         /// Recipe file, e.g. recipes/shakespeare-char.toml (or a name from `kiln recipes`).
-        recipe: PathBuf,
+        #[arg(required_unless_present = "resume", conflicts_with = "resume")]
+        recipe: Option<PathBuf>,
+        /// Continue the run in RUN_DIR from its newest intact checkpoint, exactly as if it had
+        /// not stopped (--set may change trainer.* keys only).
+        #[arg(long, value_name = "RUN_DIR", conflicts_with = "run_dir")]
+        resume: Option<PathBuf>,
         /// Override a recipe key, type-checked: --set optim.lr=3e-4 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -87,7 +95,8 @@ enum Split {
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Some(signal)) => ExitCode::from(128 + signal as u8),
+        Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -95,31 +104,38 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Ok(Some(signal)) when training stopped early on a signal.
+fn run(cli: Cli) -> Result<Option<usize>> {
     match cli.command {
         Command::Train {
             recipe,
+            resume,
             set,
             run_dir,
             device,
             quiet,
         } => {
-            let path = resolve_recipe_path(recipe);
-            let recipe = Recipe::load(&path, &set)?;
-            let outcome = train(
-                &recipe,
-                &TrainOptions {
-                    run_dir,
-                    runs_root: None,
-                    device,
-                    quiet,
-                },
-            )?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&outcome.summary["final"])?
-            );
-            Ok(())
+            let opts = TrainOptions {
+                run_dir,
+                runs_root: None,
+                device,
+                quiet,
+                stop: Some(stop_on_signals()?),
+            };
+            let outcome = match (resume, recipe) {
+                (Some(dir), _) => kiln::trainers::trainer::resume(&dir, &set, &opts)?,
+                (None, Some(recipe)) => {
+                    train(&Recipe::load(resolve_recipe_path(recipe), &set)?, &opts)?
+                }
+                (None, None) => bail!("give a recipe, or --resume RUN_DIR"),
+            };
+            if outcome.interrupted.is_none() {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&outcome.summary["final"])?
+                );
+            }
+            Ok(outcome.interrupted)
         }
         Command::Eval {
             run_dir,
@@ -155,7 +171,7 @@ fn run(cli: Cli) -> Result<()> {
                 out.insert(k, kiln::core::metrics::json_number(v));
             }
             println!("{}", serde_json::Value::Object(out));
-            Ok(())
+            Ok(None)
         }
         Command::Generate {
             run_dir,
@@ -197,7 +213,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
             )?;
             writeln!(out)?;
-            Ok(())
+            Ok(None)
         }
         Command::Recipes { dir } => {
             let recipes = list_recipes(&dir)
@@ -206,9 +222,23 @@ fn run(cli: Cli) -> Result<()> {
             for r in recipes {
                 println!("{:width$}  {}", r.name, r.description);
             }
-            Ok(())
+            Ok(None)
         }
     }
+}
+
+/// The first SIGINT or SIGTERM sets the returned flag to its number (the trainer checkpoints and
+/// stops after the current step); a second one exits at once with the conventional 128 + signal.
+fn stop_on_signals() -> Result<Arc<AtomicUsize>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicUsize::new(0));
+    let armed = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, armed.clone())?;
+        signal_hook::flag::register(sig, armed.clone())?;
+        signal_hook::flag::register_usize(sig, stop.clone(), sig as usize)?;
+    }
+    Ok(stop)
 }
 
 /// `kiln train shakespeare-char` finds `recipes/shakespeare-char.toml`.

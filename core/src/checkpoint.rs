@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
+pub const MANIFEST_FILE: &str = "manifest.json";
 const LATEST: &str = "latest";
 
 /// Folder name of the checkpoint at `step`.
@@ -33,6 +34,7 @@ pub fn write_checkpoint(
     }
     std::fs::create_dir_all(&tmp)?;
     fill(&tmp)?;
+    write_manifest(&tmp)?;
     for entry in std::fs::read_dir(&tmp)? {
         std::fs::File::open(entry?.path())?.sync_all()?;
     }
@@ -42,6 +44,86 @@ pub fn write_checkpoint(
     std::fs::rename(&tmp, &dst)?;
     write_atomic(&checkpoints.join(LATEST), name.as_bytes())?;
     Ok(dst)
+}
+
+/// Records the sha256 of every file in `dir` in `dir/manifest.json`.
+fn write_manifest(dir: &Path) -> anyhow::Result<()> {
+    let mut files = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name != MANIFEST_FILE {
+            files.insert(name, crate::data::sha256_file(&p)?);
+        }
+    }
+    let json = serde_json::json!({ "sha256": files });
+    std::fs::write(
+        dir.join(MANIFEST_FILE),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    Ok(())
+}
+
+/// Checks every file of a checkpoint against its manifest.
+pub fn verify(dir: &Path) -> anyhow::Result<()> {
+    let p = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&p)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+    let manifest: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", p.display()))?;
+    let files = manifest["sha256"]
+        .as_object()
+        .ok_or_else(|| anyhow::anyhow!("{} lists no files", p.display()))?;
+    for (name, want) in files {
+        let f = dir.join(name);
+        let got = crate::data::sha256_file(&f)
+            .map_err(|e| anyhow::anyhow!("{} is missing or unreadable: {e}", f.display()))?;
+        anyhow::ensure!(
+            want.as_str() == Some(got.as_str()),
+            "{} is damaged: its sha256 does not match {}",
+            f.display(),
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+/// The newest checkpoint that passes [`verify`]: `latest` first, then older `step-N` folders.
+/// Returns it with a warning for each damaged one skipped.
+pub fn newest_valid(checkpoints: &Path) -> anyhow::Result<(PathBuf, Vec<String>)> {
+    let mut candidates: Vec<(usize, PathBuf)> = std::fs::read_dir(checkpoints)
+        .map_err(|e| anyhow::anyhow!("no checkpoints in {}: {e}", checkpoints.display()))?
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let step = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
+            Some((step, p))
+        })
+        .collect();
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+    if let Ok(l) = latest(checkpoints) {
+        candidates.retain(|(_, p)| p != &l);
+        candidates.insert(0, (0, l));
+    }
+    let mut warnings = Vec::new();
+    for (_, dir) in candidates {
+        match verify(&dir) {
+            Ok(()) => return Ok((dir, warnings)),
+            Err(e) => warnings.push(format!("skipping checkpoint {}: {e:#}", dir.display())),
+        }
+    }
+    anyhow::bail!(
+        "no intact checkpoint in {}{}",
+        checkpoints.display(),
+        warnings
+            .iter()
+            .map(|w| format!("\n  {w}"))
+            .collect::<String>()
+    )
 }
 
 /// Replaces `path` with `bytes` via a synced temporary file and a rename.
@@ -118,6 +200,37 @@ mod tests {
         assert!(err.is_err());
         assert!(latest(&ck).unwrap().ends_with("step-20"));
         assert!(!ck.join("step-30").exists());
+    }
+
+    #[test]
+    fn manifest_catches_damage_and_falls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("checkpoints");
+        for step in [1, 2] {
+            write_checkpoint(&ck, step, |d| {
+                std::fs::write(d.join("a.bin"), vec![step as u8; 100])?;
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert!(verify(&ck.join("step-2")).is_ok());
+        assert_eq!(newest_valid(&ck).unwrap().0, ck.join("step-2"));
+        // Flip one byte of the newest checkpoint.
+        let f = ck.join("step-2/a.bin");
+        let mut bytes = std::fs::read(&f).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&f, bytes).unwrap();
+        let err = verify(&ck.join("step-2")).unwrap_err().to_string();
+        assert!(err.contains("a.bin is damaged"), "{err}");
+        let (dir1, warnings) = newest_valid(&ck).unwrap();
+        assert_eq!(dir1, ck.join("step-1"));
+        assert!(warnings[0].contains("step-2"), "{warnings:?}");
+        // Truncating the older one too leaves nothing to resume from.
+        std::fs::write(ck.join("step-1/a.bin"), b"").unwrap();
+        assert!(newest_valid(&ck)
+            .unwrap_err()
+            .to_string()
+            .contains("no intact checkpoint"));
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub fn higher_is_better(name: &str) -> bool {
 }
 
 /// The last value of every metric and the best one of each eval metric.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Tracker {
     pub last: BTreeMap<String, f64>,
     pub best: BTreeMap<String, f64>,

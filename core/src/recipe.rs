@@ -373,6 +373,10 @@ pub struct TrainerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRecipe {
+    /// Written into a run's resolved recipe so the run keeps its recipe's name; otherwise the
+    /// file name gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     #[serde(default)]
     description: String,
     task: Task,
@@ -469,10 +473,11 @@ impl Recipe {
                 message: format!("TOML syntax error: {}", e.message()),
             })?;
         let raw: RawRecipe = source.decode("", value)?;
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "recipe".into());
+        let name = raw.name.clone().unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "recipe".into())
+        });
         let recipe = Recipe {
             name,
             description: raw.description,
@@ -639,6 +644,7 @@ impl Recipe {
     /// model table supplied by the model zoo.
     pub fn to_toml(&self, model: &toml::Table) -> String {
         let raw = RawRecipe {
+            name: Some(self.name.clone()),
             description: self.description.clone(),
             task: self.task,
             seed: self.seed,

@@ -8,8 +8,8 @@
 use crate::{check_dropout, ConfigError, Model};
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Embedding, Init, Module, VarBuilder};
-use kiln_kernels::{causal_self_attention, gelu, layer_norm};
 use kiln_core::rng::SharedRng;
+use kiln_kernels::{causal_self_attention, gelu, layer_norm};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

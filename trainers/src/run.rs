@@ -22,17 +22,16 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates the run directory and writes the resolved recipe (and the vocabulary).
-    pub fn create(
-        recipe: &Recipe,
-        model: &ModelConfig,
-        data: &DataSplits,
-        opts: &TrainOptions,
-    ) -> Result<Self> {
+    /// Creates a new, empty run directory for `recipe`; never reuses a non-empty one.
+    pub fn create_for(recipe: &Recipe, opts: &TrainOptions) -> Result<Self> {
         let path = match &opts.run_dir {
             Some(p) => {
                 if p.exists() && std::fs::read_dir(p)?.next().is_some() {
-                    bail!("run directory {} already exists and is not empty; pick another --run-dir (nothing was overwritten)", p.display());
+                    bail!(
+                        "run directory {} already exists and is not empty; pick another --run-dir, \
+                         or continue it with --resume (nothing was overwritten)",
+                        p.display()
+                    );
                 }
                 p.clone()
             }
@@ -54,16 +53,88 @@ impl RunDir {
         };
         std::fs::create_dir_all(&path)
             .with_context(|| format!("creating the run directory {}", path.display()))?;
-        std::fs::write(path.join("recipe.toml"), recipe.to_toml(&model.to_table()))?;
-        if let Some(vocab) = &data.vocab {
-            let chars: Vec<String> = vocab.iter().map(|c| c.to_string()).collect();
-            std::fs::write(path.join("vocab.json"), serde_json::to_string(&chars)?)?;
-        }
         Ok(RunDir {
             path,
             started: Instant::now(),
         })
     }
+
+    /// Reopens a run to resume it after `step`: metric lines written after that step (by the
+    /// attempt that did not reach its next checkpoint) are dropped, as they will be written again.
+    pub fn reopen(path: &Path, step: usize) -> Result<Self> {
+        let metrics = path.join("metrics.jsonl");
+        if metrics.exists() {
+            let text = std::fs::read_to_string(&metrics)?;
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            checkpoint::write_atomic(&metrics, kept.as_bytes())?;
+        }
+        Ok(RunDir {
+            path: path.to_path_buf(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Writes the resolved recipe (and the vocabulary of a character-level model).
+    pub fn write_recipe(
+        &self,
+        recipe: &Recipe,
+        model: &ModelConfig,
+        data: &DataSplits,
+    ) -> Result<()> {
+        checkpoint::write_atomic(
+            &self.path.join("recipe.toml"),
+            recipe.to_toml(&model.to_table()).as_bytes(),
+        )?;
+        if let Some(vocab) = &data.vocab {
+            let chars: Vec<String> = vocab.iter().map(|c| c.to_string()).collect();
+            std::fs::write(self.path.join("vocab.json"), serde_json::to_string(&chars)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Keys outside `[trainer]` whose values differ between two recipes (e.g. `optim.lr`).
+pub fn changed_sections(a: &Recipe, b: &Recipe) -> Vec<String> {
+    fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (toml::Value::Table(x), toml::Value::Table(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    match (x.get(k), y.get(k)) {
+                        (Some(u), Some(v)) => diff(&key, u, v, out),
+                        _ => out.push(key),
+                    }
+                }
+            }
+            _ if a != b => out.push(prefix.to_string()),
+            _ => {}
+        }
+    }
+    let table = |r: &Recipe| -> toml::Value {
+        let mut t: toml::Table =
+            toml::from_str(&r.to_toml(&r.model)).expect("a resolved recipe parses");
+        t.remove("trainer");
+        t.remove("description");
+        t.remove("device");
+        toml::Value::Table(t)
+    };
+    let mut out = Vec::new();
+    diff("", &table(a), &table(b), &mut out);
+    out
 }
 
 /// A finished (or checkpointed) run, loaded for inference.

@@ -1,6 +1,10 @@
 //! The training loop. One function, top to bottom:
 //! batch → forward → loss → backward → accumulate → clip → optimizer step → schedule → log →
 //! periodic eval → checkpoint, then a final evaluation, checkpoint and summary.
+//!
+//! A checkpoint holds everything the loop's future depends on (weights, optimizer moments, the
+//! data stream's position, the dropout generator's position, metric tracking), so a run resumed
+//! from it continues exactly as if it had never stopped.
 
 use crate::optim::{self, Optimizer, Param};
 use crate::run::{self, RunDir};
@@ -16,9 +20,12 @@ use kiln_core::data::{self, Batch, DataSplits, Loader};
 use kiln_core::metrics::{MetricsLog, Tracker};
 use kiln_core::recipe::Recipe;
 use kiln_models::{Model, ModelConfig, SharedRng};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// How `kiln train` was invoked, beyond the recipe.
@@ -32,19 +39,87 @@ pub struct TrainOptions {
     pub device: Option<String>,
     /// Log lines only, no progress bar.
     pub quiet: bool,
+    /// Set to a signal number (e.g. by a SIGTERM handler) to stop after the current step with a
+    /// checkpoint.
+    pub stop: Option<Arc<AtomicUsize>>,
 }
 
-/// What a finished run leaves behind.
+/// What a run leaves behind.
 pub struct TrainOutcome {
     pub run_dir: PathBuf,
+    /// `summary.json`; `Null` when the run was interrupted.
     pub summary: serde_json::Value,
+    /// The signal that stopped the run early, after writing a checkpoint.
+    pub interrupted: Option<usize>,
+}
+
+/// The loop's state at the end of a step: with the weights and the optimizer, all a resumed run
+/// needs (`trainer_state.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub step: usize,
+    pub epoch: u64,
+    /// Batches drawn from the data stream (the stream restarts here).
+    pub batches_consumed: u64,
+    pub optimizer_steps: u64,
+    /// Words drawn from the dropout generator (decimal: JSON numbers cannot hold a u128).
+    pub dropout_rng_position: String,
+    pub tracker: Tracker,
+    /// The partly filled log window (its mean is logged at the next log step).
+    pub window: Window,
+    pub items_seen: usize,
+    pub train_seconds: f64,
+}
+
+/// Continues the run in `run_dir` from its newest intact checkpoint. `sets` may change only
+/// `trainer.*` keys (e.g. a longer `trainer.max_steps`).
+pub fn resume(run_dir: &Path, sets: &[String], opts: &TrainOptions) -> Result<TrainOutcome> {
+    anyhow::ensure!(
+        run_dir.is_dir(),
+        "cannot resume: run directory {} does not exist",
+        run_dir.display()
+    );
+    let saved = Recipe::load(run_dir.join("recipe.toml"), &[])
+        .with_context(|| format!("{} is not a kiln run directory", run_dir.display()))?;
+    let recipe = Recipe::load(run_dir.join("recipe.toml"), sets)?;
+    let changed = run::changed_sections(&saved, &recipe);
+    anyhow::ensure!(
+        changed.is_empty(),
+        "cannot resume {} with a different {}: only trainer.* keys may change on resume",
+        run_dir.display(),
+        changed.join(", ")
+    );
+    let (checkpoint, warnings) = checkpoint::newest_valid(&run_dir.join("checkpoints"))?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let state: TrainerState = {
+        let p = checkpoint.join(checkpoint::STATE_FILE);
+        serde_json::from_str(&std::fs::read_to_string(&p)?)
+            .with_context(|| format!("{} is corrupt", p.display()))?
+    };
+    run_loop(
+        &recipe,
+        RunDir::reopen(run_dir, state.step)?,
+        Some((checkpoint, state)),
+        opts,
+    )
 }
 
 pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
+    run_loop(recipe, RunDir::create_for(recipe, opts)?, None, opts)
+}
+
+fn run_loop(
+    recipe: &Recipe,
+    run: RunDir,
+    resumed: Option<(PathBuf, TrainerState)>,
+    opts: &TrainOptions,
+) -> Result<TrainOutcome> {
     let device = kiln_core::device::open_device(opts.device.as_deref().unwrap_or(&recipe.device))?;
     let data = data::load(recipe)?;
     let model_cfg = ModelConfig::from_recipe(recipe, data.num_classes, &input_shape(&data))?;
-    let run = RunDir::create(recipe, &model_cfg, &data, opts)?;
+    run.write_recipe(recipe, &model_cfg, &data)?;
 
     let varmap = VarMap::new();
     let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, &device);
@@ -53,6 +128,21 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
     let params = params_of(&varmap);
     let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
     let mut optimizer = optim::build(&recipe.optim);
+    let (mut state, mut last_checkpoint) = match resumed {
+        None => (TrainerState::default(), None),
+        Some((dir, state)) => {
+            load_weights(&varmap, &dir.join(checkpoint::MODEL_FILE), &device)?;
+            let moments = checkpoint::load_tensors(&dir.join(checkpoint::OPTIMIZER_FILE), &device)?;
+            optimizer.load_state(moments, state.optimizer_steps)?;
+            dropout_rng.set_position(
+                state
+                    .dropout_rng_position
+                    .parse()
+                    .context("trainer_state.json: bad dropout_rng_position")?,
+            );
+            (state, Some(dir))
+        }
+    };
 
     let t = &recipe.trainer;
     let d = &recipe.data;
@@ -62,7 +152,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
         d.shuffle,
         recipe.seed,
         d.prefetch,
-        0,
+        state.batches_consumed,
     );
     let total_steps = match (t.max_steps, t.epochs) {
         (Some(n), _) => n,
@@ -74,8 +164,10 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
     let eval_batches = (t.eval_batches > 0).then_some(t.eval_batches);
 
     let mut log = MetricsLog::create(&run.path.join("metrics.jsonl"))?;
-    let mut tracker = Tracker::default();
     let progress = Progress::new(total_steps, opts.quiet);
+    if state.step >= total_steps {
+        bail!("the run in {} already finished its {total_steps} steps; to train longer, resume with --set trainer.max_steps=N", run.path.display());
+    }
     progress.line(&format!(
         "training {} ({} parameters) on {} for {total_steps} steps → {}",
         recipe.name,
@@ -84,12 +176,14 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
         run.path.display()
     ));
 
-    let mut last_checkpoint: Option<PathBuf> = None;
-    let mut epoch = 0;
-    let mut window = Window::default();
-    let mut train_seconds = 0.0;
-    let mut items_seen = 0usize;
-    for step in 1..=total_steps {
+    if state.step > 0 {
+        progress.line(&format!(
+            "resuming at step {} from {}",
+            state.step,
+            last_checkpoint.as_ref().unwrap().display()
+        ));
+    }
+    for step in state.step + 1..=total_steps {
         let started = Instant::now();
         let lr = schedule.lr(step - 1);
 
@@ -97,9 +191,10 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
         let mut batches = Vec::with_capacity(t.grad_accum);
         for _ in 0..t.grad_accum {
             let (batch_epoch, host) = loader.next_batch();
-            epoch = batch_epoch;
-            items_seen += host.len() * items_per_example;
-            window.items += host.len() * items_per_example;
+            state.epoch = batch_epoch;
+            state.batches_consumed += 1;
+            state.items_seen += host.len() * items_per_example;
+            state.window.items += host.len() * items_per_example;
             batches.push(host.to_device(&device)?);
         }
         let out = train_step(
@@ -117,22 +212,23 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
         let (step_loss, grad_norm) = (out.loss, out.grad_norm);
 
         let elapsed = started.elapsed().as_secs_f64();
-        train_seconds += elapsed;
-        window.add(step_loss, elapsed);
-        progress.step(step_loss, lr, window.rate());
+        state.step = step;
+        state.train_seconds += elapsed;
+        state.window.add(step_loss, elapsed);
+        progress.step(step_loss, lr, state.window.rate());
 
         if step % t.log_every == 0 || step == total_steps {
             let values = BTreeMap::from([
-                ("train/loss".to_string(), window.mean_loss()),
+                ("train/loss".to_string(), state.window.mean_loss()),
                 ("lr".to_string(), lr),
                 ("grad_norm".to_string(), grad_norm),
-                ("throughput".to_string(), window.rate()),
-                ("epoch".to_string(), epoch as f64),
+                ("throughput".to_string(), state.window.rate()),
+                ("epoch".to_string(), state.epoch as f64),
             ]);
             log.write(step, &values)?;
-            tracker.update(step, &values);
+            state.tracker.update(step, &values);
             progress.log(step, total_steps, &values);
-            window = Window::default();
+            state.window = Window::default();
         }
         if t.eval_every > 0 && step % t.eval_every == 0 && step < total_steps {
             let values = evaluate(
@@ -145,19 +241,40 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
                 "eval",
             )?;
             log.write(step, &values)?;
-            tracker.update(step, &values);
+            state.tracker.update(step, &values);
             progress.log(step, total_steps, &values);
         }
-        if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < total_steps {
-            let state = TrainerState {
-                step,
-                epoch,
-                optimizer: optimizer.as_ref(),
-                tracker: &tracker,
-            };
-            last_checkpoint = Some(save_checkpoint(&run.path, &varmap, &state)?);
+        let stop = opts.stop.as_ref().map_or(0, |s| s.load(Ordering::SeqCst));
+        let periodic = t.checkpoint_every > 0 && step % t.checkpoint_every == 0;
+        if (periodic || stop != 0) && step < total_steps {
+            state.optimizer_steps = optimizer.steps();
+            state.dropout_rng_position = dropout_rng.position().to_string();
+            last_checkpoint = Some(save_checkpoint(
+                &run.path,
+                &varmap,
+                optimizer.as_ref(),
+                &state,
+            )?);
+        }
+        if stop != 0 && step < total_steps {
+            progress.finish();
+            progress.line(&format!(
+                "stopped by signal {stop} after step {step}; continue with `kiln train --resume {}`",
+                run.path.display()
+            ));
+            return Ok(TrainOutcome {
+                run_dir: run.path,
+                summary: serde_json::Value::Null,
+                interrupted: Some(stop),
+            });
         }
     }
+    let TrainerState {
+        items_seen,
+        train_seconds,
+        ..
+    } = state;
+    let mut tracker = state.tracker.clone();
 
     // Final evaluation on the whole validation split (and the test split, when there is one).
     let mut values = evaluate(
@@ -171,13 +288,10 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
     log.write(total_steps, &values)?;
     tracker.update(total_steps, &values);
     progress.log(total_steps, total_steps, &values);
-    let state = TrainerState {
-        step: total_steps,
-        epoch,
-        optimizer: optimizer.as_ref(),
-        tracker: &tracker,
-    };
-    let final_checkpoint = save_checkpoint(&run.path, &varmap, &state)?;
+    state.tracker = tracker.clone();
+    state.optimizer_steps = optimizer.steps();
+    state.dropout_rng_position = dropout_rng.position().to_string();
+    let final_checkpoint = save_checkpoint(&run.path, &varmap, optimizer.as_ref(), &state)?;
     progress.finish();
 
     let rate_key = match recipe.task {
@@ -212,6 +326,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
         run.path.display()
     ));
     Ok(TrainOutcome {
+        interrupted: None,
         run_dir: run.path,
         summary,
     })
@@ -434,14 +549,12 @@ pub fn detached_model(
     Ok(cfg.build(vb, SharedRng::new(0, "unused: evaluation has no dropout"))?)
 }
 
-struct TrainerState<'a> {
-    step: usize,
-    epoch: u64,
-    optimizer: &'a dyn Optimizer,
-    tracker: &'a Tracker,
-}
-
-fn save_checkpoint(run_dir: &Path, varmap: &VarMap, s: &TrainerState) -> Result<PathBuf> {
+fn save_checkpoint(
+    run_dir: &Path,
+    varmap: &VarMap,
+    optimizer: &dyn Optimizer,
+    state: &TrainerState,
+) -> Result<PathBuf> {
     let weights: HashMap<String, Tensor> = varmap
         .data()
         .lock()
@@ -449,23 +562,45 @@ fn save_checkpoint(run_dir: &Path, varmap: &VarMap, s: &TrainerState) -> Result<
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
-    let state = json!({
-        "step": s.step,
-        "epoch": s.epoch,
-        "optimizer_steps": s.optimizer.steps(),
-        "best": metric_map(&s.tracker.best),
-        "best_step": s.tracker.best_step,
-    });
-    checkpoint::write_checkpoint(&run_dir.join("checkpoints"), s.step, |dir| {
+    checkpoint::write_checkpoint(&run_dir.join("checkpoints"), state.step, |dir| {
         checkpoint::save_tensors(&dir.join(checkpoint::MODEL_FILE), &weights)?;
-        checkpoint::save_tensors(&dir.join(checkpoint::OPTIMIZER_FILE), &s.optimizer.state())?;
+        checkpoint::save_tensors(&dir.join(checkpoint::OPTIMIZER_FILE), &optimizer.state())?;
         std::fs::write(
             dir.join(checkpoint::STATE_FILE),
-            serde_json::to_string_pretty(&state)?,
+            serde_json::to_string_pretty(state)?,
         )?;
         Ok(())
     })
-    .with_context(|| format!("writing the checkpoint at step {}", s.step))
+    .with_context(|| {
+        format!(
+            "writing the checkpoint at step {} (the previous checkpoint is untouched)",
+            state.step
+        )
+    })
+}
+
+/// Loads checkpoint weights into the model's parameters, naming any missing or misshapen tensor.
+fn load_weights(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
+    let weights = checkpoint::load_tensors(path, device)?;
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let w = weights.get(name).with_context(|| {
+            format!(
+                "{} has no tensor {name}; it does not belong to this model",
+                path.display()
+            )
+        })?;
+        anyhow::ensure!(
+            w.shape() == var.shape() && w.dtype() == var.dtype(),
+            "{}: {name} is {:?} {:?}, the model expects {:?} {:?}",
+            path.display(),
+            w.dtype(),
+            w.dims(),
+            var.dtype(),
+            var.dims()
+        );
+        var.set(w)?;
+    }
+    Ok(())
 }
 
 fn metric_map(m: &BTreeMap<String, f64>) -> serde_json::Value {
@@ -477,8 +612,8 @@ fn metric_map(m: &BTreeMap<String, f64>) -> serde_json::Value {
 }
 
 /// Loss and throughput since the last log line.
-#[derive(Default)]
-struct Window {
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Window {
     loss_sum: f64,
     steps: usize,
     items: usize,

@@ -1,0 +1,307 @@
+//! Exact resume: a run stopped anywhere (by a flag, SIGTERM or SIGKILL) and resumed ends with
+//! byte-identical weights and the same metrics as an uninterrupted run.
+
+mod common;
+
+use common::*;
+use kiln::core::recipe::Recipe;
+use kiln::trainers::trainer::resume;
+use kiln::trainers::{train, TrainOptions};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Dropout, gradient accumulation and a log window that spans checkpoints: every piece of loop
+/// state matters for an exact resume.
+fn recipe(dir: &Path, steps: usize, checkpoint_every: usize) -> PathBuf {
+    let text = write_text(dir);
+    let p = tiny_gpt_recipe(dir, &text, "");
+    let s = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("n_embd = 32", "n_embd = 32\ndropout = 0.1")
+        .replace(
+            "max_steps = 60",
+            &format!("max_steps = {steps}\ngrad_accum = 2"),
+        )
+        .replace("log_every = 10", "log_every = 7")
+        .replace(
+            "checkpoint_every = 30",
+            &format!("checkpoint_every = {checkpoint_every}"),
+        )
+        .replace("eval_every = 30", "eval_every = 11");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+fn final_weights(run: &Path) -> Vec<u8> {
+    let latest = kiln::core::checkpoint::latest(&run.join("checkpoints")).unwrap();
+    std::fs::read(latest.join("model.safetensors")).unwrap()
+}
+
+fn metrics_without_throughput(run: &Path) -> Vec<serde_json::Value> {
+    metrics(run)
+        .into_iter()
+        .map(|mut m| {
+            m.as_object_mut().unwrap().remove("throughput");
+            m
+        })
+        .collect()
+}
+
+fn opts(run: PathBuf) -> TrainOptions {
+    TrainOptions {
+        run_dir: Some(run),
+        quiet: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn resume_after_a_stop_or_a_crash_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Recipe::load(recipe(dir.path(), 30, 5), &[]).unwrap();
+    let full = train(&r, &opts(dir.path().join("full"))).unwrap().run_dir;
+
+    // Stopped by the flag after step 1 (the earliest possible point), then resumed.
+    let stop = Arc::new(AtomicUsize::new(15));
+    let mut o = opts(dir.path().join("stopped"));
+    o.stop = Some(stop.clone());
+    let out = train(&r, &o).unwrap();
+    assert_eq!(out.interrupted, Some(15));
+    assert_eq!(
+        std::fs::read_to_string(out.run_dir.join("checkpoints/latest")).unwrap(),
+        "step-1"
+    );
+    stop.store(0, Ordering::SeqCst);
+    resume(&out.run_dir, &[], &o).unwrap();
+    assert_eq!(final_weights(&out.run_dir), final_weights(&full));
+    assert_eq!(
+        metrics_without_throughput(&out.run_dir),
+        metrics_without_throughput(&full)
+    );
+
+    // A crash after step 17: the newest checkpoint is step-15 and two steps' metrics were
+    // written past it. Rebuild that state from the full run, then resume.
+    let crashed = dir.path().join("crashed");
+    copy_dir(&full, &crashed);
+    for step in [20, 25, 30] {
+        std::fs::remove_dir_all(crashed.join(format!("checkpoints/step-{step}"))).unwrap();
+    }
+    std::fs::write(crashed.join("checkpoints/latest"), "step-15").unwrap();
+    std::fs::remove_file(crashed.join("summary.json")).unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(crashed.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+                <= 17
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(
+        crashed.join("metrics.jsonl"),
+        lines.concat() + "{\"step\": 18, \"train/lo",
+    )
+    .unwrap();
+    resume(&crashed, &[], &opts(crashed.clone())).unwrap();
+    assert_eq!(final_weights(&crashed), final_weights(&full));
+    assert_eq!(
+        metrics_without_throughput(&crashed),
+        metrics_without_throughput(&full)
+    );
+    assert_eq!(
+        summary(&crashed)["final"]["eval/loss"],
+        summary(&full)["final"]["eval/loss"]
+    );
+}
+
+#[test]
+fn resume_refuses_what_it_cannot_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Recipe::load(recipe(dir.path(), 10, 5), &[]).unwrap();
+    let run = train(&r, &opts(dir.path().join("run"))).unwrap().run_dir;
+    let err = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        resume(&run, &sets, &opts(run.clone()))
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    let e = err(&[]);
+    assert!(
+        e.contains("already finished") && e.contains("trainer.max_steps"),
+        "{e}"
+    );
+    let e = err(&["model.n_layer=2", "optim.lr=0.1"]);
+    assert!(
+        e.contains("model.n_layer") && e.contains("optim.lr") && e.contains("only trainer.*"),
+        "{e}"
+    );
+    let e = resume(
+        &dir.path().join("nope"),
+        &[],
+        &opts(dir.path().join("nope")),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("does not exist"), "{e}");
+
+    // A longer max_steps continues; a damaged newest checkpoint falls back to the previous one.
+    let f = run.join("checkpoints/step-10/model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&f, bytes).unwrap();
+    let out = resume(
+        &run,
+        &["trainer.max_steps=14".to_string()],
+        &opts(run.clone()),
+    )
+    .unwrap();
+    assert_eq!(summary(&out.run_dir)["steps"], 14);
+    let steps: Vec<u64> = metrics(&run)
+        .iter()
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert!(
+        steps.windows(2).all(|w| w[0] <= w[1]),
+        "metrics restart after step 5: {steps:?}"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dst = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dst);
+        } else {
+            std::fs::copy(&p, &dst).unwrap();
+        }
+    }
+}
+
+fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+/// Waits for `child` at most `limit`; kills it when the time is up.
+fn wait(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t.elapsed() > limit {
+            child.kill().unwrap();
+            panic!("kiln did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn steps_logged(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+#[test]
+fn sigkill_at_random_steps_then_resume_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path(), 200, 1);
+    let r = recipe.to_str().unwrap();
+    let full = dir.path().join("full");
+    let s = kiln()
+        .args(["train", r, "--quiet", "--run-dir", full.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+
+    let run = dir.path().join("killed");
+    let mut child = kiln()
+        .args(["train", r, "--quiet", "--run-dir", run.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    // Five kills at pseudo-random points, each once the run has logged a little further.
+    let mut state = 0x9e37_79b9u32;
+    let mut kills = 0;
+    for _ in 0..5 {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let delay = Duration::from_millis(20 + (state >> 24) as u64);
+        let t = Instant::now();
+        let before = steps_logged(&run);
+        while steps_logged(&run) <= before
+            && t.elapsed() < Duration::from_secs(20)
+            && child.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(delay);
+        if child.try_wait().unwrap().is_some() {
+            break; // finished before this kill
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        child = kiln()
+            .args(["train", "--quiet", "--resume", run.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+    }
+    assert!(wait(&mut child, Duration::from_secs(120)).success());
+    assert!(kills >= 1, "the run finished before the first kill");
+    assert_eq!(
+        final_weights(&run),
+        final_weights(&full),
+        "after {kills} SIGKILLs"
+    );
+    assert_eq!(
+        metrics_without_throughput(&run),
+        metrics_without_throughput(&full)
+    );
+}
+
+#[test]
+fn sigterm_checkpoints_and_exits_with_143() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path(), 400, 100);
+    let r = recipe.to_str().unwrap();
+    let run = dir.path().join("run");
+    let mut child = kiln()
+        .args(["train", r, "--quiet", "--run-dir", run.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while steps_logged(&run) < 2 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait(&mut child, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(143));
+    let latest = kiln::core::checkpoint::latest(&run.join("checkpoints")).unwrap();
+    let step: usize = latest.file_name().unwrap().to_str().unwrap()["step-".len()..]
+        .parse()
+        .unwrap();
+    assert!(
+        step > 0 && step < 400 && !step.is_multiple_of(100),
+        "stopped at step {step} with its own checkpoint"
+    );
+
+    let s = kiln()
+        .args(["train", "--quiet", "--resume", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let full = dir.path().join("full");
+    let s = kiln()
+        .args(["train", r, "--quiet", "--run-dir", full.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(s.status.success());
+    assert_eq!(final_weights(&run), final_weights(&full));
+}
