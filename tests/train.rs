@@ -272,3 +272,32 @@ fn an_existing_run_directory_is_never_overwritten() {
         "precious"
     );
 }
+
+#[test]
+fn keep_last_and_keep_best_prune_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let sets = [
+        "trainer.checkpoint_every=5",
+        "trainer.eval_every=10",
+        "trainer.keep_last=1",
+        "trainer.keep_best=true",
+    ];
+    let run = run(&recipe, dir.path(), "run", &sets).unwrap();
+    let ck = run.join("checkpoints");
+    let mut left: Vec<String> = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    left.sort();
+    let best = std::fs::read_to_string(ck.join("best")).unwrap();
+    let best_step = summary(&run)["best_step"]["eval/loss"].as_u64().unwrap();
+    assert_eq!(best, format!("step-{best_step}"));
+    assert!(
+        left.contains(&best) && left.contains(&"step-60".to_string()),
+        "{left:?}"
+    );
+    assert!(left.len() <= 2, "only latest and best survive: {left:?}");
+}

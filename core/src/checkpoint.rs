@@ -12,6 +12,7 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const MANIFEST_FILE: &str = "manifest.json";
 const LATEST: &str = "latest";
+const BEST: &str = "best";
 
 /// Folder name of the checkpoint at `step`.
 pub fn step_dir_name(step: usize) -> String {
@@ -126,6 +127,46 @@ pub fn newest_valid(checkpoints: &Path) -> anyhow::Result<(PathBuf, Vec<String>)
     )
 }
 
+/// Records the checkpoint at `step` as the best one (`checkpoints/best`).
+pub fn mark_best(checkpoints: &Path, step: usize) -> std::io::Result<()> {
+    write_atomic(&checkpoints.join(BEST), step_dir_name(step).as_bytes())
+}
+
+/// Deletes all but the `keep_last` newest checkpoints (0 = keep all), never one that `latest` or
+/// `best` names. Returns the folders removed.
+pub fn prune(checkpoints: &Path, keep_last: usize) -> anyhow::Result<Vec<PathBuf>> {
+    if keep_last == 0 {
+        return Ok(Vec::new());
+    }
+    let named: Vec<String> = [LATEST, BEST]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(checkpoints.join(f)).ok())
+        .map(|s| s.trim().to_string())
+        .collect();
+    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(checkpoints)?
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let step = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
+            Some((step, p))
+        })
+        .collect();
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
+    let mut removed = Vec::new();
+    for (_, dir) in steps.into_iter().skip(keep_last) {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        if !named.contains(&name) {
+            std::fs::remove_dir_all(&dir)?;
+            removed.push(dir);
+        }
+    }
+    Ok(removed)
+}
+
 /// Replaces `path` with `bytes` via a synced temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
@@ -231,6 +272,27 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no intact checkpoint"));
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_and_the_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("checkpoints");
+        for step in 1..=6 {
+            write_checkpoint(&ck, step, |_| Ok(())).unwrap();
+        }
+        mark_best(&ck, 2).unwrap();
+        std::fs::write(ck.join(LATEST), "step-4").unwrap(); // e.g. after a fallback
+        let removed = prune(&ck, 2).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&ck)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("step-"))
+            .collect();
+        left.sort();
+        assert_eq!(left, ["step-2", "step-4", "step-5", "step-6"]);
+        assert_eq!(removed.len(), 2);
+        assert!(prune(&ck, 0).unwrap().is_empty(), "0 keeps everything");
     }
 
     #[test]

@@ -368,6 +368,19 @@ pub struct TrainerConfig {
     /// 0 = checkpoint only at the end.
     #[serde(default)]
     pub checkpoint_every: usize,
+    /// Newest checkpoints kept, besides those `latest` and `best` name (0 = keep all).
+    #[serde(default)]
+    pub keep_last: usize,
+    /// Also checkpoint at each new best of `best_metric`, and keep it (`checkpoints/best`).
+    #[serde(default)]
+    pub keep_best: bool,
+    /// The evaluation metric `keep_best` follows; lower is better unless it is an accuracy or F1.
+    #[serde(default = "default_best_metric")]
+    pub best_metric: String,
+}
+
+fn default_best_metric() -> String {
+    "eval/loss".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -624,6 +637,15 @@ impl Recipe {
             return err(
                 "trainer.clip_grad_norm",
                 format!("must be ≥ 0 (0 = off), got {}", t.clip_grad_norm),
+            );
+        }
+        if !t.best_metric.starts_with("eval/") {
+            return err(
+                "trainer.best_metric",
+                format!(
+                    "`{}` is not an evaluation metric; use e.g. \"eval/loss\" or \"eval/accuracy\"",
+                    t.best_metric
+                ),
             );
         }
         if t.log_every == 0 {

@@ -176,6 +176,7 @@ fn run_loop(
         run.path.display()
     ));
 
+    let checkpoints = run.path.join("checkpoints");
     if state.step > 0 {
         progress.line(&format!(
             "resuming at step {} from {}",
@@ -246,7 +247,8 @@ fn run_loop(
         }
         let stop = opts.stop.as_ref().map_or(0, |s| s.load(Ordering::SeqCst));
         let periodic = t.checkpoint_every > 0 && step % t.checkpoint_every == 0;
-        if (periodic || stop != 0) && step < total_steps {
+        let new_best = t.keep_best && state.tracker.best_step.get(&t.best_metric) == Some(&step);
+        if (periodic || stop != 0 || new_best) && step < total_steps {
             state.optimizer_steps = optimizer.steps();
             state.dropout_rng_position = dropout_rng.position().to_string();
             last_checkpoint = Some(save_checkpoint(
@@ -255,6 +257,10 @@ fn run_loop(
                 optimizer.as_ref(),
                 &state,
             )?);
+            if new_best {
+                checkpoint::mark_best(&checkpoints, step)?;
+            }
+            checkpoint::prune(&checkpoints, t.keep_last)?;
         }
         if stop != 0 && step < total_steps {
             progress.finish();
@@ -292,6 +298,10 @@ fn run_loop(
     state.optimizer_steps = optimizer.steps();
     state.dropout_rng_position = dropout_rng.position().to_string();
     let final_checkpoint = save_checkpoint(&run.path, &varmap, optimizer.as_ref(), &state)?;
+    if t.keep_best && tracker.best_step.get(&t.best_metric) == Some(&total_steps) {
+        checkpoint::mark_best(&checkpoints, total_steps)?;
+    }
+    checkpoint::prune(&checkpoints, t.keep_last)?;
     progress.finish();
 
     let rate_key = match recipe.task {
