@@ -206,12 +206,26 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::R
 
 /// Loads safetensors, naming the file when it is missing or corrupt.
 pub fn load_tensors(path: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, device).map_err(|e| {
+    let bytes = std::fs::read(path).map_err(|e| {
         anyhow::anyhow!(
-            "cannot load {}: {e}; the file is missing or corrupt — pick another checkpoint",
+            "cannot read {}: {e}; pick another checkpoint",
+            path.display()
+        )
+    })?;
+    parse_tensors(&bytes, device).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot load {}: {e}; the file is corrupt — pick another checkpoint",
             path.display()
         )
     })
+}
+
+/// Parses safetensors bytes (the part of [`load_tensors`] that sees untrusted input).
+pub fn parse_tensors(
+    bytes: &[u8],
+    device: &Device,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load_buffer(bytes, device)
 }
 
 #[cfg(test)]

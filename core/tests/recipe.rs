@@ -1311,8 +1311,23 @@ fn set_empty_value_removes_a_key() {
 #[test]
 fn best_metric_must_be_an_eval_metric() {
     let e = err(&base(), &["trainer.best_metric=train/loss"]);
-    check(&e, "--set trainer.best_metric=train/loss", "trainer.best_metric", &["not an evaluation metric"]);
-    let r = ok(&base(), &["trainer.keep_best=true", "trainer.best_metric=eval/accuracy", "trainer.keep_last=3"]);
+    check(
+        &e,
+        "--set trainer.best_metric=train/loss",
+        "trainer.best_metric",
+        &["not an evaluation metric"],
+    );
+    let r = ok(
+        &base(),
+        &[
+            "trainer.keep_best=true",
+            "trainer.best_metric=eval/accuracy",
+            "trainer.keep_last=3",
+        ],
+    );
     assert!(r.trainer.keep_best);
-    assert_eq!((r.trainer.keep_last, r.trainer.best_metric.as_str()), (3, "eval/accuracy"));
+    assert_eq!(
+        (r.trainer.keep_last, r.trainer.best_metric.as_str()),
+        (3, "eval/accuracy")
+    );
 }
