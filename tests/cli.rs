@@ -221,3 +221,40 @@ fn corrupt_checkpoint_is_named_and_refused() {
         stderr(&o)
     );
 }
+
+#[test]
+fn misshapen_weights_are_named_with_both_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let run = dir.path().join("run");
+    let o = kiln(
+        &[
+            "train",
+            recipe.to_str().unwrap(),
+            "--quiet",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--set",
+            "trainer.max_steps=3",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let path = run.join("checkpoints/step-3/model.safetensors");
+    let mut weights = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let bad =
+        candle_core::Tensor::zeros((5, 32), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    weights.insert("transformer.wpe.weight".to_string(), bad);
+    candle_core::safetensors::save(&weights, &path).unwrap();
+    let o = kiln(&["eval", run.to_str().unwrap()], dir.path());
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("transformer.wpe.weight")
+            && err.contains("[5, 32]")
+            && err.contains("[16, 32]"),
+        "{err}"
+    );
+}
