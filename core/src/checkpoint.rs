@@ -92,20 +92,8 @@ pub fn verify(dir: &Path) -> anyhow::Result<()> {
 /// The newest checkpoint that passes [`verify`]: `latest` first, then older `step-N` folders.
 /// Returns it with a warning for each damaged one skipped.
 pub fn newest_valid(checkpoints: &Path) -> anyhow::Result<(PathBuf, Vec<String>)> {
-    let mut candidates: Vec<(usize, PathBuf)> = std::fs::read_dir(checkpoints)
-        .map_err(|e| anyhow::anyhow!("no checkpoints in {}: {e}", checkpoints.display()))?
-        .filter_map(|e| {
-            let p = e.ok()?.path();
-            let step = p
-                .file_name()?
-                .to_str()?
-                .strip_prefix("step-")?
-                .parse()
-                .ok()?;
-            Some((step, p))
-        })
-        .collect();
-    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+    let mut candidates = step_dirs(checkpoints)
+        .map_err(|e| anyhow::anyhow!("no checkpoints in {}: {e}", checkpoints.display()))?;
     if let Ok(l) = latest(checkpoints) {
         candidates.retain(|(_, p)| p != &l);
         candidates.insert(0, (0, l));
@@ -127,6 +115,24 @@ pub fn newest_valid(checkpoints: &Path) -> anyhow::Result<(PathBuf, Vec<String>)
     )
 }
 
+/// The `step-N` folders, newest first (temporary `.step-N.tmp` folders are not among them).
+fn step_dirs(checkpoints: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
+    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(checkpoints)?
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let step = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
+            Some((step, p))
+        })
+        .collect();
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
+    Ok(steps)
+}
+
 /// Records the checkpoint at `step` as the best one (`checkpoints/best`).
 pub fn mark_best(checkpoints: &Path, step: usize) -> std::io::Result<()> {
     write_atomic(&checkpoints.join(BEST), step_dir_name(step).as_bytes())
@@ -143,21 +149,8 @@ pub fn prune(checkpoints: &Path, keep_last: usize) -> anyhow::Result<Vec<PathBuf
         .filter_map(|f| std::fs::read_to_string(checkpoints.join(f)).ok())
         .map(|s| s.trim().to_string())
         .collect();
-    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(checkpoints)?
-        .filter_map(|e| {
-            let p = e.ok()?.path();
-            let step = p
-                .file_name()?
-                .to_str()?
-                .strip_prefix("step-")?
-                .parse()
-                .ok()?;
-            Some((step, p))
-        })
-        .collect();
-    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
     let mut removed = Vec::new();
-    for (_, dir) in steps.into_iter().skip(keep_last) {
+    for (_, dir) in step_dirs(checkpoints)?.into_iter().skip(keep_last) {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         if !named.contains(&name) {
             std::fs::remove_dir_all(&dir)?;

@@ -157,31 +157,13 @@ pub fn load_run(run_dir: &Path, device: &Device) -> Result<LoadedRun> {
     let recipe = Recipe::load(&recipe_path, &[])?;
     let model_cfg = ModelConfig::decode(&recipe)?;
     let checkpoint = checkpoint::latest(&run_dir.join("checkpoints"))?;
-    let weights = checkpoint::load_tensors(&checkpoint.join(checkpoint::MODEL_FILE), device)?;
-    // Build with fresh parameters, then check every tensor is present and shaped as expected.
+    // Fresh parameters, overwritten by the checkpoint's (each name and shape checked), then a
+    // detached copy of the model for inference.
     let varmap = VarMap::new();
     let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, device);
     model_cfg.build(vb, kiln_models::SharedRng::new(recipe.seed, "dropout"))?;
-    let mut tensors = std::collections::HashMap::new();
-    for (name, var) in varmap.data().lock().unwrap().iter() {
-        let w = weights.get(name).with_context(|| {
-            format!(
-                "{} has no tensor {name}; the checkpoint does not match the run's model",
-                checkpoint.display()
-            )
-        })?;
-        if w.shape() != var.shape() {
-            bail!(
-                "{}: {name} has shape {:?}, the model expects {:?}",
-                checkpoint.display(),
-                w.dims(),
-                var.dims()
-            );
-        }
-        tensors.insert(name.clone(), w.to_dtype(DType::F32)?);
-    }
-    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = model_cfg.build(vb, kiln_models::SharedRng::new(recipe.seed, "dropout"))?;
+    crate::trainer::load_weights(&varmap, &checkpoint.join(checkpoint::MODEL_FILE), device)?;
+    let model = crate::trainer::detached_model(&varmap, &model_cfg, device)?;
     Ok(LoadedRun {
         recipe,
         model_cfg,

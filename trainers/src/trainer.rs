@@ -590,7 +590,7 @@ fn save_checkpoint(
 }
 
 /// Loads checkpoint weights into the model's parameters, naming any missing or misshapen tensor.
-fn load_weights(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
+pub fn load_weights(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
     let weights = checkpoint::load_tensors(path, device)?;
     for (name, var) in varmap.data().lock().unwrap().iter() {
         let w = weights.get(name).with_context(|| {
