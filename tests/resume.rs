@@ -305,3 +305,66 @@ fn sigterm_checkpoints_and_exits_with_143() {
     assert!(s.status.success());
     assert_eq!(final_weights(&run), final_weights(&full));
 }
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                path.to_str().unwrap(),
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(path.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_training_and_keeps_the_previous_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path(), 40, 5);
+    // Room for one checkpoint of the tiny model (≈ 170 kB) but not two.
+    let Some(disk) = SmallDisk::mount(&dir.path().join("disk"), "300k") else {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let run = disk.0.join("run");
+    let o = kiln()
+        .args([
+            "train",
+            recipe.to_str().unwrap(),
+            "--quiet",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("writing the checkpoint at step 10")
+            && err.contains("previous checkpoint is untouched"),
+        "{err}"
+    );
+    let ck = run.join("checkpoints");
+    assert_eq!(
+        std::fs::read_to_string(ck.join("latest")).unwrap(),
+        "step-5"
+    );
+    kiln::core::checkpoint::verify(&ck.join("step-5")).unwrap();
+    assert!(!ck.join("step-10").exists());
+}

@@ -579,6 +579,8 @@ fn save_checkpoint(
             dir.join(checkpoint::STATE_FILE),
             serde_json::to_string_pretty(state)?,
         )?;
+        // The resolved recipe, so a checkpoint copied elsewhere still says what it trained.
+        std::fs::copy(run_dir.join("recipe.toml"), dir.join("recipe.toml"))?;
         Ok(())
     })
     .with_context(|| {
