@@ -210,29 +210,28 @@ fn steps_logged(run: &Path) -> usize {
     std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
 }
 
-#[test]
-fn sigkill_at_random_steps_then_resume_is_exact() {
-    let dir = tempfile::tempdir().unwrap();
-    let recipe = recipe(dir.path(), 200, 1);
+/// Trains `recipe` once straight through and once with up to five SIGKILLs at pseudo-random
+/// steps (each followed by `--resume`), then compares the final weights byte for byte.
+fn kill_and_resume(dir: &Path, recipe: &Path, seed: u32) {
     let r = recipe.to_str().unwrap();
-    let full = dir.path().join("full");
+    let full = dir.join("full");
     let s = kiln()
         .args(["train", r, "--quiet", "--run-dir", full.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
 
-    let run = dir.path().join("killed");
+    let run = dir.join("killed");
     let mut child = kiln()
         .args(["train", r, "--quiet", "--run-dir", run.to_str().unwrap()])
         .spawn()
         .unwrap();
-    // Five kills at pseudo-random points, each once the run has logged a little further.
-    let mut state = 0x9e37_79b9u32;
+    let mut state = seed;
     let mut kills = 0;
     for _ in 0..5 {
         state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
         let delay = Duration::from_millis(20 + (state >> 24) as u64);
+        // Each kill waits for the run to log a little further, so every attempt makes progress.
         let t = Instant::now();
         let before = steps_logged(&run);
         while steps_logged(&run) <= before
@@ -264,6 +263,29 @@ fn sigkill_at_random_steps_then_resume_is_exact() {
         metrics_without_throughput(&run),
         metrics_without_throughput(&full)
     );
+}
+
+#[test]
+fn sigkill_gpt_at_random_steps_then_resume_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path(), 200, 1);
+    kill_and_resume(dir.path(), &recipe, 0x9e37_79b9);
+}
+
+#[test]
+fn sigkill_mlp_at_random_steps_then_resume_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    write_image_fixture(dir.path(), 400, 100);
+    let recipe = mlp_recipe(
+        dir.path(),
+        dir.path(),
+        "epochs = 8\ncheckpoint_every = 1\ngrad_accum = 2",
+    );
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("hidden = [32]", "hidden = [32]\ndropout = 0.1");
+    std::fs::write(&recipe, text).unwrap();
+    kill_and_resume(dir.path(), &recipe, 0x85eb_ca6b);
 }
 
 #[test]
