@@ -189,25 +189,30 @@ fn bad_input_gets_one_clear_error_and_a_nonzero_exit() {
     );
 }
 
-#[test]
-fn corrupt_checkpoint_is_named_and_refused() {
+/// A tiny GPT trained for `steps` steps by the binary: (its temp dir, the run directory).
+fn trained_tiny_gpt(steps: usize) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let text = write_text(dir.path());
     let recipe = tiny_gpt_recipe(dir.path(), &text, "");
     let run = dir.path().join("run");
-    let o = kiln(
-        &[
-            "train",
-            recipe.to_str().unwrap(),
-            "--quiet",
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--set",
-            "trainer.max_steps=5",
-        ],
-        dir.path(),
-    );
+    let max_steps = format!("trainer.max_steps={steps}");
+    let args = [
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--set",
+        &max_steps,
+    ];
+    let o = kiln(&args, dir.path());
     assert!(o.status.success(), "{}", stderr(&o));
+    (dir, run)
+}
+
+#[test]
+fn corrupt_checkpoint_is_named_and_refused() {
+    let (dir, run) = trained_tiny_gpt(5);
     std::fs::write(
         run.join("checkpoints/step-5/model.safetensors"),
         b"not safetensors",
@@ -224,23 +229,7 @@ fn corrupt_checkpoint_is_named_and_refused() {
 
 #[test]
 fn misshapen_weights_are_named_with_both_shapes() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = write_text(dir.path());
-    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
-    let run = dir.path().join("run");
-    let o = kiln(
-        &[
-            "train",
-            recipe.to_str().unwrap(),
-            "--quiet",
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--set",
-            "trainer.max_steps=3",
-        ],
-        dir.path(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (dir, run) = trained_tiny_gpt(3);
     let path = run.join("checkpoints/step-3/model.safetensors");
     let mut weights = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
     let bad =

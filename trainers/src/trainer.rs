@@ -280,7 +280,6 @@ fn run_loop(
         train_seconds,
         ..
     } = state;
-    let mut tracker = state.tracker.clone();
 
     // Final evaluation on the whole validation split (and the test split, when there is one).
     let mut values = evaluate(
@@ -292,13 +291,12 @@ fn run_loop(
         )?);
     }
     log.write(total_steps, &values)?;
-    tracker.update(total_steps, &values);
+    state.tracker.update(total_steps, &values);
     progress.log(total_steps, total_steps, &values);
-    state.tracker = tracker.clone();
     state.optimizer_steps = optimizer.steps();
     state.dropout_rng_position = dropout_rng.position().to_string();
     let final_checkpoint = save_checkpoint(&run.path, &varmap, optimizer.as_ref(), &state)?;
-    if t.keep_best && tracker.best_step.get(&t.best_metric) == Some(&total_steps) {
+    if t.keep_best && state.tracker.best_step.get(&t.best_metric) == Some(&total_steps) {
         checkpoint::mark_best(&checkpoints, total_steps)?;
     }
     checkpoint::prune(&checkpoints, t.keep_last)?;
@@ -320,9 +318,9 @@ fn run_loop(
         "wall_seconds": run.started.elapsed().as_secs_f64(),
         "train_seconds": train_seconds,
         rate_key: items_seen as f64 / train_seconds,
-        "final": metric_map(&tracker.last),
-        "best": metric_map(&tracker.best),
-        "best_step": tracker.best_step,
+        "final": metric_map(&state.tracker.last),
+        "best": metric_map(&state.tracker.best),
+        "best_step": state.tracker.best_step,
         "checkpoint": final_checkpoint.strip_prefix(&run.path).unwrap_or(&final_checkpoint),
         "data_files": data.files.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
     });
