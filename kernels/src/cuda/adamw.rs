@@ -1,0 +1,1 @@
+//! CUDA launch code for adamw (to be written).

@@ -1,0 +1,1 @@
+//! CUDA launch code for attention (to be written).

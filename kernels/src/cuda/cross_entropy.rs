@@ -1,0 +1,1 @@
+//! CUDA launch code for cross_entropy (to be written).

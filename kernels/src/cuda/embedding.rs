@@ -1,0 +1,1 @@
+//! CUDA launch code for embedding (to be written).

@@ -1,0 +1,1 @@
+//! CUDA launch code for gelu (to be written).

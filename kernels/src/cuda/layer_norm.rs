@@ -1,0 +1,1 @@
+//! CUDA launch code for layer_norm (to be written).

@@ -1,0 +1,1 @@
+//! CUDA launch code for rms_norm (to be written).

@@ -1,0 +1,1 @@
+//! CUDA launch code for softmax (to be written).
