@@ -53,3 +53,29 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // Instantiates `name##_f32/_bf16/_f16` extern "C" kernels from a templated `name<T>` body.
 // Usage: KILN_FOR_FLOATS(MACRO) where MACRO(T, suffix) defines one extern "C" kernel.
 #define KILN_FOR_FLOATS(M) M(float, f32) M(__nv_bfloat16, bf16) M(__half, f16)
+
+// ---- Row kernels (layer_norm, rms_norm, softmax, embedding) ----
+// A row kernel runs one row per warp (blockDim = (32, rows per block)) or one row per block
+// (blockDim = (32·k, 1)); `rows_config` in src/cuda/mod.rs picks the shape from the row width.
+__device__ __forceinline__ int64_t row_index() {
+    return (int64_t)blockIdx.x * blockDim.y + threadIdx.y;
+}
+
+// Sum over the threads of one row; the branch is uniform across the block, so block_sum's
+// __syncthreads is safe. `scratch`: 32 floats of shared memory (unused for warp rows).
+__device__ __forceinline__ float row_sum(float v, float* scratch) {
+    return blockDim.x == 32 ? warp_sum(v) : block_sum(v, scratch);
+}
+
+__device__ __forceinline__ float row_max(float v, float* scratch) {
+    return blockDim.x == 32 ? warp_max(v) : block_max(v, scratch);
+}
+
+// Grid-stride f32 → T copy: the last step of kernels that accumulate with f32 atomics.
+template <typename T>
+__device__ __forceinline__ void cast_from_f32(const float* __restrict__ src, T* __restrict__ dst,
+                                              size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = from_f32<T>(src[i]);
+}

@@ -84,7 +84,7 @@ fn step_cpu(t: &AdamWTensor, h: &AdamWHyper) -> Result<()> {
     with_mut(t.m, |m| {
         with_mut(t.v, |v| {
             with_mut(t.param, |p| {
-                crate::with_float!(grad.0.dtype(), "adamw", |G| {
+                crate::with_float!(grad.0, "adamw", |G| {
                     let g = crate::slice::<G>(grad)?;
                     p.par_chunks_mut(CHUNK)
                         .zip(m.par_chunks_mut(CHUNK))

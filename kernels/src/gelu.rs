@@ -1,112 +1,97 @@
-//! GELU, tanh approximation (GPT-2's `gelu_new`):
-//!   y  = ½·x·(1 + tanh(u)),  u = √(2/π)·(x + 0.044715·x³)
-//!   y' = ½·(1 + tanh(u)) + ½·x·(1 − tanh²(u))·√(2/π)·(1 + 3·0.044715·x²)
+//! GELU, tanh approximation (GPT-2's `gelu_new`), alone and fused with the bias add before it:
+//!   y  = ½·z·(1 + tanh(u)),  u = √(2/π)·(z + 0.044715·z³),  z = x (+ b)
+//!   y' = ½·(1 + tanh(u)) + ½·z·(1 − tanh²(u))·√(2/π)·(1 + 3·0.044715·z²)
 //!
-//! On the CPU, forward and backward are each one parallel pass over the elements (candle's own
-//! `gelu` backward is a chain of a dozen tensor ops), with tanh computed as 1 − 2/(1 + e^{2u}):
-//! one `exp` instead of libm's `tanh`, three times faster and exact to a few ulps of f32. Other devices and dtypes use candle's
-//! `gelu`, which computes the same function and has a backward.
+//! Forward and backward are each one parallel pass over the elements (candle's `gelu` backward
+//! is a chain of a dozen tensor ops). tanh is computed as 1 − 2/(1 + e^{2u}): one `exp` instead
+//! of libm's `tanh`, three times faster and exact to a few ulps of f32. The fused bias version
+//! saves the (N, C) tensor of x + b and, in the backward, sums db while writing dx.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use crate::layer_norm::rows_per_task;
+use crate::{k, out, rows_cols, run, slice, with_float, Elem, MultiOp};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
-const C: f64 = 0.797_884_560_802_865_4; // √(2/π)
-const K: f64 = 0.044715;
 const CHUNK: usize = 4096;
 
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    match (x.device(), x.dtype()) {
-        (candle_core::Device::Cpu, DType::F32 | DType::F64) => x.contiguous()?.apply_op1(GeluTanh),
-        _ => x.gelu(),
-    }
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+/// gelu(x + b) for x (…, C) and b (C).
+pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&b.contiguous()?, BiasGelu)
 }
 
 /// Scalar reference: value and derivative.
 pub fn gelu_ref(x: f64) -> (f64, f64) {
-    let t = (C * (x + K * x * x * x)).tanh();
+    let (c, kk) = (0.797_884_560_802_865_4, 0.044715);
+    let t = (c * (x + kk * x * x * x)).tanh();
     let y = 0.5 * x * (1.0 + t);
-    let dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * K * x * x);
+    let dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * kk * x * x);
     (y, dy)
 }
 
-macro_rules! fast_tanh {
-    ($u:expr) => {
-        1.0 - 2.0 / (1.0 + (2.0 * $u).exp())
-    };
+/// (gelu(z), gelu'(z)).
+#[inline(always)]
+fn gelu_and_grad<A: Float + num_traits::FromPrimitive>(z: A) -> (A, A) {
+    let (c, kk, half, one, two): (A, A, A, A, A) =
+        (k(0.797_884_560_802_865_4), k(0.044715), k(0.5), k(1.0), k(2.0));
+    let t = one - two / (one + (two * c * (z + kk * z * z * z)).exp());
+    let y = half * z * (one + t);
+    let dy = half * (one + t) + half * z * (one - t * t) * c * (one + k::<A>(3.0) * kk * z * z);
+    (y, dy)
 }
 
-macro_rules! gelu_kernels {
-    ($fwd:ident, $bwd:ident, $t:ty) => {
-        fn $fwd(x: &[$t]) -> Vec<$t> {
-            let (c, k) = (C as $t, K as $t);
-            let mut y = vec![0 as $t; x.len()];
-            y.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK))
-                .for_each(|(y, x)| {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = 0.5 * x * (1.0 + fast_tanh!(c * (x + k * x * x * x)));
-                    }
-                });
-            y
-        }
+struct Gelu;
 
-        fn $bwd(x: &[$t], g: &[$t]) -> Vec<$t> {
-            let (c, k) = (C as $t, K as $t);
-            let mut dx = vec![0 as $t; x.len()];
-            dx.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                .for_each(|(dx, (x, g))| {
-                    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                        let t = fast_tanh!(c * (x + k * x * x * x));
-                        let d =
-                            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * k * x * x);
-                        *dx = g * d;
-                    }
-                });
-            dx
-        }
-    };
-}
-gelu_kernels!(fwd_f32, bwd_f32, f32);
-gelu_kernels!(fwd_f64, bwd_f64, f64);
-
-fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("kiln gelu expects a contiguous tensor"),
-    }
-}
-
-struct GeluTanh;
-
-impl CustomOp1 for GeluTanh {
+impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
-        "kiln-gelu-tanh"
+        "kiln-gelu"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(fwd_f32(contiguous(v, l)?)),
-            CpuStorage::F64(v) => CpuStorage::F64(fwd_f64(contiguous(v, l)?)),
-            _ => candle_core::bail!("kiln gelu: only f32 and f64 on the CPU"),
-        };
-        Ok((out, l.shape().clone()))
+        Ok(forward(&[(s, l)])?.remove(0))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &GeluTanhBackward,
-        )?))
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok(crate::cuda::gelu::forward(&[(s, l)])?.remove(0))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(run(&Backward, &[x, dy])?.pop())
     }
 }
 
-/// (x, dy) → dx. Never differentiated itself.
-struct GeluTanhBackward;
+struct Backward;
 
-impl CustomOp2 for GeluTanhBackward {
+impl MultiOp for Backward {
     fn name(&self) -> &'static str {
-        "kiln-gelu-tanh-backward"
+        "kiln-gelu-backward"
+    }
+    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+        backward(args)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        args: &[(&candle_core::CudaStorage, &Layout)],
+    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
+        crate::cuda::gelu::backward(args)
+    }
+}
+
+struct BiasGelu;
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "kiln-bias-gelu"
     }
 
     fn cpu_fwd(
@@ -116,26 +101,154 @@ impl CustomOp2 for GeluTanhBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(bwd_f32(contiguous(x, l1)?, contiguous(g, l2)?))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(bwd_f64(contiguous(x, l1)?, contiguous(g, l2)?))
-            }
-            _ => candle_core::bail!("kiln gelu backward: unsupported dtypes"),
-        };
-        Ok((out, l1.shape().clone()))
+        Ok(bias_forward(&[(s1, l1), (s2, l2)])?.remove(0))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok(crate::cuda::gelu::bias_forward(&[(s1, l1), (s2, l2)])?.remove(0))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut g = run(&BiasBackward, &[x, b, dy])?.into_iter();
+        Ok((g.next(), g.next()))
+    }
+}
+
+struct BiasBackward;
+
+impl MultiOp for BiasBackward {
+    fn name(&self) -> &'static str {
+        "kiln-bias-gelu-backward"
+    }
+    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+        bias_backward(args)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        args: &[(&candle_core::CudaStorage, &Layout)],
+    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
+        crate::cuda::gelu::bias_backward(args)
+    }
+}
+
+/// x → y.
+pub fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+    let shape = args[0].1.shape().clone();
+    with_float!(args[0].0, "gelu", |T| {
+        type A = <T as Elem>::Acc;
+        let x = slice::<T>(args[0])?;
+        let mut y = crate::zeros::<T>(x.len());
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (y, x) in y.iter_mut().zip(x) {
+                    *y = T::from_acc(gelu_and_grad(x.acc()).0);
+                }
+            });
+        Ok(vec![out(y, shape)])
+    })
+}
+
+/// x, dy → dx.
+pub fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+    let shape = args[0].1.shape().clone();
+    with_float!(args[0].0, "gelu backward", |T| {
+        type A = <T as Elem>::Acc;
+        let (x, dy) = (slice::<T>(args[0])?, slice::<T>(args[1])?);
+        let mut dx = crate::zeros::<T>(x.len());
+        dx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(dx, (x, dy))| {
+                for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
+                    *dx = T::from_acc(dy.acc() * gelu_and_grad(x.acc()).1);
+                }
+            });
+        Ok(vec![out(dx, shape)])
+    })
+}
+
+/// x, b → gelu(x + b).
+pub fn bias_forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+    let shape = args[0].1.shape().clone();
+    let (_, c) = rows_cols(&shape)?;
+    with_float!(args[0].0, "bias_gelu", |T| {
+        type A = <T as Elem>::Acc;
+        let (x, b) = (slice::<T>(args[0])?, slice::<T>(args[1])?);
+        let b: Vec<_> = b.iter().map(|v| v.acc()).collect();
+        let mut y = crate::zeros::<T>(x.len());
+        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
+            for i in 0..c {
+                y[i] = T::from_acc(gelu_and_grad(x[i].acc() + b[i]).0);
+            }
+        });
+        Ok(vec![out(y, shape)])
+    })
+}
+
+/// x, b, dy → dx, db.
+pub fn bias_backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+    let shape = args[0].1.shape().clone();
+    let (n, c) = rows_cols(&shape)?;
+    with_float!(args[0].0, "bias_gelu backward", |T| {
+        type A = <T as Elem>::Acc;
+        let (x, b, dy) = (
+            slice::<T>(args[0])?,
+            slice::<T>(args[1])?,
+            slice::<T>(args[2])?,
+        );
+        let b: Vec<A> = b.iter().map(|v| v.acc()).collect();
+        let mut dx = crate::zeros::<T>(x.len());
+        let rows = rows_per_task(n);
+        let partials: Vec<Vec<A>> = dx
+            .par_chunks_mut(rows * c)
+            .enumerate()
+            .map(|(task, dx)| {
+                let mut db = vec![A::zero(); c];
+                let base = task * rows * c;
+                for (r, dx) in dx.chunks_mut(c).enumerate() {
+                    let off = base + r * c;
+                    for i in 0..c {
+                        let g = dy[off + i].acc() * gelu_and_grad(x[off + i].acc() + b[i]).1;
+                        dx[i] = T::from_acc(g);
+                        db[i] += g;
+                    }
+                }
+                db
+            })
+            .collect();
+        let mut db = vec![A::zero(); c];
+        for p in partials {
+            crate::axpy(&mut db, num_traits::One::one(), &p);
+        }
+        Ok(vec![
+            out(dx, shape),
+            out(db.into_iter().map(T::from_acc).collect(), c),
+        ])
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_grad, rand};
+    use crate::reference;
+    use crate::testing::{check_grad, check_parity, rand};
 
     #[test]
-    fn matches_reference_and_gradients() {
+    fn matches_scalar_reference_and_gradients() {
         let x = (rand(&[3, 11], 7) * 4.0).unwrap();
         let got: Vec<f64> = gelu(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let xs: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
@@ -145,24 +258,20 @@ mod tests {
         check_grad(&x, gelu);
         // A non-contiguous input (a transpose) is handled.
         check_grad(&rand(&[4, 5], 8), |x| gelu(&x.t()?));
+        let b = rand(&[11], 9);
+        check_grad(&x, |x| bias_gelu(x, &b));
+        check_grad(&b, |b| bias_gelu(&x, b));
     }
 
     #[test]
-    fn f32_matches_candle_gelu() {
-        let x = (rand(&[2, 5000], 9) * 5.0)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let ours = gelu(&x).unwrap();
-        let candle = x.gelu().unwrap();
-        let diff: f32 = (ours - candle)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(diff < 1e-5, "{diff}");
+    fn matches_the_composition_in_every_dtype() {
+        for (n, c) in [(1, 1), (37, 75), (5, 5003)] {
+            let x = (rand(&[n, c], 4) * 4.0).unwrap();
+            check_parity(&[x.clone()], 1, |t| gelu(&t[0]), |t| reference::gelu(&t[0]));
+            let inputs = [x, rand(&[c], 5)];
+            check_parity(&inputs, 2, |t| bias_gelu(&t[0], &t[1]), |t| {
+                reference::bias_gelu(&t[0], &t[1])
+            });
+        }
     }
 }

@@ -1,31 +1,129 @@
-//! Softmax over the last dimension, max-subtracted for stability. The max is detached: the
-//! softmax is invariant to the shift, so its gradient through the max is zero anyway and
-//! detaching saves the backward a reduction.
+//! Softmax over the last dimension. Forward: per row, the max, then one pass writing exp(x − m)
+//! and summing, then a scale; the composition makes four full-size tensors for the same thing.
+//! Backward from the output alone: dx = y·(dy − Σ dy·y), one pass per row.
 
-use candle_core::{Result, Tensor, D};
+use crate::{out, rows_cols, run, slice, with_float, Elem, MultiOp};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use num_traits::{Float, Zero};
+use rayon::prelude::*;
 
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "kiln-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut outs = forward(&[(s, l)])?;
+        Ok(outs.remove(0))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let mut outs = crate::cuda::softmax::forward(&[(s, l)])?;
+        Ok(outs.remove(0))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(run(&Backward, &[y, dy])?.pop())
+    }
+}
+
+struct Backward;
+
+impl MultiOp for Backward {
+    fn name(&self) -> &'static str {
+        "kiln-softmax-backward"
+    }
+    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+        backward(args)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        args: &[(&candle_core::CudaStorage, &Layout)],
+    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
+        crate::cuda::softmax::backward(args)
+    }
+}
+
+/// x → y.
+pub fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+    let shape = args[0].1.shape().clone();
+    let (n, c) = rows_cols(&shape)?;
+    with_float!(args[0].0, "softmax", |T| {
+        type A = <T as Elem>::Acc;
+        let x = slice::<T>(args[0])?;
+        let mut y = crate::zeros::<T>(n * c);
+        y.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .for_each_init(
+                || vec![Zero::zero(); c],
+                |e, (y, x)| {
+                    let m = x
+                        .iter()
+                        .map(|v| v.acc())
+                        .fold(A::neg_infinity(), Float::max);
+                    let mut z = A::zero();
+                    for i in 0..c {
+                        e[i] = (x[i].acc() - m).exp();
+                        z += e[i];
+                    }
+                    let r = z.recip();
+                    for i in 0..c {
+                        y[i] = T::from_acc(e[i] * r);
+                    }
+                },
+            );
+        Ok(vec![out(y, shape)])
+    })
+}
+
+/// y, dy → dx.
+pub fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+    let shape = args[0].1.shape().clone();
+    let (n, c) = rows_cols(&shape)?;
+    with_float!(args[0].0, "softmax backward", |T| {
+        type A = <T as Elem>::Acc;
+        let (y, dy) = (slice::<T>(args[0])?, slice::<T>(args[1])?);
+        let mut dx = crate::zeros::<T>(n * c);
+        dx.par_chunks_mut(c)
+            .zip(y.par_chunks(c).zip(dy.par_chunks(c)))
+            .for_each(|(dx, (y, dy))| {
+                let s: A = y.iter().zip(dy).map(|(y, d)| y.acc() * d.acc()).sum();
+                for i in 0..c {
+                    dx[i] = T::from_acc(y[i].acc() * (dy[i].acc() - s));
+                }
+            });
+        Ok(vec![out(dx, shape)])
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_grad, rand};
+    use crate::reference;
+    use crate::testing::{check_grad, check_parity, rand};
 
     #[test]
-    fn matches_reference_and_gradients() {
-        let x = (rand(&[4, 9], 5) * 30.0).unwrap(); // large logits exercise the max shift
-        let got: Vec<Vec<f64>> = softmax(&x).unwrap().to_vec2().unwrap();
-        for (row, g) in x.to_vec2::<f64>().unwrap().iter().zip(&got) {
-            let m = row.iter().cloned().fold(f64::MIN, f64::max);
-            let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
-            for (v, p) in row.iter().zip(g) {
-                assert!(((v - m).exp() / z - p).abs() < 1e-12);
-            }
+    fn gradients_match_finite_differences() {
+        check_grad(&(rand(&[4, 9], 6) * 10.0).unwrap(), softmax);
+    }
+
+    #[test]
+    fn matches_the_composition_in_every_dtype() {
+        for (n, c) in [(1, 1), (37, 75), (3, 1031)] {
+            let x = (rand(&[n, c], 4) * 8.0).unwrap();
+            check_parity(&[x], 1, |t| softmax(&t[0]), |t| reference::softmax(&t[0]));
         }
-        check_grad(&rand(&[4, 9], 6), softmax);
     }
 }

@@ -1,0 +1,160 @@
+// Fused cross-entropy forward + backward (llm.c's "fused classifier" idea): the loss and the
+// gradient of the mean loss w.r.t. the logits come out of one kernel, so the [N, V]
+// probabilities are never stored and the logits are read twice (the second read mostly hits
+// L2), written once.
+//
+//   ce_count      one block: count = #{rows whose target is valid} into a device u32, so the
+//                 row kernel can divide by it without a host round trip.
+//   ce_rows_<T>   one block per row. Pass 1: each thread keeps an online (max, sum of exp)
+//                 over its strided elements, then the block merges them (block_max, rescale,
+//                 block_sum) -> lse. Pass 2: dlogits = (exp(x - max)/sum - onehot) / count.
+//                 The per-row loss lse - x[target] goes to an f32 buffer.
+//   ce_mean       one block: a fixed-order sum of the per-row losses / count (deterministic,
+//                 no float atomics).
+//
+// Loads are 16-byte vectors after a short scalar head that brings the row pointer to 16-byte
+// alignment (row starts are unaligned when V is odd or the input has an offset); pass 2 uses
+// vectors only when the logits and dlogits rows share the same misalignment, scalars otherwise.
+//
+// A target >= V that is not IGNORE is treated as ignored here (no out-of-bounds read); the
+// CPU-side op validates targets and reports the error.
+#include "common.cuh"
+
+#define CE_IGNORE 0xffffffffu
+
+__device__ __forceinline__ bool ce_valid(uint32_t t, int V) {
+    return t != CE_IGNORE && t < (uint32_t)V;
+}
+
+// 16 bytes of T: 4 f32 or 8 bf16/f16.
+template <typename T> struct alignas(16) Vec16 {
+    static constexpr int N = 16 / sizeof(T);
+    T v[N];
+};
+
+// Elements to process one by one before `p` is 16-byte aligned (p is at least T-aligned).
+template <typename T> __device__ __forceinline__ int ce_head(const T* p, int V) {
+    int mis = (int)(reinterpret_cast<uintptr_t>(p) & 15);
+    int head = ((16 - mis) & 15) / (int)sizeof(T);
+    return head < V ? head : V;
+}
+
+// Online softmax state: m = running max, s = sum of exp(x - m). m == -inf means "nothing yet
+// (or only -inf)", and s is then 0; the guards keep -inf - -inf from producing NaN.
+__device__ __forceinline__ void ce_online(float& m, float& s, float x) {
+    float nm = fmaxf(m, x);
+    if (nm == -INFINITY) return;
+    s = s * expf(m - nm) + expf(x - nm);
+    m = nm;
+}
+
+extern "C" __global__ void ce_count(const uint32_t* __restrict__ targets, int N, int V,
+                         uint32_t* __restrict__ count) {
+    __shared__ uint32_t total;
+    if (threadIdx.x == 0) total = 0;
+    __syncthreads();
+    uint32_t c = 0;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) c += ce_valid(targets[i], V) ? 1u : 0u;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffff, c, o);
+    if ((threadIdx.x & 31) == 0) atomicAdd(&total, c);  // integer: order does not matter
+    __syncthreads();
+    if (threadIdx.x == 0) *count = total;
+}
+
+template <typename T>
+__device__ void ce_rows(const T* __restrict__ logits, const uint32_t* __restrict__ targets,
+                        const uint32_t* __restrict__ count, float* __restrict__ losses,
+                        T* __restrict__ dlogits, int V) {
+    __shared__ float scratch[32];
+    constexpr int VN = Vec16<T>::N;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const size_t row = blockIdx.x;
+    const T* x = logits + row * (size_t)V;
+    T* dx = dlogits + row * (size_t)V;
+    const uint32_t target = targets[row];
+
+    if (!ce_valid(target, V)) {
+        for (int i = tid; i < V; i += nt) dx[i] = from_f32<T>(0.f);
+        if (tid == 0) losses[row] = 0.f;
+        return;  // the whole block leaves together: no barrier is skipped by part of it
+    }
+
+    // Pass 1: online max and sum.
+    const int head = ce_head(x, V);
+    const int nvec = (V - head) / VN;
+    const int tail = head + nvec * VN;
+    const Vec16<T>* xv = reinterpret_cast<const Vec16<T>*>(x + head);
+    float m = -INFINITY, s = 0.f;
+    for (int i = tid; i < head; i += nt) ce_online(m, s, to_f32(x[i]));
+    for (int j = tid; j < nvec; j += nt) {
+        Vec16<T> a = xv[j];
+        float vmax = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < VN; k++) vmax = fmaxf(vmax, to_f32(a.v[k]));
+        float nm = fmaxf(m, vmax);
+        if (nm == -INFINITY) continue;
+        s *= expf(m - nm);
+#pragma unroll
+        for (int k = 0; k < VN; k++) s += expf(to_f32(a.v[k]) - nm);
+        m = nm;
+    }
+    for (int i = tail + tid; i < V; i += nt) ce_online(m, s, to_f32(x[i]));
+
+    const float M = block_max(m, scratch);
+    s = (m == -INFINITY) ? 0.f : s * expf(m - M);
+    const float S = block_sum(s, scratch);
+    if (tid == 0) losses[row] = M + logf(S) - to_f32(x[target]);
+
+    // Pass 2: dlogits. `count` >= 1 here since this row is valid.
+    const float inv_s = 1.f / S;
+    const float inv_n = 1.f / (float)(*count);
+    if (ce_head(dx, V) == head) {
+        Vec16<T>* dv = reinterpret_cast<Vec16<T>*>(dx + head);
+        for (int i = tid; i < head; i += nt) {
+            float p = expf(to_f32(x[i]) - M) * inv_s;
+            dx[i] = from_f32<T>((p - (i == (int)target ? 1.f : 0.f)) * inv_n);
+        }
+        for (int j = tid; j < nvec; j += nt) {
+            Vec16<T> a = xv[j], d;
+            const int base = head + j * VN;
+#pragma unroll
+            for (int k = 0; k < VN; k++) {
+                float p = expf(to_f32(a.v[k]) - M) * inv_s;
+                d.v[k] = from_f32<T>((p - (base + k == (int)target ? 1.f : 0.f)) * inv_n);
+            }
+            dv[j] = d;
+        }
+        for (int i = tail + tid; i < V; i += nt) {
+            float p = expf(to_f32(x[i]) - M) * inv_s;
+            dx[i] = from_f32<T>((p - (i == (int)target ? 1.f : 0.f)) * inv_n);
+        }
+    } else {
+        for (int i = tid; i < V; i += nt) {
+            float p = expf(to_f32(x[i]) - M) * inv_s;
+            dx[i] = from_f32<T>((p - (i == (int)target ? 1.f : 0.f)) * inv_n);
+        }
+    }
+}
+
+#define CE_ROWS(T, suffix)                                                                    \
+    extern "C" __global__ void __launch_bounds__(1024)                                        \
+        ce_rows_##suffix(const T* logits, const uint32_t* targets, const uint32_t* count,     \
+                         float* losses, T* dlogits, int V) {                                  \
+        ce_rows<T>(logits, targets, count, losses, dlogits, V);                               \
+    }
+KILN_FOR_FLOATS(CE_ROWS)
+
+// One block (blockDim.x a multiple of 32): each thread sums a fixed strided subset, then the
+// shuffle tree of block_sum; same order every run.
+extern "C" __global__ void ce_mean(const float* __restrict__ losses, int N,
+                                   const uint32_t* __restrict__ count, float* __restrict__ loss) {
+    __shared__ float scratch[32];
+    float acc = 0.f;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) acc += losses[i];
+    float total = block_sum(acc, scratch);
+    if (threadIdx.x == 0) {
+        uint32_t c = *count;
+        *loss = c > 0 ? total / (float)c : 0.f;
+    }
+}
