@@ -34,7 +34,7 @@ fn bench_step(c: &mut Criterion, name: &str, cfg: ModelConfig, batch: Batch) {
     let varmap = candle_nn::VarMap::new();
     let vb = kiln::core::rng::seeded_var_builder(&varmap, 0, DType::F32, &device);
     let model = cfg
-        .build(vb, kiln::models::SharedRng::new(0, "dropout"))
+        .build(vb, kiln::models::SharedRng::new(0, "dropout"), DType::F32)
         .unwrap();
     let params = trainer::params_of(&varmap);
     let mut opt = optim::build(&adamw());
@@ -49,6 +49,7 @@ fn bench_step(c: &mut Criterion, name: &str, cfg: ModelConfig, batch: Batch) {
                 1e-3,
                 1.0,
                 false,
+                None,
             )
             .unwrap()
         })
@@ -68,6 +69,7 @@ fn benches(c: &mut Criterion) {
         vocab_size: 65,
         dropout: 0.0,
         bias: true,
+        checkpoint_activations: false,
     });
     let batch = Batch {
         inputs: Tensor::from_slice(&tokens[..12 * 64], (12, 64), &dev).unwrap(),

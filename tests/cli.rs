@@ -156,8 +156,8 @@ fn bad_input_gets_one_clear_error_and_a_nonzero_exit() {
         &["data.batch_size", "invalid type"],
     );
     fails(
-        &["train", r, "--set", "precision=bf16"],
-        &["precision", "not supported yet", "f32"],
+        &["train", r, "--set", "precision=fp8"],
+        &["precision", "fp8", "bf16"],
     );
     fails(
         &["train", r, "--set", "data.path=/nonexistent/x.txt"],

@@ -511,17 +511,6 @@ impl Recipe {
 
     fn validate(&self) -> Result<(), RecipeError> {
         let err = |key: &str, msg: String| Err(self.source.error(key, msg));
-        if self.precision != Precision::F32 {
-            return err(
-                "precision",
-                format!(
-                    "{:?} is not supported yet: mixed precision is not implemented; \
-                     use precision = \"f32\"",
-                    self.precision
-                )
-                .to_lowercase(),
-            );
-        }
         crate::device::parse_device(&self.device).map_err(|m| self.source.error("device", m))?;
         if !self.model.contains_key("kind") {
             return err(

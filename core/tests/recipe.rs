@@ -751,20 +751,12 @@ fn missing_required_fields() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn precision_must_be_f32() {
-    let text = insert_after(&base(), "seed = 1", r#"precision = "bf16""#); // line 4
-    file_error(
-        &text,
-        4,
-        "precision",
-        &["bf16 is not supported yet", "precision = \"f32\""],
-    );
-    set_error(
-        &base(),
-        "precision=f16",
-        "precision",
-        &["f16 is not supported yet"],
-    );
+fn precision_is_f32_bf16_or_f16() {
+    let text = insert_after(&base(), "seed = 1", r#"precision = "bf16""#);
+    assert_eq!(ok(&text, &[]).precision, Precision::Bf16);
+    assert_eq!(ok(&base(), &["precision=f16"]).precision, Precision::F16);
+    let text = insert_after(&base(), "seed = 1", r#"precision = "fp8""#); // line 4
+    file_error(&text, 4, "precision", &["fp8", "f32", "bf16", "f16"]);
 }
 
 #[test]

@@ -208,7 +208,12 @@ mod tests {
         let got_m = m.to_vec1::<f32>().unwrap();
         let got_bf = bf.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
         for i in 0..5 {
-            assert!((got[i] as f64 - want[i].0).abs() < 1e-6, "{i}: {} vs {:?}", got[i], want[i]);
+            assert!(
+                (got[i] as f64 - want[i].0).abs() < 1e-6,
+                "{i}: {} vs {:?}",
+                got[i],
+                want[i]
+            );
             assert!((got_m[i] as f64 - want[i].1).abs() < 1e-6);
             assert_eq!(got_bf[i], half::bf16::from_f32(got[i]).to_f32());
         }

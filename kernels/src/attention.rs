@@ -175,8 +175,12 @@ pub fn backward(args: &[(&CpuStorage, &Layout)], scale: f64) -> Result<Vec<(CpuS
         let d_o = slice::<T>(args[5])?;
         let scale: A = crate::k(scale);
         let n = b * h * t * d;
-        
-        let (mut dq, mut dk, mut dv) = (crate::zeros::<T>(n), crate::zeros::<T>(n), crate::zeros::<T>(n));
+
+        let (mut dq, mut dk, mut dv) = (
+            crate::zeros::<T>(n),
+            crate::zeros::<T>(n),
+            crate::zeros::<T>(n),
+        );
         let td = t * d;
         dq.par_chunks_mut(td)
             .zip(dk.par_chunks_mut(td).zip(dv.par_chunks_mut(td)))
@@ -185,8 +189,11 @@ pub fn backward(args: &[(&CpuStorage, &Layout)], scale: f64) -> Result<Vec<(CpuS
                 let at = |x: &[T]| widen(&x[bh * td..][..td]);
                 let (q, k, v, o, d_o) = (at(q), at(k), at(v), at(o), at(d_o));
                 let lse = &lse[bh * t..][..t];
-                let (mut dq, mut dk, mut dv) =
-                    (vec![A::zero(); td], vec![A::zero(); td], vec![A::zero(); td]);
+                let (mut dq, mut dk, mut dv) = (
+                    vec![A::zero(); td],
+                    vec![A::zero(); td],
+                    vec![A::zero(); td],
+                );
                 for i in 0..t {
                     let (qi, doi) = (&q[i * d..][..d], &d_o[i * d..][..d]);
                     let delta = dot(doi, &o[i * d..][..d]);
@@ -251,6 +258,9 @@ mod tests {
         };
         let after = causal_self_attention(&q, &bump(&k), &bump(&v)).unwrap();
         let head = |x: &Tensor| x.narrow(2, 0, 5).unwrap();
-        assert_eq!(crate::testing::max_abs_diff(&head(&before), &head(&after)), 0.0);
+        assert_eq!(
+            crate::testing::max_abs_diff(&head(&before), &head(&after)),
+            0.0
+        );
     }
 }

@@ -146,7 +146,13 @@ mod tests {
 
     fn targets(n: usize, v: usize) -> Tensor {
         let t: Vec<u32> = (0..n)
-            .map(|i| if i % 5 == 3 { IGNORE_INDEX } else { (i * 7919 % v) as u32 })
+            .map(|i| {
+                if i % 5 == 3 {
+                    IGNORE_INDEX
+                } else {
+                    (i * 7919 % v) as u32
+                }
+            })
             .collect();
         Tensor::new(t, &Device::Cpu).unwrap()
     }
@@ -162,9 +168,12 @@ mod tests {
     fn matches_the_composition_in_every_dtype() {
         for (n, v) in [(1, 2), (37, 75), (9, 5003)] {
             let inputs = [(rand(&[n, v], 4) * 6.0).unwrap(), targets(n, v)];
-            check_parity(&inputs, 1, |t| cross_entropy(&t[0], &t[1]), |t| {
-                reference::cross_entropy(&t[0], &t[1])
-            });
+            check_parity(
+                &inputs,
+                1,
+                |t| cross_entropy(&t[0], &t[1]),
+                |t| reference::cross_entropy(&t[0], &t[1]),
+            );
         }
     }
 
@@ -181,8 +190,11 @@ mod tests {
 
     #[test]
     fn out_of_range_target_is_an_error() {
-        let err = cross_entropy(&rand(&[2, 4], 1), &Tensor::new(&[1u32, 4], &Device::Cpu).unwrap())
-            .unwrap_err();
+        let err = cross_entropy(
+            &rand(&[2, 4], 1),
+            &Tensor::new(&[1u32, 4], &Device::Cpu).unwrap(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("target 4 of row 1"), "{err}");
     }
 }

@@ -42,7 +42,10 @@ impl CustomOp2 for Embedding {
         lids: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let v = lw.shape().dims()[0];
-        if let Some(bad) = slice::<u32>((ids, lids))?.iter().find(|&&i| i as usize >= v) {
+        if let Some(bad) = slice::<u32>((ids, lids))?
+            .iter()
+            .find(|&&i| i as usize >= v)
+        {
             candle_core::bail!("embedding: id {bad} is out of range for {v} rows")
         }
         Ok((w.index_select(ids, lw, lids, 0)?, out_shape(lw, lids)))
@@ -105,7 +108,11 @@ pub fn backward(args: &[(&CpuStorage, &Layout)], vocab: usize) -> Result<Vec<(Cp
     }
     let mut fill = start.clone();
     let mut positions = vec![0usize; start[vocab]];
-    for (pos, &id) in ids.iter().enumerate().filter(|(_, &id)| (id as usize) < vocab) {
+    for (pos, &id) in ids
+        .iter()
+        .enumerate()
+        .filter(|(_, &id)| (id as usize) < vocab)
+    {
         positions[fill[id as usize]] = pos;
         fill[id as usize] += 1;
     }
@@ -147,9 +154,12 @@ mod tests {
         let ids = Tensor::new(&[[3u32, 1, 3], [0, 6, 3]], &Device::Cpu).unwrap();
         let w = rand(&[7, 5], 1);
         check_grad(&w, |w| embedding(&ids, w));
-        check_parity(&[w, ids], 1, |t| embedding(&t[1], &t[0]), |t| {
-            reference::embedding(&t[1], &t[0])
-        });
+        check_parity(
+            &[w, ids],
+            1,
+            |t| embedding(&t[1], &t[0]),
+            |t| reference::embedding(&t[1], &t[0]),
+        );
     }
 
     #[test]

@@ -36,8 +36,13 @@ pub fn gelu_ref(x: f64) -> (f64, f64) {
 /// (gelu(z), gelu'(z)).
 #[inline(always)]
 fn gelu_and_grad<A: Float + num_traits::FromPrimitive>(z: A) -> (A, A) {
-    let (c, kk, half, one, two): (A, A, A, A, A) =
-        (k(0.797_884_560_802_865_4), k(0.044715), k(0.5), k(1.0), k(2.0));
+    let (c, kk, half, one, two): (A, A, A, A, A) = (
+        k(0.797_884_560_802_865_4),
+        k(0.044715),
+        k(0.5),
+        k(1.0),
+        k(2.0),
+    );
     let t = one - two / (one + (two * c * (z + kk * z * z * z)).exp());
     let y = half * z * (one + t);
     let dy = half * (one + t) + half * z * (one - t * t) * c * (one + k::<A>(3.0) * kk * z * z);
@@ -149,7 +154,6 @@ impl MultiOp for BiasBackward {
 pub fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
     let shape = args[0].1.shape().clone();
     with_float!(args[0].0, "gelu", |T| {
-        type A = <T as Elem>::Acc;
         let x = slice::<T>(args[0])?;
         let mut y = crate::zeros::<T>(x.len());
         y.par_chunks_mut(CHUNK)
@@ -167,7 +171,6 @@ pub fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape
 pub fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
     let shape = args[0].1.shape().clone();
     with_float!(args[0].0, "gelu backward", |T| {
-        type A = <T as Elem>::Acc;
         let (x, dy) = (slice::<T>(args[0])?, slice::<T>(args[1])?);
         let mut dx = crate::zeros::<T>(x.len());
         dx.par_chunks_mut(CHUNK)
@@ -186,7 +189,6 @@ pub fn bias_forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, 
     let shape = args[0].1.shape().clone();
     let (_, c) = rows_cols(&shape)?;
     with_float!(args[0].0, "bias_gelu", |T| {
-        type A = <T as Elem>::Acc;
         let (x, b) = (slice::<T>(args[0])?, slice::<T>(args[1])?);
         let b: Vec<_> = b.iter().map(|v| v.acc()).collect();
         let mut y = crate::zeros::<T>(x.len());
@@ -269,9 +271,12 @@ mod tests {
             let x = (rand(&[n, c], 4) * 4.0).unwrap();
             check_parity(&[x.clone()], 1, |t| gelu(&t[0]), |t| reference::gelu(&t[0]));
             let inputs = [x, rand(&[c], 5)];
-            check_parity(&inputs, 2, |t| bias_gelu(&t[0], &t[1]), |t| {
-                reference::bias_gelu(&t[0], &t[1])
-            });
+            check_parity(
+                &inputs,
+                2,
+                |t| bias_gelu(&t[0], &t[1]),
+                |t| reference::bias_gelu(&t[0], &t[1]),
+            );
         }
     }
 }

@@ -121,8 +121,7 @@ pub fn forward(args: &[(&CpuStorage, &Layout)], eps: f64) -> Result<Vec<(CpuStor
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
             .for_each(|((y, x), (mean, rstd))| {
                 let m = x.iter().map(|v| v.acc()).sum::<A>() / k::<A>(c as f64);
-                let var = x.iter().map(|v| (v.acc() - m).powi(2)).sum::<A>()
-                    / k::<A>(c as f64);
+                let var = x.iter().map(|v| (v.acc() - m).powi(2)).sum::<A>() / k::<A>(c as f64);
                 let r = (var + k::<A>(eps)).sqrt().recip();
                 for i in 0..c {
                     y[i] = T::from_acc((x[i].acc() - m) * r * w[i] + b[i]);
@@ -225,9 +224,12 @@ mod tests {
     fn matches_the_composition_in_every_dtype() {
         for (n, c) in [(1, 1), (37, 75), (5, 771), (130, 33)] {
             let inputs = [rand(&[n, c], 4), rand(&[c], 5), rand(&[c], 6)];
-            check_parity(&inputs, 3, |t| layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5), |t| {
-                reference::layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5)
-            });
+            check_parity(
+                &inputs,
+                3,
+                |t| layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5),
+                |t| reference::layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5),
+            );
         }
     }
 }

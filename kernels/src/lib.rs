@@ -8,6 +8,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod checkpoint;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod dropout;
@@ -24,6 +25,7 @@ pub(crate) mod cuda;
 
 pub use adamw::{adamw_step, AdamWHyper, AdamWTensor};
 pub use attention::causal_self_attention;
+pub use checkpoint::{backward, checkpoint};
 pub use conv2d::conv2d;
 pub use cross_entropy::{cross_entropy, IGNORE_INDEX};
 pub use dropout::dropout;
@@ -218,7 +220,10 @@ pub(crate) fn rows_cols(shape: &Shape) -> Result<(usize, usize)> {
 }
 
 /// A new CPU output from a vector.
-pub(crate) fn out<T: candle_core::WithDType>(v: Vec<T>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
+pub(crate) fn out<T: candle_core::WithDType>(
+    v: Vec<T>,
+    shape: impl Into<Shape>,
+) -> (CpuStorage, Shape) {
     (T::to_cpu_storage_owned(v), shape.into())
 }
 
@@ -329,12 +334,29 @@ pub(crate) mod testing {
 
     /// ‖a − b‖ / ‖b‖ in f64; infinite when `a` holds a NaN or an infinity.
     pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        let a: Vec<f64> = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f64> = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let a: Vec<f64> = a
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f64> = b
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         if a.iter().any(|v| !v.is_finite()) {
             return f64::INFINITY;
         }
-        let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+        let diff: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
         diff / norm.max(1e-30)
     }
@@ -360,19 +382,32 @@ pub(crate) mod testing {
     ) {
         for dtype in [DType::F64, DType::F32, DType::BF16, DType::F16] {
             let cast = |t: &Tensor, d: DType| -> Tensor {
-                if t.dtype().is_float() { t.to_dtype(d).unwrap() } else { t.clone() }
+                if t.dtype().is_float() {
+                    t.to_dtype(d).unwrap()
+                } else {
+                    t.clone()
+                }
             };
-            let rounded: Vec<Tensor> =
-                inputs.iter().map(|t| cast(&cast(t, dtype), DType::F64)).collect();
+            let rounded: Vec<Tensor> = inputs
+                .iter()
+                .map(|t| cast(&cast(t, dtype), DType::F64))
+                .collect();
             // The gradient of sum(out · probe), with the probe rounded to `dtype` for both runs.
             let run = |ts: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
-                let vars: Vec<Var> =
-                    ts[..n_grads].iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+                let vars: Vec<Var> = ts[..n_grads]
+                    .iter()
+                    .map(|t| Var::from_tensor(t).unwrap())
+                    .collect();
                 let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
                 args.extend(ts[n_grads..].iter().cloned());
                 let out = f(&args).unwrap();
                 let probe = cast(&cast(&rand(out.dims(), 77), dtype), out.dtype());
-                let grads = (&out * probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let grads = (&out * probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
                 let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v).unwrap().clone()).collect();
                 (out, g)
             };
@@ -384,7 +419,10 @@ pub(crate) mod testing {
             assert!(e <= tol, "{dtype:?} output: relative error {e:e} > {tol:e}");
             for (i, (g, w)) in got_g.iter().zip(&want_g).enumerate() {
                 let e = rel_err(g, w);
-                assert!(e <= tol, "{dtype:?} gradient of input {i}: relative error {e:e} > {tol:e}");
+                assert!(
+                    e <= tol,
+                    "{dtype:?} gradient of input {i}: relative error {e:e} > {tol:e}"
+                );
             }
         }
     }

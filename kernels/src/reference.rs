@@ -90,7 +90,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// computes the same forward, but its backward rounds the constants to six digits.)
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * 0.797_884_560_802_865_4)?;
-    ((x * 0.5)? * (inner.tanh()? + 1.0)?)
+    (x * 0.5)? * (inner.tanh()? + 1.0)?
 }
 
 pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {

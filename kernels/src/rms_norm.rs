@@ -7,7 +7,7 @@
 use crate::layer_norm::rows_per_task;
 use crate::{k, out, rows_cols, run, slice, with_float, Elem, MultiOp, Saved};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use num_traits::{Float, Zero};
+use num_traits::Zero;
 use rayon::prelude::*;
 
 /// RMS norm of `x` (…, C) with gain `weight` (C).
@@ -16,8 +16,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         eps,
         saved: Saved::default(),
     };
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, op)
+    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
 struct RmsNorm {
@@ -97,8 +96,7 @@ pub fn forward(args: &[(&CpuStorage, &Layout)], eps: f64) -> Result<Vec<(CpuStor
             .zip(x.par_chunks(c))
             .zip(rstd.par_iter_mut())
             .for_each(|((y, x), rstd)| {
-                let ms =
-                    x.iter().map(|v| v.acc().powi(2)).sum::<A>() / k::<A>(c as f64);
+                let ms = x.iter().map(|v| v.acc().powi(2)).sum::<A>() / k::<A>(c as f64);
                 let r = (ms + k::<A>(eps)).sqrt().recip();
                 for i in 0..c {
                     y[i] = T::from_acc(x[i].acc() * r * w[i]);
@@ -179,9 +177,12 @@ mod tests {
         // One column is ill-conditioned (y ≈ ±w, a gradient ~ε): not a parity case.
         for (n, c) in [(3, 2), (37, 75), (5, 771)] {
             let inputs = [rand(&[n, c], 4), rand(&[c], 5)];
-            check_parity(&inputs, 2, |t| rms_norm(&t[0], &t[1], 1e-6), |t| {
-                reference::rms_norm(&t[0], &t[1], 1e-6)
-            });
+            check_parity(
+                &inputs,
+                2,
+                |t| rms_norm(&t[0], &t[1], 1e-6),
+                |t| reference::rms_norm(&t[0], &t[1], 1e-6),
+            );
         }
     }
 }

@@ -64,26 +64,24 @@ pub fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape
         type A = <T as Elem>::Acc;
         let x = slice::<T>(args[0])?;
         let mut y = crate::zeros::<T>(n * c);
-        y.par_chunks_mut(c)
-            .zip(x.par_chunks(c))
-            .for_each_init(
-                || vec![Zero::zero(); c],
-                |e, (y, x)| {
-                    let m = x
-                        .iter()
-                        .map(|v| v.acc())
-                        .fold(A::neg_infinity(), Float::max);
-                    let mut z = A::zero();
-                    for i in 0..c {
-                        e[i] = (x[i].acc() - m).exp();
-                        z += e[i];
-                    }
-                    let r = z.recip();
-                    for i in 0..c {
-                        y[i] = T::from_acc(e[i] * r);
-                    }
-                },
-            );
+        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each_init(
+            || vec![Zero::zero(); c],
+            |e, (y, x)| {
+                let m = x
+                    .iter()
+                    .map(|v| v.acc())
+                    .fold(A::neg_infinity(), Float::max);
+                let mut z = A::zero();
+                for i in 0..c {
+                    e[i] = (x[i].acc() - m).exp();
+                    z += e[i];
+                }
+                let r = z.recip();
+                for i in 0..c {
+                    y[i] = T::from_acc(e[i] * r);
+                }
+            },
+        );
         Ok(vec![out(y, shape)])
     })
 }

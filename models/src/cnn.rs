@@ -1,9 +1,9 @@
 //! A small convolutional network for 28×28 images:
 //! [conv 3×3 → ReLU → max-pool 2] per stage, then a hidden linear layer and the classifier.
 
-use crate::{check_dropout, ConfigError, Model};
-use candle_core::{Result, Tensor};
-use candle_nn::{linear, Init, Linear, Module, VarBuilder};
+use crate::{check_dropout, in_precision, ConfigError, Model};
+use candle_core::{DType, Result, Tensor};
+use candle_nn::{linear, Init, Linear, VarBuilder};
 use kiln_core::rng::SharedRng;
 use serde::{Deserialize, Serialize};
 
@@ -89,8 +89,14 @@ impl Conv {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        kiln_kernels::conv2d(x, &self.weight, Some(&self.bias), 1)
+    /// The convolution (a matmul) runs in `compute`; the bias is added in x's dtype.
+    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+        if compute == x.dtype() {
+            return kiln_kernels::conv2d(x, &self.weight, Some(&self.bias), 1);
+        }
+        let w = self.weight.to_dtype(compute)?;
+        let y = kiln_kernels::conv2d(&x.to_dtype(compute)?, &w, None, 1)?.to_dtype(x.dtype())?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 }
 
@@ -100,10 +106,19 @@ pub struct Cnn {
     fc2: Linear,
     dropout: f64,
     rng: SharedRng,
+    compute: DType,
+}
+
+fn linear_in(layer: &Linear, x: &Tensor, compute: DType) -> Result<Tensor> {
+    let y = in_precision(x, &layer.weight().t()?, compute)?;
+    match layer.bias() {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 impl Cnn {
-    pub fn new(cfg: &CnnConfig, vb: VarBuilder, rng: SharedRng) -> Result<Self> {
+    pub fn new(cfg: &CnnConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Result<Self> {
         let mut c_in = cfg.input_shape[0];
         let mut convs = Vec::new();
         for (i, &c) in cfg.channels.iter().enumerate() {
@@ -118,6 +133,7 @@ impl Cnn {
             fc2: linear(cfg.hidden, cfg.num_classes, vb.pp("classifier.fc2"))?,
             dropout: cfg.dropout,
             rng,
+            compute,
         })
     }
 }
@@ -126,13 +142,13 @@ impl Model for Cnn {
     fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = xs.clone();
         for conv in &self.convs {
-            x = kiln_kernels::max_pool2d(&conv.forward(&x)?.relu()?, 2)?;
+            x = kiln_kernels::max_pool2d(&conv.forward(&x, self.compute)?.relu()?, 2)?;
         }
-        let mut x = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
+        let mut x = linear_in(&self.fc1, &x.flatten_from(1)?, self.compute)?.relu()?;
         if train {
             x = kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock())?;
         }
-        self.fc2.forward(&x)
+        linear_in(&self.fc2, &x, self.compute)
     }
 }
 

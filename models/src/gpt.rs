@@ -4,13 +4,19 @@
 //! Parameter paths and shapes are Hugging Face `GPT2LMHeadModel`'s: `transformer.wte.weight`,
 //! `transformer.h.0.attn.c_attn.weight`, … The projections are GPT-2's `Conv1D`, whose weight is
 //! stored (in, out), so `x · W` needs no transpose and export is the identity.
+//!
+//! Every op on the training path is one of kiln's fused kernels (embedding, layer norm,
+//! attention, bias+GELU), each with its own backward. Under mixed precision the matmuls and the
+//! attention run in bf16/f16 while the residual stream, the norms and the loss stay in f32.
+//! With `checkpoint_activations`, each block's activations are recomputed in the backward.
 
-use crate::{check_dropout, ConfigError, Model};
-use candle_core::{Result, Tensor, D};
-use candle_nn::{Embedding, Init, Module, VarBuilder};
+use crate::{check_dropout, in_precision, ConfigError, Model};
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
 use kiln_core::rng::SharedRng;
-use kiln_kernels::{causal_self_attention, gelu, layer_norm};
+use kiln_kernels::{bias_gelu, causal_self_attention, embedding, gelu, layer_norm};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +35,9 @@ pub struct GptConfig {
     /// Biases in the projections and LayerNorms (GPT-2 has them).
     #[serde(default = "yes")]
     pub bias: bool,
+    /// Recompute each block's activations in the backward instead of storing them.
+    #[serde(default)]
+    pub checkpoint_activations: bool,
 }
 
 fn yes() -> bool {
@@ -88,6 +97,7 @@ impl GptConfig {
 }
 
 /// GPT-2's Conv1D: y = x · W + b with W stored (in, out).
+#[derive(Clone)]
 struct Conv1D {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -110,23 +120,30 @@ impl Conv1D {
     }
 }
 
-impl Module for Conv1D {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Conv1D {
+    /// x · W in the `compute` dtype, returned in x's dtype, without the bias.
+    fn matmul(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
         // One 2-D matmul over all positions: cheaper forward and backward than a batched one.
         let mut out_dims = x.dims().to_vec();
         let n_in = out_dims.pop().expect("x has a feature dimension");
         out_dims.push(self.weight.dim(1)?);
-        let y = x
-            .reshape(((), n_in))?
-            .matmul(&self.weight)?
-            .reshape(out_dims)?;
+        in_precision(&x.reshape(((), n_in))?, &self.weight, compute)?.reshape(out_dims)
+    }
+
+    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+        let y = self.matmul(x, compute)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+
+    fn params(&self) -> impl Iterator<Item = Tensor> + '_ {
+        std::iter::once(self.weight.clone()).chain(self.bias.clone())
+    }
 }
 
+#[derive(Clone)]
 struct LayerNorm {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -144,8 +161,13 @@ impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, &self.weight, self.bias.as_ref(), 1e-5)
     }
+
+    fn params(&self) -> impl Iterator<Item = Tensor> + '_ {
+        std::iter::once(self.weight.clone()).chain(self.bias.clone())
+    }
 }
 
+#[derive(Clone)]
 struct Attention {
     c_attn: Conv1D,
     c_proj: Conv1D,
@@ -153,9 +175,10 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
-        let qkv = self.c_attn.forward(x)?;
+        // q, k, v stay in the compute dtype: the attention kernel keeps its softmax in f32.
+        let qkv = self.c_attn.forward(x, compute)?.to_dtype(compute)?;
         let heads = |i: usize| {
             qkv.narrow(D::Minus1, i * c, c)?
                 .reshape((b, t, self.n_head, c / self.n_head))?
@@ -163,25 +186,89 @@ impl Attention {
                 .contiguous()
         };
         let y = causal_self_attention(&heads(0)?, &heads(1)?, &heads(2)?)?;
-        self.c_proj.forward(&y.transpose(1, 2)?.reshape((b, t, c))?)
+        let y = y.transpose(1, 2)?.reshape((b, t, c))?.to_dtype(x.dtype())?;
+        self.c_proj.forward(&y, compute)
     }
 }
 
+#[derive(Clone)]
 struct Mlp {
     c_fc: Conv1D,
     c_proj: Conv1D,
 }
 
+impl Mlp {
+    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+        let h = self.c_fc.matmul(x, compute)?;
+        let h = match &self.c_fc.bias {
+            Some(b) => bias_gelu(&h, b)?,
+            None => gelu(&h)?,
+        };
+        self.c_proj.forward(&h, compute)
+    }
+}
+
+/// One pre-LayerNorm transformer block, with what it needs to run alone (for recomputation).
+#[derive(Clone)]
 struct Block {
     ln_1: LayerNorm,
     attn: Attention,
     ln_2: LayerNorm,
     mlp: Mlp,
+    dropout: f64,
+    rng: SharedRng,
+    compute: DType,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let a = self.attn.forward(&self.ln_1.forward(x)?, self.compute)?;
+        let x = (x + dropout(a, self.dropout, train, &self.rng)?)?;
+        let m = self.mlp.forward(&self.ln_2.forward(&x)?, self.compute)?;
+        x + dropout(m, self.dropout, train, &self.rng)?
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        let (a, m) = (&self.attn, &self.mlp);
+        (self.ln_1.params())
+            .chain(a.c_attn.params())
+            .chain(a.c_proj.params())
+            .chain(self.ln_2.params())
+            .chain(m.c_fc.params())
+            .chain(m.c_proj.params())
+            .collect()
+    }
+
+    /// The block with its activations recomputed during the backward. The recomputation
+    /// rewinds the dropout generator to where this forward started, so it draws the same masks,
+    /// then puts it back.
+    fn forward_checkpointed(&self, x: &Tensor) -> Result<Tensor> {
+        let block = self.clone();
+        let start = self.rng.position();
+        let f = move |x: &Tensor| {
+            let now = block.rng.position();
+            block.rng.set_position(start);
+            let y = block.forward(x, true);
+            if now != start {
+                block.rng.set_position(now);
+            }
+            y
+        };
+        kiln_kernels::checkpoint(x, self.params(), Arc::new(f))
+    }
+}
+
+fn dropout(x: Tensor, p: f64, train: bool, rng: &SharedRng) -> Result<Tensor> {
+    if train && p > 0.0 {
+        kiln_kernels::dropout(&x, p, &mut rng.lock())
+    } else {
+        Ok(x)
+    }
 }
 
 pub struct Gpt {
-    wte: Embedding,
-    wpe: Embedding,
+    wte: Tensor,
+    wpe: Tensor,
     h: Vec<Block>,
     ln_f: LayerNorm,
     dropout: f64,
@@ -190,22 +277,23 @@ pub struct Gpt {
 }
 
 impl Gpt {
-    pub fn new(cfg: &GptConfig, vb: VarBuilder, rng: SharedRng) -> Result<Self> {
+    /// `compute` is the dtype of the matmuls and the attention (the weights' dtype for full
+    /// precision, bf16/f16 for mixed precision).
+    pub fn new(cfg: &GptConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Result<Self> {
         let vb = vb.pp("transformer");
         let (c, bias) = (cfg.n_embd, cfg.bias);
         let std = 0.02;
         // Residual projections are scaled down by √(2·n_layer) (GPT-2 paper, nanoGPT).
         let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
-        let embedding = |n: usize, name: &str| -> Result<Embedding> {
-            let w = vb.get_with_hints(
+        let embedding = |n: usize, name: &str| -> Result<Tensor> {
+            vb.get_with_hints(
                 (n, c),
                 &format!("{name}.weight"),
                 Init::Randn {
                     mean: 0.0,
                     stdev: std,
                 },
-            )?;
-            Ok(Embedding::new(w, c))
+            )
         };
         let h = (0..cfg.n_layer)
             .map(|i| {
@@ -222,6 +310,9 @@ impl Gpt {
                         c_fc: Conv1D::new(c, 4 * c, std, bias, vb.pp("mlp.c_fc"))?,
                         c_proj: Conv1D::new(4 * c, c, proj_std, bias, vb.pp("mlp.c_proj"))?,
                     },
+                    dropout: cfg.dropout,
+                    rng: rng.clone(),
+                    compute,
                 })
             })
             .collect::<Result<_>>()?;
@@ -234,14 +325,6 @@ impl Gpt {
             rng,
             config: cfg.clone(),
         })
-    }
-
-    fn drop(&self, x: Tensor, train: bool) -> Result<Tensor> {
-        if train && self.dropout > 0.0 {
-            kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock())
-        } else {
-            Ok(x)
-        }
     }
 }
 
@@ -256,22 +339,20 @@ impl Model for Gpt {
             );
         }
         let pos = Tensor::arange(0u32, t as u32, idx.device())?;
-        let x = self
-            .wte
-            .forward(idx)?
-            .broadcast_add(&self.wpe.forward(&pos)?)?;
-        let mut x = self.drop(x, train)?;
+        let x = embedding(idx, &self.wte)?.broadcast_add(&embedding(&pos, &self.wpe)?)?;
+        let mut x = dropout(x, self.dropout, train, &self.rng)?;
         for block in &self.h {
-            let a = block.attn.forward(&block.ln_1.forward(&x)?)?;
-            x = (x + self.drop(a, train)?)?;
-            let m = block.mlp.c_fc.forward(&block.ln_2.forward(&x)?)?;
-            let m = block.mlp.c_proj.forward(&gelu(&m)?)?;
-            x = (x + self.drop(m, train)?)?;
+            x = if train && self.config.checkpoint_activations {
+                block.forward_checkpointed(&x)?
+            } else {
+                block.forward(&x, train)?
+            };
         }
         // The head shares the token embedding (HF's `lm_head.weight` is `transformer.wte.weight`).
-        self.ln_f
-            .forward(&x)?
-            .broadcast_matmul(&self.wte.embeddings().t()?)
+        let compute = self.h.first().map_or(x.dtype(), |b| b.compute);
+        let x = self.ln_f.forward(&x)?;
+        let (b, t, c) = x.dims3()?;
+        in_precision(&x.reshape((b * t, c))?, &self.wte.t()?, compute)?.reshape((b, t, ()))
     }
 }
 
@@ -291,6 +372,7 @@ mod tests {
             vocab_size: 7,
             dropout: 0.0,
             bias: true,
+            checkpoint_activations: false,
         }
     }
 
@@ -305,7 +387,7 @@ mod tests {
     fn parameter_names_are_hugging_face_gpt2() {
         let vm = candle_nn::VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
-        Gpt::new(&tiny(), vb, SharedRng::new(0, "dropout")).unwrap();
+        Gpt::new(&tiny(), vb, SharedRng::new(0, "dropout"), DType::F32).unwrap();
         let data = vm.data().lock().unwrap();
         let shape = |n: &str| {
             data.get(n)
@@ -327,7 +409,7 @@ mod tests {
         // Changing a later token must not change earlier logits.
         let vm = candle_nn::VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F64, &Device::Cpu);
-        let m = Gpt::new(&tiny(), vb, SharedRng::new(0, "dropout")).unwrap();
+        let m = Gpt::new(&tiny(), vb, SharedRng::new(0, "dropout"), DType::F64).unwrap();
         let a = m
             .forward(
                 &Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap(),
@@ -350,5 +432,56 @@ mod tests {
             .unwrap();
         assert_eq!(&diff[..3], &[0.0, 0.0, 0.0]);
         assert!(diff[3] > 0.0);
+    }
+
+    /// Recomputing the blocks in the backward (with dropout on, so the recomputation must
+    /// replay the same masks) gives the gradients of the stored-activation run.
+    #[test]
+    fn checkpointed_activations_give_identical_gradients() {
+        let x = Tensor::new(&[[1u32, 2, 3, 4], [6, 5, 0, 1]], &Device::Cpu).unwrap();
+        let y = Tensor::new(&[[2u32, 3, 4, 5], [5, 0, 1, 2]], &Device::Cpu).unwrap();
+        let grads = |checkpoint: bool| {
+            let cfg = GptConfig {
+                dropout: 0.3,
+                checkpoint_activations: checkpoint,
+                ..tiny()
+            };
+            let vm = candle_nn::VarMap::new();
+            let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F64, &Device::Cpu);
+            let m = Gpt::new(&cfg, vb, SharedRng::new(5, "dropout"), DType::F64).unwrap();
+            let logits = m.forward(&x, true).unwrap();
+            let loss = kiln_kernels::cross_entropy(
+                &logits.reshape((8, 7)).unwrap(),
+                &y.flatten_all().unwrap(),
+            )
+            .unwrap();
+            let g = kiln_kernels::backward(&loss).unwrap();
+            let mut named: Vec<(String, Vec<f64>)> = vm
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(n, v)| {
+                    let g = g.get(v).unwrap_or_else(|| panic!("{n} has no gradient"));
+                    (n.clone(), g.flatten_all().unwrap().to_vec1().unwrap())
+                })
+                .collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            (named, m.rng.position())
+        };
+        let (plain, plain_rng) = grads(false);
+        let (ckpt, ckpt_rng) = grads(true);
+        assert_eq!(
+            plain_rng, ckpt_rng,
+            "the recomputation must leave the generator as it was"
+        );
+        for ((name, a), (_, b)) in plain.iter().zip(&ckpt) {
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(diff < 1e-12, "{name}: gradients differ by {diff}");
+        }
     }
 }

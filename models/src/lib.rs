@@ -5,7 +5,7 @@ pub mod cnn;
 pub mod gpt;
 pub mod mlp;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use kiln_core::recipe::{Recipe, RecipeError};
 pub use kiln_core::rng::SharedRng;
@@ -76,14 +76,27 @@ impl ModelConfig {
         }
     }
 
-    /// Builds the model; dropout masks come from `rng`.
-    pub fn build(&self, vb: VarBuilder, rng: SharedRng) -> Result<Box<dyn Model>> {
+    /// Builds the model; dropout masks come from `rng`. Matmuls run in `compute` (the
+    /// weights' dtype, or bf16/f16 for mixed precision).
+    pub fn build(&self, vb: VarBuilder, rng: SharedRng, compute: DType) -> Result<Box<dyn Model>> {
         Ok(match self {
-            ModelConfig::Mlp(c) => Box::new(mlp::Mlp::new(c, vb, rng)?),
-            ModelConfig::Cnn(c) => Box::new(cnn::Cnn::new(c, vb, rng)?),
-            ModelConfig::Gpt(c) => Box::new(gpt::Gpt::new(c, vb, rng)?),
+            ModelConfig::Mlp(c) => Box::new(mlp::Mlp::new(c, vb, rng, compute)?),
+            ModelConfig::Cnn(c) => Box::new(cnn::Cnn::new(c, vb, rng, compute)?),
+            ModelConfig::Gpt(c) => Box::new(gpt::Gpt::new(c, vb, rng, compute)?),
         })
     }
+}
+
+/// x · w with both operands in `compute` (mixed precision: the matmul, forward and backward,
+/// runs in bf16/f16 while the weights stay f32); the result comes back in x's dtype. The casts
+/// are differentiable, so the f32 weights get their gradients through them.
+pub fn in_precision(x: &Tensor, w: &Tensor, compute: DType) -> Result<Tensor> {
+    if compute == x.dtype() && compute == w.dtype() {
+        return x.matmul(w);
+    }
+    x.to_dtype(compute)?
+        .matmul(&w.to_dtype(compute)?)?
+        .to_dtype(x.dtype())
 }
 
 /// A validation failure: (key path, message).
@@ -117,7 +130,9 @@ pub(crate) mod testing {
     pub fn check_model_grads(cfg: &ModelConfig, input: &Tensor, targets: &Tensor) {
         let vm = VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&vm, 3, DType::F64, &Device::Cpu);
-        let model = cfg.build(vb, SharedRng::new(0, "dropout")).unwrap();
+        let model = cfg
+            .build(vb, SharedRng::new(0, "dropout"), DType::F64)
+            .unwrap();
         let loss_of = |m: &dyn Model| -> Tensor {
             let logits = m.forward(input, false).unwrap();
             let v = logits.dim(candle_core::D::Minus1).unwrap();

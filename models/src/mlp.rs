@@ -1,8 +1,8 @@
 //! A multilayer perceptron for flattened images: Linear → ReLU → … → Linear.
 
-use crate::{check_dropout, ConfigError, Model};
-use candle_core::{Result, Tensor};
-use candle_nn::{linear, Linear, Module, VarBuilder};
+use crate::{check_dropout, in_precision, ConfigError, Model};
+use candle_core::{DType, Result, Tensor};
+use candle_nn::{linear, Linear, VarBuilder};
 use kiln_core::rng::SharedRng;
 use serde::{Deserialize, Serialize};
 
@@ -40,10 +40,11 @@ pub struct Mlp {
     layers: Vec<Linear>,
     dropout: f64,
     rng: SharedRng,
+    compute: DType,
 }
 
 impl Mlp {
-    pub fn new(cfg: &MlpConfig, vb: VarBuilder, rng: SharedRng) -> Result<Self> {
+    pub fn new(cfg: &MlpConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Result<Self> {
         let widths: Vec<usize> = std::iter::once(cfg.input_dim)
             .chain(cfg.hidden.iter().copied())
             .chain(std::iter::once(cfg.num_classes))
@@ -57,6 +58,7 @@ impl Mlp {
             layers,
             dropout: cfg.dropout,
             rng,
+            compute,
         })
     }
 }
@@ -66,7 +68,10 @@ impl Model for Mlp {
         let mut x = xs.flatten_from(1)?;
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x)?;
+            x = in_precision(&x, &layer.weight().t()?, self.compute)?;
+            if let Some(b) = layer.bias() {
+                x = x.broadcast_add(b)?;
+            }
             if i < last {
                 x = x.relu()?;
                 if train {

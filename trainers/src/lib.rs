@@ -1,5 +1,6 @@
 //! kiln-trainers: the training loop, optimizers, learning-rate schedules and tasks.
 
+pub mod amp;
 pub mod generate;
 pub mod optim;
 pub mod run;

@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Result, Tensor, Var};
 use kiln_core::recipe::{OptimConfig, OptimizerName};
+use kiln_kernels::{adamw_step, AdamWHyper, AdamWTensor};
 use std::collections::HashMap;
 
 /// A trainable parameter.
@@ -26,11 +27,13 @@ impl Param {
 
 /// What every kiln optimizer offers: a step, and its state as named tensors.
 pub trait Optimizer {
-    /// Applies one update; `grads[i]` belongs to `params[i]`.
-    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64) -> Result<()>;
+    /// Applies one update; `grads[i]` belongs to `params[i]`, and is used multiplied by
+    /// `grad_scale` (clipping and loss-scale unscaling, folded into the update's one pass).
+    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()>;
     /// Updates applied so far.
     fn steps(&self) -> u64;
-    /// State tensors by name (`<param>.exp_avg`, …) for checkpoints.
+    /// State tensors by name (`<param>.exp_avg`, …) for checkpoints. AdamW's are the live
+    /// moments, updated in place by the next step: save them before it.
     fn state(&self) -> HashMap<String, Tensor>;
     /// Restores state written by [`Optimizer::state`] at `steps`.
     fn load_state(&mut self, state: HashMap<String, Tensor>, steps: u64) -> Result<()>;
@@ -71,32 +74,48 @@ pub struct AdamW {
 }
 
 impl Optimizer for AdamW {
-    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One fused pass over all parameters (kiln_kernels::adamw_step), in place.
+    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         self.t += 1;
-        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
-        for (p, g) in params.iter().zip(grads) {
-            let g = g.to_dtype(DType::F32)?.detach();
-            let m = match self.m.get(&p.name) {
-                Some(m) => ((m * self.beta1)? + (&g * (1.0 - self.beta1))?)?,
-                None => (&g * (1.0 - self.beta1))?,
-            };
-            let v = match self.v.get(&p.name) {
-                Some(v) => ((v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?,
-                None => (g.sqr()? * (1.0 - self.beta2))?,
-            };
-            let update = ((&m * (lr / bc1))? / ((&v * (1.0 / bc2))?.sqrt()? + self.eps)?)?;
-            let theta = p.var.as_tensor();
-            let theta = if p.decays() && self.weight_decay > 0.0 {
-                (theta * (1.0 - lr * self.weight_decay))?
-            } else {
-                theta.clone()
-            };
-            p.var.set(&(theta - update)?)?;
-            self.m.insert(p.name.clone(), m.detach());
-            self.v.insert(p.name.clone(), v.detach());
+        let t = self.t as i32;
+        for p in params {
+            for moments in [&mut self.m, &mut self.v] {
+                if !moments.contains_key(&p.name) {
+                    let zeros = p.var.zeros_like()?.to_dtype(DType::F32)?;
+                    moments.insert(p.name.clone(), zeros);
+                }
+            }
         }
-        Ok(())
+        let grads = grads
+            .iter()
+            .map(|g| g.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let tensors: Vec<AdamWTensor> = params
+            .iter()
+            .zip(&grads)
+            .map(|(p, grad)| AdamWTensor {
+                param: p.var.as_tensor(),
+                grad,
+                m: &self.m[&p.name],
+                v: &self.v[&p.name],
+                weight_decay: if p.decays() {
+                    self.weight_decay as f32
+                } else {
+                    0.0
+                },
+                copy: None,
+            })
+            .collect();
+        let hyper = AdamWHyper {
+            lr: lr as f32,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            eps: self.eps as f32,
+            bias_correction1: (1.0 - self.beta1.powi(t)) as f32,
+            bias_correction2: (1.0 - self.beta2.powi(t)) as f32,
+            grad_scale: grad_scale as f32,
+        };
+        adamw_step(&tensors, &hyper)
     }
 
     fn steps(&self) -> u64 {
@@ -118,6 +137,8 @@ impl Optimizer for AdamW {
     fn load_state(&mut self, state: HashMap<String, Tensor>, steps: u64) -> Result<()> {
         self.t = steps;
         for (k, t) in state {
+            // Own copies, in f32: the fused step updates them in place.
+            let t = t.to_dtype(DType::F32)?.copy()?;
             if let Some(p) = k.strip_suffix(".exp_avg") {
                 self.m.insert(p.to_string(), t);
             } else if let Some(p) = k.strip_suffix(".exp_avg_sq") {
@@ -141,11 +162,14 @@ pub struct Sgd {
 }
 
 impl Optimizer for Sgd {
-    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64) -> Result<()> {
+    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         self.t += 1;
         for (p, g) in params.iter().zip(grads) {
             let theta = p.var.as_tensor();
             let mut g = g.to_dtype(DType::F32)?.detach();
+            if grad_scale != 1.0 {
+                g = (g * grad_scale)?;
+            }
             if p.decays() && self.weight_decay > 0.0 {
                 g = (g + (theta * self.weight_decay)?)?;
             }
@@ -227,7 +251,7 @@ mod tests {
         let (mut theta, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
         for (t, g) in gs.iter().enumerate() {
             let gt = Tensor::from_slice(&[g[0] as f32, g[1] as f32], (1, 2), &Device::Cpu).unwrap();
-            opt.step(std::slice::from_ref(&p), &[gt], 0.1).unwrap();
+            opt.step(std::slice::from_ref(&p), &[gt], 0.1, 1.0).unwrap();
             let t = t as i32 + 1;
             for i in 0..2 {
                 theta[i] *= 1.0 - 0.1 * 0.1;
@@ -254,7 +278,7 @@ mod tests {
         for step in 0..3 {
             let g = [0.5f64, -0.25];
             let gt = Tensor::from_slice(&[0.5f32, -0.25], (2, 1), &Device::Cpu).unwrap();
-            opt.step(std::slice::from_ref(&p), &[gt], 0.1).unwrap();
+            opt.step(std::slice::from_ref(&p), &[gt], 0.1, 1.0).unwrap();
             for i in 0..2 {
                 let gi = g[i] + 0.1 * theta[i];
                 buf[i] = if step == 0 { gi } else { 0.9 * buf[i] + gi };
@@ -277,7 +301,8 @@ mod tests {
         c.momentum = 0.0;
         let mut opt = build(&c);
         let zero = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
-        opt.step(std::slice::from_ref(&bias), &[zero], 0.1).unwrap();
+        opt.step(std::slice::from_ref(&bias), &[zero], 0.1, 1.0)
+            .unwrap();
         assert_eq!(values(&bias), vec![1.0, 1.0]);
     }
 
@@ -290,16 +315,16 @@ mod tests {
             let a = param(&[1.0, 2.0, 3.0, 4.0], (2, 2));
             let mut oa = build(&cfg(name));
             for s in 0..3 {
-                oa.step(std::slice::from_ref(&a), &[g(s as f32)], 0.05)
+                oa.step(std::slice::from_ref(&a), &[g(s as f32)], 0.05, 1.0)
                     .unwrap();
             }
             let b = param(&values(&a), (2, 2));
             let mut ob = build(&cfg(name));
             ob.load_state(oa.state(), oa.steps()).unwrap();
             for s in 3..6 {
-                oa.step(std::slice::from_ref(&a), &[g(s as f32)], 0.05)
+                oa.step(std::slice::from_ref(&a), &[g(s as f32)], 0.05, 1.0)
                     .unwrap();
-                ob.step(std::slice::from_ref(&b), &[g(s as f32)], 0.05)
+                ob.step(std::slice::from_ref(&b), &[g(s as f32)], 0.05, 1.0)
                     .unwrap();
             }
             assert_eq!(values(&a), values(&b));

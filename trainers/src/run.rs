@@ -161,9 +161,14 @@ pub fn load_run(run_dir: &Path, device: &Device) -> Result<LoadedRun> {
     // detached copy of the model for inference.
     let varmap = VarMap::new();
     let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, device);
-    model_cfg.build(vb, kiln_models::SharedRng::new(recipe.seed, "dropout"))?;
+    let compute = crate::amp::compute_dtype(recipe.precision);
+    model_cfg.build(
+        vb,
+        kiln_models::SharedRng::new(recipe.seed, "dropout"),
+        compute,
+    )?;
     crate::trainer::load_weights(&varmap, &checkpoint.join(checkpoint::MODEL_FILE), device)?;
-    let model = crate::trainer::detached_model(&varmap, &model_cfg, device)?;
+    let model = crate::trainer::detached_model(&varmap, &model_cfg, device, compute)?;
     Ok(LoadedRun {
         recipe,
         model_cfg,

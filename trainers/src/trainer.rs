@@ -6,6 +6,7 @@
 //! data stream's position, the dropout generator's position, metric tracking), so a run resumed
 //! from it continues exactly as if it had never stopped.
 
+use crate::amp::{self, LossScaler};
 use crate::optim::{self, Optimizer, Param};
 use crate::run::{self, RunDir};
 use crate::schedule::Schedule;
@@ -69,6 +70,9 @@ pub struct TrainerState {
     pub window: Window,
     pub items_seen: usize,
     pub train_seconds: f64,
+    /// f16 training's loss scale (absent for f32 and bf16).
+    #[serde(default)]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// Continues the run in `run_dir` from its newest intact checkpoint. `sets` may change only
@@ -124,12 +128,19 @@ fn run_loop(
     let varmap = VarMap::new();
     let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, &device);
     let dropout_rng = SharedRng::new(recipe.seed, "dropout");
-    let model = model_cfg.build(vb, dropout_rng.clone())?;
+    let compute = amp::compute_dtype(recipe.precision);
+    let model = model_cfg.build(vb, dropout_rng.clone(), compute)?;
     let params = params_of(&varmap);
     let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
     let mut optimizer = optim::build(&recipe.optim);
     let (mut state, mut last_checkpoint) = match resumed {
-        None => (TrainerState::default(), None),
+        None => (
+            TrainerState {
+                loss_scaler: LossScaler::for_precision(recipe.precision),
+                ..TrainerState::default()
+            },
+            None,
+        ),
         Some((dir, state)) => {
             load_weights(&varmap, &dir.join(checkpoint::MODEL_FILE), &device)?;
             let moments = checkpoint::load_tensors(&dir.join(checkpoint::OPTIMIZER_FILE), &device)?;
@@ -206,6 +217,7 @@ fn run_loop(
             lr,
             t.clip_grad_norm,
             step == 1,
+            state.loss_scaler.as_mut(),
         )?;
         if let Some((what, value)) = out.diverged {
             bail!(diverged(step, what, value, &last_checkpoint));
@@ -219,13 +231,17 @@ fn run_loop(
         progress.step(step_loss, lr, state.window.rate());
 
         if step % t.log_every == 0 || step == total_steps {
-            let values = BTreeMap::from([
+            let mut values = BTreeMap::from([
                 ("train/loss".to_string(), state.window.mean_loss()),
                 ("lr".to_string(), lr),
                 ("grad_norm".to_string(), grad_norm),
                 ("throughput".to_string(), state.window.rate()),
                 ("epoch".to_string(), state.epoch as f64),
             ]);
+            if let Some(s) = &state.loss_scaler {
+                values.insert("loss_scale".into(), s.scale);
+                values.insert("skipped_steps".into(), s.skipped_steps as f64);
+            }
             log.write(step, &values)?;
             state.tracker.update(step, &values);
             progress.log(step, total_steps, &values);
@@ -351,7 +367,10 @@ pub struct StepOutput {
 }
 
 /// One optimizer update: forward and backward over `batches` (gradients summed, each loss scaled
-/// by 1/len), the no-gradient guard when `check`, global-norm clipping, then the update.
+/// by 1/len), the no-gradient guard when `check`, global-norm clipping, then the update. With a
+/// loss `scaler` (f16), the backward runs on the scaled loss, and a step whose gradients
+/// overflow is skipped (no update) and lowers the scale.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &dyn Model,
     params: &[Param],
@@ -360,7 +379,9 @@ pub fn train_step(
     lr: f64,
     clip_norm: f64,
     check: bool,
+    mut scaler: Option<&mut LossScaler>,
 ) -> Result<StepOutput> {
+    let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     let mut loss_sum = 0.0;
     for batch in batches {
@@ -375,11 +396,17 @@ pub fn train_step(
             });
         }
         loss_sum += value;
-        let store = (loss / batches.len() as f64)?.backward()?;
+        let store = kiln_kernels::backward(&(loss * (loss_scale / batches.len() as f64))?)?;
         accumulate(&mut grads, params, &store)?;
     }
+    let loss = loss_sum / batches.len() as f64;
     if check {
-        check_gradients(params, &grads)?;
+        // Under loss scaling an overflow on the first step is expected (the scaler backs off),
+        // so only missing gradients are refused there.
+        match scaler {
+            None => check_gradients(params, &grads)?,
+            Some(_) => check_missing(params, &grads)?,
+        }
     }
     let grads: Vec<Tensor> = grads
         .into_iter()
@@ -388,8 +415,16 @@ pub fn train_step(
             g.with_context(|| format!("{} lost its gradient after the first step", p.name))
         })
         .collect::<Result<_>>()?;
-    let loss = loss_sum / batches.len() as f64;
-    let grad_norm = global_norm(&grads)?;
+    let grad_norm = global_norm(&grads)? / loss_scale;
+    if let Some(s) = scaler.as_mut() {
+        if !s.update(grad_norm.is_finite()) {
+            return Ok(StepOutput {
+                loss,
+                grad_norm,
+                diverged: None,
+            });
+        }
+    }
     if !grad_norm.is_finite() {
         return Ok(StepOutput {
             loss,
@@ -397,7 +432,12 @@ pub fn train_step(
             diverged: Some(("gradient norm", grad_norm)),
         });
     }
-    optimizer.step(params, &clip(grads, grad_norm, clip_norm)?, lr)?;
+    let clip = if clip_norm > 0.0 && grad_norm > clip_norm {
+        clip_norm / (grad_norm + 1e-6)
+    } else {
+        1.0
+    };
+    optimizer.step(params, &grads, lr, clip / loss_scale)?;
     Ok(StepOutput {
         loss,
         grad_norm,
@@ -446,6 +486,11 @@ fn accumulate(grads: &mut [Option<Tensor>], params: &[Param], store: &GradStore)
 /// Refuses to train when a trainable parameter gets no gradient (an op without a backward cut
 /// the graph, or the parameter is unused) or a non-finite one.
 pub fn check_gradients(params: &[Param], grads: &[Option<Tensor>]) -> Result<()> {
+    check_missing(params, grads)?;
+    check_finite(params, grads)
+}
+
+fn check_missing(params: &[Param], grads: &[Option<Tensor>]) -> Result<()> {
     let missing: Vec<&str> = params
         .iter()
         .zip(grads)
@@ -461,6 +506,10 @@ pub fn check_gradients(params: &[Param], grads: &[Option<Tensor>]) -> Result<()>
             missing.join(", ")
         );
     }
+    Ok(())
+}
+
+fn check_finite(params: &[Param], grads: &[Option<Tensor>]) -> Result<()> {
     let mut bad = Vec::new();
     for (p, g) in params.iter().zip(grads) {
         let g = g.as_ref().expect("checked above");
@@ -494,18 +543,6 @@ fn global_norm(grads: &[Tensor]) -> Result<f64> {
         .sqrt() as f64)
 }
 
-/// Scales all gradients by `max_norm / norm` when their global norm exceeds `max_norm` (> 0).
-fn clip(grads: Vec<Tensor>, norm: f64, max_norm: f64) -> Result<Vec<Tensor>> {
-    if max_norm <= 0.0 || norm <= max_norm {
-        return Ok(grads);
-    }
-    let scale = max_norm / (norm + 1e-6);
-    Ok(grads
-        .iter()
-        .map(|g| g * scale)
-        .collect::<candle_core::Result<_>>()?)
-}
-
 fn diverged(step: usize, what: &str, value: f64, last: &Option<PathBuf>) -> String {
     let kept = match last {
         Some(p) => format!("the last good checkpoint is {}", p.display()),
@@ -529,7 +566,8 @@ pub fn evaluate(
     device: &Device,
     prefix: &str,
 ) -> Result<BTreeMap<String, f64>> {
-    let model = detached_model(varmap, model_cfg, device)?;
+    let compute = amp::compute_dtype(recipe.precision);
+    let model = detached_model(varmap, model_cfg, device, compute)?;
     task::evaluate(
         model.as_ref(),
         recipe.task,
@@ -541,10 +579,13 @@ pub fn evaluate(
     )
 }
 
+/// The model over detached copies of the parameters (no graph is recorded), for evaluation and
+/// generation; matmuls in `compute`, as in training.
 pub fn detached_model(
     varmap: &VarMap,
     cfg: &ModelConfig,
     device: &Device,
+    compute: DType,
 ) -> Result<Box<dyn Model>> {
     let tensors: HashMap<String, Tensor> = varmap
         .data()
@@ -554,7 +595,8 @@ pub fn detached_model(
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
-    Ok(cfg.build(vb, SharedRng::new(0, "unused: evaluation has no dropout"))?)
+    let rng = SharedRng::new(0, "unused: evaluation has no dropout");
+    Ok(cfg.build(vb, rng, compute)?)
 }
 
 fn save_checkpoint(

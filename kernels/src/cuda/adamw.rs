@@ -26,7 +26,10 @@ pub fn step(tensors: &[AdamWTensor], hyper: &AdamWHyper) -> Result<()> {
     };
     let device = first.param.device().clone();
     let Device::Cuda(dev) = &device else {
-        candle_core::bail!("adamw: the CUDA step got tensors on {:?}", device.location())
+        candle_core::bail!(
+            "adamw: the CUDA step got tensors on {:?}",
+            device.location()
+        )
     };
     for t in tensors {
         check(t, &device)?;
@@ -120,7 +123,9 @@ pub fn step(tensors: &[AdamWTensor], hyper: &AdamWHyper) -> Result<()> {
         let mut b = func.builder();
         b.arg(&view).arg(&n).arg(&chunk);
         b.arg(&h.lr).arg(&h.beta1).arg(&h.beta2).arg(&h.eps);
-        b.arg(&h.bias_correction1).arg(&h.bias_correction2).arg(&h.grad_scale);
+        b.arg(&h.bias_correction1)
+            .arg(&h.bias_correction2)
+            .arg(&h.grad_scale);
         let cfg = LaunchConfig {
             grid_dim: (chunks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -148,7 +153,10 @@ fn check(t: &AdamWTensor, device: &Device) -> Result<()> {
     for (what, x) in named {
         let Some(x) = x else { continue };
         if !x.device().same_device(device) {
-            candle_core::bail!("adamw: {what} is on {:?}, not the CUDA device", x.device().location())
+            candle_core::bail!(
+                "adamw: {what} is on {:?}, not the CUDA device",
+                x.device().location()
+            )
         }
         if x.elem_count() != n || !x.is_contiguous() {
             candle_core::bail!("adamw: {what} must be contiguous with {n} elements")
@@ -158,7 +166,10 @@ fn check(t: &AdamWTensor, device: &Device) -> Result<()> {
         candle_core::bail!("adamw: weights and moments must be f32");
     }
     if !matches!(t.grad.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-        candle_core::bail!("adamw: unsupported gradient dtype {:?} on CUDA", t.grad.dtype())
+        candle_core::bail!(
+            "adamw: unsupported gradient dtype {:?} on CUDA",
+            t.grad.dtype()
+        )
     }
     if let Some(c) = t.copy {
         if !matches!(c.dtype(), DType::F32 | DType::BF16 | DType::F16) {

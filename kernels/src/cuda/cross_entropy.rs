@@ -113,7 +113,8 @@ fn launch<T: DeviceRepr + WithDType>(
     // SAFETY: ce_count(targets[n], n, v, count[1]).
     unsafe { b.launch(one_block) }.w()?;
 
-    let func = dev.get_or_load_custom_func(&kernel_name::<T>("ce_rows"), MODULE, ptx::CROSS_ENTROPY)?;
+    let func =
+        dev.get_or_load_custom_func(&kernel_name::<T>("ce_rows"), MODULE, ptx::CROSS_ENTROPY)?;
     let mut b = func.builder();
     b.arg(&logits)
         .arg(targets)

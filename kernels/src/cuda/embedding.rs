@@ -61,7 +61,12 @@ fn bwd<T: GpuFloat>(
             ptx::EMBEDDING,
         )?;
         let mut bld = func.builder();
-        bld.arg(&idv).arg(&dyv).arg(&mut dw32).arg(&ni).arg(&ci).arg(&vocab_u32);
+        bld.arg(&idv)
+            .arg(&dyv)
+            .arg(&mut dw32)
+            .arg(&ni)
+            .arg(&ci)
+            .arg(&vocab_u32);
         // SAFETY: ids hold n elements, dy n·c, dw32 vocab·c zeroed floats; ids ≥ vocab are
         // skipped in the kernel.
         unsafe { bld.launch(rows_config(n, c)) }.w()?;

@@ -42,7 +42,10 @@ fn fwd<T: GpuFloat>(x: (&CudaStorage, &Layout)) -> Result<Vec<(CudaStorage, Shap
 /// x, dy → dx = dy·gelu'(x).
 pub fn backward(args: &[(&CudaStorage, &Layout)]) -> Result<Vec<(CudaStorage, Shape)>> {
     let [x, dy] = args else {
-        candle_core::bail!("gelu backward: expected 2 arguments (x, dy), got {}", args.len())
+        candle_core::bail!(
+            "gelu backward: expected 2 arguments (x, dy), got {}",
+            args.len()
+        )
     };
     with_gpu_float!(x.0.dtype(), "gelu backward", |T| bwd::<T>(*x, *dy))
 }

@@ -3,8 +3,8 @@
 //! f32 atomics), then a cast for bf16/f16. All launches on the device's stream, no host sync.
 
 use super::{
-    alloc, as_i32, cols_config, f32_to_storage, ptx, rows_config, view, with_gpu_float,
-    zeros_f32, GpuFloat,
+    alloc, as_i32, cols_config, f32_to_storage, ptx, rows_config, view, with_gpu_float, zeros_f32,
+    GpuFloat,
 };
 use crate::rows_cols;
 use candle_core::backend::BackendStorage;
@@ -17,7 +17,10 @@ const MODULE: &str = "kiln_layer_norm";
 /// x[N, C], w[C], b[C] → y[N, C], mean[N] f32, rstd[N] f32.
 pub fn forward(args: &[(&CudaStorage, &Layout)], eps: f32) -> Result<Vec<(CudaStorage, Shape)>> {
     let [x, w, b] = args else {
-        candle_core::bail!("layer_norm: expected 3 arguments (x, w, b), got {}", args.len())
+        candle_core::bail!(
+            "layer_norm: expected 3 arguments (x, w, b), got {}",
+            args.len()
+        )
     };
     with_gpu_float!(x.0.dtype(), "layer_norm", |T| fwd::<T>(*x, *w, *b, eps))
 }
@@ -51,7 +54,11 @@ fn fwd<T: GpuFloat>(
         )?;
         let mut bld = func.builder();
         bld.arg(&xv).arg(&wv).arg(&bv).arg(&mut y);
-        bld.arg(&mut mean).arg(&mut rstd).arg(&ni).arg(&ci).arg(&eps);
+        bld.arg(&mut mean)
+            .arg(&mut rstd)
+            .arg(&ni)
+            .arg(&ci)
+            .arg(&eps);
         // SAFETY: x and y hold n·c elements, w and b c, mean and rstd n; one row per warp/block.
         unsafe { bld.launch(rows_config(n, c)) }.w()?;
     }
@@ -111,7 +118,12 @@ fn bwd<T: GpuFloat>(
             ptx::LAYER_NORM,
         )?;
         let mut bld = func.builder();
-        bld.arg(&xv).arg(&wv).arg(&mv).arg(&rv).arg(&dyv).arg(&mut dx);
+        bld.arg(&xv)
+            .arg(&wv)
+            .arg(&mv)
+            .arg(&rv)
+            .arg(&dyv)
+            .arg(&mut dx);
         bld.arg(&ni).arg(&ci);
         // SAFETY: x, dy and dx hold n·c elements, w c, mean and rstd n.
         unsafe { bld.launch(rows_config(n, c)) }.w()?;
@@ -122,7 +134,12 @@ fn bwd<T: GpuFloat>(
             ptx::LAYER_NORM,
         )?;
         let mut bld = func.builder();
-        bld.arg(&xv).arg(&mv).arg(&rv).arg(&dyv).arg(&mut dw32).arg(&mut db32);
+        bld.arg(&xv)
+            .arg(&mv)
+            .arg(&rv)
+            .arg(&dyv)
+            .arg(&mut dw32)
+            .arg(&mut db32);
         bld.arg(&ni).arg(&ci);
         // SAFETY: as above; dw32 and db32 hold c zeroed floats.
         unsafe { bld.launch(cols_config(n, c)) }.w()?;
@@ -140,7 +157,10 @@ fn bwd<T: GpuFloat>(
 /// A per-column parameter (`what`: w, b) of op `op` must hold C elements.
 pub(crate) fn check_param(l: &Layout, c: usize, op: &str, what: &str) -> Result<()> {
     if l.shape().elem_count() != c {
-        candle_core::bail!("{op}: {what} {:?} does not match the last dim {c}", l.shape())
+        candle_core::bail!(
+            "{op}: {what} {:?} does not match the last dim {c}",
+            l.shape()
+        )
     }
     Ok(())
 }

@@ -4,8 +4,8 @@
 
 use super::layer_norm::check_param;
 use super::{
-    alloc, as_i32, cols_config, f32_to_storage, ptx, rows_config, view, with_gpu_float,
-    zeros_f32, GpuFloat,
+    alloc, as_i32, cols_config, f32_to_storage, ptx, rows_config, view, with_gpu_float, zeros_f32,
+    GpuFloat,
 };
 use crate::rows_cols;
 use candle_core::backend::BackendStorage;
@@ -38,11 +38,8 @@ fn fwd<T: GpuFloat>(
     let mut rstd = alloc::<f32>(dev, n)?;
     if n * c > 0 {
         let (ni, ci) = (as_i32(n, NAME)?, as_i32(c, NAME)?);
-        let func = dev.get_or_load_custom_func(
-            &kernel_name::<T>("rms_norm_fwd"),
-            MODULE,
-            ptx::RMS_NORM,
-        )?;
+        let func =
+            dev.get_or_load_custom_func(&kernel_name::<T>("rms_norm_fwd"), MODULE, ptx::RMS_NORM)?;
         let mut bld = func.builder();
         bld.arg(&xv).arg(&wv).arg(&mut y).arg(&mut rstd);
         bld.arg(&ni).arg(&ci).arg(&eps);

@@ -40,7 +40,10 @@ fn fwd<T: GpuFloat>(x: (&CudaStorage, &Layout)) -> Result<Vec<(CudaStorage, Shap
 /// y, dy → dx = y·(dy − Σ dy·y).
 pub fn backward(args: &[(&CudaStorage, &Layout)]) -> Result<Vec<(CudaStorage, Shape)>> {
     let [y, dy] = args else {
-        candle_core::bail!("softmax backward: expected 2 arguments (y, dy), got {}", args.len())
+        candle_core::bail!(
+            "softmax backward: expected 2 arguments (y, dy), got {}",
+            args.len()
+        )
     };
     with_gpu_float!(y.0.dtype(), "softmax backward", |T| bwd::<T>(*y, *dy))
 }
