@@ -301,3 +301,110 @@ fn keep_last_and_keep_best_prune_checkpoints() {
     );
     assert!(left.len() <= 2, "only latest and best survive: {left:?}");
 }
+
+/// bf16 and f16 (with loss scaling) train the tiny GPT along the f32 run's loss curve.
+#[test]
+fn mixed_precision_tracks_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let f32_run = run(&recipe, dir.path(), "f32", &[]).unwrap();
+    let reference = train_losses(&f32_run);
+    for precision in ["bf16", "f16"] {
+        let set = format!("precision={precision}");
+        let low = run(&recipe, dir.path(), precision, &[&set]).unwrap();
+        let losses = train_losses(&low);
+        assert_eq!(losses.len(), reference.len());
+        for (a, b) in losses.iter().zip(&reference) {
+            assert!(
+                (a - b).abs() < 0.05 * b.max(1.0),
+                "{precision}: {losses:?} strays from f32's {reference:?}"
+            );
+        }
+        let last = metrics(&low)
+            .into_iter()
+            .rfind(|m| m.get("train/loss").is_some())
+            .unwrap();
+        // Only f16 scales the loss, and says so in the metrics.
+        assert_eq!(
+            last.get("loss_scale").is_some(),
+            precision == "f16",
+            "{last}"
+        );
+    }
+}
+
+/// An f16 step whose scaled gradients overflow is skipped: no update, and a smaller scale.
+#[test]
+fn an_overflowing_f16_step_is_skipped_and_the_scale_backs_off() {
+    use kiln::core::recipe::{OptimConfig, OptimizerName, Precision};
+    use kiln::models::gpt::GptConfig;
+    use kiln::models::ModelConfig;
+    use kiln::trainers::amp::LossScaler;
+    use kiln::trainers::{optim, trainer};
+    let device = Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let vb = kiln::core::rng::seeded_var_builder(&varmap, 0, DType::F32, &device);
+    let cfg = ModelConfig::Gpt(GptConfig {
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 16,
+        block_size: 8,
+        vocab_size: 11,
+        dropout: 0.0,
+        bias: true,
+        checkpoint_activations: false,
+    });
+    let model = cfg
+        .build(vb, kiln::models::SharedRng::new(0, "d"), DType::F16)
+        .unwrap();
+    let params = trainer::params_of(&varmap);
+    let mut opt = optim::build(&OptimConfig {
+        name: OptimizerName::Adamw,
+        lr: 1e-3,
+        weight_decay: 0.0,
+        betas: [0.9, 0.99],
+        eps: 1e-8,
+        momentum: 0.0,
+        nesterov: false,
+    });
+    let ids: Vec<u32> = (0..16).map(|i| i % 11).collect();
+    let batch = kiln::core::data::Batch {
+        inputs: Tensor::from_slice(&ids, (2, 8), &device).unwrap(),
+        targets: Tensor::from_slice(&ids, (2, 8), &device).unwrap(),
+    };
+    let before: Vec<f32> = params[0].var.flatten_all().unwrap().to_vec1().unwrap();
+    let mut scaler = LossScaler::for_precision(Precision::F16).unwrap();
+    scaler.scale = 1e30; // far past f16's range: the gradients become inf
+    let out = trainer::train_step(
+        model.as_ref(),
+        &params,
+        opt.as_mut(),
+        std::slice::from_ref(&batch),
+        1e-3,
+        1.0,
+        true,
+        Some(&mut scaler),
+    )
+    .unwrap();
+    assert!(out.diverged.is_none(), "an overflow is not a divergence");
+    assert_eq!((scaler.scale, scaler.skipped_steps), (5e29, 1));
+    assert_eq!(opt.steps(), 0, "no update was applied");
+    let after: Vec<f32> = params[0].var.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(before, after);
+    // A sane scale then trains normally.
+    scaler.scale = 1024.0;
+    let out = trainer::train_step(
+        model.as_ref(),
+        &params,
+        opt.as_mut(),
+        std::slice::from_ref(&batch),
+        1e-3,
+        1.0,
+        false,
+        Some(&mut scaler),
+    )
+    .unwrap();
+    assert!(out.grad_norm.is_finite() && out.diverged.is_none());
+    assert_eq!(opt.steps(), 1);
+}
