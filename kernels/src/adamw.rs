@@ -219,6 +219,52 @@ mod tests {
         }
     }
 
+    /// The fused step against the composed one (`reference::adamw_step`) on a tensor whose
+    /// size is not a multiple of the chunk, with a gradient factor and weight decay.
+    #[test]
+    fn matches_the_composition() {
+        let n = 3 * CHUNK + 17;
+        let (p0, g) = (
+            crate::testing::rand(&[n], 1).to_dtype(DType::F32).unwrap(),
+            crate::testing::rand(&[n], 2).to_dtype(DType::F32).unwrap(),
+        );
+        let (p, m, v) = (
+            p0.copy().unwrap(),
+            p0.zeros_like().unwrap(),
+            p0.zeros_like().unwrap(),
+        );
+        let (mut rp, mut rm, mut rv) = (
+            p0.clone(),
+            p0.zeros_like().unwrap(),
+            p0.zeros_like().unwrap(),
+        );
+        for t in 1..=3 {
+            let h = AdamWHyper {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                bias_correction1: 1.0 - 0.9f32.powi(t),
+                bias_correction2: 1.0 - 0.95f32.powi(t),
+                grad_scale: 0.25,
+            };
+            let ts = [AdamWTensor {
+                param: &p,
+                grad: &g,
+                m: &m,
+                v: &v,
+                weight_decay: 0.1,
+                copy: None,
+            }];
+            adamw_step(&ts, &h).unwrap();
+            (rp, rm, rv) = crate::reference::adamw_step(&rp, &g, &rm, &rv, 0.1, &h).unwrap();
+        }
+        for (a, b) in [(&p, &rp), (&m, &rm), (&v, &rv)] {
+            let e = crate::testing::rel_err(a, b);
+            assert!(e < 1e-6, "relative error {e}");
+        }
+    }
+
     #[test]
     fn refuses_mismatched_tensors() {
         let (p, m, v, g) = (t(&[1.0; 3]), t(&[0.0; 3]), t(&[0.0; 2]), t(&[1.0; 3]));

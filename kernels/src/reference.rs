@@ -105,6 +105,28 @@ pub fn embedding(ids: &Tensor, weight: &Tensor) -> Result<Tensor> {
     weight.index_select(&ids.flatten_all()?, 0)?.reshape(shape)
 }
 
+/// One AdamW step as tensor ops (what `trainers` did before the fused kernel): returns the new
+/// (param, m, v) instead of updating in place.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    param: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    weight_decay: f64,
+    h: &crate::AdamWHyper,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
+    let g = (grad.to_dtype(DType::F32)? * h.grad_scale as f64)?;
+    let m = ((m * b1)? + (&g * (1.0 - b1))?)?;
+    let v = ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+    let lr = h.lr as f64;
+    let denom = ((&v / h.bias_correction2 as f64)?.sqrt()? + h.eps as f64)?;
+    let update = ((&m * (lr / h.bias_correction1 as f64))? / denom)?;
+    let p = ((param * (1.0 - lr * weight_decay))? - update)?;
+    Ok((p, m, v))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaStream, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::{CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Device, Layout, Result, Storage};
 
 const MODULE: &str = "kiln_adamw";
 /// Elements per block: 4 unrolled iterations of 256 threads × 4 elements (see adamw.cu).
@@ -49,13 +49,12 @@ pub fn step(tensors: &[AdamWTensor], hyper: &AdamWHyper) -> Result<()> {
     let guards: Vec<_> = tensors
         .iter()
         .map(|t| {
-            let opt = |x: Option<&Tensor>| x.map(|x| x.storage_and_layout());
             [
                 Some(t.param.storage_and_layout()),
                 Some(t.grad.storage_and_layout()),
                 Some(t.m.storage_and_layout()),
                 Some(t.v.storage_and_layout()),
-                opt(t.copy),
+                t.copy.map(|c| c.storage_and_layout()),
             ]
         })
         .collect();

@@ -113,8 +113,13 @@ fn fwd<T: GpuFloat>(
         // only rows < T and columns < D of each (b, h).
         unsafe { bld.launch(cfg) }.w()?;
     }
-    let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
-    Ok(vec![(wrap(o), shape), (wrap(lse), Shape::from((b, h, t)))])
+    Ok(vec![
+        (CudaStorage::wrap_cuda_slice(o, dev.clone()), shape),
+        (
+            CudaStorage::wrap_cuda_slice(lse, dev.clone()),
+            Shape::from((b, h, t)),
+        ),
+    ])
 }
 
 /// q, k, v, o, lse, do → dq, dk, dv (q's dtype).

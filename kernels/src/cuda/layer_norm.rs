@@ -62,11 +62,16 @@ fn fwd<T: GpuFloat>(
         // SAFETY: x and y hold n·c elements, w and b c, mean and rstd n; one row per warp/block.
         unsafe { bld.launch(rows_config(n, c)) }.w()?;
     }
-    let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
     Ok(vec![
-        (wrap(y), shape),
-        (wrap(mean), Shape::from(n)),
-        (wrap(rstd), Shape::from(n)),
+        (CudaStorage::wrap_cuda_slice(y, dev.clone()), shape),
+        (
+            CudaStorage::wrap_cuda_slice(mean, dev.clone()),
+            Shape::from(n),
+        ),
+        (
+            CudaStorage::wrap_cuda_slice(rstd, dev.clone()),
+            Shape::from(n),
+        ),
     ])
 }
 

@@ -46,8 +46,13 @@ fn fwd<T: GpuFloat>(
         // SAFETY: x and y hold n·c elements, w c, rstd n; one row per warp/block.
         unsafe { bld.launch(rows_config(n, c)) }.w()?;
     }
-    let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
-    Ok(vec![(wrap(y), shape), (wrap(rstd), Shape::from(n))])
+    Ok(vec![
+        (CudaStorage::wrap_cuda_slice(y, dev.clone()), shape),
+        (
+            CudaStorage::wrap_cuda_slice(rstd, dev.clone()),
+            Shape::from(n),
+        ),
+    ])
 }
 
 /// x, w, rstd, dy → dx[N, C], dw[C] (x's dtype).
