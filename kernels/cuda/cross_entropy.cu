@@ -7,7 +7,7 @@
 //                 row kernel can divide by it without a host round trip.
 //   ce_rows_<T>   one block per row. Pass 1: each thread keeps an online (max, sum of exp)
 //                 over its strided elements, then the block merges them (block_max, rescale,
-//                 block_sum) -> lse. Pass 2: dlogits = (exp(x - max)/sum - onehot) / count.
+//                 block_sum) -> lse. Pass 2: dlogits = (exp(x - lse) - onehot) / count.
 //                 The per-row loss lse - x[target] goes to an f32 buffer.
 //   ce_mean       one block: a fixed-order sum of the per-row losses / count (deterministic,
 //                 no float atomics).
@@ -39,17 +39,22 @@ template <typename T> __device__ __forceinline__ int ce_head(const T* p, int V) 
     return head < V ? head : V;
 }
 
-// Online softmax state: m = running max, s = sum of exp(x - m). m == -inf means "nothing yet
-// (or only -inf)", and s is then 0; the guards keep -inf - -inf from producing NaN.
+// Online softmax state: m = running max, s = sum of exp(x - m) over the elements seen, except
+// one occurrence of the max (whose term is exactly 1). Keeping that 1 out of s lets the row
+// compute ln z = log1p(rest) accurately when one logit dominates: 1 + rest would round a tiny
+// loss away in f32 (the CPU kernel does the same). m == -inf means "nothing finite yet"; the
+// guards keep -inf - -inf from producing NaN.
 __device__ __forceinline__ void ce_online(float& m, float& s, float x) {
-    float nm = fmaxf(m, x);
-    if (nm == -INFINITY) return;
-    s = s * expf(m - nm) + expf(x - nm);
-    m = nm;
+    if (x > m) {
+        s = (m == -INFINITY) ? 0.f : (s + 1.f) * expf(m - x);
+        m = x;
+    } else if (m != -INFINITY) {
+        s += expf(x - m);
+    }
 }
 
 extern "C" __global__ void ce_count(const uint32_t* __restrict__ targets, int N, int V,
-                         uint32_t* __restrict__ count) {
+                                    uint32_t* __restrict__ count) {
     __shared__ uint32_t total;
     if (threadIdx.x == 0) total = 0;
     __syncthreads();
@@ -89,51 +94,47 @@ __device__ void ce_rows(const T* __restrict__ logits, const uint32_t* __restrict
     for (int i = tid; i < head; i += nt) ce_online(m, s, to_f32(x[i]));
     for (int j = tid; j < nvec; j += nt) {
         Vec16<T> a = xv[j];
-        float vmax = -INFINITY;
 #pragma unroll
-        for (int k = 0; k < VN; k++) vmax = fmaxf(vmax, to_f32(a.v[k]));
-        float nm = fmaxf(m, vmax);
-        if (nm == -INFINITY) continue;
-        s *= expf(m - nm);
-#pragma unroll
-        for (int k = 0; k < VN; k++) s += expf(to_f32(a.v[k]) - nm);
-        m = nm;
+        for (int k = 0; k < VN; k++) ce_online(m, s, to_f32(a.v[k]));
     }
     for (int i = tail + tid; i < V; i += nt) ce_online(m, s, to_f32(x[i]));
 
+    // Merge: rest = sum over the row of exp(x - M), less one max term. Each thread holding the
+    // max left its own max term out, so the k such threads add k - 1 ones back (exact in f32).
     const float M = block_max(m, scratch);
-    s = (m == -INFINITY) ? 0.f : s * expf(m - M);
-    const float S = block_sum(s, scratch);
-    if (tid == 0) losses[row] = M + logf(S) - to_f32(x[target]);
+    const bool owns_max = m == M && m != -INFINITY;
+    const float part = owns_max ? s : (m == -INFINITY ? 0.f : (s + 1.f) * expf(m - M));
+    const float sum = block_sum(part, scratch);
+    const float ties = block_sum(owns_max ? 1.f : 0.f, scratch);
+    const float rest = sum + (ties - 1.f);
+    const float ln_z = log1pf(rest);
+    const float lse = M + ln_z;
+    const float xt = to_f32(x[target]);
+    if (tid == 0) losses[row] = ln_z - (xt - M);
 
-    // Pass 2: dlogits. `count` >= 1 here since this row is valid.
-    const float inv_s = 1.f / S;
+    // Pass 2: dlogits = (p - onehot) / count, `count` >= 1 since this row is valid. For the
+    // target, 1 - p_t = rest / (1 + rest) when it is the max, without the cancellation of
+    // p_t - 1.
     const float inv_n = 1.f / (float)(*count);
+    const float dt = xt == M ? -(rest / (1.f + rest)) * inv_n : expf(xt - lse) * inv_n - inv_n;
+    const int t = (int)target;
     if (ce_head(dx, V) == head) {
         Vec16<T>* dv = reinterpret_cast<Vec16<T>*>(dx + head);
-        for (int i = tid; i < head; i += nt) {
-            float p = expf(to_f32(x[i]) - M) * inv_s;
-            dx[i] = from_f32<T>((p - (i == (int)target ? 1.f : 0.f)) * inv_n);
-        }
+        for (int i = tid; i < head; i += nt)
+            dx[i] = from_f32<T>(i == t ? dt : expf(to_f32(x[i]) - lse) * inv_n);
         for (int j = tid; j < nvec; j += nt) {
             Vec16<T> a = xv[j], d;
             const int base = head + j * VN;
 #pragma unroll
-            for (int k = 0; k < VN; k++) {
-                float p = expf(to_f32(a.v[k]) - M) * inv_s;
-                d.v[k] = from_f32<T>((p - (base + k == (int)target ? 1.f : 0.f)) * inv_n);
-            }
+            for (int k = 0; k < VN; k++)
+                d.v[k] = from_f32<T>(base + k == t ? dt : expf(to_f32(a.v[k]) - lse) * inv_n);
             dv[j] = d;
         }
-        for (int i = tail + tid; i < V; i += nt) {
-            float p = expf(to_f32(x[i]) - M) * inv_s;
-            dx[i] = from_f32<T>((p - (i == (int)target ? 1.f : 0.f)) * inv_n);
-        }
+        for (int i = tail + tid; i < V; i += nt)
+            dx[i] = from_f32<T>(i == t ? dt : expf(to_f32(x[i]) - lse) * inv_n);
     } else {
-        for (int i = tid; i < V; i += nt) {
-            float p = expf(to_f32(x[i]) - M) * inv_s;
-            dx[i] = from_f32<T>((p - (i == (int)target ? 1.f : 0.f)) * inv_n);
-        }
+        for (int i = tid; i < V; i += nt)
+            dx[i] = from_f32<T>(i == t ? dt : expf(to_f32(x[i]) - lse) * inv_n);
     }
 }
 
@@ -154,7 +155,7 @@ extern "C" __global__ void ce_mean(const float* __restrict__ losses, int N,
     for (int i = threadIdx.x; i < N; i += blockDim.x) acc += losses[i];
     float total = block_sum(acc, scratch);
     if (threadIdx.x == 0) {
-        uint32_t c = *count;
-        *loss = c > 0 ? total / (float)c : 0.f;
+        uint32_t c = *count;  // sum x (1/count), as the CPU kernel computes it
+        *loss = c > 0 ? total * (1.f / (float)c) : 0.f;
     }
 }

@@ -18,6 +18,9 @@ const THREADS: u32 = 256;
 /// plus one closing chunk start per group.
 const FIELDS: usize = 8;
 
+/// (gradient dtype, copy dtype): one kernel instantiation, one launch.
+type GroupKey = (DType, Option<DType>);
+
 /// Updates every tensor in place (see `crate::adamw` for the formula); all tensors must be on
 /// the same CUDA device.
 pub fn step(tensors: &[AdamWTensor], hyper: &AdamWHyper) -> Result<()> {
@@ -36,7 +39,7 @@ pub fn step(tensors: &[AdamWTensor], hyper: &AdamWHyper) -> Result<()> {
     }
 
     // Groups by (grad dtype, copy dtype), in order of first appearance.
-    let mut groups: Vec<((DType, Option<DType>), Vec<usize>)> = Vec::new();
+    let mut groups: Vec<(GroupKey, Vec<usize>)> = Vec::new();
     for (i, t) in tensors.iter().enumerate() {
         let key = (t.grad.dtype(), t.copy.map(|c| c.dtype()));
         match groups.iter_mut().find(|(k, _)| *k == key) {

@@ -98,8 +98,9 @@ fn launch<T: DeviceRepr + WithDType>(
         return Ok((loss, dlogits));
     }
     let logits = logits.slice(l0..l1);
-    let count = dev.alloc_zeros::<u32>(1)?;
-    let losses = unsafe { dev.alloc::<f32>(n)? }; // SAFETY: one write per row by ce_rows.
+    // SAFETY: ce_count writes the count, ce_rows one loss per row, before any read.
+    let count = unsafe { dev.alloc::<u32>(1)? };
+    let losses = unsafe { dev.alloc::<f32>(n)? };
     let (n_i, v_i) = (n as i32, v as i32);
     let one_block = LaunchConfig {
         grid_dim: (1, 1, 1),

@@ -36,12 +36,8 @@ fn bwd<T: GpuFloat>(
         candle_core::bail!("{NAME}: ids must be u32, got {:?}", ids.0.dtype())
     }
     let n = ids.1.shape().elem_count();
-    let c = if n == 0 {
-        dy.1.dims().last().copied().unwrap_or(0)
-    } else {
-        dy.1.shape().elem_count() / n
-    };
-    if dy.1.shape().elem_count() != n * c || dy.1.dims().last().copied().unwrap_or(0) != c {
+    let c = dy.1.dims().last().copied().unwrap_or(0);
+    if dy.1.shape().elem_count() != n * c {
         candle_core::bail!(
             "{NAME}: dy {:?} is not one row per id ({n} ids)",
             dy.1.shape()

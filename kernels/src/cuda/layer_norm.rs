@@ -54,11 +54,8 @@ fn fwd<T: GpuFloat>(
         )?;
         let mut bld = func.builder();
         bld.arg(&xv).arg(&wv).arg(&bv).arg(&mut y);
-        bld.arg(&mut mean)
-            .arg(&mut rstd)
-            .arg(&ni)
-            .arg(&ci)
-            .arg(&eps);
+        bld.arg(&mut mean).arg(&mut rstd);
+        bld.arg(&ni).arg(&ci).arg(&eps);
         // SAFETY: x and y hold n·c elements, w and b c, mean and rstd n; one row per warp/block.
         unsafe { bld.launch(rows_config(n, c)) }.w()?;
     }
