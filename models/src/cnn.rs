@@ -170,5 +170,6 @@ mod tests {
         let x = rand(&[2, 1, 6, 6], 1);
         let y = Tensor::new(&[0u32, 2], x.device()).unwrap();
         check_model_grads(&cfg, &x, &y);
+        crate::testing::check_mixed_precision(&cfg, &x, &y);
     }
 }

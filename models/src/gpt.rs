@@ -381,6 +381,7 @@ mod tests {
         let x = Tensor::new(&[[1u32, 2, 3, 4], [6, 5, 0, 1]], &Device::Cpu).unwrap();
         let y = Tensor::new(&[[2u32, 3, 4, 5], [5, 0, 1, 2]], &Device::Cpu).unwrap();
         check_model_grads(&ModelConfig::Gpt(tiny()), &x, &y);
+        crate::testing::check_mixed_precision(&ModelConfig::Gpt(tiny()), &x, &y);
     }
 
     #[test]

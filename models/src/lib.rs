@@ -176,4 +176,73 @@ pub(crate) mod testing {
             }
         }
     }
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+        let norm = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        (norm(&d) / norm(&b.to_dtype(DType::F64).unwrap())).sqrt()
+    }
+
+    /// The model with bf16 and f16 matmuls against itself in f32, on the same f32 weights:
+    /// logits come back in f32 and stay close, and every weight gets a close f32 gradient.
+    pub fn check_mixed_precision(cfg: &ModelConfig, input: &Tensor, targets: &Tensor) {
+        let vm = VarMap::new();
+        let vb = kiln_core::rng::seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu);
+        let input = match input.dtype() {
+            DType::F64 => input.to_dtype(DType::F32).unwrap(),
+            _ => input.clone(),
+        };
+        let run = |compute: DType| {
+            let model = cfg
+                .build(vb.clone(), SharedRng::new(0, "d"), compute)
+                .unwrap();
+            let logits = model.forward(&input, false).unwrap();
+            let v = logits.dim(candle_core::D::Minus1).unwrap();
+            let loss = kiln_kernels::cross_entropy(
+                &logits.reshape(((), v)).unwrap(),
+                &targets.flatten_all().unwrap(),
+            )
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            let mut vars: Vec<(String, Var)> =
+                vm.data().lock().unwrap().clone().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            let g: Vec<(String, Tensor)> = vars
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.clone(),
+                        grads
+                            .get(v)
+                            .unwrap_or_else(|| panic!("{n}: no gradient"))
+                            .clone(),
+                    )
+                })
+                .collect();
+            (logits, g)
+        };
+        let (want, want_g) = run(DType::F32);
+        for compute in [DType::BF16, DType::F16] {
+            let (got, got_g) = run(compute);
+            assert_eq!(got.dtype(), DType::F32);
+            let e = rel_err(&got, &want);
+            assert!(e < 2e-2, "{compute:?} logits: relative error {e}");
+            assert!(e > 0.0, "identical logits: the matmuls did not run in {compute:?}");
+            for ((name, g), (_, w)) in got_g.iter().zip(&want_g) {
+                assert_eq!(g.dtype(), DType::F32, "{name}");
+                let e = rel_err(g, w);
+                assert!(
+                    e < 5e-2,
+                    "{compute:?} gradient of {name}: relative error {e}"
+                );
+            }
+        }
+    }
 }

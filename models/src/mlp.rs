@@ -100,5 +100,6 @@ mod tests {
         let x = rand(&[4, 1, 2, 3], 1);
         let y = Tensor::new(&[0u32, 2, 1, 2], x.device()).unwrap();
         check_model_grads(&cfg, &x, &y);
+        crate::testing::check_mixed_precision(&cfg, &x, &y);
     }
 }
