@@ -234,7 +234,10 @@ pub(crate) mod testing {
             assert_eq!(got.dtype(), DType::F32);
             let e = rel_err(&got, &want);
             assert!(e < 2e-2, "{compute:?} logits: relative error {e}");
-            assert!(e > 0.0, "identical logits: the matmuls did not run in {compute:?}");
+            assert!(
+                e > 0.0,
+                "identical logits: the matmuls did not run in {compute:?}"
+            );
             for ((name, g), (_, w)) in got_g.iter().zip(&want_g) {
                 assert_eq!(g.dtype(), DType::F32, "{name}");
                 let e = rel_err(g, w);
