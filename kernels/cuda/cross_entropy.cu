@@ -43,12 +43,13 @@ template <typename T> __device__ __forceinline__ int ce_head(const T* p, int V) 
 // one occurrence of the max (whose term is exactly 1). Keeping that 1 out of s lets the row
 // compute ln z = log1p(rest) accurately when one logit dominates: 1 + rest would round a tiny
 // loss away in f32 (the CPU kernel does the same). m == -inf means "nothing finite yet"; the
-// guards keep -inf - -inf from producing NaN.
+// guards keep -inf - -inf from producing NaN. A NaN logit makes s NaN whenever it comes (s is
+// 0 or NaN while m == -inf, and is kept), so it poisons the row's loss as on the CPU.
 __device__ __forceinline__ void ce_online(float& m, float& s, float x) {
     if (x > m) {
-        s = (m == -INFINITY) ? 0.f : (s + 1.f) * expf(m - x);
+        s = (m == -INFINITY) ? s : (s + 1.f) * expf(m - x);
         m = x;
-    } else if (m != -INFINITY) {
+    } else if (m != -INFINITY || x != x) {
         s += expf(x - m);
     }
 }
@@ -103,7 +104,7 @@ __device__ void ce_rows(const T* __restrict__ logits, const uint32_t* __restrict
     // max left its own max term out, so the k such threads add k - 1 ones back (exact in f32).
     const float M = block_max(m, scratch);
     const bool owns_max = m == M && m != -INFINITY;
-    const float part = owns_max ? s : (m == -INFINITY ? 0.f : (s + 1.f) * expf(m - M));
+    const float part = owns_max ? s : (m == -INFINITY ? s : (s + 1.f) * expf(m - M));
     const float sum = block_sum(part, scratch);
     const float ties = block_sum(owns_max ? 1.f : 0.f, scratch);
     const float rest = sum + (ties - 1.f);
