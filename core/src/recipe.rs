@@ -253,6 +253,8 @@ pub enum Dataset {
     FashionMnist,
     /// One text file, character-level tokens, first `1 - val_fraction` for training.
     TextChar,
+    /// One text file tokenized with a Hugging Face `tokenizer.json` (e.g. GPT-2's BPE).
+    TextBpe,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -278,6 +280,13 @@ pub struct DataConfig {
     /// Batches prepared ahead of the training step.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// text-bpe: the tokenizer (default: `init_from`'s `tokenizer.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
+    /// text-bpe: where token arrays are cached (default: `$KILN_CACHE_DIR`, else
+    /// `~/.cache/kiln`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -399,6 +408,9 @@ struct RawRecipe {
     device: String,
     #[serde(default = "default_precision")]
     precision: Precision,
+    /// Start from these weights: a Hugging Face model folder or a hub id (`org/name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    init_from: Option<String>,
     model: toml::Table,
     data: DataConfig,
     optim: OptimConfig,
@@ -417,6 +429,8 @@ pub struct Recipe {
     pub seed: u64,
     pub device: String,
     pub precision: Precision,
+    /// Start from these weights: a Hugging Face model folder or a hub id (`org/name`).
+    pub init_from: Option<String>,
     pub model: toml::Table,
     pub data: DataConfig,
     pub optim: OptimConfig,
@@ -498,6 +512,7 @@ impl Recipe {
             seed: raw.seed,
             device: raw.device,
             precision: raw.precision,
+            init_from: raw.init_from,
             model: raw.model,
             data: raw.data,
             optim: raw.optim,
@@ -540,7 +555,7 @@ impl Recipe {
                     );
                 }
             }
-            (Task::LanguageModel, Dataset::TextChar) => match d.seq_len {
+            (Task::LanguageModel, Dataset::TextChar | Dataset::TextBpe) => match d.seq_len {
                 None => return err("data.seq_len", "missing: text data needs a sequence length (the model's context), e.g. seq_len = 64".into()),
                 Some(0) => return err("data.seq_len", "must be at least 1".into()),
                 _ => {}
@@ -550,9 +565,22 @@ impl Recipe {
                     "data.dataset",
                     format!(
                         "{ds:?} does not fit task {task:?}: fashion-mnist is for \
-                         \"classification\", text-char for \"language-model\""
+                         \"classification\", text-char and text-bpe for \"language-model\""
                     ),
                 )
+            }
+        }
+        if d.dataset != Dataset::TextBpe {
+            for (key, set) in [
+                ("data.tokenizer", d.tokenizer.is_some()),
+                ("data.cache_dir", d.cache_dir.is_some()),
+            ] {
+                if set {
+                    return err(
+                        key,
+                        "applies to dataset = \"text-bpe\" only; remove it".into(),
+                    );
+                }
             }
         }
         let o = &self.optim;
@@ -661,6 +689,7 @@ impl Recipe {
             seed: self.seed,
             device: self.device.clone(),
             precision: self.precision,
+            init_from: self.init_from.clone(),
             model: model.clone(),
             data: self.data.clone(),
             optim: self.optim.clone(),

@@ -867,7 +867,7 @@ fn dataset_task_mismatch() {
         &e,
         &at(6),
         "data.dataset",
-        &["does not fit task", "text-char for \"language-model\""],
+        &["does not fit task", "text-bpe for \"language-model\""],
     );
 }
 
@@ -1322,4 +1322,30 @@ fn best_metric_must_be_an_eval_metric() {
         (r.trainer.keep_last, r.trainer.best_metric.as_str()),
         (3, "eval/accuracy")
     );
+}
+
+#[test]
+fn tokenizer_keys_belong_to_text_bpe() {
+    set_error(
+        &base(),
+        "data.tokenizer=data/gpt2-tokenizer/tokenizer.json",
+        "data.tokenizer",
+        &["applies to dataset = \"text-bpe\" only"],
+    );
+    let r = Recipe::parse(
+        Path::new("recipes/t.toml"),
+        &base(),
+        &[
+            "data.dataset=text-bpe".into(),
+            "data.tokenizer=tok.json".into(),
+            "init_from=openai-community/gpt2".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(r.data.tokenizer.as_deref(), Some(Path::new("tok.json")));
+    assert_eq!(r.init_from.as_deref(), Some("openai-community/gpt2"));
+    // Both survive into the run's resolved recipe.
+    let again = Recipe::parse(Path::new("run/recipe.toml"), &r.to_toml(&r.model), &[]).unwrap();
+    assert_eq!(again.data, r.data);
+    assert_eq!(again.init_from, r.init_from);
 }

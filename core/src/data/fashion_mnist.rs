@@ -167,6 +167,7 @@ pub fn load(dir: Option<&Path>, val_size: usize) -> anyhow::Result<DataSplits> {
         num_classes: CLASSES.len(),
         files,
         vocab: None,
+        tokenizer: None,
     })
 }
 

@@ -7,6 +7,7 @@
 //! `(seed, b)`: the same recipe and seed give the same batches whatever the thread timing, and a
 //! resumed run can restart the stream at any batch.
 
+pub mod bpe;
 pub mod fashion_mnist;
 pub mod idx;
 pub mod text;
@@ -84,6 +85,8 @@ pub struct DataSplits {
     pub files: Vec<(String, String)>,
     /// Characters of a character-level vocabulary, in id order.
     pub vocab: Option<Vec<char>>,
+    /// The `tokenizer.json` of a BPE data set.
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 /// Batches per training epoch (the last incomplete batch is dropped so shapes stay fixed).
@@ -178,6 +181,27 @@ pub fn load(recipe: &crate::Recipe) -> anyhow::Result<DataSplits> {
                 anyhow::anyhow!("data.path is required for text-char: set it to a UTF-8 text file")
             })?;
             text::load(path, d.seq_len.unwrap_or(1), d.val_fraction)
+        }
+        crate::recipe::Dataset::TextBpe => {
+            let path = d.path.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("data.path is required for text-bpe: set it to a UTF-8 text file")
+            })?;
+            let tokenizer = match (&d.tokenizer, &recipe.init_from) {
+                (Some(t), _) => t.clone(),
+                (None, Some(from)) => crate::hub::resolve(from)?.join("tokenizer.json"),
+                (None, None) => anyhow::bail!(
+                    "data.tokenizer is required for text-bpe: set it to a tokenizer.json, e.g. \
+                     data/gpt2-tokenizer/tokenizer.json"
+                ),
+            };
+            let cache = d.cache_dir.clone().unwrap_or_else(bpe::default_cache_dir);
+            bpe::load(
+                path,
+                &tokenizer,
+                d.seq_len.unwrap_or(1),
+                d.val_fraction,
+                &cache,
+            )
         }
     }
 }

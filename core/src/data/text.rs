@@ -129,6 +129,7 @@ pub fn load(path: &Path, seq_len: usize, val_fraction: f64) -> anyhow::Result<Da
         num_classes: vocab.chars.len(),
         files: vec![(path.display().to_string(), sha256_file(path)?)],
         vocab: Some(vocab.chars),
+        tokenizer: None,
     })
 }
 
