@@ -1,11 +1,13 @@
-//! The `kiln` command line: train, eval, generate, recipes.
+//! The `kiln` command line: train, eval, generate, export, recipes.
 
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
-use kiln::core::data::text::CharVocab;
+use kiln::core::data::codec::StreamDecoder;
 use kiln::core::recipe::{list_recipes, Recipe};
+use kiln::trainers::export::{export, load_language_model, ExportOptions};
 use kiln::trainers::generate::{generate, Sampling};
-use kiln::trainers::run::{load_run, load_vocab};
+use kiln::trainers::run::load_run;
 use kiln::trainers::{train, TrainOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -63,9 +65,18 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
-    /// Sample text from a language-model run.
+    /// Sample text from a language model (a run, an exported folder or a hub id), streaming
+    /// it to stdout.
     Generate {
-        run_dir: PathBuf,
+        /// A kiln run directory.
+        #[arg(required_unless_present = "model", conflicts_with = "model")]
+        run_dir: Option<PathBuf>,
+        /// A Hugging Face model folder (e.g. from `kiln export`) or a hub id in the HF cache.
+        #[arg(long, value_name = "DIR|ID")]
+        model: Option<PathBuf>,
+        /// The run's checkpoint: latest, best or step-N.
+        #[arg(long)]
+        checkpoint: Option<String>,
         #[arg(long)]
         prompt: String,
         #[arg(long, default_value_t = 200)]
@@ -75,16 +86,41 @@ enum Command {
         temperature: f64,
         #[arg(long)]
         top_k: Option<usize>,
+        /// Nucleus sampling: keep the most likely tokens up to this total probability.
+        #[arg(long)]
+        top_p: Option<f64>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
         device: Option<String>,
+    },
+    /// Write a run's checkpoint as a Hugging Face model folder (config.json, model.safetensors,
+    /// tokenizer, generation_config.json) that transformers, vLLM, TGI and candle load.
+    Export {
+        run_dir: PathBuf,
+        /// latest, best or step-N.
+        #[arg(long, default_value = "latest")]
+        checkpoint: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = ExportDtype::F32)]
+        dtype: ExportDtype,
+        /// Write into a folder that is not empty.
+        #[arg(long)]
+        force: bool,
     },
     /// List the recipes with a one-line description.
     Recipes {
         #[arg(long, default_value = "recipes")]
         dir: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportDtype {
+    F32,
+    Bf16,
+    F16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -175,44 +211,69 @@ fn run(cli: Cli) -> Result<Option<usize>> {
         }
         Command::Generate {
             run_dir,
+            model,
+            checkpoint,
             prompt,
             max_new_tokens,
             temperature,
             top_k,
+            top_p,
             seed,
             device,
         } => {
             let device = kiln::core::device::open_device(device.as_deref().unwrap_or("auto"))?;
-            let vocab = CharVocab {
-                chars: load_vocab(&run_dir)?,
-            };
-            let run = load_run(&run_dir, &device)?;
-            let kiln::models::ModelConfig::Gpt(cfg) = &run.model_cfg else {
-                bail!("{} is not a language-model run", run_dir.display());
-            };
-            let ids = vocab.encode(&prompt).map_err(|c| {
-                anyhow::anyhow!("the prompt has {c:?}, which is not in the model's vocabulary")
-            })?;
+            let spec = run_dir.or(model).expect("clap requires one");
+            let lm = load_language_model(&spec, checkpoint.as_deref(), &device)?;
+            let ids = lm.codec.encode(&prompt)?;
             let sampling = Sampling {
                 max_new_tokens,
                 temperature,
                 top_k,
+                top_p,
                 seed,
+                stop: lm.codec.end_of_text(),
             };
             let mut out = std::io::stdout().lock();
             write!(out, "{prompt}")?;
+            out.flush()?;
+            let mut stream = StreamDecoder::new(&ids);
+            let mut failed = None;
             generate(
-                run.model.as_ref(),
+                lm.model.as_ref(),
                 &ids,
-                cfg.block_size,
+                lm.context(),
                 &sampling,
                 &device,
-                |t| {
-                    let _ = write!(out, "{}", vocab.decode(&[t]));
-                    let _ = out.flush();
+                |t| match stream.push(&lm.codec, t) {
+                    Ok(piece) => {
+                        let _ = write!(out, "{piece}");
+                        let _ = out.flush();
+                    }
+                    Err(e) => failed = Some(e),
                 },
             )?;
             writeln!(out)?;
+            failed.map_or(Ok(None), Err)
+        }
+        Command::Export {
+            run_dir,
+            checkpoint,
+            out,
+            dtype,
+            force,
+        } => {
+            let dtype = match dtype {
+                ExportDtype::F32 => DType::F32,
+                ExportDtype::Bf16 => DType::BF16,
+                ExportDtype::F16 => DType::F16,
+            };
+            let opts = ExportOptions {
+                checkpoint,
+                dtype,
+                force,
+            };
+            export(&run_dir, &out, &opts)?;
+            eprintln!("exported {} → {}", run_dir.display(), out.display());
             Ok(None)
         }
         Command::Recipes { dir } => {

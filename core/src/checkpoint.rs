@@ -191,6 +191,52 @@ pub fn latest(checkpoints: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// The checkpoint a user names: `latest`, `best` (kept by `trainer.keep_best`) or `step-N`.
+pub fn by_name(checkpoints: &Path, which: &str) -> anyhow::Result<PathBuf> {
+    let available = || {
+        let names: Vec<String> = step_dirs(checkpoints)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, d)| d.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        names.join(", ")
+    };
+    match which {
+        "latest" => latest(checkpoints),
+        "best" => {
+            let p = checkpoints.join(BEST);
+            let name = std::fs::read_to_string(&p).map_err(|_| {
+                anyhow::anyhow!(
+                    "this run kept no best checkpoint (set trainer.keep_best = true when \
+                     training); available: latest, {}",
+                    available()
+                )
+            })?;
+            let dir = checkpoints.join(name.trim());
+            anyhow::ensure!(
+                dir.is_dir(),
+                "{} names {}, which does not exist",
+                p.display(),
+                dir.display()
+            );
+            Ok(dir)
+        }
+        step if step.starts_with("step-") && step[5..].parse::<usize>().is_ok() => {
+            let dir = checkpoints.join(step);
+            anyhow::ensure!(
+                dir.is_dir(),
+                "there is no checkpoint {step}; available: latest, {}",
+                available()
+            );
+            Ok(dir)
+        }
+        other => anyhow::bail!(
+            "--checkpoint {other:?}: use latest, best or step-N (available: {})",
+            available()
+        ),
+    }
+}
+
 /// Saves named tensors as safetensors.
 pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
     candle_core::safetensors::save(tensors, path)

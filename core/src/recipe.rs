@@ -530,7 +530,7 @@ impl Recipe {
         if !self.model.contains_key("kind") {
             return err(
                 "model.kind",
-                "missing; valid choices: \"mlp\", \"cnn\", \"gpt\"".into(),
+                "missing; valid choices: \"mlp\", \"cnn\", \"gpt\", \"llama\"".into(),
             );
         }
         let d = &self.data;

@@ -9,14 +9,18 @@
 //! attention, bias+GELU), each with its own backward. Under mixed precision the matmuls and the
 //! attention run in bf16/f16 while the residual stream, the norms and the loss stay in f32.
 //! With `checkpoint_activations`, each block's activations are recomputed in the backward.
+//! As a [`Decoder`], it generates with a KV cache (plain candle ops: inference needs no
+//! backward).
 
-use crate::{check_dropout, in_precision, ConfigError, Model};
+use crate::{
+    cached_attention, check_dropout, checkpointed, dropout, in_precision, ConfigError, Decoder,
+    KvCache, Model,
+};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use kiln_core::rng::SharedRng;
 use kiln_kernels::{bias_gelu, causal_self_attention, embedding, gelu, layer_norm};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,9 +179,10 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+    /// q, k, v (B, H, T, D), in the compute dtype: the attention kernel keeps its softmax in
+    /// f32.
+    fn qkv(&self, x: &Tensor, compute: DType) -> Result<[Tensor; 3]> {
         let (b, t, c) = x.dims3()?;
-        // q, k, v stay in the compute dtype: the attention kernel keeps its softmax in f32.
         let qkv = self.c_attn.forward(x, compute)?.to_dtype(compute)?;
         let heads = |i: usize| {
             qkv.narrow(D::Minus1, i * c, c)?
@@ -185,9 +190,32 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let y = causal_self_attention(&heads(0)?, &heads(1)?, &heads(2)?)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, c))?.to_dtype(x.dtype())?;
+        Ok([heads(0)?, heads(1)?, heads(2)?])
+    }
+
+    /// The heads' outputs (B, H, T, D) merged and projected, in `dtype`.
+    fn out(&self, y: &Tensor, dtype: DType, compute: DType) -> Result<Tensor> {
+        let (b, h, t, d) = y.dims4()?;
+        let y = y.transpose(1, 2)?.reshape((b, t, h * d))?.to_dtype(dtype)?;
         self.c_proj.forward(&y, compute)
+    }
+
+    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+        let [q, k, v] = self.qkv(x, compute)?;
+        self.out(&causal_self_attention(&q, &k, &v)?, x.dtype(), compute)
+    }
+
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        cache: &KvCache,
+        i: usize,
+        compute: DType,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let [q, k, v] = self.qkv(x, compute)?;
+        let (k, v) = cache.extended(i, k, v)?;
+        let y = self.out(&cached_attention(&q, &k, &v)?, x.dtype(), compute)?;
+        Ok((y, (k, v)))
     }
 }
 
@@ -239,30 +267,26 @@ impl Block {
             .collect()
     }
 
-    /// The block with its activations recomputed during the backward. The recomputation
-    /// rewinds the dropout generator to where this forward started, so it draws the same masks,
-    /// then puts it back.
+    /// The block with its activations recomputed during the backward.
     fn forward_checkpointed(&self, x: &Tensor) -> Result<Tensor> {
         let block = self.clone();
-        let start = self.rng.position();
-        let f = move |x: &Tensor| {
-            let now = block.rng.position();
-            block.rng.set_position(start);
-            let y = block.forward(x, true);
-            if now != start {
-                block.rng.set_position(now);
-            }
-            y
-        };
-        kiln_kernels::checkpoint(x, self.params(), Arc::new(f))
+        checkpointed(x, self.params(), &self.rng, move |x| block.forward(x, true))
     }
-}
 
-fn dropout(x: Tensor, p: f64, train: bool, rng: &SharedRng) -> Result<Tensor> {
-    if train && p > 0.0 {
-        kiln_kernels::dropout(&x, p, &mut rng.lock())
-    } else {
-        Ok(x)
+    /// An inference forward of new positions after those cached for layer `i`; returns the
+    /// output and this layer's extended keys and values.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        cache: &KvCache,
+        i: usize,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (a, kv) = self
+            .attn
+            .forward_cached(&self.ln_1.forward(x)?, cache, i, self.compute)?;
+        let x = (x + a)?;
+        let m = self.mlp.forward(&self.ln_2.forward(&x)?, self.compute)?;
+        Ok(((x + m)?, kv))
     }
 }
 
@@ -326,6 +350,22 @@ impl Gpt {
             config: cfg.clone(),
         })
     }
+
+    /// Token plus position embeddings of `idx` (B, T) at positions `start`…
+    fn embed(&self, idx: &Tensor, start: usize) -> Result<Tensor> {
+        let (_, t) = idx.dims2()?;
+        let pos = Tensor::arange(start as u32, (start + t) as u32, idx.device())?;
+        embedding(idx, &self.wte)?.broadcast_add(&embedding(&pos, &self.wpe)?)
+    }
+
+    /// The final LayerNorm and the head.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        // The head shares the token embedding (HF's `lm_head.weight` is `transformer.wte.weight`).
+        let compute = self.h.first().map_or(x.dtype(), |b| b.compute);
+        let x = self.ln_f.forward(x)?;
+        let (b, t, c) = x.dims3()?;
+        in_precision(&x.reshape((b * t, c))?, &self.wte.t()?, compute)?.reshape((b, t, ()))
+    }
 }
 
 impl Model for Gpt {
@@ -338,9 +378,7 @@ impl Model for Gpt {
                 self.config.block_size
             );
         }
-        let pos = Tensor::arange(0u32, t as u32, idx.device())?;
-        let x = embedding(idx, &self.wte)?.broadcast_add(&embedding(&pos, &self.wpe)?)?;
-        let mut x = dropout(x, self.dropout, train, &self.rng)?;
+        let mut x = dropout(self.embed(idx, 0)?, self.dropout, train, &self.rng)?;
         for block in &self.h {
             x = if train && self.config.checkpoint_activations {
                 block.forward_checkpointed(&x)?
@@ -348,11 +386,35 @@ impl Model for Gpt {
                 block.forward(&x, train)?
             };
         }
-        // The head shares the token embedding (HF's `lm_head.weight` is `transformer.wte.weight`).
-        let compute = self.h.first().map_or(x.dtype(), |b| b.compute);
-        let x = self.ln_f.forward(&x)?;
-        let (b, t, c) = x.dims3()?;
-        in_precision(&x.reshape((b * t, c))?, &self.wte.t()?, compute)?.reshape((b, t, ()))
+        self.logits(&x)
+    }
+
+    fn as_decoder(&self) -> Option<&dyn Decoder> {
+        Some(self)
+    }
+}
+
+impl Decoder for Gpt {
+    fn context(&self) -> usize {
+        self.config.block_size
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.h.len())
+    }
+
+    fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let t = cache.check_step(idx, self.h.len(), self.context())?;
+        let mut x = self.embed(idx, cache.len())?;
+        let mut layers = Vec::with_capacity(self.h.len());
+        for (i, block) in self.h.iter().enumerate() {
+            let (y, kv) = block.forward_cached(&x, cache, i)?;
+            x = y;
+            layers.push(kv);
+        }
+        let logits = self.logits(&x)?;
+        cache.commit(layers, t);
+        Ok(logits)
     }
 }
 
@@ -362,6 +424,15 @@ mod tests {
     use crate::testing::check_model_grads;
     use crate::ModelConfig;
     use candle_core::{DType, Device};
+
+    #[test]
+    fn cached_decoding_matches_the_full_forward() {
+        let cfg = GptConfig {
+            block_size: 7,
+            ..tiny()
+        };
+        crate::testing::check_cached_decoding(&ModelConfig::Gpt(cfg));
+    }
 
     fn tiny() -> GptConfig {
         GptConfig {

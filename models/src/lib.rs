@@ -3,6 +3,8 @@
 
 pub mod cnn;
 pub mod gpt;
+pub mod hf;
+pub mod llama;
 pub mod mlp;
 
 use candle_core::{DType, Result, Tensor};
@@ -15,6 +17,127 @@ use serde::{Deserialize, Serialize};
 pub trait Model: Send + Sync {
     /// `train` turns dropout on.
     fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// The model as an incremental decoder, if it is one (GPT, Llama).
+    fn as_decoder(&self) -> Option<&dyn Decoder> {
+        None
+    }
+}
+
+/// A causal language model that decodes incrementally, reusing the keys and values of the
+/// positions it has already seen.
+pub trait Decoder: Send + Sync {
+    /// Longest context (positions).
+    fn context(&self) -> usize;
+
+    fn new_cache(&self) -> KvCache;
+
+    /// Feeds `ids` (B, T; usually B = 1) after the cached positions; returns logits
+    /// (B, T, vocab) in the weights' dtype (f32 under mixed precision) and extends the cache.
+    /// Inference only: no dropout, and nothing is kept for a backward. Errors, leaving the
+    /// cache as it was, when the positions would run past `context()`.
+    fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+}
+
+/// Keys and values of the positions a decoder has seen, per layer: (B, kv heads, positions,
+/// head size) each, in the attention's compute dtype.
+#[derive(Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Positions cached.
+    len: usize,
+}
+
+impl KvCache {
+    pub(crate) fn new(n_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; n_layers],
+            len: 0,
+        }
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Checks that `ids` (B, T) fit after the cached positions within `context` and that the
+    /// cache was made for `n_layers` layers; returns T.
+    pub(crate) fn check_step(
+        &self,
+        ids: &Tensor,
+        n_layers: usize,
+        context: usize,
+    ) -> Result<usize> {
+        let (_, t) = ids.dims2()?;
+        if self.layers.len() != n_layers {
+            candle_core::bail!(
+                "KV cache has {} layers, the model {n_layers}: make it with new_cache()",
+                self.layers.len()
+            );
+        }
+        if t == 0 {
+            candle_core::bail!("forward_cached: no tokens");
+        }
+        if self.len + t > context {
+            candle_core::bail!(
+                "{t} tokens after the {} cached exceed the context of {context} positions",
+                self.len
+            );
+        }
+        Ok(t)
+    }
+
+    /// The cached keys and values of `layer` followed by the new positions' `k`, `v`.
+    pub(crate) fn extended(&self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        // A cat per step copies the cache: O(T) per token, like the attention over it.
+        match &self.layers[layer] {
+            None => Ok((k, v)),
+            Some((pk, pv)) => Ok((Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?)),
+        }
+    }
+
+    /// Stores every layer's extended keys and values at once, so that a step that fails half
+    /// way leaves the cache as it was.
+    pub(crate) fn commit(&mut self, layers: Vec<(Tensor, Tensor)>, t: usize) {
+        debug_assert_eq!(layers.len(), self.layers.len());
+        self.layers = layers.into_iter().map(Some).collect();
+        self.len += t;
+    }
+}
+
+/// Inference attention of new queries `q` (B, H, Tq, D) over keys and values `k`, `v`
+/// (B, H, Tk, D) whose last Tq positions are the queries' own: query i sees keys 0..=Tk−Tq+i.
+/// Plain candle ops (no backward needed), in f32 (f64 for f64 inputs); returns q's dtype.
+pub(crate) fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (_, _, tq, d) = q.dims4()?;
+    let tk = k.dim(2)?;
+    let acc = kiln_kernels::stats_dtype(q.dtype());
+    let (qa, ka, va) = (q.to_dtype(acc)?, k.to_dtype(acc)?, v.to_dtype(acc)?);
+    let scores = (qa.matmul(&ka.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = if tq > 1 {
+        let past = tk - tq;
+        // Row i (query), column j (key): −∞ where j > past + i.
+        let mask: Vec<f32> = (0..tq * tk)
+            .map(|n| {
+                if n % tk > past + n / tk {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (tq, tk), q.device())?.to_dtype(acc)?;
+        scores.broadcast_add(&mask)?
+    } else {
+        scores
+    };
+    let p = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+    p.matmul(&va)?.to_dtype(q.dtype())
 }
 
 /// The `[model]` section of a recipe, by `kind`.
@@ -24,9 +147,20 @@ pub enum ModelConfig {
     Mlp(mlp::MlpConfig),
     Cnn(cnn::CnnConfig),
     Gpt(gpt::GptConfig),
+    Llama(llama::LlamaConfig),
 }
 
 impl ModelConfig {
+    /// The recipe's `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelConfig::Mlp(_) => "mlp",
+            ModelConfig::Cnn(_) => "cnn",
+            ModelConfig::Gpt(_) => "gpt",
+            ModelConfig::Llama(_) => "llama",
+        }
+    }
+
     /// Decodes the recipe's `[model]` table and fills in what the data decides (number of
     /// classes or vocabulary size, input size, context length).
     pub fn from_recipe(
@@ -34,12 +168,18 @@ impl ModelConfig {
         num_classes: usize,
         input_shape: &[usize],
     ) -> std::result::Result<Self, RecipeError> {
-        let mut cfg = Self::decode(recipe)?;
+        let mut cfg = match &recipe.init_from {
+            None => Self::decode(recipe)?,
+            Some(from) => Self::pretrained(recipe, from)?,
+        };
         let err = |(key, msg): ConfigError| recipe.source.error(key, msg);
         match &mut cfg {
             ModelConfig::Mlp(c) => c.resolve(num_classes, input_shape).map_err(err)?,
             ModelConfig::Cnn(c) => c.resolve(num_classes, input_shape).map_err(err)?,
             ModelConfig::Gpt(c) => c
+                .resolve(num_classes, recipe.data.seq_len.unwrap_or(0))
+                .map_err(err)?,
+            ModelConfig::Llama(c) => c
                 .resolve(num_classes, recipe.data.seq_len.unwrap_or(0))
                 .map_err(err)?,
         }
@@ -49,19 +189,49 @@ impl ModelConfig {
     /// Decodes the `[model]` table as written, without consulting the data (a run's resolved
     /// `recipe.toml` already holds the data-derived fields).
     pub fn decode(recipe: &Recipe) -> std::result::Result<Self, RecipeError> {
-        let src = &recipe.source;
+        Self::decode_table(recipe, recipe.model.clone())
+    }
+
+    /// The config of the pretrained model `init_from` names, with the recipe's training-only
+    /// keys (dropout, activation checkpointing) laid over it.
+    fn pretrained(recipe: &Recipe, from: &str) -> std::result::Result<Self, RecipeError> {
+        let at_init = |e: anyhow::Error| recipe.source.error("init_from", format!("{e:#}"));
+        let folder = kiln_core::hub::resolve(from).map_err(at_init)?;
+        let pre = hf::read_hf_config(&folder).map_err(at_init)?;
         let mut table = recipe.model.clone();
+        let kind = table.remove("kind");
+        if kind.as_ref().and_then(|k| k.as_str()) != Some(pre.kind()) {
+            return Err(recipe.source.error(
+                "model.kind",
+                format!(
+                    "init_from {from} is a {:?} model; set model.kind = {:?}",
+                    pre.kind(),
+                    pre.kind()
+                ),
+            ));
+        }
+        let merged = hf::merge_recipe_model(&pre, &table, &folder.display().to_string())
+            .map_err(|(k, m)| recipe.source.error(&k, m))?;
+        Self::decode_table(recipe, merged)
+    }
+
+    fn decode_table(
+        recipe: &Recipe,
+        mut table: toml::Table,
+    ) -> std::result::Result<Self, RecipeError> {
+        let src = &recipe.source;
         let kind = table.remove("kind");
         let value = toml::Value::Table(table);
         Ok(match kind.as_ref().and_then(|k| k.as_str()) {
             Some("mlp") => ModelConfig::Mlp(src.decode("model", value)?),
             Some("cnn") => ModelConfig::Cnn(src.decode("model", value)?),
             Some("gpt") => ModelConfig::Gpt(src.decode("model", value)?),
+            Some("llama") => ModelConfig::Llama(src.decode("model", value)?),
             other => {
                 return Err(src.error(
                     "model.kind",
                     format!(
-                        "unknown model kind {other:?}; valid choices: \"mlp\", \"cnn\", \"gpt\""
+                        "unknown model kind {other:?}; valid choices: \"mlp\", \"cnn\", \"gpt\", \"llama\""
                     ),
                 ))
             }
@@ -83,6 +253,7 @@ impl ModelConfig {
             ModelConfig::Mlp(c) => Box::new(mlp::Mlp::new(c, vb, rng, compute)?),
             ModelConfig::Cnn(c) => Box::new(cnn::Cnn::new(c, vb, rng, compute)?),
             ModelConfig::Gpt(c) => Box::new(gpt::Gpt::new(c, vb, rng, compute)?),
+            ModelConfig::Llama(c) => Box::new(llama::Llama::new(c, vb, rng, compute)?),
         })
     }
 }
@@ -108,6 +279,38 @@ pub(crate) fn check_dropout(p: f64, key: &'static str) -> std::result::Result<()
     } else {
         Err((key, format!("must be in [0, 1), got {p}")))
     }
+}
+
+/// Dropout on `x` while training.
+pub(crate) fn dropout(x: Tensor, p: f64, train: bool, rng: &SharedRng) -> Result<Tensor> {
+    if train && p > 0.0 {
+        kiln_kernels::dropout(&x, p, &mut rng.lock())
+    } else {
+        Ok(x)
+    }
+}
+
+/// `block(x)` (a training forward) with its activations recomputed during the backward;
+/// `params` are the tensors the block reads. The recomputation rewinds the dropout generator
+/// to where this forward started, so it draws the same masks, then puts it back.
+pub(crate) fn checkpointed(
+    x: &Tensor,
+    params: Vec<Tensor>,
+    rng: &SharedRng,
+    block: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let rng = rng.clone();
+    let start = rng.position();
+    let f = move |x: &Tensor| {
+        let now = rng.position();
+        rng.set_position(start);
+        let y = block(x);
+        if now != start {
+            rng.set_position(now);
+        }
+        y
+    };
+    kiln_kernels::checkpoint(x, params, std::sync::Arc::new(f))
 }
 
 #[cfg(test)]
@@ -174,6 +377,56 @@ pub(crate) mod testing {
                     g[i]
                 );
             }
+        }
+    }
+
+    /// Logits of a 7-token sequence from `forward` against `forward_cached`, both on all 7
+    /// tokens at once and as a 3-token prefill then 4 single tokens; and a step past the
+    /// context errors, leaving the cache usable. `cfg`'s context must be 7.
+    pub fn check_cached_decoding(cfg: &ModelConfig) {
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::F64, 1e-10)] {
+            let vm = VarMap::new();
+            let vb = kiln_core::rng::seeded_var_builder(&vm, 3, dtype, &Device::Cpu);
+            let model = cfg.build(vb, SharedRng::new(0, "d"), dtype).unwrap();
+            let dec = model.as_decoder().expect("a decoder");
+            assert_eq!(dec.context(), 7);
+            let ids = Tensor::new(&[[1u32, 5, 2, 0, 6, 3, 3]], &Device::Cpu).unwrap();
+            let want = model.forward(&ids, false).unwrap();
+            assert_eq!(want.dtype(), dtype);
+
+            let mut cache = dec.new_cache();
+            assert!(cache.is_empty());
+            let all = dec.forward_cached(&ids, &mut cache).unwrap();
+            assert_eq!(cache.len(), 7);
+            let e = rel_err(&all, &want);
+            assert!(e <= tol, "{dtype:?} one cached call: relative error {e:e}");
+            let err = dec
+                .forward_cached(&ids.narrow(1, 0, 1).unwrap(), &mut cache)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("context"), "{err}");
+            assert_eq!(cache.len(), 7);
+
+            let mut cache = dec.new_cache();
+            let mut parts = vec![dec
+                .forward_cached(&ids.narrow(1, 0, 3).unwrap(), &mut cache)
+                .unwrap()];
+            assert_eq!(cache.len(), 3);
+            // Too many tokens for what is left: an error, and the cache is untouched.
+            assert!(dec
+                .forward_cached(&ids.narrow(1, 0, 5).unwrap(), &mut cache)
+                .is_err());
+            assert_eq!(cache.len(), 3);
+            for i in 3..7 {
+                parts.push(
+                    dec.forward_cached(&ids.narrow(1, i, 1).unwrap(), &mut cache)
+                        .unwrap(),
+                );
+            }
+            assert_eq!(cache.len(), 7);
+            let stepped = Tensor::cat(&parts, 1).unwrap();
+            let e = rel_err(&stepped, &want);
+            assert!(e <= tol, "{dtype:?} prefill + steps: relative error {e:e}");
         }
     }
 

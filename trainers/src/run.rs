@@ -98,6 +98,13 @@ impl RunDir {
             let chars: Vec<String> = vocab.iter().map(|c| c.to_string()).collect();
             std::fs::write(self.path.join("vocab.json"), serde_json::to_string(&chars)?)?;
         }
+        // The run keeps its own copy of the tokenizer: generation and export need it, and the
+        // original may move.
+        if let Some(tok) = &data.tokenizer {
+            let bytes = std::fs::read(tok)
+                .with_context(|| format!("cannot read the tokenizer {}", tok.display()))?;
+            checkpoint::write_atomic(&self.path.join("tokenizer.json"), &bytes)?;
+        }
         Ok(())
     }
 }
@@ -147,6 +154,12 @@ pub struct LoadedRun {
 
 /// Reads `run_dir/recipe.toml` and the weights of `run_dir/checkpoints/latest`.
 pub fn load_run(run_dir: &Path, device: &Device) -> Result<LoadedRun> {
+    load_run_at(run_dir, "latest", device)
+}
+
+/// Reads `run_dir/recipe.toml` and the weights of the checkpoint `which` (`latest`, `best`,
+/// `step-N`).
+pub fn load_run_at(run_dir: &Path, which: &str, device: &Device) -> Result<LoadedRun> {
     let recipe_path = run_dir.join("recipe.toml");
     if !recipe_path.exists() {
         bail!(
@@ -156,7 +169,7 @@ pub fn load_run(run_dir: &Path, device: &Device) -> Result<LoadedRun> {
     }
     let recipe = Recipe::load(&recipe_path, &[])?;
     let model_cfg = ModelConfig::decode(&recipe)?;
-    let checkpoint = checkpoint::latest(&run_dir.join("checkpoints"))?;
+    let checkpoint = checkpoint::by_name(&run_dir.join("checkpoints"), which)?;
     // Fresh parameters, overwritten by the checkpoint's (each name and shape checked), then a
     // detached copy of the model for inference.
     let varmap = VarMap::new();
@@ -175,27 +188,4 @@ pub fn load_run(run_dir: &Path, device: &Device) -> Result<LoadedRun> {
         model,
         checkpoint,
     })
-}
-
-/// The character vocabulary of a run, if it is a character-level model.
-pub fn load_vocab(run_dir: &Path) -> Result<Vec<char>> {
-    let p = run_dir.join("vocab.json");
-    let text = std::fs::read_to_string(&p).with_context(|| {
-        format!(
-            "{} has no vocab.json: `kiln generate` needs a character-level language model run",
-            run_dir.display()
-        )
-    })?;
-    let chars: Vec<String> =
-        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))?;
-    chars
-        .iter()
-        .map(|s| {
-            let mut it = s.chars();
-            match (it.next(), it.next()) {
-                (Some(c), None) => Ok(c),
-                _ => bail!("{}: entry {s:?} is not one character", p.display()),
-            }
-        })
-        .collect()
 }

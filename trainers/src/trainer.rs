@@ -122,7 +122,16 @@ fn run_loop(
 ) -> Result<TrainOutcome> {
     let device = kiln_core::device::open_device(opts.device.as_deref().unwrap_or(&recipe.device))?;
     let data = data::load(recipe)?;
-    let model_cfg = ModelConfig::from_recipe(recipe, data.num_classes, &input_shape(&data))?;
+    // A resumed run takes its weights from its checkpoint and its architecture from its own
+    // resolved recipe, not from `init_from` (which may have moved since).
+    let model_cfg = match &resumed {
+        None => ModelConfig::from_recipe(recipe, data.num_classes, &input_shape(&data))?,
+        Some(_) => {
+            let mut r = recipe.clone();
+            r.init_from = None;
+            ModelConfig::from_recipe(&r, data.num_classes, &input_shape(&data))?
+        }
+    };
     run.write_recipe(recipe, &model_cfg, &data)?;
 
     let varmap = VarMap::new();
@@ -134,13 +143,19 @@ fn run_loop(
     let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
     let mut optimizer = optim::build(&recipe.optim);
     let (mut state, mut last_checkpoint) = match resumed {
-        None => (
-            TrainerState {
-                loss_scaler: LossScaler::for_precision(recipe.precision),
-                ..TrainerState::default()
-            },
-            None,
-        ),
+        None => {
+            if let Some(from) = &recipe.init_from {
+                let folder = kiln_core::hub::resolve(from)?;
+                kiln_models::hf::load_pretrained(&varmap, &model_cfg, &folder)?;
+            }
+            (
+                TrainerState {
+                    loss_scaler: LossScaler::for_precision(recipe.precision),
+                    ..TrainerState::default()
+                },
+                None,
+            )
+        }
         Some((dir, state)) => {
             load_weights(&varmap, &dir.join(checkpoint::MODEL_FILE), &device)?;
             let moments = checkpoint::load_tensors(&dir.join(checkpoint::OPTIMIZER_FILE), &device)?;

@@ -151,7 +151,8 @@ fn chunks(text: &str, target: usize) -> Vec<&str> {
     let mut start = 0;
     while start < bytes.len() {
         let mut cut = (start + target).min(bytes.len());
-        while cut < bytes.len() && !(bytes[cut] == b'\n' && !bytes[cut - 1].is_ascii_whitespace()) {
+        let safe = |i: usize| bytes[i] == b'\n' && !bytes[i - 1].is_ascii_whitespace();
+        while cut < bytes.len() && !safe(cut) {
             cut += 1;
         }
         out.push(&text[start..cut]);

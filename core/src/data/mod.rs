@@ -8,6 +8,7 @@
 //! resumed run can restart the stream at any batch.
 
 pub mod bpe;
+pub mod codec;
 pub mod fashion_mnist;
 pub mod idx;
 pub mod text;

@@ -1,0 +1,540 @@
+//! Hugging Face model folders: `config.json` ↔ kiln model configs, and tensors between kiln's
+//! names and the ones `transformers` writes and reads.
+//!
+//! kiln's parameter paths already are HF's, so the mapping is small: GPT-2 always has biases
+//! (a bias-free kiln GPT exports zeros for them), HF's GPT-2 checkpoints may omit the
+//! `transformer.` prefix and carry attention-mask buffers, and Llama checkpoints may carry
+//! rotary `inv_freq` buffers or a tied `lm_head`.
+
+use crate::gpt::GptConfig;
+use crate::llama::LlamaConfig;
+use crate::ModelConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// GPT-2's layer-norm epsilon, which kiln's GPT uses.
+const GPT2_LN_EPS: f64 = 1e-5;
+
+/// Recipe keys that only affect training: a fine-tuning recipe may set them over a pretrained
+/// model's config.
+pub const TRAINING_KEYS: [&str; 2] = ["dropout", "checkpoint_activations"];
+
+/// Special token ids written into `config.json` and `generation_config.json`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpecialTokens {
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+}
+
+/// `config.json` for `cfg` (`torch_dtype` is the exported weights' dtype).
+pub fn hf_config(cfg: &ModelConfig, dtype: DType, special: SpecialTokens) -> Result<Value> {
+    let torch_dtype = match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        other => bail!("cannot export weights as {other:?}"),
+    };
+    let mut v = match cfg {
+        ModelConfig::Gpt(c) => json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": c.vocab_size,
+            "n_positions": c.block_size,
+            "n_ctx": c.block_size,
+            "n_embd": c.n_embd,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_inner": null,
+            "activation_function": "gelu_new",
+            "resid_pdrop": c.dropout,
+            "embd_pdrop": c.dropout,
+            "attn_pdrop": 0.0,
+            "layer_norm_epsilon": GPT2_LN_EPS,
+            "initializer_range": 0.02,
+            "scale_attn_weights": true,
+            "tie_word_embeddings": true,
+            "use_cache": true,
+        }),
+        ModelConfig::Llama(c) => json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.hidden_size / c.num_attention_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": c.max_position_embeddings,
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "rope_scaling": null,
+            "attention_bias": false,
+            "attention_dropout": 0.0,
+            "mlp_bias": false,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "initializer_range": 0.02,
+            "pretraining_tp": 1,
+            "use_cache": true,
+        }),
+        other => bail!(
+            "a {} model has no Hugging Face causal-LM export",
+            other.kind()
+        ),
+    };
+    // `dtype` is transformers ≥ 4.56's key, `torch_dtype` the one older readers look for.
+    v["dtype"] = torch_dtype.into();
+    v["torch_dtype"] = torch_dtype.into();
+    // Explicit nulls: GPT-2's config class would otherwise assume its own ids (50256).
+    v["bos_token_id"] = special.bos.into();
+    v["eos_token_id"] = special.eos.into();
+    Ok(v)
+}
+
+/// The kiln config of a `config.json`; anything kiln's implementation does not compute the same
+/// way is refused, naming the key.
+pub fn from_hf_config(v: &Value, source: &Path) -> Result<ModelConfig> {
+    let ctx = || format!("{}", source.display());
+    let model_type = v["model_type"].as_str().unwrap_or("");
+    let uint = |k: &str| -> Result<usize> {
+        v[k].as_u64()
+            .map(|x| x as usize)
+            .with_context(|| format!("{}: `{k}` is missing or not a whole number", ctx()))
+    };
+    let float_or = |k: &str, d: f64| -> Result<f64> {
+        match &v[k] {
+            Value::Null => Ok(d),
+            x => x
+                .as_f64()
+                .with_context(|| format!("{}: `{k}` is not a number", ctx())),
+        }
+    };
+    let refuse = |k: &str, why: &str| -> anyhow::Error {
+        anyhow::anyhow!("{}: `{k}` = {}: {why}", ctx(), v[k])
+    };
+    match model_type {
+        "gpt2" => {
+            let n_embd = uint("n_embd")?;
+            if !matches!(
+                v["activation_function"].as_str(),
+                None | Some("gelu_new") | Some("gelu_pytorch_tanh")
+            ) {
+                return Err(refuse(
+                    "activation_function",
+                    "kiln's GPT uses GPT-2's tanh GELU (gelu_new)",
+                ));
+            }
+            if !(v["n_inner"].is_null() || v["n_inner"].as_u64() == Some(4 * n_embd as u64)) {
+                return Err(refuse("n_inner", "kiln's GPT has a 4 × n_embd MLP"));
+            }
+            let eps = float_or("layer_norm_epsilon", GPT2_LN_EPS)?;
+            if (eps - GPT2_LN_EPS).abs() > 1e-12 {
+                return Err(refuse("layer_norm_epsilon", "kiln's GPT uses 1e-5"));
+            }
+            for (k, want) in [
+                ("tie_word_embeddings", true),
+                ("scale_attn_weights", true),
+                ("add_cross_attention", false),
+                ("scale_attn_by_inverse_layer_idx", false),
+            ] {
+                if v[k].as_bool().is_some_and(|b| b != want) {
+                    return Err(refuse(k, &format!("kiln's GPT needs {want}")));
+                }
+            }
+            Ok(ModelConfig::Gpt(GptConfig {
+                n_layer: uint("n_layer")?,
+                n_head: uint("n_head")?,
+                n_embd,
+                block_size: uint("n_positions")?,
+                vocab_size: uint("vocab_size")?,
+                dropout: 0.0,
+                bias: true,
+                checkpoint_activations: false,
+            }))
+        }
+        "llama" => {
+            if !matches!(v["hidden_act"].as_str(), None | Some("silu")) {
+                return Err(refuse("hidden_act", "kiln's Llama uses SiLU"));
+            }
+            if !v["rope_scaling"].is_null() {
+                return Err(refuse("rope_scaling", "kiln's Llama has plain RoPE"));
+            }
+            for k in ["attention_bias", "mlp_bias"] {
+                if v[k].as_bool() == Some(true) {
+                    return Err(refuse(k, "kiln's Llama has no biases"));
+                }
+            }
+            let hidden = uint("hidden_size")?;
+            let heads = uint("num_attention_heads")?;
+            if let Some(d) = v["head_dim"].as_u64() {
+                if d as usize * heads != hidden {
+                    return Err(refuse("head_dim", "kiln's Llama needs hidden_size / heads"));
+                }
+            }
+            Ok(ModelConfig::Llama(LlamaConfig {
+                hidden_size: hidden,
+                intermediate_size: uint("intermediate_size")?,
+                num_hidden_layers: uint("num_hidden_layers")?,
+                num_attention_heads: heads,
+                num_key_value_heads: v["num_key_value_heads"]
+                    .as_u64()
+                    .map_or(heads, |x| x as usize),
+                vocab_size: uint("vocab_size")?,
+                max_position_embeddings: uint("max_position_embeddings")?,
+                rms_norm_eps: float_or("rms_norm_eps", 1e-6)?,
+                rope_theta: float_or("rope_theta", 10_000.0)?,
+                tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
+                dropout: 0.0,
+                checkpoint_activations: false,
+            }))
+        }
+        other => bail!(
+            "{}: model_type {other:?} is not one kiln implements (\"gpt2\", \"llama\")",
+            ctx()
+        ),
+    }
+}
+
+/// Reads and converts `folder/config.json`.
+pub fn read_hf_config(folder: &Path) -> Result<ModelConfig> {
+    let p = folder.join("config.json");
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
+    from_hf_config(&v, &p)
+}
+
+/// A recipe's `[model]` table laid over a pretrained config: training-only keys may change;
+/// any other key must agree with the pretrained value. Returns the merged table, or the key and
+/// message of the first disagreement.
+pub fn merge_recipe_model(
+    pretrained: &ModelConfig,
+    recipe: &toml::Table,
+    source: &str,
+) -> std::result::Result<toml::Table, (String, String)> {
+    let mut merged = pretrained.to_table();
+    for (k, v) in recipe {
+        if TRAINING_KEYS.contains(&k.as_str()) {
+            merged.insert(k.clone(), v.clone());
+            continue;
+        }
+        match merged.get(k) {
+            Some(p) if same(p, v) => {}
+            Some(p) => {
+                return Err((
+                    format!("model.{k}"),
+                    format!(
+                        "{v} differs from the pretrained model's {p} ({source}); remove it to \
+                         keep the pretrained architecture"
+                    ),
+                ))
+            }
+            None => {
+                return Err((
+                    format!("model.{k}"),
+                    format!(
+                        "not a key of the pretrained {} model ({source}); with init_from only \
+                         kind, {} may be set",
+                        pretrained.kind(),
+                        TRAINING_KEYS.join(" and ")
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(merged)
+}
+
+fn same(a: &toml::Value, b: &toml::Value) -> bool {
+    match (
+        a.as_float().or(a.as_integer().map(|i| i as f64)),
+        b.as_float().or(b.as_integer().map(|i| i as f64)),
+    ) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// kiln's tensors (from a checkpoint) under the names and shapes HF expects, in `dtype`.
+pub fn to_hf_tensors(
+    cfg: &ModelConfig,
+    mut tensors: HashMap<String, Tensor>,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>> {
+    if let ModelConfig::Gpt(c) = cfg {
+        if !c.bias {
+            let dev = Device::Cpu;
+            let zeros = |n: usize| Tensor::zeros(n, DType::F32, &dev);
+            let e = c.n_embd;
+            for i in 0..c.n_layer {
+                for (name, n) in [
+                    ("ln_1.bias", e),
+                    ("attn.c_attn.bias", 3 * e),
+                    ("attn.c_proj.bias", e),
+                    ("ln_2.bias", e),
+                    ("mlp.c_fc.bias", 4 * e),
+                    ("mlp.c_proj.bias", e),
+                ] {
+                    tensors.insert(format!("transformer.h.{i}.{name}"), zeros(n)?);
+                }
+            }
+            tensors.insert("transformer.ln_f.bias".into(), zeros(e)?);
+        }
+    }
+    tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.contiguous()?)))
+        .collect()
+}
+
+/// A pretrained checkpoint's tensors under kiln's names: prefixes restored, buffers and tied
+/// copies dropped. Anything else unexpected is an error naming it.
+pub fn from_hf_tensors(
+    cfg: &ModelConfig,
+    tensors: HashMap<String, Tensor>,
+    expected: &[String],
+    source: &Path,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    let mut unexpected = Vec::new();
+    for (name, t) in tensors {
+        let kiln_name = match cfg {
+            ModelConfig::Gpt(_) => {
+                let base = name.strip_prefix("transformer.").unwrap_or(&name);
+                // Causal-mask buffers of older transformers versions, and the tied head.
+                if base.ends_with(".attn.bias") && !base.ends_with("c_attn.bias")
+                    || base.ends_with(".attn.masked_bias")
+                    || name == "lm_head.weight"
+                {
+                    continue;
+                }
+                format!("transformer.{base}")
+            }
+            ModelConfig::Llama(c) => {
+                if name.ends_with("rotary_emb.inv_freq")
+                    || (c.tie_word_embeddings && name == "lm_head.weight")
+                {
+                    continue;
+                }
+                name
+            }
+            _ => name,
+        };
+        if expected.contains(&kiln_name) {
+            out.insert(kiln_name, t);
+        } else {
+            unexpected.push(kiln_name);
+        }
+    }
+    unexpected.sort();
+    if !unexpected.is_empty() {
+        bail!(
+            "{} has tensors this {} model does not: {}; is config.json the one these weights \
+             were saved with?",
+            source.display(),
+            cfg.kind(),
+            preview(&unexpected)
+        );
+    }
+    let mut missing: Vec<&String> = expected.iter().filter(|n| !out.contains_key(*n)).collect();
+    missing.sort();
+    if !missing.is_empty() {
+        bail!(
+            "{} lacks tensors the {} model needs: {}",
+            source.display(),
+            cfg.kind(),
+            preview(&missing)
+        );
+    }
+    Ok(out)
+}
+
+/// Sets every parameter in `varmap` from the pretrained `model.safetensors` in `folder`
+/// (any dtype; converted to the parameters'), checking names and shapes.
+pub fn load_pretrained(varmap: &VarMap, cfg: &ModelConfig, folder: &Path) -> Result<()> {
+    let file = folder.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot load {}: {e}; the file is missing or corrupt (sharded checkpoints are not \
+             supported)",
+            file.display()
+        )
+    })?;
+    let data = varmap
+        .data()
+        .lock()
+        .expect("the varmap lock is not poisoned");
+    let expected: Vec<String> = data.keys().cloned().collect();
+    let tensors = from_hf_tensors(cfg, tensors, &expected, &file)?;
+    for (name, var) in data.iter() {
+        let w = &tensors[name];
+        anyhow::ensure!(
+            w.dims() == var.dims(),
+            "{}: {name} has shape {:?}, the model from config.json expects {:?}",
+            file.display(),
+            w.dims(),
+            var.dims()
+        );
+        var.set(&w.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
+fn preview<S: AsRef<str>>(names: &[S]) -> String {
+    let shown: Vec<&str> = names.iter().take(5).map(|s| s.as_ref()).collect();
+    let more = names.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("{} (and {more} more)", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_gpt(bias: bool) -> ModelConfig {
+        ModelConfig::Gpt(GptConfig {
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 8,
+            block_size: 16,
+            vocab_size: 11,
+            dropout: 0.1,
+            bias,
+            checkpoint_activations: false,
+        })
+    }
+
+    #[test]
+    fn configs_round_trip_through_config_json() {
+        let llama = ModelConfig::Llama(LlamaConfig {
+            hidden_size: 16,
+            intermediate_size: 40,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            vocab_size: 11,
+            max_position_embeddings: 32,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500_000.0,
+            tie_word_embeddings: false,
+            dropout: 0.0,
+            checkpoint_activations: false,
+        });
+        let gpt = tiny_gpt(true);
+        for cfg in [gpt, llama] {
+            let v = hf_config(&cfg, DType::BF16, SpecialTokens::default()).unwrap();
+            assert_eq!(v["torch_dtype"], "bfloat16");
+            let mut back = from_hf_config(&v, Path::new("config.json")).unwrap();
+            if let (ModelConfig::Gpt(b), ModelConfig::Gpt(a)) = (&mut back, &cfg) {
+                b.dropout = a.dropout; // training-only
+            }
+            assert_eq!(back, cfg);
+        }
+    }
+
+    #[test]
+    fn unsupported_configs_are_refused_by_key() {
+        let mut v = hf_config(&tiny_gpt(true), DType::F32, SpecialTokens::default()).unwrap();
+        v["activation_function"] = "relu".into();
+        let e = from_hf_config(&v, Path::new("m/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m/config.json") && e.contains("activation_function"),
+            "{e}"
+        );
+        let e = from_hf_config(&json!({"model_type": "bert"}), Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"bert\""), "{e}");
+        let e = from_hf_config(&json!({"model_type": "gpt2"}), Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`n_embd` is missing"), "{e}");
+    }
+
+    #[test]
+    fn recipe_keys_over_a_pretrained_config() {
+        let pre = tiny_gpt(true);
+        let t: toml::Table = toml::from_str("dropout = 0.2\nn_layer = 2").unwrap();
+        let m = merge_recipe_model(&pre, &t, "x").unwrap();
+        assert_eq!(m["dropout"].as_float(), Some(0.2));
+        let t: toml::Table = toml::from_str("n_layer = 3").unwrap();
+        let (k, msg) = merge_recipe_model(&pre, &t, "hub:x").unwrap_err();
+        assert_eq!(k, "model.n_layer");
+        assert!(msg.contains("differs") && msg.contains("hub:x"), "{msg}");
+        let t: toml::Table = toml::from_str("n_layers = 3").unwrap();
+        assert_eq!(
+            merge_recipe_model(&pre, &t, "x").unwrap_err().0,
+            "model.n_layers"
+        );
+    }
+
+    #[test]
+    fn gpt2_names_from_hf_checkpoints() {
+        let cfg = tiny_gpt(true);
+        let t = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+        let expected = vec![
+            "transformer.wte.weight".to_string(),
+            "transformer.h.0.attn.c_attn.bias".into(),
+        ];
+        // openai-community/gpt2 stores names without the prefix, plus mask buffers.
+        let hf: HashMap<String, Tensor> = [
+            "wte.weight",
+            "h.0.attn.c_attn.bias",
+            "h.0.attn.bias",
+            "h.0.attn.masked_bias",
+            "lm_head.weight",
+        ]
+        .iter()
+        .map(|n| (n.to_string(), t.clone()))
+        .collect();
+        let got = from_hf_tensors(&cfg, hf.clone(), &expected, Path::new("m")).unwrap();
+        let mut names: Vec<_> = got.keys().cloned().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["transformer.h.0.attn.c_attn.bias", "transformer.wte.weight"]
+        );
+        let mut extra = hf.clone();
+        extra.insert("h.0.mlp.gate.weight".into(), t.clone());
+        let e = from_hf_tensors(&cfg, extra, &expected, Path::new("m"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("transformer.h.0.mlp.gate.weight"), "{e}");
+        let mut short = hf;
+        short.remove("wte.weight");
+        let e = from_hf_tensors(&cfg, short, &expected, Path::new("m"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lacks") && e.contains("transformer.wte.weight"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bias_free_gpt_exports_zero_biases() {
+        let cfg = tiny_gpt(false);
+        let w = Tensor::ones((11, 8), DType::F32, &Device::Cpu).unwrap();
+        let out = to_hf_tensors(
+            &cfg,
+            HashMap::from([("transformer.wte.weight".to_string(), w)]),
+            DType::F16,
+        )
+        .unwrap();
+        assert_eq!(out["transformer.wte.weight"].dtype(), DType::F16);
+        assert_eq!(out["transformer.h.1.attn.c_attn.bias"].dims(), [24]);
+        assert_eq!(out["transformer.ln_f.bias"].dims(), [8]);
+        assert_eq!(out.len(), 1 + 2 * 6 + 1);
+    }
+}

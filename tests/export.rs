@@ -1,0 +1,430 @@
+//! Hugging Face folders out and in: `kiln export` → load (kiln and, when it is installed,
+//! Python `transformers`) gives the same logits and the same greedy tokens; `init_from` and
+//! `kiln generate --model` read folders and the hub cache with clear errors.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use kiln::trainers::export::{export, load_language_model, ExportOptions};
+use kiln::trainers::generate::{generate, Sampling};
+use kiln::trainers::{train, TrainOptions};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A tiny language-model recipe: `model` is the [model] table, `data` the [data] table.
+fn lm_recipe(dir: &Path, name: &str, model: &str, data: &str, steps: usize) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            r#"description = "export test"
+task = "language-model"
+seed = 3
+device = "cpu"
+
+[model]
+{model}
+
+[data]
+{data}
+seq_len = 32
+batch_size = 8
+
+[optim]
+name = "adamw"
+lr = 3e-3
+
+[trainer]
+max_steps = {steps}
+log_every = 5
+checkpoint_every = 10
+"#
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn char_data(dir: &Path) -> String {
+    format!(
+        "dataset = \"text-char\"\npath = \"{}\"",
+        write_text(dir).display()
+    )
+}
+
+fn bpe_data(dir: &Path) -> String {
+    let text = dir.join("bpe.txt");
+    let shakespeare =
+        std::fs::read_to_string(repo().join("data/tinyshakespeare/input.txt")).unwrap();
+    std::fs::write(&text, &shakespeare[..20_000]).unwrap();
+    format!(
+        "dataset = \"text-bpe\"\npath = \"{}\"\ntokenizer = \"{}\"\ncache_dir = \"{}\"",
+        text.display(),
+        repo().join("data/gpt2-tokenizer/tokenizer.json").display(),
+        dir.join("cache").display()
+    )
+}
+
+const GPT: &str = "kind = \"gpt\"\nn_layer = 2\nn_head = 2\nn_embd = 32\nbias = false";
+const LLAMA: &str = "kind = \"llama\"\nhidden_size = 32\nintermediate_size = 64\n\
+                     num_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 2";
+
+fn train_run(dir: &Path, recipe: &Path) -> PathBuf {
+    let run = dir.join(format!(
+        "run-{}",
+        recipe.file_stem().unwrap().to_string_lossy()
+    ));
+    let r = kiln::core::Recipe::load(recipe, &[]).unwrap();
+    train(
+        &r,
+        &TrainOptions {
+            run_dir: Some(run.clone()),
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    run
+}
+
+fn opts(checkpoint: &str, dtype: DType, force: bool) -> ExportOptions {
+    ExportOptions {
+        checkpoint: checkpoint.into(),
+        dtype,
+        force,
+    }
+}
+
+fn logits(spec: &Path, checkpoint: Option<&str>, ids: &[u32]) -> Vec<f32> {
+    let lm = load_language_model(spec, checkpoint, &Device::Cpu).unwrap();
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    lm.model
+        .forward(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+const IDS: [u32; 10] = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3];
+
+#[test]
+fn export_then_import_gives_identical_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, model, data) in [
+        ("gpt-char", GPT, char_data(d)),
+        ("llama-char", LLAMA, char_data(d)),
+        ("gpt-bpe", GPT, bpe_data(d)),
+    ] {
+        let run = train_run(d, &lm_recipe(d, name, model, &data, 20));
+        let out = d.join(format!("{name}-hf"));
+        export(&run, &out, &opts("latest", DType::F32, false)).unwrap();
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
+            assert!(out.join(f).is_file(), "{name}: no {f}");
+        }
+        let want = logits(&run, None, &IDS);
+        assert_eq!(logits(&out, None, &IDS), want, "{name}: f32 round trip");
+
+        // bf16 weights: close, not equal.
+        let half = d.join(format!("{name}-bf16"));
+        export(&run, &half, &opts("latest", DType::BF16, false)).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(half.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["torch_dtype"], "bfloat16");
+        let got = logits(&half, None, &IDS);
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let e = max_diff(&got, &want);
+        assert!(
+            e > 0.0 && e < 0.05 * scale,
+            "{name}: bf16 differs by {e} (scale {scale})"
+        );
+
+        // An older checkpoint, chosen by name.
+        let old = d.join(format!("{name}-step10"));
+        export(&run, &old, &opts("step-10", DType::F32, false)).unwrap();
+        assert_eq!(
+            logits(&old, None, &IDS),
+            logits(&run, Some("step-10"), &IDS)
+        );
+        assert_ne!(logits(&old, None, &IDS), want);
+    }
+}
+
+#[test]
+fn export_refuses_to_overwrite_and_names_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = train_run(d, &lm_recipe(d, "gpt", GPT, &char_data(d), 20));
+    let out = d.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let e = export(&run, &out, &opts("latest", DType::F32, false))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not empty") && e.contains("--force"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        1,
+        "nothing written"
+    );
+    export(&run, &out, &opts("latest", DType::F32, true)).unwrap();
+    assert!(out.join("config.json").is_file());
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine"
+    );
+
+    let e = export(&run, &d.join("x"), &opts("step-7", DType::F32, false))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no checkpoint step-7") && e.contains("step-20, step-10"),
+        "{e}"
+    );
+    let e = export(&run, &d.join("y"), &opts("best", DType::F32, false))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("keep_best"), "{e}");
+}
+
+/// Fine-tuning from an exported folder starts from its weights; the recipe may not change the
+/// architecture; missing tensors and hub ids that are not cached are named.
+#[test]
+fn init_from_folders_and_the_hub_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = char_data(d);
+    let run = train_run(d, &lm_recipe(d, "base", LLAMA, &data, 20));
+    let folder = d.join("base-hf");
+    export(&run, &folder, &opts("latest", DType::F32, false)).unwrap();
+
+    // lr ≈ 0: after one step the fine-tuned weights are still the pretrained ones.
+    let ft = lm_recipe(d, "ft", "kind = \"llama\"\ndropout = 0.1", &data, 1);
+    let text = std::fs::read_to_string(&ft).unwrap().replace(
+        "device = \"cpu\"",
+        &format!("device = \"cpu\"\ninit_from = \"{}\"", folder.display()),
+    );
+    let text = text.replace("lr = 3e-3", "lr = 1e-30");
+    std::fs::write(&ft, &text).unwrap();
+    let ft_run = train_run(d, &ft);
+    let e = max_diff(&logits(&ft_run, None, &IDS), &logits(&run, None, &IDS));
+    assert!(
+        e < 1e-6,
+        "fine-tuning did not start from the pretrained weights: {e}"
+    );
+    let resolved = std::fs::read_to_string(ft_run.join("recipe.toml")).unwrap();
+    assert!(resolved.contains("num_key_value_heads = 2"), "{resolved}");
+
+    // An architecture key that disagrees with config.json.
+    std::fs::write(&ft, text.replace("dropout = 0.1", "num_hidden_layers = 3")).unwrap();
+    let e = kiln::core::Recipe::load(&ft, &[])
+        .map_err(anyhow::Error::from)
+        .and_then(|r| {
+            train(
+                &r,
+                &TrainOptions {
+                    run_dir: Some(d.join("bad")),
+                    quiet: true,
+                    ..Default::default()
+                },
+            )
+            .map(|_| ())
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.num_hidden_layers") && e.contains("differs"),
+        "{e}"
+    );
+
+    // A folder whose weights lack a tensor.
+    let broken = d.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(folder.join(f), broken.join(f)).unwrap();
+    }
+    let mut w =
+        candle_core::safetensors::load(folder.join("model.safetensors"), &Device::Cpu).unwrap();
+    w.remove("model.norm.weight");
+    candle_core::safetensors::save(&w, broken.join("model.safetensors")).unwrap();
+    let e = load_language_model(&broken, None, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("lacks") && e.contains("model.norm.weight"),
+        "{e}"
+    );
+
+    // The hub cache, offline: found when cached, a clear error when not.
+    let snap = d.join("hf/hub/models--acme--tiny-llama/snapshots/abc123");
+    std::fs::create_dir_all(&snap).unwrap();
+    for e in std::fs::read_dir(&folder).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, snap.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::create_dir_all(d.join("hf/hub/models--acme--tiny-llama/refs")).unwrap();
+    std::fs::write(
+        d.join("hf/hub/models--acme--tiny-llama/refs/main"),
+        "abc123",
+    )
+    .unwrap();
+    let gen = |id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "generate",
+                "--model",
+                id,
+                "--prompt",
+                "to be",
+                "--max-new-tokens",
+                "12",
+            ])
+            .args(["--temperature", "0", "--device", "cpu"])
+            .env("HF_HOME", d.join("hf"))
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let from_hub = gen("acme/tiny-llama");
+    assert!(
+        from_hub.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_hub.stderr)
+    );
+    let from_folder = gen(folder.to_str().unwrap());
+    assert_eq!(from_hub.stdout, from_folder.stdout);
+    assert!(String::from_utf8_lossy(&from_hub.stdout).starts_with("to be"));
+    let missing = gen("acme/not-cached");
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("acme/not-cached") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+}
+
+/// The Python interpreter with `transformers` and `torch`, if there is one: `KILN_PYTHON`,
+/// else `python3`.
+fn python_with_transformers() -> Option<String> {
+    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import transformers, torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        Some(py)
+    } else {
+        eprintln!(
+            "skipping: `{py} -c 'import transformers, torch'` fails; set KILN_PYTHON to a Python \
+             that has them to run this check"
+        );
+        None
+    }
+}
+
+/// transformers loads each exported folder as the right class, its tokenizer gives kiln's ids,
+/// its logits match kiln's, and its greedy generation matches kiln's token for token.
+#[test]
+fn transformers_loads_exports_and_agrees() {
+    let Some(py) = python_with_transformers() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let script = repo().join("tests/python/hf_causal_lm.py");
+    for (name, model, data, class) in [
+        ("gpt-char", GPT, char_data(d), "GPT2LMHeadModel"),
+        ("llama-char", LLAMA, char_data(d), "LlamaForCausalLM"),
+        ("gpt-bpe", GPT, bpe_data(d), "GPT2LMHeadModel"),
+    ] {
+        let run = train_run(d, &lm_recipe(d, name, model, &data, 40));
+        let out = d.join(format!("{name}-hf"));
+        export(&run, &out, &opts("latest", DType::F32, false)).unwrap();
+
+        let lm = load_language_model(&run, None, &Device::Cpu).unwrap();
+        let prompt = "to be, or";
+        let prompt_ids = lm.codec.encode(prompt).unwrap();
+        let sampling = Sampling {
+            max_new_tokens: 12,
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+            stop: lm.codec.end_of_text(),
+        };
+        let greedy = generate(
+            lm.model.as_ref(),
+            &prompt_ids,
+            lm.context(),
+            &sampling,
+            &Device::Cpu,
+            |_| {},
+        )
+        .unwrap()[prompt_ids.len()..]
+            .to_vec();
+
+        let request = d.join(format!("{name}-request.json"));
+        let req = serde_json::json!({"prompt": prompt, "ids": IDS, "max_new_tokens": 12});
+        std::fs::write(&request, req.to_string()).unwrap();
+        let o = Command::new(&py)
+            .arg(&script)
+            .arg(&out)
+            .arg(&request)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let hf: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(hf["architecture"], class, "{name}");
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        assert_eq!(ids(&hf["prompt_ids"]), prompt_ids, "{name}: tokenizer ids");
+        let hf_logits: Vec<f32> = hf["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+            })
+            .collect();
+        let e = max_diff(&hf_logits, &logits(&run, None, &IDS));
+        eprintln!("{name}: max |logit difference| kiln vs transformers = {e:.3e}");
+        assert!(e < 1e-4, "{name}: logits differ by {e}");
+        assert_eq!(ids(&hf["generated"]), greedy, "{name}: greedy tokens");
+    }
+}

@@ -1,0 +1,157 @@
+//! Hugging Face model folders out (`kiln export`) and in (`kiln generate --model`).
+//!
+//! An exported folder is what `transformers`' `from_pretrained`, vLLM, TGI and candle's model
+//! code read: `config.json` (GPT2LMHeadModel or LlamaForCausalLM schema), `model.safetensors`
+//! (HF names and shapes, `format: pt` metadata, f32/bf16/f16), the tokenizer
+//! (`tokenizer.json` + `tokenizer_config.json`; a character model gets a tokenizer with the
+//! same ids) and `generation_config.json`.
+
+use crate::run::load_run_at;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarMap;
+use kiln_core::checkpoint::{self, write_atomic};
+use kiln_core::data::codec::{Codec, END_OF_TEXT};
+use kiln_models::hf::{self, SpecialTokens};
+use kiln_models::{Model, ModelConfig};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+
+pub struct ExportOptions {
+    /// `latest`, `best` or `step-N`.
+    pub checkpoint: String,
+    /// Weights' dtype in the folder.
+    pub dtype: DType,
+    /// Write into a non-empty folder.
+    pub force: bool,
+}
+
+/// Writes the HF folder for `run_dir`'s checkpoint into `out`.
+pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() && !o.force {
+        bail!(
+            "{} exists and is not empty; pick another --out, or pass --force to write over it",
+            out.display()
+        );
+    }
+    let recipe_path = run_dir.join("recipe.toml");
+    anyhow::ensure!(
+        recipe_path.is_file(),
+        "{} is not a kiln run directory: it has no recipe.toml",
+        run_dir.display()
+    );
+    let recipe = kiln_core::Recipe::load(&recipe_path, &[])?;
+    let cfg = ModelConfig::decode(&recipe)?;
+    let codec = Codec::from_dir(run_dir)?;
+    let ckpt = checkpoint::by_name(&run_dir.join("checkpoints"), &o.checkpoint)?;
+    let weights = checkpoint::load_tensors(&ckpt.join(checkpoint::MODEL_FILE), &Device::Cpu)?;
+    let special = SpecialTokens {
+        bos: codec.end_of_text(),
+        eos: codec.end_of_text(),
+    };
+    let config = hf::hf_config(&cfg, o.dtype, special)?;
+    let tensors = hf::to_hf_tensors(&cfg, weights, o.dtype)?;
+
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let tmp = out.join("model.safetensors.tmp");
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let mut named: Vec<(&String, &candle_core::Tensor)> = tensors.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    safetensors::serialize_to_file(named, Some(metadata), &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    }
+    std::fs::rename(&tmp, out.join("model.safetensors"))?;
+
+    let json_file = |name: &str, v: &serde_json::Value| -> Result<()> {
+        write_atomic(&out.join(name), serde_json::to_string_pretty(v)?.as_bytes())
+            .with_context(|| format!("writing {name} in {}", out.display()))
+    };
+    json_file("config.json", &config)?;
+    write_atomic(
+        &out.join("tokenizer.json"),
+        codec.tokenizer_json()?.as_bytes(),
+    )?;
+    let context = match &cfg {
+        ModelConfig::Gpt(c) => c.block_size,
+        ModelConfig::Llama(c) => c.max_position_embeddings,
+        _ => 0,
+    };
+    let mut tok_cfg = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": context,
+        "clean_up_tokenization_spaces": false,
+    });
+    let mut gen = json!({});
+    if let Some(id) = codec.end_of_text() {
+        for k in ["bos_token", "eos_token", "unk_token"] {
+            tok_cfg[k] = END_OF_TEXT.into();
+        }
+        gen["bos_token_id"] = id.into();
+        gen["eos_token_id"] = id.into();
+    }
+    json_file("tokenizer_config.json", &tok_cfg)?;
+    json_file("generation_config.json", &gen)?;
+    Ok(())
+}
+
+/// A language model ready to generate, with its text codec.
+pub struct LanguageModel {
+    pub cfg: ModelConfig,
+    pub model: Box<dyn Model>,
+    pub codec: Codec,
+    /// Where it came from, for messages.
+    pub source: String,
+}
+
+impl LanguageModel {
+    pub fn context(&self) -> usize {
+        match &self.cfg {
+            ModelConfig::Gpt(c) => c.block_size,
+            ModelConfig::Llama(c) => c.max_position_embeddings,
+            _ => 0,
+        }
+    }
+}
+
+/// Loads a kiln run directory (its latest checkpoint, or `checkpoint`), a Hugging Face model
+/// folder, or a hub id from the cache.
+pub fn load_language_model(
+    spec: &Path,
+    checkpoint: Option<&str>,
+    device: &Device,
+) -> Result<LanguageModel> {
+    if spec.join("recipe.toml").is_file() {
+        let run = load_run_at(spec, checkpoint.unwrap_or("latest"), device)?;
+        if !matches!(run.model_cfg, ModelConfig::Gpt(_) | ModelConfig::Llama(_)) {
+            bail!("{} is not a language-model run", spec.display());
+        }
+        return Ok(LanguageModel {
+            cfg: run.model_cfg,
+            model: run.model,
+            codec: Codec::from_dir(spec)?,
+            source: run.checkpoint.display().to_string(),
+        });
+    }
+    anyhow::ensure!(
+        checkpoint.is_none(),
+        "--checkpoint applies to kiln run directories only"
+    );
+    let folder = kiln_core::hub::resolve(&spec.to_string_lossy())?;
+    let cfg = hf::read_hf_config(&folder)?;
+    let varmap = VarMap::new();
+    let vb = kiln_core::rng::seeded_var_builder(&varmap, 0, DType::F32, device);
+    cfg.build(vb, kiln_models::SharedRng::new(0, "unused"), DType::F32)?;
+    hf::load_pretrained(&varmap, &cfg, &folder)?;
+    let model = crate::trainer::detached_model(&varmap, &cfg, device, DType::F32)?;
+    Ok(LanguageModel {
+        cfg,
+        model,
+        codec: Codec::from_dir(&folder)?,
+        source: folder.display().to_string(),
+    })
+}
