@@ -109,6 +109,28 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Time training steps of a recipe: ms/step, tokens/s, MFU and peak memory.
+    Bench {
+        /// Recipe file or name.
+        recipe: PathBuf,
+        /// Override a recipe key: --set data.batch_size=8 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Timed steps.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Untimed steps first (allocation, kernel loading, caches).
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long)]
+        device: Option<String>,
+        /// Peak TFLOP/s for MFU (default: 989, the H100/H200 bf16 peak, on CUDA).
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the recipes with a one-line description.
     Recipes {
         #[arg(long, default_value = "recipes")]
@@ -274,6 +296,34 @@ fn run(cli: Cli) -> Result<Option<usize>> {
             };
             export(&run_dir, &out, &opts)?;
             eprintln!("exported {} → {}", run_dir.display(), out.display());
+            Ok(None)
+        }
+        Command::Bench {
+            recipe,
+            set,
+            steps,
+            warmup,
+            device,
+            peak_tflops,
+            json,
+        } => {
+            let recipe = Recipe::load(resolve_recipe_path(recipe), &set)?;
+            let report = kiln::trainers::bench::bench(
+                &recipe,
+                &kiln::trainers::bench::BenchOptions {
+                    steps,
+                    warmup,
+                    device,
+                    peak_tflops,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                for line in report.lines() {
+                    println!("{line}");
+                }
+            }
             Ok(None)
         }
         Command::Recipes { dir } => {

@@ -247,3 +247,60 @@ fn misshapen_weights_are_named_with_both_shapes() {
         "{err}"
     );
 }
+
+/// `kiln bench` times the recipe's real training step and derives throughput and FLOPs from it.
+#[test]
+fn bench_reports_step_time_throughput_mfu_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let o = kiln(
+        &[
+            "bench",
+            recipe.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--peak-tflops",
+            "1.5",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(r["steps"], 4);
+    assert_eq!(r["items_per_step"], 8 * 16, "batch 8 × seq_len 16 tokens");
+    assert_eq!(r["item"], "tokens");
+    let ms = r["ms_per_step_median"].as_f64().unwrap();
+    assert!(ms > 0.0 && ms <= r["ms_per_step_mean"].as_f64().unwrap() * 4.0);
+    assert!(r["ms_per_step_min"].as_f64().unwrap() <= ms);
+    let tps = r["items_per_second"].as_f64().unwrap();
+    assert!((tps - 128.0 / (ms / 1e3)).abs() / tps < 1e-9);
+    // nanoGPT's estimate: 6 N (N without the position table) + 12 L C T, per token.
+    let n = r["parameters"].as_f64().unwrap() - 16.0 * 32.0;
+    let per_token = 6.0 * n + 12.0 * 32.0 * 16.0;
+    assert!((r["flops_per_step"].as_f64().unwrap() - per_token * 128.0).abs() < 1.0);
+    let mfu = r["mfu"].as_f64().unwrap();
+    assert!((mfu - r["achieved_tflops"].as_f64().unwrap() / 1.5).abs() < 1e-12);
+    assert!(r["peak_memory_bytes"].as_u64().unwrap() > 1 << 20);
+    assert!(r["final_loss"].as_f64().unwrap().is_finite());
+
+    // Without a peak (CPU), MFU is reported as unavailable, not invented.
+    let o = kiln(
+        &[
+            "bench",
+            recipe.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("MFU          n/a"), "{}", stdout(&o));
+}

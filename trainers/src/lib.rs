@@ -1,6 +1,7 @@
 //! kiln-trainers: the training loop, optimizers, learning-rate schedules and tasks.
 
 pub mod amp;
+pub mod bench;
 pub mod export;
 pub mod generate;
 pub mod optim;

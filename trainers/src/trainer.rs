@@ -461,7 +461,7 @@ pub fn train_step(
 }
 
 /// The shape of one input example, e.g. [1, 28, 28] or [seq_len].
-fn input_shape(data: &DataSplits) -> Vec<usize> {
+pub(crate) fn input_shape(data: &DataSplits) -> Vec<usize> {
     match data.train.collate(&[0]).inputs {
         data::HostTensor::F32(_, s) | data::HostTensor::U32(_, s) => s[1..].to_vec(),
     }

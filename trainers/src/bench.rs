@@ -1,0 +1,246 @@
+//! `kiln bench`: the training step of a recipe, timed. The model, optimizer, precision and data
+//! pipeline are the trainer's own; after `warmup` untimed steps, `steps` steps are timed one
+//! by one with the device synchronized at each end, so a figure is a whole step as training
+//! runs it (data, forward, backward, clipping, AdamW).
+//!
+//! FLOPs per token follow nanoGPT's `estimate_mfu` (PaLM appendix B): 6·N for the matmuls of
+//! forward and backward, N counting every weight but the position table, plus 12·L·C·T for
+//! attention scores and values. MFU divides the achieved rate by the card's dense bf16 peak.
+
+use crate::amp::{self, LossScaler};
+use crate::optim;
+use crate::trainer::{params_of, train_step};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarMap;
+use kiln_core::data::{self, Loader};
+use kiln_core::recipe::Recipe;
+use kiln_models::{ModelConfig, SharedRng};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Dense bf16 tensor-core peak of an H100 SXM / H200 (NVIDIA's data sheets: 989.4 TFLOP/s
+/// without sparsity), the reference the issue tracker and nanoGPT-style MFU figures use.
+pub const H100_BF16_PEAK_TFLOPS: f64 = 989.0;
+
+pub struct BenchOptions {
+    pub steps: usize,
+    pub warmup: usize,
+    pub device: Option<String>,
+    /// Peak TFLOP/s for MFU (default: the H100/H200 bf16 peak on CUDA, none on the CPU).
+    pub peak_tflops: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub recipe: String,
+    pub device: String,
+    pub precision: String,
+    pub parameters: usize,
+    /// Tokens (language models) or examples per optimizer step.
+    pub items_per_step: usize,
+    pub item: &'static str,
+    pub steps: usize,
+    pub ms_per_step_median: f64,
+    pub ms_per_step_mean: f64,
+    pub ms_per_step_min: f64,
+    pub items_per_second: f64,
+    /// Training FLOPs per step (language models).
+    pub flops_per_step: Option<f64>,
+    pub achieved_tflops: Option<f64>,
+    pub peak_tflops: Option<f64>,
+    pub mfu: Option<f64>,
+    /// Peak memory in bytes, and what was measured.
+    pub peak_memory_bytes: Option<u64>,
+    pub memory_measure: &'static str,
+    pub final_loss: f64,
+}
+
+pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
+    anyhow::ensure!(o.steps > 0, "--steps must be at least 1");
+    let device = kiln_core::device::open_device(o.device.as_deref().unwrap_or(&recipe.device))?;
+    let data = data::load(recipe)?;
+    let input_shape = crate::trainer::input_shape(&data);
+    let cfg = ModelConfig::from_recipe(recipe, data.num_classes, &input_shape)?;
+    let varmap = VarMap::new();
+    let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, &device);
+    let compute = amp::compute_dtype(recipe.precision);
+    let model = cfg.build(vb, SharedRng::new(recipe.seed, "dropout"), compute)?;
+    let params = params_of(&varmap);
+    let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
+    let mut optimizer = optim::build(&recipe.optim);
+    let mut scaler = LossScaler::for_precision(recipe.precision);
+    let d = &recipe.data;
+    let loader = Loader::new(
+        data.train.clone(),
+        d.batch_size,
+        d.shuffle,
+        recipe.seed,
+        d.prefetch,
+        0,
+    );
+    let grad_accum = recipe.trainer.grad_accum;
+    let items_per_step = d.batch_size * grad_accum * data.train.items_per_example();
+
+    let mut times = Vec::with_capacity(o.steps);
+    let mut loss = f64::NAN;
+    let mut mem = MemoryProbe::new(&device);
+    for i in 0..o.warmup + o.steps {
+        let started = Instant::now();
+        let batches = (0..grad_accum)
+            .map(|_| loader.next_batch().1.to_device(&device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let out = train_step(
+            model.as_ref(),
+            &params,
+            optimizer.as_mut(),
+            &batches,
+            recipe.optim.lr,
+            recipe.trainer.clip_grad_norm,
+            i == 0,
+            scaler.as_mut(),
+        )?;
+        device.synchronize()?;
+        if let Some((what, value)) = out.diverged {
+            bail!("step {i}: {what} is {value}; the benchmark needs a stable recipe");
+        }
+        loss = out.loss;
+        mem.sample();
+        if i >= o.warmup {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let flops_per_step = lm_flops_per_token(&cfg, n_params).map(|f| f * items_per_step as f64);
+    let peak = o.peak_tflops.or(match device {
+        Device::Cuda(_) => Some(H100_BF16_PEAK_TFLOPS),
+        _ => None,
+    });
+    let achieved = flops_per_step.map(|f| f / median / 1e12);
+    let (peak_memory_bytes, memory_measure) = mem.finish();
+    Ok(BenchReport {
+        recipe: recipe.name.clone(),
+        device: kiln_core::device::device_name(&device),
+        precision: format!("{:?}", recipe.precision).to_lowercase(),
+        parameters: n_params,
+        items_per_step,
+        item: if data.train.items_per_example() > 1 {
+            "tokens"
+        } else {
+            "examples"
+        },
+        steps: o.steps,
+        ms_per_step_median: median * 1e3,
+        ms_per_step_mean: mean * 1e3,
+        ms_per_step_min: sorted[0] * 1e3,
+        items_per_second: items_per_step as f64 / median,
+        flops_per_step,
+        achieved_tflops: achieved,
+        peak_tflops: peak,
+        mfu: achieved.zip(peak).map(|(a, p)| a / p),
+        peak_memory_bytes,
+        memory_measure,
+        final_loss: loss,
+    })
+}
+
+/// nanoGPT's training FLOPs per token for the decoders; None for other models.
+fn lm_flops_per_token(cfg: &ModelConfig, n_params: usize) -> Option<f64> {
+    let (n, layers, width, context) = match cfg {
+        ModelConfig::Gpt(c) => (
+            n_params - c.block_size * c.n_embd,
+            c.n_layer,
+            c.n_embd,
+            c.block_size,
+        ),
+        ModelConfig::Llama(c) => (
+            n_params,
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.max_position_embeddings,
+        ),
+        _ => return None,
+    };
+    Some(6.0 * n as f64 + 12.0 * (layers * width * context) as f64)
+}
+
+/// The process's peak resident memory on the CPU; on CUDA, the most device memory in use
+/// (total − free, which includes the allocator's cached blocks) seen after any step.
+struct MemoryProbe {
+    cuda: bool,
+    peak: u64,
+}
+
+impl MemoryProbe {
+    fn new(device: &Device) -> Self {
+        MemoryProbe {
+            cuda: device.is_cuda(),
+            peak: 0,
+        }
+    }
+
+    fn sample(&mut self) {
+        if self.cuda {
+            #[cfg(feature = "cuda")]
+            if let Ok((free, total)) =
+                candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            {
+                self.peak = self.peak.max((total - free) as u64);
+            }
+        }
+    }
+
+    fn finish(self) -> (Option<u64>, &'static str) {
+        if self.cuda {
+            return (
+                (self.peak > 0).then_some(self.peak),
+                "device memory in use (total − free), highest after any step",
+            );
+        }
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage fills the struct it is given.
+        let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0;
+        let rss = ok.then(|| unsafe { usage.assume_init() }.ru_maxrss as u64 * 1024);
+        (rss, "peak resident set size of the process")
+    }
+}
+
+impl BenchReport {
+    /// The human-readable summary.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = vec![
+            format!(
+                "{} on {} ({}, {} parameters): {} timed steps",
+                self.recipe, self.device, self.precision, self.parameters, self.steps
+            ),
+            format!(
+                "ms/step      {:.2} median, {:.2} mean, {:.2} min",
+                self.ms_per_step_median, self.ms_per_step_mean, self.ms_per_step_min
+            ),
+            format!(
+                "{:<12} {:.0}/s ({} per step)",
+                self.item, self.items_per_second, self.items_per_step
+            ),
+        ];
+        if let Some(a) = self.achieved_tflops {
+            out.push(format!("TFLOP/s      {a:.3}"));
+        }
+        out.push(match (self.mfu, self.peak_tflops) {
+            (Some(m), Some(p)) => format!("MFU          {:.1}% of {p} TFLOP/s", 100.0 * m),
+            _ => "MFU          n/a (no peak for this device: pass --peak-tflops)".into(),
+        });
+        out.push(match self.peak_memory_bytes {
+            Some(b) => format!(
+                "peak memory  {:.1} MiB ({})",
+                b as f64 / (1024.0 * 1024.0),
+                self.memory_measure
+            ),
+            None => "peak memory  n/a".into(),
+        });
+        out
+    }
+}
