@@ -255,6 +255,8 @@ pub enum Dataset {
     TextChar,
     /// One text file tokenized with a Hugging Face `tokenizer.json` (e.g. GPT-2's BPE).
     TextBpe,
+    /// Labelled text in TSV/CSV files, for an encoder (BERT).
+    TextClassification,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -287,6 +289,46 @@ pub struct DataConfig {
     /// `~/.cache/kiln`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
+    /// text-classification: file names in `path` (`val` absent: `val_size` training rows are
+    /// held out; `test` absent: no test split).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<String>,
+    /// text-classification: the header names of the text and label columns.
+    #[serde(default = "default_text_column")]
+    pub text_column: String,
+    #[serde(default = "default_label_column")]
+    pub label_column: String,
+    /// text-classification: label names in id order, or a JSON file (in `path`) holding that
+    /// list (default: the sorted training labels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+    /// text-classification: tokens per example, special tokens included.
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    /// text-classification: batch examples of similar length together (less padding).
+    #[serde(default)]
+    pub bucket_by_length: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Labels {
+    List(Vec<String>),
+    File(PathBuf),
+}
+
+fn default_text_column() -> String {
+    "text".into()
+}
+fn default_label_column() -> String {
+    "label".into()
+}
+fn default_max_length() -> usize {
+    128
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -547,6 +589,17 @@ impl Recipe {
             return err("data.prefetch", "must be at least 1".into());
         }
         match (self.task, d.dataset) {
+            (Task::Classification, Dataset::TextClassification) => {
+                if d.train.is_none() {
+                    return err(
+                        "data.train",
+                        "missing: the training file's name in data.path, e.g. train = \"train.tsv\"".into(),
+                    );
+                }
+                if d.max_length < 2 {
+                    return err("data.max_length", "must be at least 2".into());
+                }
+            }
             (Task::Classification, Dataset::FashionMnist) => {
                 if d.seq_len.is_some() {
                     return err(
@@ -564,21 +617,46 @@ impl Recipe {
                 return err(
                     "data.dataset",
                     format!(
-                        "{ds:?} does not fit task {task:?}: fashion-mnist is for \
-                         \"classification\", text-char and text-bpe for \"language-model\""
+                        "{ds:?} does not fit task {task:?}: fashion-mnist and \
+                         text-classification are for \"classification\", text-char and text-bpe for \
+                         \"language-model\""
                     ),
                 )
             }
         }
         if d.dataset != Dataset::TextBpe {
+            if d.cache_dir.is_some() {
+                return err(
+                    "data.cache_dir",
+                    "applies to dataset = \"text-bpe\" only; remove it".into(),
+                );
+            }
+            if d.tokenizer.is_some() && d.dataset != Dataset::TextClassification {
+                return err(
+                    "data.tokenizer",
+                    "applies to dataset = \"text-bpe\" or \"text-classification\" only; remove it"
+                        .into(),
+                );
+            }
+        }
+        if d.dataset != Dataset::TextClassification {
             for (key, set) in [
-                ("data.tokenizer", d.tokenizer.is_some()),
-                ("data.cache_dir", d.cache_dir.is_some()),
+                ("data.train", d.train.is_some()),
+                ("data.val", d.val.is_some()),
+                ("data.test", d.test.is_some()),
+                ("data.labels", d.labels.is_some()),
+                ("data.text_column", d.text_column != default_text_column()),
+                (
+                    "data.label_column",
+                    d.label_column != default_label_column(),
+                ),
+                ("data.max_length", d.max_length != default_max_length()),
+                ("data.bucket_by_length", d.bucket_by_length),
             ] {
                 if set {
                     return err(
                         key,
-                        "applies to dataset = \"text-bpe\" only; remove it".into(),
+                        "applies to dataset = \"text-classification\" only; remove it".into(),
                     );
                 }
             }

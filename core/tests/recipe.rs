@@ -858,7 +858,10 @@ fn dataset_task_mismatch() {
         &text,
         8,
         "data.dataset",
-        &["does not fit task", "fashion-mnist is for"],
+        &[
+            "does not fit task",
+            "fashion-mnist and text-classification are for",
+        ],
     );
     // The other way round, the task changed by --set: the error names the dataset key, which is
     // still the file's (line 6 of the classification recipe).
@@ -1330,7 +1333,7 @@ fn tokenizer_keys_belong_to_text_bpe() {
         &base(),
         "data.tokenizer=data/gpt2-tokenizer/tokenizer.json",
         "data.tokenizer",
-        &["applies to dataset = \"text-bpe\" only"],
+        &["applies to dataset = \"text-bpe\" or \"text-classification\" only"],
     );
     let r = Recipe::parse(
         Path::new("recipes/t.toml"),
@@ -1348,4 +1351,49 @@ fn tokenizer_keys_belong_to_text_bpe() {
     let again = Recipe::parse(Path::new("run/recipe.toml"), &r.to_toml(&r.model), &[]).unwrap();
     assert_eq!(again.data, r.data);
     assert_eq!(again.init_from, r.init_from);
+}
+
+#[test]
+fn text_classification_keys() {
+    set_error(
+        &base(),
+        "data.text_column=sentence",
+        "data.text_column",
+        &["applies to dataset = \"text-classification\" only"],
+    );
+    let cls = |sets: &[&str]| {
+        let mut all = vec![
+            "task=classification".to_string(),
+            "data.dataset=text-classification".into(),
+            "data.seq_len=".into(),
+        ];
+        all.extend(sets.iter().map(|s| s.to_string()));
+        Recipe::parse(Path::new("recipes/t.toml"), &base(), &all)
+    };
+    let e = cls(&[]).unwrap_err();
+    assert_eq!(e.key, "data.train");
+    let r = cls(&[
+        "data.train=train.csv",
+        "data.labels=[\"neg\",\"pos\"]",
+        "data.bucket_by_length=true",
+    ])
+    .unwrap();
+    assert_eq!(
+        r.data.labels,
+        Some(kiln_core::recipe::Labels::List(vec![
+            "neg".into(),
+            "pos".into()
+        ]))
+    );
+    let r = cls(&["data.train=train.csv", "data.labels=categories.json"]).unwrap();
+    assert_eq!(
+        r.data.labels,
+        Some(kiln_core::recipe::Labels::File("categories.json".into()))
+    );
+    assert_eq!(
+        cls(&["data.train=t.csv", "data.max_length=1"])
+            .unwrap_err()
+            .key,
+        "data.max_length"
+    );
 }

@@ -98,6 +98,12 @@ impl RunDir {
             let chars: Vec<String> = vocab.iter().map(|c| c.to_string()).collect();
             std::fs::write(self.path.join("vocab.json"), serde_json::to_string(&chars)?)?;
         }
+        if let Some(labels) = &data.labels {
+            checkpoint::write_atomic(
+                &self.path.join("labels.json"),
+                serde_json::to_string_pretty(labels)?.as_bytes(),
+            )?;
+        }
         // The run keeps its own copy of the tokenizer: generation and export need it, and the
         // original may move.
         if let Some(tok) = &data.tokenizer {

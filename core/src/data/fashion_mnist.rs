@@ -168,6 +168,7 @@ pub fn load(dir: Option<&Path>, val_size: usize) -> anyhow::Result<DataSplits> {
         files,
         vocab: None,
         tokenizer: None,
+        labels: Some(CLASSES.iter().map(|s| s.to_string()).collect()),
     })
 }
 

@@ -12,6 +12,7 @@ pub mod codec;
 pub mod fashion_mnist;
 pub mod idx;
 pub mod text;
+pub mod text_classification;
 
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -86,8 +87,10 @@ pub struct DataSplits {
     pub files: Vec<(String, String)>,
     /// Characters of a character-level vocabulary, in id order.
     pub vocab: Option<Vec<char>>,
-    /// The `tokenizer.json` of a BPE data set.
+    /// The `tokenizer.json` of a BPE or text-classification data set.
     pub tokenizer: Option<std::path::PathBuf>,
+    /// Class names in id order (classification).
+    pub labels: Option<Vec<String>>,
 }
 
 /// Batches per training epoch (the last incomplete batch is dropped so shapes stay fixed).
@@ -175,6 +178,18 @@ pub fn eval_batches(
 /// Loads the data set a recipe names.
 pub fn load(recipe: &crate::Recipe) -> anyhow::Result<DataSplits> {
     let d = &recipe.data;
+    // The tokenizer: the recipe's, else the pretrained model's.
+    let tokenizer = || -> anyhow::Result<std::path::PathBuf> {
+        match (&d.tokenizer, &recipe.init_from) {
+            (Some(t), _) => Ok(t.clone()),
+            (None, Some(from)) => Ok(crate::hub::resolve(from)?.join("tokenizer.json")),
+            (None, None) => anyhow::bail!(
+                "data.tokenizer is required for {:?} data without init_from: set it to a \
+                 tokenizer.json, e.g. data/gpt2-tokenizer/tokenizer.json",
+                d.dataset
+            ),
+        }
+    };
     match d.dataset {
         crate::recipe::Dataset::FashionMnist => fashion_mnist::load(d.path.as_deref(), d.val_size),
         crate::recipe::Dataset::TextChar => {
@@ -187,14 +202,7 @@ pub fn load(recipe: &crate::Recipe) -> anyhow::Result<DataSplits> {
             let path = d.path.as_deref().ok_or_else(|| {
                 anyhow::anyhow!("data.path is required for text-bpe: set it to a UTF-8 text file")
             })?;
-            let tokenizer = match (&d.tokenizer, &recipe.init_from) {
-                (Some(t), _) => t.clone(),
-                (None, Some(from)) => crate::hub::resolve(from)?.join("tokenizer.json"),
-                (None, None) => anyhow::bail!(
-                    "data.tokenizer is required for text-bpe: set it to a tokenizer.json, e.g. \
-                     data/gpt2-tokenizer/tokenizer.json"
-                ),
-            };
+            let tokenizer = tokenizer()?;
             let cache = d.cache_dir.clone().unwrap_or_else(bpe::default_cache_dir);
             bpe::load(
                 path,
@@ -203,6 +211,42 @@ pub fn load(recipe: &crate::Recipe) -> anyhow::Result<DataSplits> {
                 d.val_fraction,
                 &cache,
             )
+        }
+        crate::recipe::Dataset::TextClassification => {
+            let folder = d.path.as_deref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "data.path is required for text-classification: the folder of the TSV/CSV files"
+                )
+            })?;
+            let labels = match &d.labels {
+                None => None,
+                Some(crate::recipe::Labels::List(l)) => Some(l.clone()),
+                Some(crate::recipe::Labels::File(f)) => {
+                    let p = folder.join(f);
+                    let text = std::fs::read_to_string(&p).map_err(|e| {
+                        anyhow::anyhow!("cannot read data.labels file {}: {e}", p.display())
+                    })?;
+                    Some(serde_json::from_str(&text).map_err(|e| {
+                        anyhow::anyhow!("{} is not a JSON list of label names: {e}", p.display())
+                    })?)
+                }
+            };
+            let tokenizer = tokenizer()?;
+            let spec = text_classification::Spec {
+                folder,
+                train: d.train.as_deref().unwrap_or("train.tsv"),
+                val: d.val.as_deref(),
+                test: d.test.as_deref(),
+                val_size: d.val_size,
+                text_column: &d.text_column,
+                label_column: &d.label_column,
+                labels,
+                max_length: d.max_length,
+                bucket_by_length: d.bucket_by_length,
+                tokenizer: &tokenizer,
+                seed: recipe.seed,
+            };
+            text_classification::load(&spec, d.batch_size)
         }
     }
 }

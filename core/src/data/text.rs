@@ -130,6 +130,7 @@ pub fn load(path: &Path, seq_len: usize, val_fraction: f64) -> anyhow::Result<Da
         files: vec![(path.display().to_string(), sha256_file(path)?)],
         vocab: Some(vocab.chars),
         tokenizer: None,
+        labels: None,
     })
 }
 

@@ -1,0 +1,462 @@
+//! Labelled text in TSV or CSV files (SST-2, BANKING77, one's own), tokenized with a Hugging Face
+//! `tokenizer.json` for an encoder such as BERT.
+//!
+//! Each file has a header row; `data.text_column` and `data.label_column` name the columns.
+//! Labels are mapped to ids by `data.labels` (an explicit list, or a JSON file holding one), or
+//! else by the sorted set of training labels; a label outside the map is an error naming the
+//! file, line and label. Texts are tokenized once, in parallel, truncated to `data.max_length`.
+//! Batches are padded to their longest example only (dynamic padding); with
+//! `data.bucket_by_length`, each epoch groups examples of similar length into batches, so little
+//! is padded, and then shuffles the batches.
+//!
+//! A batch's input is (B, 2, T) u32: row 0 the token ids, row 1 the attention mask.
+
+use super::{DataSplits, Examples, HostBatch, HostTensor};
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokenizers::Tokenizer;
+
+/// What `[data]` says about a text-classification data set.
+pub struct Spec<'a> {
+    pub folder: &'a Path,
+    pub train: &'a str,
+    /// None: hold out `val_size` training examples.
+    pub val: Option<&'a str>,
+    pub test: Option<&'a str>,
+    pub val_size: usize,
+    pub text_column: &'a str,
+    pub label_column: &'a str,
+    pub labels: Option<Vec<String>>,
+    pub max_length: usize,
+    pub bucket_by_length: bool,
+    pub tokenizer: &'a Path,
+    pub seed: u64,
+}
+
+/// Tokenized, labelled examples of one split.
+pub struct TextExamples {
+    pub ids: Vec<Vec<u32>>,
+    pub labels: Vec<u32>,
+    pub pad_id: u32,
+    pub batch_size: usize,
+    pub bucket_by_length: bool,
+}
+
+impl Examples for TextExamples {
+    fn train_order(&self, rng: &mut ChaCha8Rng, shuffle: bool) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.ids.len()).collect();
+        if !shuffle {
+            return order;
+        }
+        order.shuffle(rng);
+        if self.bucket_by_length {
+            // Sort windows of 50 batches by length, cut them into batches, shuffle the batches:
+            // similar lengths share a batch while the epoch stays random.
+            let b = self.batch_size.max(1);
+            for window in order.chunks_mut(50 * b) {
+                window.sort_by_key(|&i| self.ids[i].len());
+            }
+            let mut batches: Vec<Vec<usize>> = order.chunks(b).map(<[usize]>::to_vec).collect();
+            // Keep a short last batch last: the loader drops it.
+            let tail = (batches.last().map(Vec::len) != Some(b))
+                .then(|| batches.pop())
+                .flatten();
+            batches.shuffle(rng);
+            order = batches.into_iter().chain(tail).flatten().collect();
+        }
+        order
+    }
+
+    fn eval_order(&self) -> Vec<usize> {
+        (0..self.ids.len()).collect()
+    }
+
+    fn collate(&self, ids: &[usize]) -> HostBatch {
+        let t = ids
+            .iter()
+            .map(|&i| self.ids[i].len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut x = Vec::with_capacity(ids.len() * 2 * t);
+        for &i in ids {
+            let seq = &self.ids[i];
+            x.extend(
+                seq.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(self.pad_id, t - seq.len())),
+            );
+            x.extend((0..t).map(|j| u32::from(j < seq.len())));
+        }
+        HostBatch {
+            inputs: HostTensor::U32(x, vec![ids.len(), 2, t]),
+            targets: ids.iter().map(|&i| self.labels[i]).collect(),
+            target_shape: vec![ids.len()],
+        }
+    }
+}
+
+/// Rows of (line number, text, label) from a TSV/CSV file with a header.
+pub fn read_rows(
+    path: &Path,
+    text_column: &str,
+    label_column: &str,
+) -> Result<Vec<(u64, String, String)>> {
+    let tab = path.extension().is_some_and(|e| e == "tsv");
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(if tab { b'\t' } else { b',' })
+        // SST-2's TSV has unbalanced quotes inside sentences: only CSV quotes fields.
+        .quoting(!tab)
+        .from_path(path)
+        .with_context(|| {
+            format!(
+                "cannot read {}; check data.path and the file names",
+                path.display()
+            )
+        })?;
+    let headers = reader
+        .headers()
+        .with_context(|| format!("{}: no header row", path.display()))?
+        .clone();
+    let column = |name: &str, key: &str| -> Result<usize> {
+        headers.iter().position(|h| h == name).with_context(|| {
+            format!(
+                "{} has no column {name:?} (columns: {}); set data.{key}",
+                path.display(),
+                headers.iter().collect::<Vec<_>>().join(", ")
+            )
+        })
+    };
+    let (ti, li) = (
+        column(text_column, "text_column")?,
+        column(label_column, "label_column")?,
+    );
+    let mut rows = Vec::new();
+    for r in reader.records() {
+        let r = r.with_context(|| format!("{}: malformed row", path.display()))?;
+        let line = r.position().map_or(0, |p| p.line());
+        let (Some(text), Some(label)) = (r.get(ti), r.get(li)) else {
+            bail!("{}:{line}: the row has too few columns", path.display());
+        };
+        rows.push((line, text.to_string(), label.trim().to_string()));
+    }
+    if rows.is_empty() {
+        bail!("{} has no examples", path.display());
+    }
+    Ok(rows)
+}
+
+/// The label list: explicit (`labels`), or the sorted labels of the training rows.
+fn label_map(spec: &Spec, train: &[(u64, String, String)]) -> Vec<String> {
+    match &spec.labels {
+        Some(l) => l.clone(),
+        None => {
+            let set: BTreeSet<&String> = train.iter().map(|r| &r.2).collect();
+            set.into_iter().cloned().collect()
+        }
+    }
+}
+
+fn encode(
+    tokenizer: &Tokenizer,
+    rows: &[(u64, String, String)],
+    labels: &[String],
+    max_length: usize,
+    file: &Path,
+) -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
+    let label_ids =
+        rows.iter()
+            .map(|(line, _, l)| {
+                labels
+                    .iter()
+                    .position(|x| x == l)
+                    .map(|i| i as u32)
+                    .with_context(|| {
+                        format!(
+                    "{}:{line}: label {l:?} is not one of the {} labels ({}…); fix the row or \
+                     set data.labels",
+                    file.display(),
+                    labels.len(),
+                    labels.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                )
+                    })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+    let ids = rows
+        .par_iter()
+        .map(|(_, text, _)| {
+            let e = tokenizer
+                .encode(text.as_str(), true)
+                .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", file.display()))?;
+            let mut ids = e.get_ids().to_vec();
+            if ids.len() > max_length {
+                // Keep the closing special token ([SEP]) of a truncated sequence.
+                let last = *ids.last().expect("non-empty");
+                ids.truncate(max_length);
+                ids[max_length - 1] = last;
+            }
+            Ok(ids)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((ids, label_ids))
+}
+
+/// Loads a tokenizer for encoder inputs: without the padding and truncation a `tokenizer.json`
+/// may carry (kiln pads per batch and truncates itself).
+pub fn encoder_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let mut t = super::bpe::load_tokenizer(path)?;
+    t.with_padding(None);
+    t.with_truncation(None)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(t)
+}
+
+/// The pad id of a tokenizer (`[PAD]`, `<pad>`), or 0.
+fn pad_id(t: &Tokenizer) -> u32 {
+    ["[PAD]", "<pad>", "<|endoftext|>"]
+        .iter()
+        .find_map(|p| t.token_to_id(p))
+        .unwrap_or(0)
+}
+
+pub fn load(spec: &Spec, batch_size: usize) -> Result<DataSplits> {
+    let tokenizer = encoder_tokenizer(spec.tokenizer)?;
+    let file = |name: &str| -> PathBuf { spec.folder.join(name) };
+    let train_file = file(spec.train);
+    let mut train_rows = read_rows(&train_file, spec.text_column, spec.label_column)?;
+    let labels = label_map(spec, &train_rows);
+    if labels.len() < 2 {
+        bail!(
+            "{}: only {} label(s); a classifier needs two or more",
+            train_file.display(),
+            labels.len()
+        );
+    }
+    let pad = pad_id(&tokenizer);
+    let examples = |ids, labels, bucket| -> Arc<dyn Examples> {
+        Arc::new(TextExamples {
+            ids,
+            labels,
+            pad_id: pad,
+            batch_size,
+            bucket_by_length: bucket,
+        })
+    };
+    let mut files = vec![(
+        train_file.display().to_string(),
+        super::sha256_file(&train_file)?,
+    )];
+    let val = match spec.val {
+        Some(v) => {
+            let f = file(v);
+            files.push((f.display().to_string(), super::sha256_file(&f)?));
+            let rows = read_rows(&f, spec.text_column, spec.label_column)?;
+            let (ids, l) = encode(&tokenizer, &rows, &labels, spec.max_length, &f)?;
+            examples(ids, l, false)
+        }
+        None => {
+            anyhow::ensure!(
+                spec.val_size > 0 && spec.val_size < train_rows.len(),
+                "data.val_size = {} must be between 1 and the {} training examples (or set data.val \
+                 to a validation file)",
+                spec.val_size,
+                train_rows.len()
+            );
+            // A seeded shuffle before holding out, so the validation rows are not one class.
+            use rand::SeedableRng;
+            train_rows.shuffle(&mut ChaCha8Rng::seed_from_u64(spec.seed ^ 0x5eed));
+            let held = train_rows.split_off(train_rows.len() - spec.val_size);
+            let (ids, l) = encode(&tokenizer, &held, &labels, spec.max_length, &train_file)?;
+            examples(ids, l, false)
+        }
+    };
+    let (ids, l) = encode(
+        &tokenizer,
+        &train_rows,
+        &labels,
+        spec.max_length,
+        &train_file,
+    )?;
+    let train = examples(ids, l, spec.bucket_by_length);
+    let test = match spec.test {
+        Some(t) => {
+            let f = file(t);
+            files.push((f.display().to_string(), super::sha256_file(&f)?));
+            let rows = read_rows(&f, spec.text_column, spec.label_column)?;
+            let (ids, l) = encode(&tokenizer, &rows, &labels, spec.max_length, &f)?;
+            Some(examples(ids, l, false))
+        }
+        None => None,
+    };
+    files.push((
+        spec.tokenizer.display().to_string(),
+        super::sha256_file(spec.tokenizer)?,
+    ));
+    Ok(DataSplits {
+        train,
+        val,
+        test,
+        num_classes: labels.len(),
+        files,
+        vocab: None,
+        tokenizer: Some(spec.tokenizer.to_path_buf()),
+        labels: Some(labels),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::text::CharVocab;
+    use rand::SeedableRng;
+
+    /// A folder with train.tsv / dev.tsv / test.csv and a character tokenizer.
+    fn fixture(dir: &Path) -> PathBuf {
+        let mut train = String::from("sentence\tlabel\n");
+        for i in 0..40 {
+            let (text, label) = if i % 2 == 0 {
+                ("good film", "pos")
+            } else {
+                ("bad", "neg")
+            };
+            train.push_str(&format!("{}{}\t{label}\n", text, "!".repeat(i % 7)));
+        }
+        std::fs::write(dir.join("train.tsv"), train).unwrap();
+        std::fs::write(
+            dir.join("dev.tsv"),
+            "sentence\tlabel\nit 's \"good\t pos\nbad\tneg\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("test.csv"), "text,label\n\"good, really\",pos\n").unwrap();
+        let vocab = CharVocab::from_text("goodfilmbad!'s\", ry itnxe");
+        let tok = dir.join("tokenizer.json");
+        std::fs::write(&tok, vocab.tokenizer_json().to_string()).unwrap();
+        tok
+    }
+
+    fn spec<'a>(dir: &'a Path, tok: &'a Path) -> Spec<'a> {
+        Spec {
+            folder: dir,
+            train: "train.tsv",
+            val: Some("dev.tsv"),
+            test: None,
+            val_size: 0,
+            text_column: "sentence",
+            label_column: "label",
+            labels: None,
+            max_length: 8,
+            bucket_by_length: true,
+            tokenizer: tok,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn pads_per_batch_masks_and_maps_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = fixture(dir.path());
+        let d = load(&spec(dir.path(), &tok), 4).unwrap();
+        assert_eq!(
+            d.labels.as_deref(),
+            Some(&["neg".to_string(), "pos".to_string()][..])
+        );
+        // dev.tsv: the quote is text (TSV does not quote), truncated to max_length.
+        let b = d.val.collate(&[0, 1]);
+        let HostTensor::U32(x, shape) = &b.inputs else {
+            panic!("u32 inputs")
+        };
+        assert_eq!(
+            shape,
+            &[2, 2, 8],
+            "padded to the longest, which was cut to 8"
+        );
+        assert_eq!(&x[8..16], &[1; 8], "row 0 mask: all real");
+        assert_eq!(&x[24..32], &[1, 1, 1, 0, 0, 0, 0, 0], "`bad` then padding");
+        assert_eq!(b.targets, vec![1, 0]);
+        // Bucketed epochs: every example once, batches of similar length, seeded.
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let order = d.train.train_order(&mut rng, true);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..40).collect::<Vec<_>>());
+        assert_eq!(
+            order,
+            d.train.train_order(&mut ChaCha8Rng::seed_from_u64(3), true)
+        );
+        let spread: usize = order
+            .chunks(4)
+            .map(|c| {
+                let b = d.train.collate(c);
+                let HostTensor::U32(_, s) = b.inputs else {
+                    unreachable!()
+                };
+                let lens: Vec<usize> = c
+                    .iter()
+                    .map(|&i| {
+                        let HostTensor::U32(x, s) = d.train.collate(&[i]).inputs else {
+                            unreachable!()
+                        };
+                        s[2].min(x.len())
+                    })
+                    .collect();
+                s[2] - lens.iter().min().unwrap()
+            })
+            .sum();
+        assert!(spread <= 10, "bucketed batches pad little: {spread}");
+    }
+
+    #[test]
+    fn held_out_validation_and_csv_quoting() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = fixture(dir.path());
+        let mut s = spec(dir.path(), &tok);
+        s.val = None;
+        s.val_size = 10;
+        s.test = Some("test.csv");
+        s.text_column = "sentence";
+        let e = load(&s, 4).err().unwrap().to_string();
+        assert!(
+            e.contains("test.csv has no column \"sentence\"") && e.contains("text, label"),
+            "{e}"
+        );
+        std::fs::write(
+            dir.path().join("test.csv"),
+            "sentence,label\n\"good, really\",pos\n",
+        )
+        .unwrap();
+        let d = load(&s, 4).unwrap();
+        assert_eq!(d.val.eval_order().len(), 10);
+        assert_eq!(d.train.eval_order().len(), 30);
+        let t = d.test.unwrap().collate(&[0]);
+        assert_eq!(t.target_shape, vec![1]);
+        let HostTensor::U32(_, shape) = t.inputs else {
+            unreachable!()
+        };
+        assert_eq!(
+            shape[2], 8,
+            "\"good, really\" is one field, cut to 8 tokens"
+        );
+    }
+
+    #[test]
+    fn unknown_labels_are_named_with_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = fixture(dir.path());
+        std::fs::write(
+            dir.path().join("dev.tsv"),
+            "sentence\tlabel\ngood\tpos\nbad\tmeh\n",
+        )
+        .unwrap();
+        let e = load(&spec(dir.path(), &tok), 4).err().unwrap().to_string();
+        assert!(e.contains("dev.tsv:3") && e.contains("\"meh\""), "{e}");
+        let mut s = spec(dir.path(), &tok);
+        s.labels = Some(vec!["pos".into()]);
+        let e = load(&s, 4).err().unwrap().to_string();
+        assert!(e.contains("only 1 label"), "{e}");
+    }
+}
