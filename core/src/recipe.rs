@@ -572,7 +572,7 @@ impl Recipe {
         if !self.model.contains_key("kind") {
             return err(
                 "model.kind",
-                "missing; valid choices: \"mlp\", \"cnn\", \"gpt\", \"llama\"".into(),
+                "missing; valid choices: \"mlp\", \"cnn\", \"gpt\", \"llama\", \"bert\"".into(),
             );
         }
         let d = &self.data;

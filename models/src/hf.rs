@@ -21,7 +21,13 @@ const GPT2_LN_EPS: f64 = 1e-5;
 
 /// Recipe keys that only affect training: a fine-tuning recipe may set them over a pretrained
 /// model's config.
-pub const TRAINING_KEYS: [&str; 2] = ["dropout", "checkpoint_activations"];
+pub const TRAINING_KEYS: [&str; 5] = [
+    "dropout",
+    "checkpoint_activations",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "num_labels",
+];
 
 /// Special token ids written into `config.json` and `generation_config.json`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -82,10 +88,8 @@ pub fn hf_config(cfg: &ModelConfig, dtype: DType, special: SpecialTokens) -> Res
             "pretraining_tp": 1,
             "use_cache": true,
         }),
-        other => bail!(
-            "a {} model has no Hugging Face causal-LM export",
-            other.kind()
-        ),
+        ModelConfig::Bert(c) => crate::bert::hf_config(c),
+        other => bail!("a {} model has no Hugging Face export yet", other.kind()),
     };
     // `dtype` is transformers ≥ 4.56's key, `torch_dtype` the one older readers look for.
     v["dtype"] = torch_dtype.into();
@@ -193,8 +197,11 @@ pub fn from_hf_config(v: &Value, source: &Path) -> Result<ModelConfig> {
                 checkpoint_activations: false,
             }))
         }
+        "bert" => crate::bert::config_from_hf(v)
+            .map(ModelConfig::Bert)
+            .with_context(ctx),
         other => bail!(
-            "{}: model_type {other:?} is not one kiln implements (\"gpt2\", \"llama\")",
+            "{}: model_type {other:?} is not one kiln implements (\"gpt2\", \"llama\", \"bert\")",
             ctx()
         ),
     }
@@ -324,6 +331,24 @@ pub fn from_hf_tensors(
                 }
                 name
             }
+            ModelConfig::Bert(c) => {
+                // BertModel checkpoints (sentence-transformers) are unprefixed, task models
+                // prefix the encoder with `bert.`; older ones name LayerNorm gamma/beta.
+                let base = name.strip_prefix("bert.").unwrap_or(&name);
+                let base = base.replace("LayerNorm.gamma", "LayerNorm.weight");
+                let base = base.replace("LayerNorm.beta", "LayerNorm.bias");
+                if base == "embeddings.position_ids"
+                    || base.starts_with("cls.")
+                    || (c.num_labels == 0 && base.starts_with("classifier."))
+                {
+                    continue;
+                }
+                if c.num_labels > 0 && !base.starts_with("classifier.") {
+                    format!("bert.{base}")
+                } else {
+                    base
+                }
+            }
             _ => name,
         };
         if expected.contains(&kiln_name) {
@@ -342,7 +367,12 @@ pub fn from_hf_tensors(
             preview(&unexpected)
         );
     }
-    let mut missing: Vec<&String> = expected.iter().filter(|n| !out.contains_key(*n)).collect();
+    // A task head a pretrained encoder does not have starts from its initialisation.
+    let fresh = |n: &str| matches!(cfg, ModelConfig::Bert(_)) && n.starts_with("classifier.");
+    let mut missing: Vec<&String> = expected
+        .iter()
+        .filter(|n| !out.contains_key(*n) && !fresh(n))
+        .collect();
     missing.sort();
     if !missing.is_empty() {
         bail!(
@@ -372,8 +402,19 @@ pub fn load_pretrained(varmap: &VarMap, cfg: &ModelConfig, folder: &Path) -> Res
         .expect("the varmap lock is not poisoned");
     let expected: Vec<String> = data.keys().cloned().collect();
     let tensors = from_hf_tensors(cfg, tensors, &expected, &file)?;
+    let mut fresh: Vec<&String> = data.keys().filter(|n| !tensors.contains_key(*n)).collect();
+    if !fresh.is_empty() {
+        fresh.sort();
+        eprintln!(
+            "note: {} has no {}; they start from their initialisation",
+            file.display(),
+            preview(&fresh)
+        );
+    }
     for (name, var) in data.iter() {
-        let w = &tensors[name];
+        let Some(w) = tensors.get(name) else {
+            continue;
+        };
         anyhow::ensure!(
             w.dims() == var.dims(),
             "{}: {name} has shape {:?}, the model from config.json expects {:?}",
@@ -452,10 +493,10 @@ mod tests {
             e.contains("m/config.json") && e.contains("activation_function"),
             "{e}"
         );
-        let e = from_hf_config(&json!({"model_type": "bert"}), Path::new("c.json"))
+        let e = from_hf_config(&json!({"model_type": "t5"}), Path::new("c.json"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("\"bert\""), "{e}");
+        assert!(e.contains("\"t5\""), "{e}");
         let e = from_hf_config(&json!({"model_type": "gpt2"}), Path::new("c.json"))
             .unwrap_err()
             .to_string();

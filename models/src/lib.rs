@@ -1,6 +1,7 @@
 //! kiln-models: the model zoo. One model per file, parameter paths named as in Hugging Face
 //! `transformers` where the architecture exists there, so checkpoints export without renaming.
 
+pub mod bert;
 pub mod cnn;
 pub mod gpt;
 pub mod hf;
@@ -148,6 +149,7 @@ pub enum ModelConfig {
     Cnn(cnn::CnnConfig),
     Gpt(gpt::GptConfig),
     Llama(llama::LlamaConfig),
+    Bert(bert::BertConfig),
 }
 
 impl ModelConfig {
@@ -158,6 +160,7 @@ impl ModelConfig {
             ModelConfig::Cnn(_) => "cnn",
             ModelConfig::Gpt(_) => "gpt",
             ModelConfig::Llama(_) => "llama",
+            ModelConfig::Bert(_) => "bert",
         }
     }
 
@@ -182,6 +185,14 @@ impl ModelConfig {
             ModelConfig::Llama(c) => c
                 .resolve(num_classes, recipe.data.seq_len.unwrap_or(0))
                 .map_err(err)?,
+            ModelConfig::Bert(c) => {
+                // A classification recipe gets a head with one output per class.
+                if recipe.task == kiln_core::recipe::Task::Classification && c.num_labels == 0 {
+                    c.num_labels = num_classes;
+                }
+                let seq_len = recipe.data.seq_len.unwrap_or(recipe.data.max_length);
+                c.resolve(num_classes, seq_len).map_err(err)?
+            }
         }
         Ok(cfg)
     }
@@ -227,11 +238,12 @@ impl ModelConfig {
             Some("cnn") => ModelConfig::Cnn(src.decode("model", value)?),
             Some("gpt") => ModelConfig::Gpt(src.decode("model", value)?),
             Some("llama") => ModelConfig::Llama(src.decode("model", value)?),
+            Some("bert") => ModelConfig::Bert(src.decode("model", value)?),
             other => {
                 return Err(src.error(
                     "model.kind",
                     format!(
-                        "unknown model kind {other:?}; valid choices: \"mlp\", \"cnn\", \"gpt\", \"llama\""
+                        "unknown model kind {other:?}; valid choices: \"mlp\", \"cnn\", \"gpt\", \"llama\", \"bert\""
                     ),
                 ))
             }
@@ -254,6 +266,7 @@ impl ModelConfig {
             ModelConfig::Cnn(c) => Box::new(cnn::Cnn::new(c, vb, rng, compute)?),
             ModelConfig::Gpt(c) => Box::new(gpt::Gpt::new(c, vb, rng, compute)?),
             ModelConfig::Llama(c) => Box::new(llama::Llama::new(c, vb, rng, compute)?),
+            ModelConfig::Bert(c) => Box::new(bert::Bert::new(c, vb, rng, compute)?),
         })
     }
 }

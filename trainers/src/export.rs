@@ -50,7 +50,25 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
         bos: codec.end_of_text(),
         eos: codec.end_of_text(),
     };
-    let config = hf::hf_config(&cfg, o.dtype, special)?;
+    let mut config = hf::hf_config(&cfg, o.dtype, special)?;
+    // A classifier's label names (`labels.json`), as transformers' pipelines print them.
+    let labels_file = run_dir.join("labels.json");
+    if labels_file.is_file() {
+        let labels: Vec<String> = serde_json::from_str(&std::fs::read_to_string(&labels_file)?)
+            .with_context(|| format!("{} is corrupt", labels_file.display()))?;
+        config["id2label"] = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), json!(l)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        config["label2id"] = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), json!(i)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
     let tensors = hf::to_hf_tensors(&cfg, weights, o.dtype)?;
 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -79,6 +97,7 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
     let context = match &cfg {
         ModelConfig::Gpt(c) => c.block_size,
         ModelConfig::Llama(c) => c.max_position_embeddings,
+        ModelConfig::Bert(c) => c.max_position_embeddings,
         _ => 0,
     };
     let mut tok_cfg = json!({
@@ -93,6 +112,18 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
         }
         gen["bos_token_id"] = id.into();
         gen["eos_token_id"] = id.into();
+    }
+    // BERT-style special tokens, when the vocabulary has them.
+    for (key, token) in [
+        ("cls_token", "[CLS]"),
+        ("sep_token", "[SEP]"),
+        ("pad_token", "[PAD]"),
+        ("unk_token", "[UNK]"),
+        ("mask_token", "[MASK]"),
+    ] {
+        if codec.has_token(token) {
+            tok_cfg[key] = token.into();
+        }
     }
     json_file("tokenizer_config.json", &tok_cfg)?;
     json_file("generation_config.json", &gen)?;

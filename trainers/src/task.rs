@@ -12,8 +12,9 @@ pub fn loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     kiln_kernels::cross_entropy(&logits.reshape(((), c))?, &targets.flatten_all()?)
 }
 
-/// Evaluates `model` on a split: `{prefix}/loss` plus `{prefix}/accuracy` (classification) or
-/// `{prefix}/perplexity` (language models). Metrics are averaged over targets, not batches.
+/// Evaluates `model` on a split: `{prefix}/loss` plus `{prefix}/accuracy` and `{prefix}/f1`
+/// (macro-averaged, classification) or `{prefix}/perplexity` (language models). Metrics are
+/// averaged over targets, not batches.
 pub fn evaluate(
     model: &dyn Model,
     task: Task,
@@ -23,19 +24,16 @@ pub fn evaluate(
     device: &candle_core::Device,
     prefix: &str,
 ) -> anyhow::Result<BTreeMap<String, f64>> {
-    let (mut loss_sum, mut correct, mut count) = (0.0f64, 0u64, 0u64);
+    let (mut loss_sum, mut count) = (0.0f64, 0u64);
+    let (mut preds, mut truth) = (Vec::new(), Vec::new());
     for host in eval_batches(examples, batch_size, max_batches) {
         let batch = host.to_device(device)?;
         let logits = model.forward(&batch.inputs, false)?;
         let n = host.targets.len() as u64;
         loss_sum += loss(&logits, &batch.targets)?.to_scalar::<f32>()? as f64 * n as f64;
         if task == Task::Classification {
-            let pred = logits.argmax(D::Minus1)?;
-            correct += pred
-                .eq(&batch.targets)?
-                .to_dtype(candle_core::DType::U32)?
-                .sum_all()?
-                .to_scalar::<u32>()? as u64;
+            preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+            truth.extend_from_slice(&host.targets);
         }
         count += n;
     }
@@ -44,11 +42,54 @@ pub fn evaluate(
     let mut out = BTreeMap::from([(format!("{prefix}/loss"), mean)]);
     match task {
         Task::Classification => {
+            let correct = preds.iter().zip(&truth).filter(|(p, t)| p == t).count();
             out.insert(format!("{prefix}/accuracy"), correct as f64 / count as f64);
+            out.insert(format!("{prefix}/f1"), macro_f1(&preds, &truth));
         }
         Task::LanguageModel => {
             out.insert(format!("{prefix}/perplexity"), mean.exp());
         }
     }
     Ok(out)
+}
+
+/// F1 averaged over the classes that occur among the targets or the predictions (as
+/// scikit-learn's `f1_score(average="macro")`); a class with no true positive scores 0.
+pub fn macro_f1(preds: &[u32], targets: &[u32]) -> f64 {
+    let n = preds
+        .iter()
+        .chain(targets)
+        .max()
+        .map_or(0, |&m| m as usize + 1);
+    let (mut tp, mut fp, mut fneg) = (vec![0u64; n], vec![0u64; n], vec![0u64; n]);
+    for (&p, &t) in preds.iter().zip(targets) {
+        if p == t {
+            tp[p as usize] += 1;
+        } else {
+            fp[p as usize] += 1;
+            fneg[t as usize] += 1;
+        }
+    }
+    let classes: Vec<usize> = (0..n).filter(|&c| tp[c] + fp[c] + fneg[c] > 0).collect();
+    if classes.is_empty() {
+        return 0.0;
+    }
+    let f1 = |c: usize| 2.0 * tp[c] as f64 / (2 * tp[c] + fp[c] + fneg[c]) as f64;
+    classes.iter().map(|&c| f1(c)).sum::<f64>() / classes.len() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macro_f1_by_hand() {
+        // Class 0: tp 2, fp 1, fn 0 → 0.8; class 1: tp 1, fp 1, fn 1 → 0.5; class 2: only a
+        // false negative → 0. Mean: (0.8 + 0.5 + 0) / 3.
+        let f = macro_f1(&[0, 0, 1, 0, 1], &[0, 0, 1, 1, 2]);
+        assert!((f - 1.3 / 3.0).abs() < 1e-12, "{f}");
+        assert_eq!(macro_f1(&[1, 2, 3], &[1, 2, 3]), 1.0);
+        // Classes absent from both do not count.
+        assert_eq!(macro_f1(&[5, 5], &[5, 5]), 1.0);
+    }
 }

@@ -65,6 +65,14 @@ impl Codec {
         }
     }
 
+    /// Whether the vocabulary has this (special) token.
+    pub fn has_token(&self, token: &str) -> bool {
+        match self {
+            Codec::Chars(_) => false,
+            Codec::Tokenizer(t) => t.token_to_id(token).is_some(),
+        }
+    }
+
     /// `tokenizer.json` contents for this codec.
     pub fn tokenizer_json(&self) -> Result<String> {
         match self {
