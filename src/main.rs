@@ -109,6 +109,43 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Sentence embeddings from a BERT model (mean-pooled, L2-normalized): one JSON array per
+    /// text, one per line.
+    Embed {
+        /// A Hugging Face model folder or a hub id in the HF cache.
+        #[arg(long, value_name = "DIR|ID")]
+        model: String,
+        /// The texts to embed.
+        #[arg(required = true)]
+        texts: Vec<String>,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Classify every row of a TSV/CSV file with a text-classification run or an exported
+    /// folder; writes one JSON object per row (text, label, score, probs).
+    Predict {
+        /// A kiln run directory, an exported Hugging Face folder or a hub id.
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// Default: the run's data.text_column, else "text".
+        #[arg(long)]
+        text_column: Option<String>,
+        /// When the input has it, accuracy is printed. Default: the run's data.label_column.
+        #[arg(long)]
+        label_column: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long)]
+        device: Option<String>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Time training steps of a recipe: ms/step, tokens/s, MFU and peak memory.
     Bench {
         /// Recipe file or name.
@@ -296,6 +333,45 @@ fn run(cli: Cli) -> Result<Option<usize>> {
             };
             export(&run_dir, &out, &opts)?;
             eprintln!("exported {} → {}", run_dir.display(), out.display());
+            Ok(None)
+        }
+        Command::Embed {
+            model,
+            texts,
+            batch_size,
+            device,
+        } => {
+            let device = kiln::core::device::open_device(device.as_deref().unwrap_or("auto"))?;
+            let rows = kiln::trainers::infer::embed(&model, &texts, batch_size, &device)?;
+            let mut out = std::io::stdout().lock();
+            for r in rows {
+                writeln!(out, "{}", serde_json::to_string(&r)?)?;
+            }
+            Ok(None)
+        }
+        Command::Predict {
+            model,
+            input,
+            output,
+            text_column,
+            label_column,
+            batch_size,
+            device,
+            quiet,
+        } => {
+            use std::io::IsTerminal;
+            let device = kiln::core::device::open_device(device.as_deref().unwrap_or("auto"))?;
+            let opts = kiln::trainers::infer::PredictOptions {
+                text_column: text_column.as_deref(),
+                label_column: label_column.as_deref(),
+                batch_size,
+                progress: !quiet && std::io::stderr().is_terminal(),
+            };
+            let s = kiln::trainers::infer::predict(&model, &input, &output, &opts, &device)?;
+            match s.accuracy {
+                Some(a) => eprintln!("{} rows → {} (accuracy {a:.4})", s.rows, output.display()),
+                None => eprintln!("{} rows → {}", s.rows, output.display()),
+            }
             Ok(None)
         }
         Command::Bench {

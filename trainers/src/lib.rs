@@ -4,6 +4,7 @@ pub mod amp;
 pub mod bench;
 pub mod export;
 pub mod generate;
+pub mod infer;
 pub mod optim;
 pub mod run;
 pub mod schedule;

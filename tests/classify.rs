@@ -1,0 +1,379 @@
+//! Encoders end to end: embeddings against the pretrained reference, a BERT classifier trained,
+//! evaluated, exported and used for batch prediction (in kiln and, when installed, in Python
+//! `transformers`), and fine-tuning the real MiniLM.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const MINILM: &str = "../shared/data/all-MiniLM-L6-v2";
+
+fn kiln(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("kiln runs")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn embeddings_match_the_sentence_transformers_reference() {
+    let folder = repo().join(MINILM);
+    if !require(&folder, "all-MiniLM-L6-v2") {
+        return;
+    }
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(folder.join("reference_embeddings.json")).unwrap(),
+    )
+    .unwrap();
+    let sentences = r["sentences"].as_array().unwrap();
+    let texts: Vec<&str> = sentences
+        .iter()
+        .map(|s| s["text"].as_str().unwrap())
+        .collect();
+    let mut args = vec![
+        "embed",
+        "--model",
+        folder.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    args.extend(&texts);
+    let out = ok(&kiln(&args, &repo()));
+    let rows: Vec<Vec<f64>> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), texts.len());
+    for (s, got) in sentences.iter().zip(&rows) {
+        let want: Vec<f64> = s["embedding_normalized"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), 384);
+        let dot: f64 = got.iter().zip(&want).map(|(a, b)| a * b).sum();
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let cos = dot / (norm(got) * norm(&want));
+        assert!(cos >= 0.9999, "{}: cosine {cos}", s["text"]);
+    }
+}
+
+/// A sentiment-like fixture a tiny BERT learns in a few dozen steps, with a character tokenizer.
+fn fixture(dir: &Path) {
+    let good = ["good", "great fun", "so good", "loved it", "great"];
+    let bad = ["bad", "awful", "so bad", "dull mess", "boring"];
+    let mut train = String::from("sentence\tlabel\n");
+    for i in 0..200 {
+        let (t, l) = if i % 2 == 0 {
+            (good[i / 2 % 5], "positive")
+        } else {
+            (bad[i / 2 % 5], "negative")
+        };
+        train.push_str(&format!("{t}{}\t{l}\n", " !".repeat(i % 3)));
+    }
+    std::fs::write(dir.join("train.tsv"), train).unwrap();
+    std::fs::write(
+        dir.join("dev.tsv"),
+        "sentence\tlabel\nso great\tpositive\nawful !\tnegative\ngood fun\tpositive\nbad mess\tnegative\n",
+    )
+    .unwrap();
+    let vocab = kiln::core::data::text::CharVocab::from_text("abcdefghijklmnopqrstuvwxyz !");
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        vocab.tokenizer_json().to_string(),
+    )
+    .unwrap();
+}
+
+fn tiny_bert_recipe(dir: &Path) -> PathBuf {
+    let p = dir.join("tiny-bert.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"description = "tiny bert"
+task = "classification"
+seed = 5
+device = "cpu"
+
+[model]
+kind = "bert"
+vocab_size = 28
+hidden_size = 16
+num_hidden_layers = 1
+num_attention_heads = 2
+intermediate_size = 32
+max_position_embeddings = 32
+hidden_dropout_prob = 0.0
+attention_probs_dropout_prob = 0.0
+
+[data]
+dataset = "text-classification"
+path = "{d}"
+train = "train.tsv"
+val = "dev.tsv"
+text_column = "sentence"
+tokenizer = "{d}/tokenizer.json"
+max_length = 32
+bucket_by_length = true
+batch_size = 16
+
+[optim]
+name = "adamw"
+lr = 3e-3
+
+[trainer]
+max_steps = 80
+log_every = 10
+checkpoint_every = 40
+"#,
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn train_eval_predict_export_a_bert_classifier() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fixture(d);
+    let run = d.join("run");
+    let recipe = tiny_bert_recipe(d);
+    ok(&kiln(
+        &[
+            "train",
+            recipe.to_str().unwrap(),
+            "--quiet",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+        d,
+    ));
+    let m = metrics(&run);
+    let losses: Vec<f64> = m.iter().filter_map(|x| x["train/loss"].as_f64()).collect();
+    assert!(
+        losses.last().unwrap() < &(losses[0] * 0.5),
+        "loss falls: {losses:?}"
+    );
+    let labels: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("labels.json")).unwrap()).unwrap();
+    assert_eq!(labels, ["negative", "positive"]);
+
+    let eval: serde_json::Value =
+        serde_json::from_str(ok(&kiln(&["eval", run.to_str().unwrap()], d)).trim()).unwrap();
+    assert!(eval["eval/f1"].as_f64().is_some());
+
+    // Batch prediction over the dev file agrees with kiln eval's accuracy.
+    let preds = d.join("preds.jsonl");
+    let o = kiln(
+        &[
+            "predict",
+            run.to_str().unwrap(),
+            "--input",
+            d.join("dev.tsv").to_str().unwrap(),
+            "--output",
+            preds.to_str().unwrap(),
+            "--batch-size",
+            "3",
+        ],
+        d,
+    );
+    ok(&o);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&preds)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    let dev_truth = ["positive", "negative", "positive", "negative"];
+    let correct = lines
+        .iter()
+        .zip(dev_truth)
+        .filter(|(l, t)| l["label"] == *t)
+        .count();
+    assert_eq!(
+        correct as f64 / 4.0,
+        eval["eval/accuracy"].as_f64().unwrap()
+    );
+    let p = &lines[0]["probs"];
+    let total = p["negative"].as_f64().unwrap() + p["positive"].as_f64().unwrap();
+    assert!((total - 1.0).abs() < 1e-5);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("accuracy"));
+
+    // The exported folder predicts the same labels with the same probabilities.
+    let out = d.join("hf");
+    ok(&kiln(
+        &[
+            "export",
+            run.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        d,
+    ));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(cfg["id2label"]["1"], "positive");
+    let preds2 = d.join("preds2.jsonl");
+    ok(&kiln(
+        &[
+            "predict",
+            out.to_str().unwrap(),
+            "--input",
+            d.join("dev.tsv").to_str().unwrap(),
+            "--output",
+            preds2.to_str().unwrap(),
+            "--text-column",
+            "sentence",
+        ],
+        d,
+    ));
+    assert_eq!(
+        std::fs::read_to_string(&preds).unwrap(),
+        std::fs::read_to_string(&preds2).unwrap()
+    );
+    transformers_agrees(&out, &d.join("dev.tsv"), &lines);
+}
+
+/// transformers' BertForSequenceClassification on the exported folder gives kiln's labels.
+fn transformers_agrees(folder: &Path, dev: &Path, kiln_preds: &[serde_json::Value]) {
+    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has = Command::new(&py)
+        .args(["-c", "import transformers, torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        eprintln!("skipping the transformers check: `{py}` cannot import transformers and torch");
+        return;
+    }
+    let script = r#"
+import sys, csv, json, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+folder, dev = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+rows = list(csv.DictReader(open(dev), delimiter="\t"))
+# One row at a time: the fixture's character tokenizer has no padding token.
+with torch.no_grad():
+    probs = torch.cat([model(**tok(r["sentence"], return_tensors="pt")).logits.softmax(-1) for r in rows])
+print(json.dumps({"class": type(model).__name__,
+                  "labels": [model.config.id2label[int(i)] for i in probs.argmax(-1)],
+                  "probs": probs.tolist()}))
+"#;
+    let o = Command::new(&py)
+        .args(["-c", script])
+        .arg(folder)
+        .arg(dev)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let hf: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(hf["class"], "BertForSequenceClassification");
+    let mut max_diff = 0f64;
+    for (i, k) in kiln_preds.iter().enumerate() {
+        assert_eq!(hf["labels"][i], k["label"], "row {i}");
+        let p = k["probs"][hf["labels"][i].as_str().unwrap()]
+            .as_f64()
+            .unwrap();
+        let q = hf["probs"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .fold(0.0, f64::max);
+        max_diff = max_diff.max((p - q).abs());
+    }
+    eprintln!("transformers agrees on every row; max |Δ probability| = {max_diff:.2e}");
+    assert!(max_diff < 1e-4);
+}
+
+/// The real pretrained MiniLM, fine-tuned briefly on a slice of BANKING77: the loss falls.
+#[test]
+fn fine_tuning_minilm_lowers_the_loss() {
+    let folder = repo().join(MINILM);
+    let b77 = repo().join("../shared/data/banking77");
+    if !require(&folder, "all-MiniLM-L6-v2") || !require(&b77, "BANKING77") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Every 20th row: ~500 examples over all 77 intents.
+    let text = std::fs::read_to_string(b77.join("train.csv")).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<&str> = lines.step_by(20).collect();
+    std::fs::write(
+        d.join("train.csv"),
+        format!("{header}\n{}\n", rows.join("\n")),
+    )
+    .unwrap();
+    std::fs::copy(b77.join("categories.json"), d.join("categories.json")).unwrap();
+    let recipe = d.join("ft.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"description = "minilm slice"
+task = "classification"
+device = "cpu"
+init_from = "{}"
+[model]
+kind = "bert"
+[data]
+dataset = "text-classification"
+path = "{}"
+train = "train.csv"
+val_size = 64
+text_column = "text"
+label_column = "category"
+labels = "categories.json"
+max_length = 32
+batch_size = 32
+[optim]
+name = "adamw"
+lr = 2e-4
+[trainer]
+max_steps = 24
+log_every = 4
+"#,
+            folder.display(),
+            d.display()
+        ),
+    )
+    .unwrap();
+    let run = d.join("run");
+    let o = kiln(
+        &[
+            "train",
+            recipe.to_str().unwrap(),
+            "--quiet",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+        d,
+    );
+    ok(&o);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("classifier.weight"),
+        "the fresh head is reported"
+    );
+    let losses: Vec<f64> = metrics(&run)
+        .iter()
+        .filter_map(|m| m["train/loss"].as_f64())
+        .collect();
+    assert!(losses[0] > 4.0, "77-way chance is ln 77 ≈ 4.34: {losses:?}");
+    assert!(
+        losses.last().unwrap() < &(losses[0] - 0.3),
+        "loss falls: {losses:?}"
+    );
+}

@@ -1,0 +1,261 @@
+//! Batch inference for encoders: sentence embeddings (`kiln embed`) and classification
+//! predictions over a file (`kiln predict`), the paths a deployment pipeline calls.
+
+use crate::run::load_run_at;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kiln_core::data::text_classification::{encoder_tokenizer, read_rows};
+use kiln_models::bert::{self, Bert};
+use kiln_models::{hf, Model, ModelConfig};
+use std::io::Write;
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// Token ids and mask (B, T) of `texts`, padded to the longest and cut at `max_len`.
+fn batch_inputs(
+    tokenizer: &Tokenizer,
+    texts: &[&str],
+    max_len: usize,
+    pad: u32,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let mut seqs = Vec::with_capacity(texts.len());
+    for t in texts {
+        let mut ids = tokenizer
+            .encode(*t, true)
+            .map_err(|e| anyhow::anyhow!("tokenizing {t:?}: {e}"))?
+            .get_ids()
+            .to_vec();
+        if ids.len() > max_len {
+            let last = *ids.last().expect("non-empty");
+            ids.truncate(max_len);
+            ids[max_len - 1] = last;
+        }
+        seqs.push(ids);
+    }
+    let t = seqs.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let mut ids = Vec::with_capacity(seqs.len() * t);
+    let mut mask = Vec::with_capacity(seqs.len() * t);
+    for s in &seqs {
+        ids.extend(
+            s.iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad, t - s.len())),
+        );
+        mask.extend((0..t).map(|j| u32::from(j < s.len())));
+    }
+    let shape = (seqs.len(), t);
+    Ok((
+        Tensor::from_vec(ids, shape, device)?,
+        Tensor::from_vec(mask, shape, device)?,
+    ))
+}
+
+fn pad_id(t: &Tokenizer) -> u32 {
+    t.token_to_id("[PAD]").unwrap_or(0)
+}
+
+/// Mean-pooled, L2-normalized sentence embeddings (sentence-transformers' pipeline) of `texts`
+/// from the BERT model in `spec` (a folder or a hub id).
+pub fn embed(
+    spec: &str,
+    texts: &[String],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    let folder = kiln_core::hub::resolve(spec)?;
+    let ModelConfig::Bert(mut cfg) = hf::read_hf_config(&folder)? else {
+        bail!("{spec} is not a BERT model: kiln embed needs an encoder");
+    };
+    // Embeddings come from the encoder; a classifier head, if the folder has one, is unused.
+    cfg.num_labels = 0;
+    let model_cfg = ModelConfig::Bert(cfg.clone());
+    let varmap = VarMap::new();
+    let vb = kiln_core::rng::seeded_var_builder(&varmap, 0, DType::F32, device);
+    let model = Bert::new(
+        &cfg,
+        vb,
+        kiln_models::SharedRng::new(0, "unused"),
+        DType::F32,
+    )?;
+    hf::load_pretrained(&varmap, &model_cfg, &folder)?;
+    let tokenizer = encoder_tokenizer(&folder.join("tokenizer.json"))?;
+    let pad = pad_id(&tokenizer);
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch_size.max(1)) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let (ids, mask) =
+            batch_inputs(&tokenizer, &refs, cfg.max_position_embeddings, pad, device)?;
+        let hidden = model.encode(&ids, &mask, false)?;
+        let e = bert::l2_normalize(&bert::mean_pooled(&hidden, &mask)?)?;
+        out.extend(e.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// A text classifier with its tokenizer and label names.
+struct Classifier {
+    model: Box<dyn Model>,
+    tokenizer: Tokenizer,
+    labels: Vec<String>,
+    max_len: usize,
+    /// The training data's (text, label) column names, for a run.
+    columns: Option<(String, String)>,
+}
+
+fn load_classifier(spec: &Path, device: &Device) -> Result<Classifier> {
+    if spec.join("recipe.toml").is_file() {
+        let run = load_run_at(spec, "latest", device)?;
+        let ModelConfig::Bert(c) = &run.model_cfg else {
+            bail!("{} is not a text-classification run", spec.display());
+        };
+        let labels: Vec<String> = serde_json::from_str(
+            &std::fs::read_to_string(spec.join("labels.json"))
+                .with_context(|| format!("{} has no labels.json", spec.display()))?,
+        )?;
+        let d = &run.recipe.data;
+        return Ok(Classifier {
+            columns: Some((d.text_column.clone(), d.label_column.clone())),
+            max_len: d.max_length.min(c.max_position_embeddings),
+            model: run.model,
+            tokenizer: encoder_tokenizer(&spec.join("tokenizer.json"))?,
+            labels,
+        });
+    }
+    let folder = kiln_core::hub::resolve(&spec.to_string_lossy())?;
+    let cfg = hf::read_hf_config(&folder)?;
+    let ModelConfig::Bert(c) = &cfg else {
+        bail!("{} is not a BERT classifier", folder.display());
+    };
+    anyhow::ensure!(
+        c.num_labels > 0,
+        "{} has no classification head (num_labels / id2label in config.json)",
+        folder.display()
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("config.json"))?)?;
+    let labels = (0..c.num_labels)
+        .map(|i| {
+            v["id2label"][i.to_string()]
+                .as_str()
+                .map_or_else(|| format!("LABEL_{i}"), str::to_string)
+        })
+        .collect();
+    let varmap = VarMap::new();
+    let vb = kiln_core::rng::seeded_var_builder(&varmap, 0, DType::F32, device);
+    cfg.build(vb, kiln_models::SharedRng::new(0, "unused"), DType::F32)?;
+    hf::load_pretrained(&varmap, &cfg, &folder)?;
+    Ok(Classifier {
+        columns: None,
+        max_len: c.max_position_embeddings,
+        model: crate::trainer::detached_model(&varmap, &cfg, device, DType::F32)?,
+        tokenizer: encoder_tokenizer(&folder.join("tokenizer.json"))?,
+        labels,
+    })
+}
+
+pub struct PredictOptions<'a> {
+    /// Default: the run's `data.text_column`, else "text".
+    pub text_column: Option<&'a str>,
+    /// Column with true labels: when the input has it, accuracy is reported. Default: the run's
+    /// `data.label_column`, else "label".
+    pub label_column: Option<&'a str>,
+    pub batch_size: usize,
+    pub progress: bool,
+}
+
+/// What `predict` saw: rows written, and the accuracy when the input had labels.
+pub struct PredictSummary {
+    pub rows: usize,
+    pub accuracy: Option<f64>,
+}
+
+/// Classifies every row of `input` (TSV/CSV with a header) and writes one JSON object per line
+/// to `output`: the text, the predicted label, its probability and all label probabilities.
+pub fn predict(
+    spec: &Path,
+    input: &Path,
+    output: &Path,
+    o: &PredictOptions,
+    device: &Device,
+) -> Result<PredictSummary> {
+    let clf = load_classifier(spec, device)?;
+    let (run_text, run_label) = clf
+        .columns
+        .clone()
+        .unwrap_or_else(|| ("text".into(), "label".into()));
+    let text_column = o.text_column.unwrap_or(&run_text);
+    let label_column = o.label_column.unwrap_or(&run_label);
+    let has_labels = {
+        let mut r = csv::ReaderBuilder::new()
+            .delimiter(if input.extension().is_some_and(|e| e == "tsv") {
+                b'\t'
+            } else {
+                b','
+            })
+            .from_path(input)
+            .with_context(|| format!("cannot read {}", input.display()))?;
+        r.headers()?.iter().any(|h| h == label_column)
+    };
+    let rows = if has_labels {
+        read_rows(input, text_column, label_column)?
+    } else {
+        // No label column: read the text column alone (the label slot stays empty).
+        read_rows(input, text_column, text_column)?
+            .into_iter()
+            .map(|(l, t, _)| (l, t, String::new()))
+            .collect()
+    };
+    let tmp = output.with_extension("partial");
+    let mut w = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?,
+    );
+    let bar = if o.progress {
+        let b = ProgressBar::new(rows.len() as u64);
+        b.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} rows  {per_sec}  eta {eta}")
+                .expect("a valid template"),
+        );
+        b
+    } else {
+        ProgressBar::with_draw_target(Some(rows.len() as u64), ProgressDrawTarget::hidden())
+    };
+    let pad = pad_id(&clf.tokenizer);
+    let (mut correct, mut known) = (0usize, 0usize);
+    for chunk in rows.chunks(o.batch_size.max(1)) {
+        let texts: Vec<&str> = chunk.iter().map(|r| r.1.as_str()).collect();
+        let (ids, mask) = batch_inputs(&clf.tokenizer, &texts, clf.max_len, pad, device)?;
+        let logits = clf.model.forward(&bert::pack_inputs(&ids, &mask)?, false)?;
+        let probs: Vec<Vec<f32>> =
+            candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?.to_vec2()?;
+        for ((_, text, truth), p) in chunk.iter().zip(&probs) {
+            let (best, score) = p
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .expect("at least two labels");
+            let label = &clf.labels[best];
+            if has_labels {
+                known += 1;
+                correct += usize::from(label == truth);
+            }
+            let line = serde_json::json!({
+                "text": text,
+                "label": label,
+                "score": score,
+                "probs": clf.labels.iter().zip(p).map(|(l, x)| (l.clone(), serde_json::json!(x))).collect::<serde_json::Map<_, _>>(),
+            });
+            writeln!(w, "{line}")?;
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, output)?;
+    Ok(PredictSummary {
+        rows: rows.len(),
+        accuracy: has_labels.then(|| correct as f64 / known.max(1) as f64),
+    })
+}
