@@ -58,8 +58,19 @@ fn every_shipped_recipe_is_valid() {
     for r in listing {
         let recipe =
             Recipe::load(&r.path, &[]).unwrap_or_else(|e| panic!("{}: {e}", r.path.display()));
-        kiln::models::ModelConfig::decode(&recipe)
-            .unwrap_or_else(|e| panic!("{}: {e}", r.path.display()));
+        match &recipe.init_from {
+            // The architecture comes from the pretrained folder's config.json.
+            Some(from) => {
+                if require(Path::new(from), "a pretrained model a recipe starts from") {
+                    kiln::models::ModelConfig::from_recipe(&recipe, 2, &[])
+                        .unwrap_or_else(|e| panic!("{}: {e}", r.path.display()));
+                }
+            }
+            None => {
+                kiln::models::ModelConfig::decode(&recipe)
+                    .unwrap_or_else(|e| panic!("{}: {e}", r.path.display()));
+            }
+        }
         assert!(!recipe.description.is_empty());
     }
 }
