@@ -36,7 +36,7 @@ fn bench_step(c: &mut Criterion, name: &str, cfg: ModelConfig, batch: Batch) {
     let model = cfg
         .build(vb, kiln::models::SharedRng::new(0, "dropout"), DType::F32)
         .unwrap();
-    let params = trainer::params_of(&varmap);
+    let params = trainer::params_of(&varmap, &cfg);
     let mut opt = optim::build(&adamw());
     let batches = [batch];
     c.bench_function(name, |b| {

@@ -108,6 +108,10 @@ enum Command {
         /// Write into a folder that is not empty.
         #[arg(long)]
         force: bool,
+        /// For a LoRA run: write the adapter alone (PEFT's adapter_config.json +
+        /// adapter_model.safetensors) instead of merged weights.
+        #[arg(long)]
+        adapter: bool,
     },
     /// Sentence embeddings from a BERT model (mean-pooled, L2-normalized): one JSON array per
     /// text, one per line.
@@ -320,6 +324,7 @@ fn run(cli: Cli) -> Result<Option<usize>> {
             out,
             dtype,
             force,
+            adapter,
         } => {
             let dtype = match dtype {
                 ExportDtype::F32 => DType::F32,
@@ -330,6 +335,7 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                 checkpoint,
                 dtype,
                 force,
+                adapter,
             };
             export(&run_dir, &out, &opts)?;
             eprintln!("exported {} → {}", run_dir.display(), out.display());

@@ -377,3 +377,216 @@ log_every = 4
         "loss falls: {losses:?}"
     );
 }
+
+/// LoRA on the real MiniLM: only the adapters and the head train and are checkpointed; the
+/// merged export predicts what the run does; the PEFT adapter loads in Python `peft` (when
+/// installed) and predicts the same.
+#[test]
+fn lora_trains_adapters_only_and_exports_merged_or_as_peft() {
+    let folder = repo().join(MINILM);
+    let b77 = repo().join("../shared/data/banking77");
+    if !require(&folder, "all-MiniLM-L6-v2") || !require(&b77, "BANKING77") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let text = std::fs::read_to_string(b77.join("train.csv")).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<&str> = lines.step_by(40).collect();
+    std::fs::write(
+        d.join("train.csv"),
+        format!("{header}\n{}\n", rows.join("\n")),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("dev.csv"),
+        format!("{header}\n{}\n", rows[..24].join("\n")),
+    )
+    .unwrap();
+    std::fs::copy(b77.join("categories.json"), d.join("categories.json")).unwrap();
+    let recipe = d.join("lora.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"description = "minilm lora slice"
+task = "classification"
+device = "cpu"
+init_from = "{}"
+[model]
+kind = "bert"
+lora = {{ rank = 4, alpha = 8, dropout = 0.1, targets = ["query", "value"] }}
+[data]
+dataset = "text-classification"
+path = "{}"
+train = "train.csv"
+val = "dev.csv"
+text_column = "text"
+label_column = "category"
+labels = "categories.json"
+max_length = 32
+batch_size = 32
+[optim]
+name = "adamw"
+lr = 2e-3
+[trainer]
+max_steps = 10
+log_every = 2
+"#,
+            folder.display(),
+            d.display()
+        ),
+    )
+    .unwrap();
+    let run = d.join("run");
+    let o = kiln(
+        &[
+            "train",
+            recipe.to_str().unwrap(),
+            "--quiet",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+        d,
+    );
+    let log = ok(&o);
+    // 2 × 4 × 384 per adapted layer, 12 layers (query and value in 6 blocks), + the 77-way head.
+    let trainable = 12 * 2 * 4 * 384 + 77 * 384 + 77;
+    let summary = summary(&run);
+    assert_eq!(summary["trainable_parameters"], trainable);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&format!("{trainable} trainable"))
+            || log.contains(&format!("{trainable} trainable")),
+        "the parameter line names the trainable count"
+    );
+    let ckpt = candle_core::safetensors::load(
+        run.join("checkpoints/step-10/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(ckpt.len(), 12 * 2 + 2, "adapters and head only");
+    assert!(ckpt
+        .keys()
+        .all(|k| k.contains(".lora_") || k.starts_with("classifier.")));
+    let losses: Vec<f64> = metrics(&run)
+        .iter()
+        .filter_map(|m| m["train/loss"].as_f64())
+        .collect();
+    assert!(
+        losses.last().unwrap() < &losses[0],
+        "loss falls: {losses:?}"
+    );
+
+    // Merged export = the run's predictions.
+    let dev = d.join("dev.csv");
+    let predict = |model: &Path, out: &str| -> String {
+        ok(&kiln(
+            &[
+                "predict",
+                model.to_str().unwrap(),
+                "--input",
+                dev.to_str().unwrap(),
+                "--output",
+                d.join(out).to_str().unwrap(),
+                "--text-column",
+                "text",
+                "--label-column",
+                "category",
+            ],
+            d,
+        ));
+        std::fs::read_to_string(d.join(out)).unwrap()
+    };
+    let from_run = predict(&run, "run.jsonl");
+    let merged = d.join("merged");
+    ok(&kiln(
+        &[
+            "export",
+            run.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ],
+        d,
+    ));
+    let from_merged = predict(&merged, "merged.jsonl");
+    let labels = |s: &str| -> Vec<String> {
+        s.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["label"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    assert_eq!(labels(&from_run), labels(&from_merged));
+
+    // The adapter alone, in PEFT's layout.
+    let adapter = d.join("adapter");
+    ok(&kiln(
+        &[
+            "export",
+            run.to_str().unwrap(),
+            "--adapter",
+            "--out",
+            adapter.to_str().unwrap(),
+        ],
+        d,
+    ));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    let w = candle_core::safetensors::load(
+        adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(
+        w.contains_key("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight")
+    );
+    assert!(w.contains_key("base_model.model.classifier.weight"));
+
+    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_peft = Command::new(&py)
+        .args(["-c", "import peft, transformers, torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_peft {
+        eprintln!("skipping the PEFT check: `{py}` cannot import peft, transformers and torch");
+        return;
+    }
+    let script = r#"
+import sys, csv, json, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from peft import PeftModel
+base, adapter, dev, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(adapter)
+model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n)
+model = PeftModel.from_pretrained(model, adapter).eval()
+rows = list(csv.DictReader(open(dev)))
+with torch.no_grad():
+    preds = [int(model(**tok(r["text"], return_tensors="pt")).logits.argmax(-1)) for r in rows]
+print(json.dumps(preds))
+"#;
+    let o = Command::new(&py)
+        .args(["-c", script])
+        .arg(&folder)
+        .arg(&adapter)
+        .arg(&dev)
+        .arg("77")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let peft: Vec<usize> = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("labels.json")).unwrap()).unwrap();
+    let peft_labels: Vec<String> = peft.iter().map(|&i| names[i].clone()).collect();
+    assert_eq!(
+        peft_labels,
+        labels(&from_run),
+        "PEFT predicts what kiln does"
+    );
+}

@@ -93,6 +93,7 @@ fn opts(checkpoint: &str, dtype: DType, force: bool) -> ExportOptions {
         checkpoint: checkpoint.into(),
         dtype,
         force,
+        adapter: false,
     }
 }
 

@@ -229,7 +229,7 @@ fn a_parameter_without_gradient_is_refused_by_name() {
     let x = Tensor::ones((4, 3), DType::F32, &Device::Cpu).unwrap();
     let y = x.matmul(&used).unwrap().matmul(&cut.detach()).unwrap();
     let grads = y.sum_all().unwrap().backward().unwrap();
-    let params = kiln::trainers::trainer::params_of(&varmap);
+    let params = kiln::trainers::trainer::params_where(&varmap, |_| true);
     let collected: Vec<Option<Tensor>> = params
         .iter()
         .map(|p: &Param| grads.get(p.var.as_tensor()).cloned())
@@ -358,7 +358,7 @@ fn an_overflowing_f16_step_is_skipped_and_the_scale_backs_off() {
     let model = cfg
         .build(vb, kiln::models::SharedRng::new(0, "d"), DType::F16)
         .unwrap();
-    let params = trainer::params_of(&varmap);
+    let params = trainer::params_of(&varmap, &cfg);
     let mut opt = optim::build(&OptimConfig {
         name: OptimizerName::Adamw,
         lr: 1e-3,

@@ -24,6 +24,7 @@
 //! and before the classifier, `attention_probs_dropout_prob` on the attention probabilities.
 //! With `checkpoint_activations`, each layer's activations are recomputed in the backward.
 
+use crate::lora::{Adapter, LoraConfig};
 use crate::{check_dropout, checkpointed, dropout, in_precision, ConfigError, Model};
 use anyhow::Context;
 use candle_core::{DType, Result, Tensor, D};
@@ -63,6 +64,9 @@ pub struct BertConfig {
     /// Recompute each layer's activations in the backward instead of storing them.
     #[serde(default)]
     pub checkpoint_activations: bool,
+    /// LoRA adapters: only they (and the classifier) train; the pretrained weights stay frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 fn default_type_vocab_size() -> usize {
@@ -91,6 +95,9 @@ impl BertConfig {
         seq_len: usize,
     ) -> std::result::Result<(), ConfigError> {
         check_dropout(self.hidden_dropout_prob, "model.hidden_dropout_prob")?;
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
         check_dropout(
             self.attention_probs_dropout_prob,
             "model.attention_probs_dropout_prob",
@@ -250,6 +257,7 @@ pub fn config_from_hf(v: &Value) -> anyhow::Result<BertConfig> {
         attention_probs_dropout_prob: float_or("attention_probs_dropout_prob", default_dropout())?,
         num_labels,
         checkpoint_activations: false,
+        lora: None,
     })
 }
 
@@ -315,6 +323,8 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 struct Linear {
     weight: Tensor,
     bias: Tensor,
+    /// A LoRA adapter, when the recipe targets this layer.
+    lora: Option<Adapter>,
 }
 
 impl Linear {
@@ -327,22 +337,45 @@ impl Linear {
         Ok(Linear {
             weight: vb.get_with_hints((n_out, n_in), "weight", init)?,
             bias: vb.get_with_hints(n_out, "bias", Init::Const(0.0))?,
+            lora: None,
         })
     }
 
-    /// x · Wᵀ + b with the matmul in `compute`, returned in x's dtype.
-    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+    /// A linear layer with a LoRA adapter if `cfg.lora` targets its path.
+    fn adapted(
+        n_in: usize,
+        n_out: usize,
+        vb: VarBuilder,
+        cfg: &BertConfig,
+        rng: &SharedRng,
+    ) -> Result<Self> {
+        let lora = Adapter::for_layer(cfg.lora.as_ref(), n_in, n_out, &vb, rng)?;
+        Ok(Linear {
+            lora,
+            ..Linear::new(n_in, n_out, vb)?
+        })
+    }
+
+    /// x · Wᵀ + b (+ the adapter's update) with the matmuls in `compute`, returned in x's
+    /// dtype; `train` turns the adapter's dropout on.
+    fn forward(&self, x: &Tensor, compute: DType, train: bool) -> Result<Tensor> {
         // One 2-D matmul over all positions: cheaper forward and backward than a batched one.
         let mut out_dims = x.dims().to_vec();
         let n_in = out_dims.pop().expect("x has a feature dimension");
         out_dims.push(self.weight.dim(0)?);
-        in_precision(&x.reshape(((), n_in))?, &self.weight.t()?, compute)?
-            .broadcast_add(&self.bias)?
-            .reshape(out_dims)
+        let x = x.reshape(((), n_in))?;
+        let mut y = in_precision(&x, &self.weight.t()?, compute)?.broadcast_add(&self.bias)?;
+        if let Some(lora) = &self.lora {
+            y = (y + lora.forward(&x, compute, train)?)?;
+        }
+        y.reshape(out_dims)
     }
 
-    fn params(&self) -> [Tensor; 2] {
-        [self.weight.clone(), self.bias.clone()]
+    fn params(&self) -> Vec<Tensor> {
+        let base = [self.weight.clone(), self.bias.clone()];
+        base.into_iter()
+            .chain(self.lora.iter().flat_map(Adapter::params))
+            .collect()
     }
 }
 
@@ -430,7 +463,7 @@ impl SelfAttention {
         let (b, t, c) = x.dims3()?;
         let d = c / self.n_head;
         let heads = |p: &Linear| {
-            p.forward(x, compute)?
+            p.forward(x, compute, train)?
                 .reshape((b, t, self.n_head, d))?
                 .transpose(1, 2)?
                 .contiguous()
@@ -472,15 +505,15 @@ impl Layer {
         let (a, i, o) = (vb.pp("attention"), vb.pp("intermediate"), vb.pp("output"));
         Ok(Layer {
             attention: SelfAttention {
-                query: Linear::new(c, c, a.pp("self.query"))?,
-                key: Linear::new(c, c, a.pp("self.key"))?,
-                value: Linear::new(c, c, a.pp("self.value"))?,
+                query: Linear::adapted(c, c, a.pp("self.query"), cfg, &rng)?,
+                key: Linear::adapted(c, c, a.pp("self.key"), cfg, &rng)?,
+                value: Linear::adapted(c, c, a.pp("self.value"), cfg, &rng)?,
                 n_head: cfg.num_attention_heads,
             },
-            attention_dense: Linear::new(c, c, a.pp("output.dense"))?,
+            attention_dense: Linear::adapted(c, c, a.pp("output.dense"), cfg, &rng)?,
             attention_norm: LayerNorm::new(c, eps, a.pp("output.LayerNorm"))?,
-            intermediate: Linear::new(c, cfg.intermediate_size, i.pp("dense"))?,
-            output_dense: Linear::new(cfg.intermediate_size, c, o.pp("dense"))?,
+            intermediate: Linear::adapted(c, cfg.intermediate_size, i.pp("dense"), cfg, &rng)?,
+            output_dense: Linear::adapted(cfg.intermediate_size, c, o.pp("dense"), cfg, &rng)?,
             output_norm: LayerNorm::new(c, eps, o.pp("LayerNorm"))?,
             hidden_dropout: cfg.hidden_dropout_prob,
             attention_dropout: cfg.attention_probs_dropout_prob,
@@ -492,13 +525,23 @@ impl Layer {
     fn forward(&self, x: &Tensor, bias: &Tensor, train: bool) -> Result<Tensor> {
         let (p, rng, compute) = (self.hidden_dropout, &self.rng, self.compute);
         let a = (self.attention).forward(x, bias, self.attention_dropout, train, rng, compute)?;
-        let a = dropout(self.attention_dense.forward(&a, compute)?, p, train, rng)?;
+        let a = dropout(
+            self.attention_dense.forward(&a, compute, train)?,
+            p,
+            train,
+            rng,
+        )?;
         // Post-LN: the norm follows each residual sum.
         let x = self.attention_norm.forward(&(x + a)?)?;
         // candle's `gelu_erf` has a backward (unlike candle-nn's fused ops); kiln's `gelu` is
         // the tanh approximation, which is not BERT's.
-        let h = self.intermediate.forward(&x, compute)?.gelu_erf()?;
-        let h = dropout(self.output_dense.forward(&h, compute)?, p, train, rng)?;
+        let h = self.intermediate.forward(&x, compute, train)?.gelu_erf()?;
+        let h = dropout(
+            self.output_dense.forward(&h, compute, train)?,
+            p,
+            train,
+            rng,
+        )?;
         self.output_norm.forward(&(x + h)?)
     }
 
@@ -509,10 +552,10 @@ impl Layer {
             a.key.params(),
             a.value.params(),
             self.attention_dense.params(),
-            self.attention_norm.params(),
+            self.attention_norm.params().to_vec(),
             self.intermediate.params(),
             self.output_dense.params(),
-            self.output_norm.params(),
+            self.output_norm.params().to_vec(),
         ]
         .into_iter()
         .flatten()
@@ -616,7 +659,7 @@ impl Bert {
     /// HF's `pooler_output`: tanh(dense(first token's hidden state)), (B, hidden).
     pub fn pooled(&self, hidden: &Tensor) -> Result<Tensor> {
         let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-        self.pooler.forward(&first, self.compute)?.tanh()
+        self.pooler.forward(&first, self.compute, false)?.tanh()
     }
 }
 
@@ -638,7 +681,7 @@ impl Model for Bert {
             Some(classifier) => {
                 let p = self.config.hidden_dropout_prob;
                 let pooled = dropout(self.pooled(&hidden)?, p, train, &self.rng)?;
-                classifier.forward(&pooled, self.compute)
+                classifier.forward(&pooled, self.compute, train)
             }
         }
     }
@@ -668,7 +711,115 @@ mod tests {
             attention_probs_dropout_prob: 0.0,
             num_labels,
             checkpoint_activations: false,
+            lora: None,
         }
+    }
+
+    fn with_lora(num_labels: usize) -> BertConfig {
+        BertConfig {
+            lora: Some(LoraConfig {
+                rank: 2,
+                alpha: 4.0,
+                dropout: 0.0,
+                targets: vec!["query".into(), "value".into(), "output.dense".into()],
+            }),
+            ..tiny(num_labels)
+        }
+    }
+
+    fn logits_of(m: &Bert, x: &Tensor) -> Vec<f64> {
+        m.forward(x, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn lora_input() -> Tensor {
+        let ids = Tensor::new(&[[1u32, 5, 7, 2, 0], [3, 4, 9, 0, 0]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+        pack_inputs(&ids, &mask).unwrap()
+    }
+
+    /// Adapters sit where PEFT puts them, train alone (with the head), and start as a no-op.
+    #[test]
+    fn lora_adapters_are_peft_named_trainable_and_start_as_the_base() {
+        let cfg = with_lora(3);
+        let (vm, m) = build(&cfg, DType::F64);
+        let data = vm.data().lock().unwrap();
+        let q = "bert.encoder.layer.1.attention.self.query";
+        assert_eq!(data[&format!("{q}.lora_A.weight")].dims(), [2, 8]);
+        assert_eq!(data[&format!("{q}.lora_B.weight")].dims(), [8, 2]);
+        // `output.dense` matches the layer output and the attention output, not `intermediate`.
+        assert!(data.contains_key("bert.encoder.layer.0.output.dense.lora_A.weight"));
+        assert!(data.contains_key("bert.encoder.layer.0.attention.output.dense.lora_A.weight"));
+        assert!(!data.contains_key("bert.encoder.layer.0.intermediate.dense.lora_A.weight"));
+        assert!(!data
+            .keys()
+            .any(|k| k.starts_with("bert.encoder.layer.0.attention.self.key.lora")));
+        let mc = crate::ModelConfig::Bert(cfg.clone());
+        let trainable: Vec<&String> = data.keys().filter(|k| mc.trainable(k)).collect();
+        assert_eq!(
+            trainable.len(),
+            2 * 4 * 2 + 2,
+            "A and B of 4 layers (query, value, 2 × output.dense) × 2 blocks, + head"
+        );
+        assert!(!mc.trainable("bert.encoder.layer.0.attention.self.query.weight"));
+        drop(data);
+        // B = 0: the adapted model computes the base model's function.
+        let (_, base) = build(&tiny(3), DType::F64);
+        assert_eq!(
+            logits_of(&m, &lora_input()),
+            logits_of(&base, &lora_input())
+        );
+    }
+
+    /// Merging the adapters into the weights gives the adapter-applied forward.
+    #[test]
+    fn lora_merge_equals_the_adapter_forward() {
+        let cfg = with_lora(3);
+        let (vm, m) = build(&cfg, DType::F64);
+        for (name, v) in vm.data().lock().unwrap().iter() {
+            if name.contains("lora_B") {
+                let r = crate::testing::rand(v.dims(), name.len() as u64);
+                v.set(&(r * 0.5).unwrap()).unwrap();
+            }
+        }
+        let (_, base) = build(&tiny(3), DType::F64);
+        let want = logits_of(&m, &lora_input());
+        assert_ne!(
+            want,
+            logits_of(&base, &lora_input()),
+            "the adapters change the function"
+        );
+        let mut tensors: HashMap<String, Tensor> = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+            .collect();
+        let merged = crate::lora::merge(&mut tensors, cfg.lora.as_ref().unwrap()).unwrap();
+        assert_eq!(merged, 8);
+        assert!(!tensors.keys().any(|k| k.contains("lora_")));
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F64, &Device::Cpu);
+        let plain = Bert::new(&tiny(3), vb, SharedRng::new(0, "d"), DType::F64).unwrap();
+        let got = logits_of(&plain, &lora_input());
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(diff < 1e-12, "merged vs adapted: {diff}");
+    }
+
+    #[test]
+    fn lora_gradients_match_finite_differences() {
+        let cfg = crate::ModelConfig::Bert(with_lora(3));
+        let x = lora_input();
+        let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
+        crate::testing::check_model_grads(&cfg, &x, &y);
     }
 
     fn build(cfg: &BertConfig, dtype: DType) -> (VarMap, Bert) {

@@ -21,12 +21,13 @@ const GPT2_LN_EPS: f64 = 1e-5;
 
 /// Recipe keys that only affect training: a fine-tuning recipe may set them over a pretrained
 /// model's config.
-pub const TRAINING_KEYS: [&str; 5] = [
+pub const TRAINING_KEYS: [&str; 6] = [
     "dropout",
     "checkpoint_activations",
     "hidden_dropout_prob",
     "attention_probs_dropout_prob",
     "num_labels",
+    "lora",
 ];
 
 /// Special token ids written into `config.json` and `generation_config.json`.
@@ -247,9 +248,9 @@ pub fn merge_recipe_model(
                     format!("model.{k}"),
                     format!(
                         "not a key of the pretrained {} model ({source}); with init_from only \
-                         kind, {} may be set",
+                         kind and the training keys ({}) may be set",
                         pretrained.kind(),
-                        TRAINING_KEYS.join(" and ")
+                        TRAINING_KEYS.join(", ")
                     ),
                 ))
             }
@@ -368,7 +369,10 @@ pub fn from_hf_tensors(
         );
     }
     // A task head a pretrained encoder does not have starts from its initialisation.
-    let fresh = |n: &str| matches!(cfg, ModelConfig::Bert(_)) && n.starts_with("classifier.");
+    let fresh = |n: &str| {
+        crate::lora::is_adapter(n)
+            || matches!(cfg, ModelConfig::Bert(_)) && n.starts_with("classifier.")
+    };
     let mut missing: Vec<&String> = expected
         .iter()
         .filter(|n| !out.contains_key(*n) && !fresh(n))

@@ -6,6 +6,7 @@ pub mod cnn;
 pub mod gpt;
 pub mod hf;
 pub mod llama;
+pub mod lora;
 pub mod mlp;
 
 use candle_core::{DType, Result, Tensor};
@@ -161,6 +162,25 @@ impl ModelConfig {
             ModelConfig::Gpt(_) => "gpt",
             ModelConfig::Llama(_) => "llama",
             ModelConfig::Bert(_) => "bert",
+        }
+    }
+
+    /// Whether the parameter `name` trains: with LoRA only the adapters and the task head do,
+    /// and the pretrained weights stay frozen (and out of checkpoints).
+    pub fn trainable(&self, name: &str) -> bool {
+        match self {
+            ModelConfig::Bert(c) if c.lora.is_some() => {
+                lora::is_adapter(name) || name.starts_with("classifier.")
+            }
+            _ => true,
+        }
+    }
+
+    /// The LoRA settings, for a model that has adapters.
+    pub fn lora(&self) -> Option<&lora::LoraConfig> {
+        match self {
+            ModelConfig::Bert(c) => c.lora.as_ref(),
+            _ => None,
         }
     }
 

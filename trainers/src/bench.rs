@@ -66,7 +66,7 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
     let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, &device);
     let compute = amp::compute_dtype(recipe.precision);
     let model = cfg.build(vb, SharedRng::new(recipe.seed, "dropout"), compute)?;
-    let params = params_of(&varmap);
+    let params = params_of(&varmap, &cfg);
     let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
     let mut optimizer = optim::build(&recipe.optim);
     let mut scaler = LossScaler::for_precision(recipe.precision);

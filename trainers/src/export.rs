@@ -25,6 +25,8 @@ pub struct ExportOptions {
     pub dtype: DType,
     /// Write into a non-empty folder.
     pub force: bool,
+    /// For a LoRA run: the adapter alone in PEFT's layout instead of merged weights.
+    pub adapter: bool,
 }
 
 /// Writes the HF folder for `run_dir`'s checkpoint into `out`.
@@ -42,10 +44,47 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
         run_dir.display()
     );
     let recipe = kiln_core::Recipe::load(&recipe_path, &[])?;
-    let cfg = ModelConfig::decode(&recipe)?;
+    let mut cfg = ModelConfig::decode(&recipe)?;
     let codec = Codec::from_dir(run_dir)?;
     let ckpt = checkpoint::by_name(&run_dir.join("checkpoints"), &o.checkpoint)?;
-    let weights = checkpoint::load_tensors(&ckpt.join(checkpoint::MODEL_FILE), &Device::Cpu)?;
+    let checkpoint_file = ckpt.join(checkpoint::MODEL_FILE);
+    let weights = match cfg.lora().cloned() {
+        None => {
+            anyhow::ensure!(!o.adapter, "--adapter applies to LoRA runs only");
+            checkpoint::load_tensors(&checkpoint_file, &Device::Cpu)?
+        }
+        Some(lora) if o.adapter => {
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+            write_peft_adapter(&recipe, &lora, &checkpoint_file, out)?;
+            write_tokenizer_files(&codec, &cfg, out)?;
+            return Ok(());
+        }
+        Some(lora) => {
+            // The frozen base from init_from plus the checkpoint's adapters, merged.
+            let varmap = VarMap::new();
+            let vb = kiln_core::rng::seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
+            cfg.build(vb, kiln_models::SharedRng::new(0, "unused"), DType::F32)?;
+            crate::trainer::restore_weights(
+                &varmap,
+                &cfg,
+                &recipe,
+                &checkpoint_file,
+                &Device::Cpu,
+            )?;
+            let mut all: HashMap<String, candle_core::Tensor> = varmap
+                .data()
+                .lock()
+                .expect("the varmap lock is not poisoned")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect();
+            kiln_models::lora::merge(&mut all, &lora)?;
+            if let ModelConfig::Bert(c) = &mut cfg {
+                c.lora = None;
+            }
+            all
+        }
+    };
     let special = SpecialTokens {
         bos: codec.end_of_text(),
         eos: codec.end_of_text(),
@@ -90,11 +129,20 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
             .with_context(|| format!("writing {name} in {}", out.display()))
     };
     json_file("config.json", &config)?;
+    write_tokenizer_files(&codec, &cfg, out)
+}
+
+/// `tokenizer.json`, `tokenizer_config.json` and `generation_config.json`.
+fn write_tokenizer_files(codec: &Codec, cfg: &ModelConfig, out: &Path) -> Result<()> {
+    let json_file = |name: &str, v: &serde_json::Value| -> Result<()> {
+        write_atomic(&out.join(name), serde_json::to_string_pretty(v)?.as_bytes())
+            .with_context(|| format!("writing {name} in {}", out.display()))
+    };
     write_atomic(
         &out.join("tokenizer.json"),
         codec.tokenizer_json()?.as_bytes(),
     )?;
-    let context = match &cfg {
+    let context = match cfg {
         ModelConfig::Gpt(c) => c.block_size,
         ModelConfig::Llama(c) => c.max_position_embeddings,
         ModelConfig::Bert(c) => c.max_position_embeddings,
@@ -127,6 +175,50 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
     }
     json_file("tokenizer_config.json", &tok_cfg)?;
     json_file("generation_config.json", &gen)?;
+    Ok(())
+}
+
+/// A LoRA run's adapter as PEFT writes it: `adapter_config.json` and `adapter_model.safetensors`
+/// (the adapters and the classifier under `base_model.model.`), loadable with
+/// `PeftModel.from_pretrained(base, DIR)` over the `init_from` model.
+fn write_peft_adapter(
+    recipe: &kiln_core::Recipe,
+    lora: &kiln_models::lora::LoraConfig,
+    checkpoint_file: &Path,
+    out: &Path,
+) -> Result<()> {
+    let weights = checkpoint::load_tensors(checkpoint_file, &Device::Cpu)?;
+    let renamed: HashMap<String, candle_core::Tensor> = weights
+        .into_iter()
+        .map(|(k, v)| (format!("base_model.model.{k}"), v))
+        .collect();
+    let mut named: Vec<(&String, &candle_core::Tensor)> = renamed.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = out.join("adapter_model.safetensors.tmp");
+    safetensors::serialize_to_file(named, Some(metadata), &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out.join("adapter_model.safetensors"))?;
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": recipe.init_from,
+        "r": lora.rank,
+        "lora_alpha": lora.scale() * lora.rank as f64,
+        "lora_dropout": lora.dropout,
+        "target_modules": lora.targets,
+        "modules_to_save": ["classifier"],
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+    });
+    write_atomic(
+        &out.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
     Ok(())
 }
 

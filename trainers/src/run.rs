@@ -186,7 +186,13 @@ pub fn load_run_at(run_dir: &Path, which: &str, device: &Device) -> Result<Loade
         kiln_models::SharedRng::new(recipe.seed, "dropout"),
         compute,
     )?;
-    crate::trainer::load_weights(&varmap, &checkpoint.join(checkpoint::MODEL_FILE), device)?;
+    crate::trainer::restore_weights(
+        &varmap,
+        &model_cfg,
+        &recipe,
+        &checkpoint.join(checkpoint::MODEL_FILE),
+        device,
+    )?;
     let model = crate::trainer::detached_model(&varmap, &model_cfg, device, compute)?;
     Ok(LoadedRun {
         recipe,

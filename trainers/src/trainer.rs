@@ -139,8 +139,23 @@ fn run_loop(
     let dropout_rng = SharedRng::new(recipe.seed, "dropout");
     let compute = amp::compute_dtype(recipe.precision);
     let model = model_cfg.build(vb, dropout_rng.clone(), compute)?;
-    let params = params_of(&varmap);
-    let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
+    if model_cfg.lora().is_some() && recipe.init_from.is_none() {
+        bail!(recipe.source.error(
+            "model.lora",
+            "LoRA adapts pretrained weights: set init_from to the model folder or hub id"
+        ));
+    }
+    let params = params_of(&varmap, &model_cfg);
+    let n_trainable: usize = params.iter().map(|p| p.var.elem_count()).sum();
+    let n_params: usize = params_where(&varmap, |_| true)
+        .iter()
+        .map(|p| p.var.elem_count())
+        .sum();
+    let param_note = if n_trainable == n_params {
+        format!("{n_params} parameters")
+    } else {
+        format!("{n_params} parameters, {n_trainable} trainable")
+    };
     let mut optimizer = optim::build(&recipe.optim);
     let (mut state, mut last_checkpoint) = match resumed {
         None => {
@@ -157,7 +172,13 @@ fn run_loop(
             )
         }
         Some((dir, state)) => {
-            load_weights(&varmap, &dir.join(checkpoint::MODEL_FILE), &device)?;
+            restore_weights(
+                &varmap,
+                &model_cfg,
+                recipe,
+                &dir.join(checkpoint::MODEL_FILE),
+                &device,
+            )?;
             let moments = checkpoint::load_tensors(&dir.join(checkpoint::OPTIMIZER_FILE), &device)?;
             optimizer.load_state(moments, state.optimizer_steps)?;
             dropout_rng.set_position(
@@ -195,9 +216,8 @@ fn run_loop(
         bail!("the run in {} already finished its {total_steps} steps; to train longer, resume with --set trainer.max_steps=N", run.path.display());
     }
     progress.line(&format!(
-        "training {} ({} parameters) on {} for {total_steps} steps → {}",
+        "training {} ({param_note}) on {} for {total_steps} steps → {}",
         recipe.name,
-        n_params,
         kiln_core::device::device_name(&device),
         run.path.display()
     ));
@@ -285,6 +305,7 @@ fn run_loop(
             last_checkpoint = Some(save_checkpoint(
                 &run.path,
                 &varmap,
+                &model_cfg,
                 optimizer.as_ref(),
                 &state,
             )?);
@@ -326,7 +347,8 @@ fn run_loop(
     progress.log(total_steps, total_steps, &values);
     state.optimizer_steps = optimizer.steps();
     state.dropout_rng_position = dropout_rng.position().to_string();
-    let final_checkpoint = save_checkpoint(&run.path, &varmap, optimizer.as_ref(), &state)?;
+    let final_checkpoint =
+        save_checkpoint(&run.path, &varmap, &model_cfg, optimizer.as_ref(), &state)?;
     if t.keep_best && state.tracker.best_step.get(&t.best_metric) == Some(&total_steps) {
         checkpoint::mark_best(&checkpoints, total_steps)?;
     }
@@ -344,6 +366,7 @@ fn run_loop(
         "seed": recipe.seed,
         "device": kiln_core::device::device_name(&device),
         "parameters": n_params,
+        "trainable_parameters": n_trainable,
         "steps": total_steps,
         "epochs": items_seen as f64 / (loader.batches_per_epoch * d.batch_size * items_per_example) as f64,
         "wall_seconds": run.started.elapsed().as_secs_f64(),
@@ -467,13 +490,20 @@ pub(crate) fn input_shape(data: &DataSplits) -> Vec<usize> {
     }
 }
 
-/// Trainable parameters, sorted by name so every run visits them in the same order.
-pub fn params_of(varmap: &VarMap) -> Vec<Param> {
+/// Trainable parameters (all of them, or with LoRA the adapters and the head), sorted by name
+/// so every run visits them in the same order.
+pub fn params_of(varmap: &VarMap, cfg: &ModelConfig) -> Vec<Param> {
+    params_where(varmap, |name| cfg.trainable(name))
+}
+
+/// The parameters whose names `keep` selects, sorted by name.
+pub fn params_where(varmap: &VarMap, keep: impl Fn(&str) -> bool) -> Vec<Param> {
     let mut params: Vec<Param> = varmap
         .data()
         .lock()
         .unwrap()
         .iter()
+        .filter(|(name, _)| keep(name))
         .map(|(name, var)| Param {
             name: name.clone(),
             var: var.clone(),
@@ -617,14 +647,17 @@ pub fn detached_model(
 fn save_checkpoint(
     run_dir: &Path,
     varmap: &VarMap,
+    cfg: &ModelConfig,
     optimizer: &dyn Optimizer,
     state: &TrainerState,
 ) -> Result<PathBuf> {
+    // Frozen pretrained weights (LoRA) are not saved: `init_from` has them.
     let weights: HashMap<String, Tensor> = varmap
         .data()
         .lock()
         .unwrap()
         .iter()
+        .filter(|(k, _)| cfg.trainable(k))
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
     checkpoint::write_checkpoint(&run_dir.join("checkpoints"), state.step, |dir| {
@@ -646,10 +679,37 @@ fn save_checkpoint(
     })
 }
 
-/// Loads checkpoint weights into the model's parameters, naming any missing or misshapen tensor.
-pub fn load_weights(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
+/// Loads a checkpoint into the model: with LoRA, the frozen weights from the recipe's
+/// `init_from` first, then every trainable parameter from `path`.
+pub fn restore_weights(
+    varmap: &VarMap,
+    cfg: &ModelConfig,
+    recipe: &Recipe,
+    path: &Path,
+    device: &Device,
+) -> Result<()> {
+    if cfg.lora().is_some() {
+        let from = recipe.init_from.as_deref().context(
+            "this LoRA run's recipe has no init_from, so its frozen base weights are unknown",
+        )?;
+        kiln_models::hf::load_pretrained(varmap, cfg, &kiln_core::hub::resolve(from)?)?;
+    }
+    load_weights(varmap, path, device, |n| cfg.trainable(n))
+}
+
+/// Loads checkpoint weights into the parameters `needed` selects, naming any missing or
+/// misshapen tensor.
+pub fn load_weights(
+    varmap: &VarMap,
+    path: &Path,
+    device: &Device,
+    needed: impl Fn(&str) -> bool,
+) -> Result<()> {
     let weights = checkpoint::load_tensors(path, device)?;
     for (name, var) in varmap.data().lock().unwrap().iter() {
+        if !needed(name) {
+            continue;
+        }
         let w = weights.get(name).with_context(|| {
             format!(
                 "{} has no tensor {name}; it does not belong to this model",
