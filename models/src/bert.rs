@@ -325,6 +325,8 @@ struct Linear {
     bias: Tensor,
     /// A LoRA adapter, when the recipe targets this layer.
     lora: Option<Adapter>,
+    /// The pretrained weight stays fixed (LoRA): no gradient is computed for it.
+    frozen: bool,
 }
 
 impl Linear {
@@ -338,7 +340,22 @@ impl Linear {
             weight: vb.get_with_hints((n_out, n_in), "weight", init)?,
             bias: vb.get_with_hints(n_out, "bias", Init::Const(0.0))?,
             lora: None,
+            frozen: false,
         })
+    }
+
+    /// With `yes`, the weights become constants (views of the same storage, so loading the
+    /// pretrained values into the variables still reaches them) and the backward skips them.
+    fn frozen_if(self, yes: bool) -> Self {
+        if !yes {
+            return self;
+        }
+        Linear {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            frozen: true,
+            ..self
+        }
     }
 
     /// A linear layer with a LoRA adapter if `cfg.lora` targets its path.
@@ -352,7 +369,7 @@ impl Linear {
         let lora = Adapter::for_layer(cfg.lora.as_ref(), n_in, n_out, &vb, rng)?;
         Ok(Linear {
             lora,
-            ..Linear::new(n_in, n_out, vb)?
+            ..Linear::new(n_in, n_out, vb)?.frozen_if(cfg.lora.is_some())
         })
     }
 
@@ -364,7 +381,12 @@ impl Linear {
         let n_in = out_dims.pop().expect("x has a feature dimension");
         out_dims.push(self.weight.dim(0)?);
         let x = x.reshape(((), n_in))?;
-        let mut y = in_precision(&x, &self.weight.t()?, compute)?.broadcast_add(&self.bias)?;
+        let mut y = if self.frozen {
+            kiln_kernels::frozen_matmul(&x, &self.weight.t()?, compute)?
+        } else {
+            in_precision(&x, &self.weight.t()?, compute)?
+        }
+        .broadcast_add(&self.bias)?;
         if let Some(lora) = &self.lora {
             y = (y + lora.forward(&x, compute, train)?)?;
         }
@@ -395,6 +417,18 @@ impl LayerNorm {
         })
     }
 
+    /// Constant weights with `yes` (LoRA), as [`Linear::frozen_if`].
+    fn frozen_if(self, yes: bool) -> Self {
+        match yes {
+            false => self,
+            true => LayerNorm {
+                weight: self.weight.detach(),
+                bias: self.bias.detach(),
+                ..self
+            },
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, &self.weight, Some(&self.bias), self.eps)
     }
@@ -412,19 +446,24 @@ struct Embeddings {
 }
 
 impl Embeddings {
+    /// With LoRA the tables and the norm are constants, so the backward stops at the first
+    /// adapter instead of scattering gradients into a vocabulary-sized table.
     fn new(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        let frozen = cfg.lora.is_some();
         let table = |n: usize, name: &str| {
             let init = Init::Randn {
                 mean: 0.0,
                 stdev: 0.02,
             };
-            vb.get_with_hints((n, cfg.hidden_size), &format!("{name}.weight"), init)
+            let t = vb.get_with_hints((n, cfg.hidden_size), &format!("{name}.weight"), init)?;
+            Ok::<_, candle_core::Error>(if frozen { t.detach() } else { t })
         };
         Ok(Embeddings {
             word_embeddings: table(cfg.vocab_size, "word_embeddings")?,
             position_embeddings: table(cfg.max_position_embeddings, "position_embeddings")?,
             token_type_embeddings: table(cfg.type_vocab_size, "token_type_embeddings")?,
-            layer_norm: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+            layer_norm: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?
+                .frozen_if(frozen),
         })
     }
 
@@ -502,6 +541,7 @@ struct Layer {
 impl Layer {
     fn new(cfg: &BertConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Result<Self> {
         let (c, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        let frozen = cfg.lora.is_some();
         let (a, i, o) = (vb.pp("attention"), vb.pp("intermediate"), vb.pp("output"));
         Ok(Layer {
             attention: SelfAttention {
@@ -511,10 +551,10 @@ impl Layer {
                 n_head: cfg.num_attention_heads,
             },
             attention_dense: Linear::adapted(c, c, a.pp("output.dense"), cfg, &rng)?,
-            attention_norm: LayerNorm::new(c, eps, a.pp("output.LayerNorm"))?,
+            attention_norm: LayerNorm::new(c, eps, a.pp("output.LayerNorm"))?.frozen_if(frozen),
             intermediate: Linear::adapted(c, cfg.intermediate_size, i.pp("dense"), cfg, &rng)?,
             output_dense: Linear::adapted(cfg.intermediate_size, c, o.pp("dense"), cfg, &rng)?,
-            output_norm: LayerNorm::new(c, eps, o.pp("LayerNorm"))?,
+            output_norm: LayerNorm::new(c, eps, o.pp("LayerNorm"))?.frozen_if(frozen),
             hidden_dropout: cfg.hidden_dropout_prob,
             attention_dropout: cfg.attention_probs_dropout_prob,
             rng,
@@ -613,7 +653,8 @@ impl Bert {
         Ok(Bert {
             embeddings: Embeddings::new(cfg, enc.pp("embeddings"))?,
             layers,
-            pooler: Linear::new(cfg.hidden_size, cfg.hidden_size, enc.pp("pooler.dense"))?,
+            pooler: Linear::new(cfg.hidden_size, cfg.hidden_size, enc.pp("pooler.dense"))?
+                .frozen_if(cfg.lora.is_some()),
             classifier,
             rng,
             compute,
