@@ -90,8 +90,33 @@ pub fn hf_config(cfg: &ModelConfig, dtype: DType, special: SpecialTokens) -> Res
             "use_cache": true,
         }),
         ModelConfig::Bert(c) => crate::bert::hf_config(c),
+        ModelConfig::Resnet(c) => resnet_config(c)?,
+        ModelConfig::Vit(c) => json!({
+            "architectures": ["ViTForImageClassification"],
+            "model_type": "vit",
+            "image_size": c.image_size,
+            "patch_size": c.patch_size,
+            "num_channels": c.num_channels,
+            "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "intermediate_size": c.intermediate_size,
+            "hidden_act": c.hidden_act,
+            "hidden_dropout_prob": c.hidden_dropout_prob,
+            "attention_probs_dropout_prob": c.attention_probs_dropout_prob,
+            "layer_norm_eps": c.layer_norm_eps,
+            "qkv_bias": c.qkv_bias,
+            "encoder_stride": c.patch_size,
+            "initializer_range": 0.02,
+            "num_labels": c.num_labels,
+        }),
         other => bail!("a {} model has no Hugging Face export yet", other.kind()),
     };
+    if matches!(cfg, ModelConfig::Resnet(_) | ModelConfig::Vit(_)) {
+        v["dtype"] = torch_dtype.into();
+        v["torch_dtype"] = torch_dtype.into();
+        return Ok(v);
+    }
     // `dtype` is transformers ≥ 4.56's key, `torch_dtype` the one older readers look for.
     v["dtype"] = torch_dtype.into();
     v["torch_dtype"] = torch_dtype.into();
@@ -99,6 +124,37 @@ pub fn hf_config(cfg: &ModelConfig, dtype: DType, special: SpecialTokens) -> Res
     v["bos_token_id"] = special.bos.into();
     v["eos_token_id"] = special.eos.into();
     Ok(v)
+}
+
+/// HF `ResNetConfig` of a resolved kiln ResNet; the small-image stem has no counterpart there.
+fn resnet_config(c: &crate::resnet::ResNetConfig) -> Result<Value> {
+    use crate::resnet::{LayerType, Stem};
+    if c.stem == Stem::Small {
+        bail!(
+            "this ResNet has kiln's small-image stem (model.stem = \"small\"), which transformers' \
+             ResNet does not have (its stem is a 7×7 stride-2 convolution and a max-pool), so \
+             no ResNetForImageClassification folder can reproduce it; train with \
+             model.stem = \"imagenet\" to export"
+        );
+    }
+    let layer_type = match c.layer_type {
+        Some(LayerType::Basic) => "basic",
+        Some(LayerType::Bottleneck) => "bottleneck",
+        None => bail!("the ResNet config is not resolved (no layer_type)"),
+    };
+    Ok(json!({
+        "architectures": ["ResNetForImageClassification"],
+        "model_type": "resnet",
+        "num_channels": c.num_channels,
+        "embedding_size": c.embedding_size,
+        "hidden_sizes": c.hidden_sizes,
+        "depths": c.depths,
+        "layer_type": layer_type,
+        "hidden_act": c.hidden_act,
+        "downsample_in_first_stage": c.downsample_in_first_stage,
+        "downsample_in_bottleneck": c.downsample_in_bottleneck,
+        "num_labels": c.num_labels,
+    }))
 }
 
 /// The kiln config of a `config.json`; anything kiln's implementation does not compute the same
@@ -201,10 +257,71 @@ pub fn from_hf_config(v: &Value, source: &Path) -> Result<ModelConfig> {
         "bert" => crate::bert::config_from_hf(v)
             .map(ModelConfig::Bert)
             .with_context(ctx),
+        "resnet" => {
+            use crate::resnet::{LayerType, ResNetConfig, Stem};
+            if !matches!(v["hidden_act"].as_str(), None | Some("relu")) {
+                return Err(refuse("hidden_act", "kiln's ResNet uses ReLU"));
+            }
+            let sizes = |k: &str| -> Result<Vec<usize>> {
+                serde_json::from_value(v[k].clone())
+                    .with_context(|| format!("{}: `{k}` is not a list of whole numbers", ctx()))
+            };
+            let layer_type = match v["layer_type"].as_str() {
+                None | Some("bottleneck") => LayerType::Bottleneck,
+                Some("basic") => LayerType::Basic,
+                Some(_) => return Err(refuse("layer_type", "expected basic or bottleneck")),
+            };
+            Ok(ModelConfig::Resnet(ResNetConfig {
+                preset: None,
+                stem: Stem::Imagenet,
+                embedding_size: Some(uint("embedding_size")?),
+                hidden_sizes: Some(sizes("hidden_sizes")?),
+                depths: Some(sizes("depths")?),
+                layer_type: Some(layer_type),
+                downsample_in_first_stage: v["downsample_in_first_stage"]
+                    .as_bool()
+                    .unwrap_or(false),
+                downsample_in_bottleneck: v["downsample_in_bottleneck"].as_bool().unwrap_or(false),
+                hidden_act: "relu".into(),
+                num_channels: uint("num_channels")?,
+                num_labels: num_labels(v),
+                input_shape: Vec::new(),
+            }))
+        }
+        "vit" => {
+            if !matches!(v["hidden_act"].as_str(), None | Some("gelu")) {
+                return Err(refuse("hidden_act", "kiln's ViT uses the exact (erf) GELU"));
+            }
+            Ok(ModelConfig::Vit(crate::vit::ViTConfig {
+                image_size: uint("image_size")?,
+                patch_size: uint("patch_size")?,
+                num_channels: uint("num_channels")?,
+                hidden_size: uint("hidden_size")?,
+                num_hidden_layers: uint("num_hidden_layers")?,
+                num_attention_heads: uint("num_attention_heads")?,
+                intermediate_size: uint("intermediate_size")?,
+                hidden_dropout_prob: float_or("hidden_dropout_prob", 0.0)?,
+                attention_probs_dropout_prob: float_or("attention_probs_dropout_prob", 0.0)?,
+                layer_norm_eps: float_or("layer_norm_eps", 1e-12)?,
+                qkv_bias: v["qkv_bias"].as_bool().unwrap_or(true),
+                hidden_act: "gelu".into(),
+                num_labels: num_labels(v),
+                checkpoint_activations: false,
+            }))
+        }
         other => bail!(
-            "{}: model_type {other:?} is not one kiln implements (\"gpt2\", \"llama\", \"bert\")",
+            "{}: model_type {other:?} is not one kiln implements (\"gpt2\", \"llama\", \"bert\", \
+             \"resnet\", \"vit\")",
             ctx()
         ),
+    }
+}
+
+/// Classes of a classifier's `config.json`: `id2label`'s size, else `num_labels`, else 0.
+fn num_labels(v: &Value) -> usize {
+    match v["id2label"].as_object() {
+        Some(m) if !m.is_empty() => m.len(),
+        _ => v["num_labels"].as_u64().unwrap_or(0) as usize,
     }
 }
 
@@ -297,7 +414,15 @@ pub fn to_hf_tensors(
     }
     tensors
         .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.contiguous()?)))
+        .map(|(k, t)| {
+            // PyTorch's BatchNorm counts batches in an int64 buffer; kiln keeps it in f32.
+            let dtype = if k.ends_with(".num_batches_tracked") {
+                DType::I64
+            } else {
+                dtype
+            };
+            Ok((k, t.to_dtype(dtype)?.contiguous()?))
+        })
         .collect()
 }
 
@@ -406,7 +531,10 @@ pub fn load_pretrained(varmap: &VarMap, cfg: &ModelConfig, folder: &Path) -> Res
         .expect("the varmap lock is not poisoned");
     let expected: Vec<String> = data.keys().cloned().collect();
     let tensors = from_hf_tensors(cfg, tensors, &expected, &file)?;
-    let mut fresh: Vec<&String> = data.keys().filter(|n| !tensors.contains_key(*n)).collect();
+    // LoRA adapters always start fresh; only name the other tensors the file lacks (a head).
+    let mut fresh: Vec<&String> = (data.keys())
+        .filter(|n| !tensors.contains_key(*n) && !crate::lora::is_adapter(n))
+        .collect();
     if !fresh.is_empty() {
         fresh.sort();
         eprintln!(
@@ -415,10 +543,23 @@ pub fn load_pretrained(varmap: &VarMap, cfg: &ModelConfig, folder: &Path) -> Res
             preview(&fresh)
         );
     }
+    let vision = matches!(cfg, ModelConfig::Resnet(_) | ModelConfig::Vit(_));
     for (name, var) in data.iter() {
         let Some(w) = tensors.get(name) else {
             continue;
         };
+        if vision && name.starts_with("classifier.") && w.dims() != var.dims() {
+            // A pretrained head for other classes (ImageNet's 1000): a new one is trained, as
+            // transformers' `ignore_mismatched_sizes` does.
+            eprintln!(
+                "note: {}'s {name} is {:?}, this data needs {:?}; the head starts from its \
+                 initialisation",
+                file.display(),
+                w.dims(),
+                var.dims()
+            );
+            continue;
+        }
         anyhow::ensure!(
             w.dims() == var.dims(),
             "{}: {name} has shape {:?}, the model from config.json expects {:?}",

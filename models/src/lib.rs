@@ -1,6 +1,7 @@
 //! kiln-models: the model zoo. One model per file, parameter paths named as in Hugging Face
 //! `transformers` where the architecture exists there, so checkpoints export without renaming.
 
+pub mod batch_norm;
 pub mod bert;
 pub mod cnn;
 pub mod gpt;
@@ -8,6 +9,8 @@ pub mod hf;
 pub mod llama;
 pub mod lora;
 pub mod mlp;
+pub mod resnet;
+pub mod vit;
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -17,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 /// A trainable network: inputs → logits.
 pub trait Model: Send + Sync {
-    /// `train` turns dropout on.
+    /// `train` turns dropout on, and BatchNorm to batch statistics (updating its running ones).
     fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor>;
 
     /// The model as an incremental decoder, if it is one (GPT, Llama).
@@ -151,6 +154,8 @@ pub enum ModelConfig {
     Gpt(gpt::GptConfig),
     Llama(llama::LlamaConfig),
     Bert(bert::BertConfig),
+    Vit(vit::ViTConfig),
+    Resnet(resnet::ResNetConfig),
 }
 
 impl ModelConfig {
@@ -162,18 +167,35 @@ impl ModelConfig {
             ModelConfig::Gpt(_) => "gpt",
             ModelConfig::Llama(_) => "llama",
             ModelConfig::Bert(_) => "bert",
+            ModelConfig::Vit(_) => "vit",
+            ModelConfig::Resnet(_) => "resnet",
         }
     }
 
     /// Whether the parameter `name` trains: with LoRA only the adapters and the task head do,
-    /// and the pretrained weights stay frozen (and out of checkpoints).
+    /// and the pretrained weights stay frozen (and out of checkpoints). BatchNorm's running
+    /// statistics ([`Self::is_buffer`]) never do: the forward updates them.
     pub fn trainable(&self, name: &str) -> bool {
+        if self.is_buffer(name) {
+            return false;
+        }
         match self {
             ModelConfig::Bert(c) if c.lora.is_some() => {
                 lora::is_adapter(name) || name.starts_with("classifier.")
             }
             _ => true,
         }
+    }
+
+    /// Whether `name` is a buffer: state that a training forward updates in place (BatchNorm's
+    /// `running_mean`, `running_var`, `num_batches_tracked`), not trained, but checkpointed.
+    pub fn is_buffer(&self, name: &str) -> bool {
+        batch_norm::is_buffer(name)
+    }
+
+    /// Whether a checkpoint must hold `name`: what trains, and the buffers.
+    pub fn saved(&self, name: &str) -> bool {
+        self.trainable(name) || self.is_buffer(name)
     }
 
     /// The LoRA settings, for a model that has adapters.
@@ -213,6 +235,8 @@ impl ModelConfig {
                 let seq_len = recipe.data.seq_len.unwrap_or(recipe.data.max_length);
                 c.resolve(num_classes, seq_len).map_err(err)?
             }
+            ModelConfig::Vit(c) => c.resolve(num_classes, input_shape).map_err(err)?,
+            ModelConfig::Resnet(c) => c.resolve(num_classes, input_shape).map_err(err)?,
         }
         Ok(cfg)
     }
@@ -259,11 +283,13 @@ impl ModelConfig {
             Some("gpt") => ModelConfig::Gpt(src.decode("model", value)?),
             Some("llama") => ModelConfig::Llama(src.decode("model", value)?),
             Some("bert") => ModelConfig::Bert(src.decode("model", value)?),
+            Some("vit") => ModelConfig::Vit(src.decode("model", value)?),
+            Some("resnet") => ModelConfig::Resnet(src.decode("model", value)?),
             other => {
                 return Err(src.error(
                     "model.kind",
                     format!(
-                        "unknown model kind {other:?}; valid choices: \"mlp\", \"cnn\", \"gpt\", \"llama\", \"bert\""
+                        "unknown model kind {other:?}; valid choices: \"mlp\", \"cnn\", \"gpt\", \"llama\", \"bert\", \"vit\", \"resnet\""
                     ),
                 ))
             }
@@ -287,6 +313,8 @@ impl ModelConfig {
             ModelConfig::Gpt(c) => Box::new(gpt::Gpt::new(c, vb, rng, compute)?),
             ModelConfig::Llama(c) => Box::new(llama::Llama::new(c, vb, rng, compute)?),
             ModelConfig::Bert(c) => Box::new(bert::Bert::new(c, vb, rng, compute)?),
+            ModelConfig::Vit(c) => Box::new(vit::ViT::new(c, vb, rng, compute)?),
+            ModelConfig::Resnet(c) => Box::new(resnet::ResNet::new(c, vb, rng, compute)?),
         })
     }
 }
@@ -364,13 +392,30 @@ pub(crate) mod testing {
     }
 
     pub fn check_model_grads(cfg: &ModelConfig, input: &Tensor, targets: &Tensor) {
+        check_model_grads_mode(cfg, input, targets, false)
+    }
+
+    /// [`check_model_grads`] with the forward in training mode (`train`: batch statistics; the
+    /// config's dropout must be 0, or the finite differences see new masks) or evaluation mode. Buffers (BatchNorm's running statistics) are not
+    /// parameters: they must get no gradient. A model with buffers is evaluated after one
+    /// training forward, so that its running statistics are not the trivial initial ones.
+    pub fn check_model_grads_mode(
+        cfg: &ModelConfig,
+        input: &Tensor,
+        targets: &Tensor,
+        train: bool,
+    ) {
         let vm = VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&vm, 3, DType::F64, &Device::Cpu);
         let model = cfg
             .build(vb, SharedRng::new(0, "dropout"), DType::F64)
             .unwrap();
+        let has_buffers = vm.data().lock().unwrap().keys().any(|n| cfg.is_buffer(n));
+        if !train && has_buffers {
+            model.forward(input, true).unwrap();
+        }
         let loss_of = |m: &dyn Model| -> Tensor {
-            let logits = m.forward(input, false).unwrap();
+            let logits = m.forward(input, train).unwrap();
             let v = logits.dim(candle_core::D::Minus1).unwrap();
             kiln_kernels::cross_entropy(
                 &logits.reshape(((), v)).unwrap(),
@@ -381,6 +426,13 @@ pub(crate) mod testing {
         let grads = loss_of(model.as_ref()).backward().unwrap();
         let mut vars: Vec<(String, Var)> = vm.data().lock().unwrap().clone().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
+        // Buffers, and frozen weights (LoRA's base), get no gradient: not even computed.
+        for (name, var) in &vars {
+            if !cfg.trainable(name) {
+                assert!(grads.get(var).is_none(), "untrained {name} has a gradient");
+            }
+        }
+        vars.retain(|(name, _)| cfg.trainable(name));
         assert!(!vars.is_empty());
         let h = 1e-6;
         for (name, var) in &vars {
@@ -463,7 +515,7 @@ pub(crate) mod testing {
         }
     }
 
-    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
         let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
         let norm = |t: &Tensor| {
             t.sqr()
@@ -479,6 +531,19 @@ pub(crate) mod testing {
     /// The model with bf16 and f16 matmuls against itself in f32, on the same f32 weights:
     /// logits come back in f32 and stay close, and every weight gets a close f32 gradient.
     pub fn check_mixed_precision(cfg: &ModelConfig, input: &Tensor, targets: &Tensor) {
+        check_mixed_precision_mode(cfg, input, targets, false, 5e-2)
+    }
+
+    /// [`check_mixed_precision`] with the forward in training (`train`) or evaluation mode and
+    /// gradients held to a relative error of `grad_tol`; buffers are skipped (a model with
+    /// buffers is evaluated after one f32 training forward).
+    pub fn check_mixed_precision_mode(
+        cfg: &ModelConfig,
+        input: &Tensor,
+        targets: &Tensor,
+        train: bool,
+        grad_tol: f64,
+    ) {
         let vm = VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu);
         let input = match input.dtype() {
@@ -489,7 +554,7 @@ pub(crate) mod testing {
             let model = cfg
                 .build(vb.clone(), SharedRng::new(0, "d"), compute)
                 .unwrap();
-            let logits = model.forward(&input, false).unwrap();
+            let logits = model.forward(&input, train).unwrap();
             let v = logits.dim(candle_core::D::Minus1).unwrap();
             let loss = kiln_kernels::cross_entropy(
                 &logits.reshape(((), v)).unwrap(),
@@ -499,6 +564,7 @@ pub(crate) mod testing {
             let grads = loss.backward().unwrap();
             let mut vars: Vec<(String, Var)> =
                 vm.data().lock().unwrap().clone().into_iter().collect();
+            vars.retain(|(n, _)| !cfg.is_buffer(n));
             vars.sort_by(|a, b| a.0.cmp(&b.0));
             let g: Vec<(String, Tensor)> = vars
                 .iter()
@@ -514,6 +580,12 @@ pub(crate) mod testing {
                 .collect();
             (logits, g)
         };
+        let f32_model = cfg
+            .build(vb.clone(), SharedRng::new(0, "d"), DType::F32)
+            .unwrap();
+        if !train && vm.data().lock().unwrap().keys().any(|n| cfg.is_buffer(n)) {
+            f32_model.forward(&input, true).unwrap();
+        }
         let (want, want_g) = run(DType::F32);
         for compute in [DType::BF16, DType::F16] {
             let (got, got_g) = run(compute);
@@ -528,7 +600,7 @@ pub(crate) mod testing {
                 assert_eq!(g.dtype(), DType::F32, "{name}");
                 let e = rel_err(g, w);
                 assert!(
-                    e < 5e-2,
+                    e < grad_tol,
                     "{compute:?} gradient of {name}: relative error {e}"
                 );
             }
