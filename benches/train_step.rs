@@ -74,6 +74,7 @@ fn benches(c: &mut Criterion) {
     let batch = Batch {
         inputs: Tensor::from_slice(&tokens[..12 * 64], (12, 64), &dev).unwrap(),
         targets: Tensor::from_slice(&tokens[1..12 * 64 + 1], (12, 64), &dev).unwrap(),
+        mix: None,
     };
     bench_step(c, "shakespeare_char_cpu_step", gpt, batch);
 
@@ -90,6 +91,7 @@ fn benches(c: &mut Criterion) {
     let batch = Batch {
         inputs: Tensor::from_slice(&pixels, (128, 784), &dev).unwrap(),
         targets: Tensor::from_slice(&labels, 128, &dev).unwrap(),
+        mix: None,
     };
     bench_step(c, "mlp_b128_step", mlp, batch);
 }

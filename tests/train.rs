@@ -372,6 +372,7 @@ fn an_overflowing_f16_step_is_skipped_and_the_scale_backs_off() {
     let batch = kiln::core::data::Batch {
         inputs: Tensor::from_slice(&ids, (2, 8), &device).unwrap(),
         targets: Tensor::from_slice(&ids, (2, 8), &device).unwrap(),
+        mix: None,
     };
     let before: Vec<f32> = params[0].var.flatten_all().unwrap().to_vec1().unwrap();
     let mut scaler = LossScaler::for_precision(Precision::F16).unwrap();

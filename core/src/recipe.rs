@@ -257,20 +257,23 @@ pub enum Dataset {
     TextBpe,
     /// Labelled text in TSV/CSV files, for an encoder (BERT).
     TextClassification,
+    /// PNG/JPEG images in class folders: `path/{train,val,test}/<class>/*` or `path/<class>/*`.
+    ImageFolder,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     pub dataset: Dataset,
-    /// Folder (fashion-mnist) or file (text-char). Relative paths are taken from the current
-    /// directory.
+    /// Folder (fashion-mnist, image-folder, text-classification) or file (text-char,
+    /// text-bpe). Relative paths are taken from the current directory.
     #[serde(default)]
     pub path: Option<PathBuf>,
     pub batch_size: usize,
     #[serde(default = "yes")]
     pub shuffle: bool,
-    /// fashion-mnist: examples held out of the training split for validation.
+    /// fashion-mnist, image-folder (without a `val` folder), text-classification (without
+    /// `val`): examples held out of the training split for validation.
     #[serde(default)]
     pub val_size: usize,
     /// text-char: fraction of the text (from the end) used for validation.
@@ -312,6 +315,80 @@ pub struct DataConfig {
     /// text-classification: batch examples of similar length together (less padding).
     #[serde(default)]
     pub bucket_by_length: bool,
+    /// image-folder (required): every image is resized to `[height, width]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<[usize; 2]>,
+    /// image-folder: 1 (grey) or 3 (RGB, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
+    /// fashion-mnist, image-folder: per-channel normalization of pixels scaled to [0, 1]
+    /// (default: the data set's own statistics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<NormalizeConfig>,
+    /// fashion-mnist, image-folder: training-time augmentation (absent: none). Validation and
+    /// test batches are never augmented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment: Option<AugmentConfig>,
+}
+
+/// `normalize = { mean = [...], std = [...] }`: `x = (pixel / 255 - mean[c]) / std[c]`, one
+/// value per channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormalizeConfig {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+}
+
+/// `augment = { crop_padding = 4, hflip = true, mixup_alpha = 0.2, cutmix_alpha = 1.0,
+/// mix_prob = 1.0 }`; every key is optional and off by default (`mix_prob`: 1). Per example:
+/// a random crop after zero padding, then a horizontal flip, then normalization; per batch,
+/// with probability `mix_prob`, Mixup or CutMix (50/50 when both alphas are set) with the
+/// batch reversed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// Zero (black) padding added on each side before cropping back to the image size at a
+    /// random offset, like torchvision's `RandomCrop(size, padding = crop_padding)`; 0 = no crop.
+    #[serde(deserialize_with = "non_negative_int")]
+    pub crop_padding: usize,
+    /// Flip each training image left-right with probability 0.5.
+    pub hflip: bool,
+    /// Mixup: `x = λ·x + (1 − λ)·x_partner`, `λ ~ Beta(α, α)`; 0 = off.
+    pub mixup_alpha: f64,
+    /// CutMix: a box of area `1 − λ` pasted from the partner, `λ ~ Beta(α, α)` (then
+    /// recomputed from the clipped box); 0 = off.
+    pub cutmix_alpha: f64,
+    /// Probability that a batch is mixed at all (when an alpha is set).
+    pub mix_prob: f64,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        AugmentConfig {
+            crop_padding: 0,
+            hflip: false,
+            mixup_alpha: 0.0,
+            cutmix_alpha: 0.0,
+            mix_prob: 1.0,
+        }
+    }
+}
+
+impl AugmentConfig {
+    /// Whether any batch gets mixed.
+    pub fn mixes(&self) -> bool {
+        self.mix_prob > 0.0 && (self.mixup_alpha > 0.0 || self.cutmix_alpha > 0.0)
+    }
+}
+
+fn non_negative_int<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = i64::deserialize(d)?;
+    usize::try_from(v).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "must be a whole number ≥ 0 (pixels of padding on each side; 0 = no crop), got {v}"
+        ))
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -600,7 +677,7 @@ impl Recipe {
                     return err("data.max_length", "must be at least 2".into());
                 }
             }
-            (Task::Classification, Dataset::FashionMnist) => {
+            (Task::Classification, Dataset::FashionMnist | Dataset::ImageFolder) => {
                 if d.seq_len.is_some() {
                     return err(
                         "data.seq_len",
@@ -617,13 +694,14 @@ impl Recipe {
                 return err(
                     "data.dataset",
                     format!(
-                        "{ds:?} does not fit task {task:?}: fashion-mnist and \
+                        "{ds:?} does not fit task {task:?}: fashion-mnist, image-folder and \
                          text-classification are for \"classification\", text-char and text-bpe for \
                          \"language-model\""
                     ),
                 )
             }
         }
+        self.validate_image_keys()?;
         if d.dataset != Dataset::TextBpe {
             if d.cache_dir.is_some() {
                 return err(
@@ -745,6 +823,135 @@ impl Recipe {
         }
         if t.log_every == 0 {
             return err("trainer.log_every", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The keys of image data sets: `image_size`, `channels`, `normalize`, `augment`.
+    fn validate_image_keys(&self) -> Result<(), RecipeError> {
+        let err = |key: &str, msg: String| Err(self.source.error(key, msg));
+        let d = &self.data;
+        let folder = d.dataset == Dataset::ImageFolder;
+        if !folder {
+            for (key, set) in [
+                ("data.image_size", d.image_size.is_some()),
+                ("data.channels", d.channels.is_some()),
+            ] {
+                if set {
+                    return err(
+                        key,
+                        "applies to dataset = \"image-folder\" only; remove it".into(),
+                    );
+                }
+            }
+        }
+        if !matches!(d.dataset, Dataset::FashionMnist | Dataset::ImageFolder) {
+            for (key, set) in [
+                ("data.normalize", d.normalize.is_some()),
+                ("data.augment", d.augment.is_some()),
+            ] {
+                if set {
+                    return err(
+                        key,
+                        "applies to image data sets (fashion-mnist, image-folder) only; remove it"
+                            .into(),
+                    );
+                }
+            }
+            return Ok(());
+        }
+        if folder {
+            if d.path.is_none() {
+                return err(
+                    "data.path",
+                    "missing: image-folder needs the root folder, holding train/<class>/*.png \
+                     (and optionally val/, test/) or <class>/*.png"
+                        .into(),
+                );
+            }
+            match d.image_size {
+                None => {
+                    return err(
+                        "data.image_size",
+                        "missing: image-folder resizes every image to [height, width], e.g. \
+                         image_size = [32, 32]"
+                            .into(),
+                    )
+                }
+                Some([h, w]) if h == 0 || w == 0 => {
+                    return err(
+                        "data.image_size",
+                        format!("both sides must be at least 1, got [{h}, {w}]"),
+                    )
+                }
+                Some([h, w]) if h.saturating_mul(w) > 4096 * 4096 => {
+                    return err(
+                        "data.image_size",
+                        format!("[{h}, {w}] is too large (at most 4096 × 4096 pixels)"),
+                    )
+                }
+                _ => {}
+            }
+            if let Some(c) = d.channels {
+                if c != 1 && c != 3 {
+                    return err(
+                        "data.channels",
+                        format!("must be 1 (grey) or 3 (RGB), got {c}"),
+                    );
+                }
+            }
+        }
+        // Fashion-MNIST is grey.
+        let channels = if folder { d.channels.unwrap_or(3) } else { 1 };
+        if let Some(n) = &d.normalize {
+            for (key, v) in [
+                ("data.normalize.mean", &n.mean),
+                ("data.normalize.std", &n.std),
+            ] {
+                if v.len() != channels {
+                    return err(
+                        key,
+                        format!(
+                            "needs one value per channel: {channels} for these images, got {}",
+                            v.len()
+                        ),
+                    );
+                }
+            }
+            if let Some(m) = n.mean.iter().find(|m| !m.is_finite()) {
+                return err("data.normalize.mean", format!("must be finite, got {m}"));
+            }
+            if let Some(s) = n.std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                return err(
+                    "data.normalize.std",
+                    format!("every value must be a positive number, got {s}"),
+                );
+            }
+        }
+        if let Some(a) = &d.augment {
+            if a.crop_padding > 4096 {
+                return err(
+                    "data.augment.crop_padding",
+                    format!("must be at most 4096, got {}", a.crop_padding),
+                );
+            }
+            for (key, alpha) in [
+                ("data.augment.mixup_alpha", a.mixup_alpha),
+                ("data.augment.cutmix_alpha", a.cutmix_alpha),
+            ] {
+                if !(alpha.is_finite() && alpha >= 0.0) {
+                    return err(
+                        key,
+                        format!("must be ≥ 0 (0 = off; 0.2 to 1 are usual), got {alpha}"),
+                    );
+                }
+            }
+            if !(0.0..=1.0).contains(&a.mix_prob) {
+                return err(
+                    "data.augment.mix_prob",
+                    format!("must be in [0, 1], got {}", a.mix_prob),
+                );
+            }
         }
         Ok(())
     }

@@ -860,7 +860,7 @@ fn dataset_task_mismatch() {
         "data.dataset",
         &[
             "does not fit task",
-            "fashion-mnist and text-classification are for",
+            "fashion-mnist, image-folder and text-classification are for",
         ],
     );
     // The other way round, the task changed by --set: the error names the dataset key, which is
@@ -1396,4 +1396,166 @@ fn text_classification_keys() {
             .key,
         "data.max_length"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Image data: image-folder, normalize, augment
+// ---------------------------------------------------------------------------------------------
+
+/// The classification recipe with `line` added after `batch_size = 32` (so `line` is line 8).
+fn with_data_line(line: &str) -> String {
+    insert_after(&base_classification(), "batch_size = 32", line)
+}
+
+#[test]
+fn augment_keys_parse_with_defaults_and_round_trip() {
+    let r = ok(
+        &with_data_line("augment = { crop_padding = 4, hflip = true, cutmix_alpha = 1.0 }"),
+        &[],
+    );
+    let a = r.data.augment.clone().unwrap();
+    assert_eq!(a.crop_padding, 4);
+    assert!(a.hflip);
+    assert_eq!((a.mixup_alpha, a.cutmix_alpha, a.mix_prob), (0.0, 1.0, 1.0));
+    assert!(a.mixes());
+    // Absent: no augmentation.
+    assert!(ok(&base_classification(), &[]).data.augment.is_none());
+    // Survives the resolved recipe, and --set reaches inside the table.
+    let again = Recipe::parse(Path::new("run/recipe.toml"), &r.to_toml(&r.model), &[]).unwrap();
+    assert_eq!(again.data, r.data);
+    let r = ok(&base_classification(), &["data.augment.mixup_alpha=0.2"]);
+    assert_eq!(r.data.augment.unwrap().mixup_alpha, 0.2);
+}
+
+#[test]
+fn bad_augment_keys_are_named() {
+    file_error(
+        &with_data_line("augment = { crop_padding = -1 }"),
+        8,
+        "data.augment.crop_padding",
+        &["must be a whole number ≥ 0", "got -1"],
+    );
+    file_error(
+        &with_data_line("augment = { crop_padding = 4, flip = true }"),
+        8,
+        "data.augment.flip",
+        &["unknown field `flip`", "`hflip`"],
+    );
+    file_error(
+        &with_data_line("augment = { mixup_alpha = -0.5 }"),
+        8,
+        "data.augment.mixup_alpha",
+        &["must be ≥ 0", "got -0.5"],
+    );
+    file_error(
+        &with_data_line("augment = { cutmix_alpha = nan }"),
+        8,
+        "data.augment.cutmix_alpha",
+        &["must be ≥ 0"],
+    );
+    file_error(
+        &with_data_line("augment = { mix_prob = 1.5 }"),
+        8,
+        "data.augment.mix_prob",
+        &["must be in [0, 1]", "got 1.5"],
+    );
+    file_error(
+        &with_data_line("augment = { hflip = \"yes\" }"),
+        8,
+        "data.augment.hflip",
+        &["invalid type"],
+    );
+    set_error(
+        &base_classification(),
+        "data.augment.crop_padding=100000",
+        "data.augment.crop_padding",
+        &["at most 4096"],
+    );
+    // Image keys on a text data set.
+    set_error(
+        &base(),
+        "data.augment.hflip=true",
+        "data.augment",
+        &["applies to image data sets"],
+    );
+}
+
+#[test]
+fn normalize_needs_one_value_per_channel() {
+    let r = ok(
+        &with_data_line("normalize = { mean = [0.5], std = [0.25] }"),
+        &[],
+    );
+    let n = r.data.normalize.unwrap();
+    assert_eq!((n.mean, n.std), (vec![0.5], vec![0.25]));
+    file_error(
+        &with_data_line("normalize = { mean = [0.5, 0.5, 0.5], std = [0.2, 0.2, 0.2] }"),
+        8,
+        "data.normalize.mean",
+        &["one value per channel", "1 for these images, got 3"],
+    );
+    file_error(
+        &with_data_line("normalize = { mean = [0.5], std = [0.0] }"),
+        8,
+        "data.normalize.std",
+        &["positive"],
+    );
+    file_error(
+        &with_data_line("normalize = { mean = [0.5] }"),
+        8,
+        "data.normalize",
+        &["missing field `std`"],
+    );
+}
+
+#[test]
+fn image_folder_keys() {
+    let folder = |sets: &[&str]| {
+        let mut all = vec![
+            "data.dataset=image-folder".to_string(),
+            "data.path=pets".into(),
+        ];
+        all.extend(sets.iter().map(|s| s.to_string()));
+        Recipe::parse(Path::new(FILE), &base_classification(), &all)
+    };
+    let e = folder(&[]).unwrap_err();
+    assert_eq!(e.key, "data.image_size");
+    assert!(e.message.contains("missing"), "{e}");
+    let r = folder(&["data.image_size=[32, 24]"]).unwrap();
+    assert_eq!(r.data.dataset, Dataset::ImageFolder);
+    assert_eq!(r.data.image_size, Some([32, 24]));
+    assert_eq!(r.data.channels, None, "3 by default");
+    let r = folder(&[
+        "data.image_size=[8, 8]",
+        "data.channels=3",
+        "data.normalize.mean=[0.1, 0.2, 0.3]",
+        "data.normalize.std=[1.0, 1.0, 1.0]",
+    ])
+    .unwrap();
+    assert_eq!(r.data.normalize.unwrap().mean.len(), 3);
+    let e = folder(&["data.image_size=[8, 8]", "data.channels=2"]).unwrap_err();
+    assert_eq!(e.key, "data.channels");
+    assert!(e.message.contains("1 (grey) or 3 (RGB)"), "{e}");
+    let e = folder(&["data.image_size=[0, 8]"]).unwrap_err();
+    assert_eq!(e.key, "data.image_size");
+    let e = folder(&["data.image_size=[8, 8]", "data.path="]).unwrap_err();
+    assert_eq!(e.key, "data.path");
+    let e = folder(&[
+        "data.image_size=[8, 8]",
+        "data.normalize.mean=[0.5]",
+        "data.normalize.std=[0.5]",
+    ])
+    .unwrap_err();
+    assert_eq!(e.key, "data.normalize.mean");
+    assert!(e.message.contains("3 for these images"), "{e}");
+    // image_size belongs to image-folder.
+    file_error(
+        &with_data_line("image_size = [28, 28]"),
+        8,
+        "data.image_size",
+        &["applies to dataset = \"image-folder\" only"],
+    );
+    // A language model cannot read images.
+    let e = err(&base(), &["data.dataset=image-folder"]);
+    assert_eq!(e.key, "data.dataset");
 }

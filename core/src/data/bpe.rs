@@ -202,6 +202,7 @@ pub fn load(
         vocab: None,
         tokenizer: Some(tokenizer_path.to_path_buf()),
         labels: None,
+        image: None,
     })
 }
 

@@ -2,10 +2,8 @@
 //! classes, read from IDX files as installed by Debian's `dataset-fashion-mnist`.
 
 use super::idx::read_idx;
-use super::{sha256_file, DataSplits, Examples, HostBatch, HostTensor};
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
+use super::vision::{ImageOptions, ImageSet};
+use super::{sha256_file, DataSplits, Examples, ImageInfo};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,52 +20,10 @@ pub const CLASSES: [&str; 10] = [
     "Bag",
     "Ankle boot",
 ];
-// Per-pixel mean and standard deviation of the training images (scaled to [0, 1]).
-const MEAN: f32 = 0.2860;
-const STD: f32 = 0.3530;
-
-/// Images (one byte per pixel) with their labels.
-pub struct ImageSet {
-    pub images: Arc<Vec<u8>>,
-    pub labels: Arc<Vec<u8>>,
-    pub rows: usize,
-    pub cols: usize,
-    /// Which examples of `images` belong to this split.
-    pub ids: Vec<usize>,
-}
-
-impl Examples for ImageSet {
-    fn train_order(&self, rng: &mut ChaCha8Rng, shuffle: bool) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.ids.len()).collect();
-        if shuffle {
-            order.shuffle(rng);
-        }
-        order
-    }
-
-    fn eval_order(&self) -> Vec<usize> {
-        (0..self.ids.len()).collect()
-    }
-
-    fn collate(&self, ids: &[usize]) -> HostBatch {
-        let px = self.rows * self.cols;
-        let mut x = vec![0f32; ids.len() * px];
-        x.par_chunks_mut(px).zip(ids).for_each(|(dst, &i)| {
-            let j = self.ids[i];
-            for (d, &s) in dst.iter_mut().zip(&self.images[j * px..(j + 1) * px]) {
-                *d = (s as f32 / 255.0 - MEAN) / STD;
-            }
-        });
-        HostBatch {
-            inputs: HostTensor::F32(x, vec![ids.len(), 1, self.rows, self.cols]),
-            targets: ids
-                .iter()
-                .map(|&i| self.labels[self.ids[i]] as u32)
-                .collect(),
-            target_shape: vec![ids.len()],
-        }
-    }
-}
+/// Per-pixel mean and standard deviation of the training images (scaled to [0, 1]): the
+/// default normalization.
+pub const MEAN: f32 = 0.2860;
+pub const STD: f32 = 0.3530;
 
 fn find(dir: &Path, stem: &str) -> anyhow::Result<PathBuf> {
     for name in [format!("{stem}.gz"), stem.to_string()] {
@@ -112,8 +68,17 @@ fn load_pair(
 }
 
 /// Loads the train split (minus the last `val_size` examples, held out for validation), the
-/// validation split, and the test split.
+/// validation split, and the test split, normalized with [`MEAN`] and [`STD`].
 pub fn load(dir: Option<&Path>, val_size: usize) -> anyhow::Result<DataSplits> {
+    load_with(dir, val_size, &ImageOptions::default())
+}
+
+/// [`load`] with the recipe's normalization and training-time augmentation.
+pub fn load_with(
+    dir: Option<&Path>,
+    val_size: usize,
+    options: &ImageOptions,
+) -> anyhow::Result<DataSplits> {
     let dir = dir.unwrap_or(Path::new(DEFAULT_PATH));
     let mut files = Vec::new();
     let (tr_x, tr_y, rows, cols) = load_pair(
@@ -137,30 +102,46 @@ pub fn load(dir: Option<&Path>, val_size: usize) -> anyhow::Result<DataSplits> {
         val_size < n,
         "data.val_size = {val_size} leaves no training examples (the train split has {n})"
     );
-    let (tr_x, tr_y) = (Arc::new(tr_x), Arc::new(tr_y));
-    let split = |ids: Vec<usize>| ImageSet {
-        images: tr_x.clone(),
+    let labels = |y: Vec<u8>| Arc::new(y.into_iter().map(u32::from).collect::<Vec<u32>>());
+    let normalizer = Arc::new(options.normalizer((vec![MEAN], vec![STD])));
+    anyhow::ensure!(
+        normalizer.channels() == 1,
+        "data.normalize needs one mean and one std for Fashion-MNIST's grey images"
+    );
+    let shape = [1, rows, cols];
+    let (tr_x, tr_y) = (Arc::new(tr_x), labels(tr_y));
+    let split = |ids: Vec<usize>, augment| ImageSet {
+        pixels: tr_x.clone(),
         labels: tr_y.clone(),
-        rows,
-        cols,
+        shape,
         ids,
+        normalizer: normalizer.clone(),
+        augment,
     };
-    let train = split((0..n - val_size).collect());
+    let train = split((0..n - val_size).collect(), options.augment.clone());
     let test = ImageSet {
         ids: (0..te_y.len()).collect(),
-        images: Arc::new(te_x),
-        labels: Arc::new(te_y),
-        rows,
-        cols,
+        pixels: Arc::new(te_x),
+        labels: labels(te_y),
+        shape,
+        normalizer: normalizer.clone(),
+        augment: None,
     };
     let test: Arc<dyn Examples> = Arc::new(test);
     // With no held-out examples, validation runs on the test split.
     let val: Arc<dyn Examples> = if val_size > 0 {
-        Arc::new(split((n - val_size..n).collect()))
+        Arc::new(split((n - val_size..n).collect(), None))
     } else {
         test.clone()
     };
     Ok(DataSplits {
+        image: Some(ImageInfo {
+            channels: 1,
+            height: rows,
+            width: cols,
+            mean: normalizer.mean.clone(),
+            std: normalizer.std.clone(),
+        }),
         train: Arc::new(train),
         val,
         test: Some(test),
@@ -176,6 +157,7 @@ pub fn load(dir: Option<&Path>, val_size: usize) -> anyhow::Result<DataSplits> {
 pub(crate) mod tests {
     use super::*;
     use crate::data::idx::encode_idx;
+    use crate::data::HostTensor;
 
     /// Writes a tiny Fashion-MNIST-shaped data set: `n` train and `m` test 4×4 images whose
     /// pixels all equal the label × 20.
@@ -217,6 +199,53 @@ pub(crate) mod tests {
         assert_eq!(shape, vec![2, 1, 4, 4]);
         let want = (5.0 * 20.0 / 255.0 - MEAN) / STD;
         assert!((x[0] - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn goes_through_the_shared_image_pipeline() {
+        use crate::data::batch_seed;
+        use crate::recipe::{AugmentConfig, NormalizeConfig};
+        let dir = tempfile::tempdir().unwrap();
+        write_fixture(dir.path(), 30, 12);
+        // Without augmentation, training batches are the evaluation batches, bit for bit equal
+        // to the formula Fashion-MNIST always used.
+        let d = load(Some(dir.path()), 5).unwrap();
+        let ids: Vec<usize> = (0..20).collect();
+        let plain = d.train.collate(&ids);
+        assert_eq!(d.train.collate_train(&ids, batch_seed(1, 0)), plain);
+        assert!(plain.mix.is_none());
+        let HostTensor::F32(x, _) = &plain.inputs else {
+            panic!("images are f32")
+        };
+        for (k, img) in x.chunks(16).enumerate() {
+            let want = ((k % 10) as f32 * 20.0 / 255.0 - MEAN) / STD;
+            assert!(img.iter().all(|v| v.to_bits() == want.to_bits()));
+        }
+        let info = d.image.unwrap();
+        assert_eq!((info.channels, info.height, info.width), (1, 4, 4));
+        assert_eq!((info.mean, info.std), (vec![MEAN], vec![STD]));
+
+        // With it: the training split only.
+        let options = ImageOptions {
+            normalize: Some(NormalizeConfig {
+                mean: vec![0.5],
+                std: vec![0.5],
+            }),
+            augment: Some(AugmentConfig {
+                cutmix_alpha: 1.0,
+                ..AugmentConfig::default()
+            }),
+        };
+        let d = load_with(Some(dir.path()), 5, &options).unwrap();
+        let b = d.train.collate_train(&ids, batch_seed(1, 0));
+        assert!(b.mix.is_some());
+        let HostTensor::F32(x, _) = d.train.collate(&[1]).inputs else {
+            panic!("images are f32")
+        };
+        assert_eq!(x[0], (20.0 / 255.0 - 0.5) / 0.5);
+        let val: Vec<usize> = d.val.eval_order();
+        assert_eq!(d.val.collate_train(&val, 3), d.val.collate(&val));
+        assert_eq!(d.image.unwrap().mean, vec![0.5]);
     }
 
     #[test]

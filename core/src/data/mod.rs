@@ -5,14 +5,19 @@
 //! of batches prepared on a background thread (collation itself is parallel with rayon), so the
 //! training step never waits on data. Batch `b` of the stream is a pure function of
 //! `(seed, b)`: the same recipe and seed give the same batches whatever the thread timing, and a
-//! resumed run can restart the stream at any batch.
+//! resumed run can restart the stream at any batch. That holds for training-time augmentation
+//! too: the loader hands each training batch the seed [`batch_seed`]`(seed, b)`
+//! ([`Examples::collate_train`]), and the image pipeline ([`vision`]) draws every random choice
+//! from generators derived from it.
 
 pub mod bpe;
 pub mod codec;
 pub mod fashion_mnist;
 pub mod idx;
+pub mod image_folder;
 pub mod text;
 pub mod text_classification;
+pub mod vision;
 
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -27,6 +32,16 @@ pub struct HostBatch {
     /// Class ids (classification) or next-token ids (language models).
     pub targets: Vec<u32>,
     pub target_shape: Vec<usize>,
+    /// Mixup/CutMix: the inputs are a blend of two examples, so the loss is
+    /// `λ·CE(targets) + (1 − λ)·CE(mix.targets)`. `None` for unmixed batches.
+    pub mix: Option<Mix>,
+}
+
+/// The second targets of a mixed batch (same shape as `targets`) and the weight `λ` of the first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mix {
+    pub targets: Vec<u32>,
+    pub lambda: f32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +54,9 @@ pub enum HostTensor {
 pub struct Batch {
     pub inputs: Tensor,
     pub targets: Tensor,
+    /// Mixed batches: the partner targets (shaped like `targets`) and `λ`, the weight of
+    /// `targets` in the loss (see [`HostBatch::mix`]).
+    pub mix: Option<(Tensor, f64)>,
 }
 
 impl HostBatch {
@@ -48,7 +66,18 @@ impl HostBatch {
             HostTensor::U32(v, s) => Tensor::from_slice(v, s.as_slice(), device)?,
         };
         let targets = Tensor::from_slice(&self.targets, self.target_shape.as_slice(), device)?;
-        Ok(Batch { inputs, targets })
+        let mix = match &self.mix {
+            Some(m) => Some((
+                Tensor::from_slice(&m.targets, self.target_shape.as_slice(), device)?,
+                m.lambda as f64,
+            )),
+            None => None,
+        };
+        Ok(Batch {
+            inputs,
+            targets,
+            mix,
+        })
     }
 
     /// Examples in the batch.
@@ -67,8 +96,15 @@ pub trait Examples: Send + Sync {
     fn train_order(&self, rng: &mut ChaCha8Rng, shuffle: bool) -> Vec<usize>;
     /// Ids visited by one evaluation pass, in order; every example exactly once.
     fn eval_order(&self) -> Vec<usize>;
-    /// Builds a batch from example ids.
+    /// Builds a batch from example ids, as evaluation sees them (never augmented).
     fn collate(&self, ids: &[usize]) -> HostBatch;
+    /// Builds a training batch: with training-time augmentation where the data set has it,
+    /// every random choice drawn from `seed` (the [`Loader`] passes [`batch_seed`]), so the batch
+    /// is a pure function of `(ids, seed)`.
+    fn collate_train(&self, ids: &[usize], seed: u64) -> HostBatch {
+        let _ = seed;
+        self.collate(ids)
+    }
     /// Items a batch of `n` examples counts for throughput (examples, or tokens).
     fn items_per_example(&self) -> usize {
         1
@@ -91,6 +127,30 @@ pub struct DataSplits {
     pub tokenizer: Option<std::path::PathBuf>,
     /// Class names in id order (classification).
     pub labels: Option<Vec<String>>,
+    /// Image data sets: the input geometry and normalization (for `preprocessor_config.json`).
+    pub image: Option<ImageInfo>,
+}
+
+/// What an image model's inputs are: `channels × height × width`, each pixel scaled to [0, 1]
+/// then normalized per channel as `(x − mean[c]) / std[c]`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImageInfo {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// The augmentation seed of global training batch `batch` of a run seeded `seed`.
+pub fn batch_seed(seed: u64, batch: u64) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"kiln/train-batch");
+    h.update(seed.to_le_bytes());
+    h.update(batch.to_le_bytes());
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
 /// Batches per training epoch (the last incomplete batch is dropped so shapes stay fixed).
@@ -138,7 +198,8 @@ impl Loader {
                     let first = (b % per_epoch as u64) as usize;
                     for i in first..per_epoch {
                         let ids = &order[i * batch_size..(i + 1) * batch_size];
-                        if tx.send((epoch, examples.collate(ids))).is_err() {
+                        let batch = examples.collate_train(ids, batch_seed(seed, b));
+                        if tx.send((epoch, batch)).is_err() {
                             return; // the trainer is done
                         }
                         b += 1;
@@ -191,7 +252,32 @@ pub fn load(recipe: &crate::Recipe) -> anyhow::Result<DataSplits> {
         }
     };
     match d.dataset {
-        crate::recipe::Dataset::FashionMnist => fashion_mnist::load(d.path.as_deref(), d.val_size),
+        crate::recipe::Dataset::FashionMnist => {
+            fashion_mnist::load_with(d.path.as_deref(), d.val_size, &vision::ImageOptions::of(d))
+        }
+        crate::recipe::Dataset::ImageFolder => {
+            let root = d.path.as_deref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "data.path is required for image-folder: the folder holding train/<class>/*.png \
+                     (or <class>/*.png)"
+                )
+            })?;
+            let [height, width] = d.image_size.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "data.image_size is required for image-folder: every image is resized to \
+                     [height, width], e.g. image_size = [32, 32]"
+                )
+            })?;
+            image_folder::load(&image_folder::Spec {
+                root,
+                height,
+                width,
+                channels: d.channels.unwrap_or(3),
+                val_size: d.val_size,
+                seed: recipe.seed,
+                options: vision::ImageOptions::of(d),
+            })
+        }
         crate::recipe::Dataset::TextChar => {
             let path = d.path.as_deref().ok_or_else(|| {
                 anyhow::anyhow!("data.path is required for text-char: set it to a UTF-8 text file")
@@ -284,6 +370,7 @@ mod tests {
                 inputs: HostTensor::F32(ids.iter().map(|&i| i as f32).collect(), vec![ids.len()]),
                 targets: ids.iter().map(|&i| i as u32).collect(),
                 target_shape: vec![ids.len()],
+                mix: None,
             }
         }
     }

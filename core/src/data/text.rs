@@ -54,6 +54,7 @@ impl Examples for TokenWindows {
             inputs: HostTensor::U32(x, vec![ids.len(), t]),
             targets: y,
             target_shape: vec![ids.len(), t],
+            mix: None,
         }
     }
 
@@ -131,6 +132,7 @@ pub fn load(path: &Path, seq_len: usize, val_fraction: f64) -> anyhow::Result<Da
         vocab: Some(vocab.chars),
         tokenizer: None,
         labels: None,
+        image: None,
     })
 }
 

@@ -97,6 +97,7 @@ impl Examples for TextExamples {
             inputs: HostTensor::U32(x, vec![ids.len(), 2, t]),
             targets: ids.iter().map(|&i| self.labels[i]).collect(),
             target_shape: vec![ids.len()],
+            mix: None,
         }
     }
 }
@@ -306,6 +307,7 @@ pub fn load(spec: &Spec, batch_size: usize) -> Result<DataSplits> {
         vocab: None,
         tokenizer: Some(spec.tokenizer.to_path_buf()),
         labels: Some(labels),
+        image: None,
     })
 }
 
