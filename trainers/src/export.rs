@@ -45,7 +45,12 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
     );
     let recipe = kiln_core::Recipe::load(&recipe_path, &[])?;
     let mut cfg = ModelConfig::decode(&recipe)?;
-    let codec = Codec::from_dir(run_dir)?;
+    let vision = matches!(cfg, ModelConfig::Resnet(_) | ModelConfig::Vit(_));
+    // Text models carry their tokenizer; image models their preprocessing instead.
+    let codec = match vision {
+        true => None,
+        false => Some(Codec::from_dir(run_dir)?),
+    };
     let ckpt = checkpoint::by_name(&run_dir.join("checkpoints"), &o.checkpoint)?;
     let checkpoint_file = ckpt.join(checkpoint::MODEL_FILE);
     let weights = match cfg.lora().cloned() {
@@ -56,7 +61,11 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
         Some(lora) if o.adapter => {
             std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
             write_peft_adapter(&recipe, &lora, &checkpoint_file, out)?;
-            write_tokenizer_files(&codec, &cfg, out)?;
+            write_tokenizer_files(
+                codec.as_ref().expect("LoRA models are text models"),
+                &cfg,
+                out,
+            )?;
             return Ok(());
         }
         Some(lora) => {
@@ -85,9 +94,10 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
             all
         }
     };
+    let end_of_text = codec.as_ref().and_then(Codec::end_of_text);
     let special = SpecialTokens {
-        bos: codec.end_of_text(),
-        eos: codec.end_of_text(),
+        bos: end_of_text,
+        eos: end_of_text,
     };
     let mut config = hf::hf_config(&cfg, o.dtype, special)?;
     // A classifier's label names (`labels.json`), as transformers' pipelines print them.
@@ -129,7 +139,37 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
             .with_context(|| format!("writing {name} in {}", out.display()))
     };
     json_file("config.json", &config)?;
-    write_tokenizer_files(&codec, &cfg, out)
+    match &codec {
+        Some(codec) => write_tokenizer_files(codec, &cfg, out),
+        None => json_file("preprocessor_config.json", &preprocessor_config(run_dir)?),
+    }
+}
+
+/// `preprocessor_config.json` of an image model: transformers' `ViTImageProcessor` resizes to
+/// the training size, scales pixels by 1/255 and normalizes per channel with the statistics
+/// the run trained with (`image.json`), which is exactly kiln's input pipeline.
+fn preprocessor_config(run_dir: &Path) -> Result<serde_json::Value> {
+    let p = run_dir.join(crate::run::IMAGE_FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "{} is missing: the run predates image export; retrain it to export",
+            p.display()
+        )
+    })?;
+    let image: kiln_core::data::ImageInfo =
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))?;
+    Ok(json!({
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": true,
+        "size": {"height": image.height, "width": image.width},
+        "resample": 2,
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": image.mean,
+        "image_std": image.std,
+        "do_convert_rgb": image.channels == 3,
+    }))
 }
 
 /// `tokenizer.json`, `tokenizer_config.json` and `generation_config.json`.

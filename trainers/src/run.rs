@@ -13,6 +13,9 @@ use kiln_models::{Model, ModelConfig};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// An image run's input geometry and normalization (`kiln_core::data::ImageInfo`).
+pub const IMAGE_FILE: &str = "image.json";
+
 /// The commit kiln was built from.
 pub const GIT_COMMIT: &str = env!("KILN_GIT_COMMIT");
 
@@ -102,6 +105,13 @@ impl RunDir {
             checkpoint::write_atomic(
                 &self.path.join("labels.json"),
                 serde_json::to_string_pretty(labels)?.as_bytes(),
+            )?;
+        }
+        // An image model's input geometry and normalization, for export and prediction.
+        if let Some(image) = &data.image {
+            checkpoint::write_atomic(
+                &self.path.join(IMAGE_FILE),
+                serde_json::to_string_pretty(image)?.as_bytes(),
             )?;
         }
         // The run keeps its own copy of the tokenizer: generation and export need it, and the

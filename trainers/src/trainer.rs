@@ -424,7 +424,14 @@ pub fn train_step(
     let mut loss_sum = 0.0;
     for batch in batches {
         let logits = model.forward(&batch.inputs, true)?;
-        let loss = task::loss(&logits, &batch.targets)?;
+        let loss = match &batch.mix {
+            None => task::loss(&logits, &batch.targets)?,
+            // Mixup/CutMix: the images are blended, so is the loss over both label sets.
+            Some((partner, lambda)) => {
+                let first = (task::loss(&logits, &batch.targets)? * *lambda)?;
+                (first + (task::loss(&logits, partner)? * (1.0 - lambda))?)?
+            }
+        };
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             return Ok(StepOutput {
@@ -651,13 +658,14 @@ fn save_checkpoint(
     optimizer: &dyn Optimizer,
     state: &TrainerState,
 ) -> Result<PathBuf> {
-    // Frozen pretrained weights (LoRA) are not saved: `init_from` has them.
+    // Frozen pretrained weights (LoRA) are not saved: `init_from` has them. Buffers (BatchNorm's
+    // running statistics) are: evaluation depends on them.
     let weights: HashMap<String, Tensor> = varmap
         .data()
         .lock()
         .unwrap()
         .iter()
-        .filter(|(k, _)| cfg.trainable(k))
+        .filter(|(k, _)| cfg.saved(k))
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
     checkpoint::write_checkpoint(&run_dir.join("checkpoints"), state.step, |dir| {
@@ -694,7 +702,7 @@ pub fn restore_weights(
         )?;
         kiln_models::hf::load_pretrained(varmap, cfg, &kiln_core::hub::resolve(from)?)?;
     }
-    load_weights(varmap, path, device, |n| cfg.trainable(n))
+    load_weights(varmap, path, device, |n| cfg.saved(n))
 }
 
 /// Loads checkpoint weights into the parameters `needed` selects, naming any missing or
