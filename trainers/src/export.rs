@@ -158,6 +158,12 @@ fn preprocessor_config(run_dir: &Path) -> Result<serde_json::Value> {
     })?;
     let image: kiln_core::data::ImageInfo =
         serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))?;
+    // Each f32 as its shortest decimal (0.2860402, not 0.28604018688201904), as image.json has it.
+    let decimal = |v: &[f32]| -> Vec<f64> {
+        v.iter()
+            .map(|x| x.to_string().parse().expect("an f32 prints as a number"))
+            .collect()
+    };
     Ok(json!({
         "image_processor_type": "ViTImageProcessor",
         "do_resize": true,
@@ -166,8 +172,8 @@ fn preprocessor_config(run_dir: &Path) -> Result<serde_json::Value> {
         "do_rescale": true,
         "rescale_factor": 1.0 / 255.0,
         "do_normalize": true,
-        "image_mean": image.mean,
-        "image_std": image.std,
+        "image_mean": decimal(&image.mean),
+        "image_std": decimal(&image.std),
         "do_convert_rgb": image.channels == 3,
     }))
 }
