@@ -1,12 +1,19 @@
 //! 2-D convolution (zero padding, any stride) as im2col + one batched matmul.
 //!
-//! The k² shifted (and, for stride s, subsampled) views of the padded input are stacked into
-//! columns (B, C·k², Ho·Wo) and multiplied by the kernel reshaped to (Cout, C·k²). Its backward
-//! is that of a matmul and of narrow/reshape/stack, which candle runs as large contiguous ops;
-//! candle's own conv2d backward goes through a naive CPU conv_transpose2d and was the bulk of a
-//! CNN step on the CPU.
+//! The input is unfolded into columns (B, C·k², Ho·Wo), column row (c, i, j) holding the input
+//! that kernel tap (i, j) of channel c sees at each output position, and multiplied by the
+//! kernel reshaped to (Cout, C·k²). candle's own conv2d backward goes through a naive CPU
+//! conv_transpose2d and was the bulk of a CNN step on the CPU.
+//!
+//! On the CPU the unfold is one kernel ([`unfold`]) whose backward is its adjoint, the fold
+//! (col2im: each column entry added back to the pixel it came from), again one pass. The
+//! reference and the path on other devices ([`unfold_composed`]) builds the same columns from
+//! k² narrowed views of the padded input stacked together; autograd then runs the backward of
+//! every narrow as a zero-padded copy of the whole input, 2·k² full-size copies per layer.
 
-use candle_core::{Result, Tensor};
+use crate::{out, slice, with_float};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// `x` (B, C, H, W), `w` (Cout, C, k, k), optional `b` (Cout) → (B, Cout, H + 2p − k + 1, …).
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize) -> Result<Tensor> {
@@ -34,24 +41,173 @@ pub fn conv2d_strided(
              {h}×{wd} input"
         );
     }
-    let x = if padding > 0 {
-        x.pad_with_zeros(2, padding, padding)?
-            .pad_with_zeros(3, padding, padding)?
-    } else {
-        x.clone()
-    };
     let (ho, wo) = (
         (h + 2 * padding - k) / stride + 1,
         (wd + 2 * padding - k) / stride + 1,
     );
-    let shifted = windows(&x, k, stride, ho, wo)?;
-    // (B, C, k², Ho, Wo) → (B, C·k², Ho·Wo); the column order (c, i, j) matches w's layout.
-    let cols = Tensor::stack(&shifted, 2)?.reshape((bsz, c * k * k, ho * wo))?;
+    let geometry = Unfold {
+        k,
+        stride,
+        padding,
+        ho,
+        wo,
+    };
+    let cols = if x.device().is_cpu() {
+        unfold(x, geometry)?
+    } else {
+        unfold_composed(x, geometry)?
+    };
+    // The column order (c, i, j) matches w's layout.
     let y = w.reshape((cout, c * k * k))?.broadcast_matmul(&cols)?;
     let y = y.reshape((bsz, cout, ho, wo))?;
     match b {
         Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?),
         None => Ok(y),
+    }
+}
+
+/// The window of a convolution: a k×k kernel with `stride` over an input zero-padded by
+/// `padding` on every side, giving Ho × Wo outputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Unfold {
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+/// im2col: `x` (B, C, H, W) → (B, C·k², Ho·Wo), row (c, i, j) row-major, zero outside `x`.
+pub fn unfold(x: &Tensor, geometry: Unfold) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(geometry)
+}
+
+/// [`unfold`] from candle ops: the k² views of the padded input, stacked.
+pub fn unfold_composed(x: &Tensor, g: Unfold) -> Result<Tensor> {
+    let (b, c, _, _) = x.dims4()?;
+    let p = g.padding;
+    let x = if p > 0 {
+        x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?
+    } else {
+        x.clone()
+    };
+    let shifted = windows(&x, g.k, g.stride, g.ho, g.wo)?;
+    // (B, C, k², Ho, Wo) → (B, C·k², Ho·Wo).
+    Tensor::stack(&shifted, 2)?.reshape((b, c * g.k * g.k, g.ho * g.wo))
+}
+
+impl Unfold {
+    /// The input row (or column) that output row `o` reads at tap `i`, if inside the input.
+    #[inline(always)]
+    fn source(&self, o: usize, i: usize, len: usize) -> Option<usize> {
+        (o * self.stride + i)
+            .checked_sub(self.padding)
+            .filter(|&v| v < len)
+    }
+
+    /// Columns of one channel of one image: `src` (H, W) → `dst` (k², Ho·Wo).
+    fn unfold_plane<T: Copy + Default>(&self, src: &[T], (h, w): (usize, usize), dst: &mut [T]) {
+        let (k, ho, wo) = (self.k, self.ho, self.wo);
+        for i in 0..k {
+            for j in 0..k {
+                let tap = &mut dst[(i * k + j) * ho * wo..][..ho * wo];
+                for oy in 0..ho {
+                    let row = &mut tap[oy * wo..][..wo];
+                    let Some(y) = self.source(oy, i, h) else {
+                        row.fill(T::default());
+                        continue;
+                    };
+                    for (ox, d) in row.iter_mut().enumerate() {
+                        *d = self
+                            .source(ox, j, w)
+                            .map_or(T::default(), |x| src[y * w + x]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`Self::unfold_plane`]: every column entry added to the pixel it read.
+    fn fold_plane<T: Copy + std::ops::AddAssign + Default>(
+        &self,
+        cols: &[T],
+        (h, w): (usize, usize),
+        dst: &mut [T],
+    ) {
+        let (k, ho, wo) = (self.k, self.ho, self.wo);
+        dst.fill(T::default());
+        for i in 0..k {
+            for j in 0..k {
+                let tap = &cols[(i * k + j) * ho * wo..][..ho * wo];
+                for oy in 0..ho {
+                    let Some(y) = self.source(oy, i, h) else {
+                        continue;
+                    };
+                    for (ox, v) in tap[oy * wo..][..wo].iter().enumerate() {
+                        if let Some(x) = self.source(ox, j, w) {
+                            dst[y * w + x] += *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Unfold {
+    fn name(&self) -> &'static str {
+        "kiln-unfold"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let plane = self.k * self.k * self.ho * self.wo;
+        with_float!(s, self.name(), |T| {
+            let x = slice::<T>((s, l))?;
+            let mut cols = vec![T::default(); b * c * plane];
+            // One task per (image, channel): its k² column rows are contiguous.
+            cols.par_chunks_mut(plane)
+                .zip(x.par_chunks(h * w))
+                .for_each(|(dst, src)| self.unfold_plane(src, (h, w), dst));
+            Ok(out(cols, (b, c * self.k * self.k, self.ho * self.wo)))
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _cols: &Tensor, dcols: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, h, w) = x.dims4()?;
+        Ok(Some(dcols.contiguous()?.apply_op1_no_bwd(&Fold {
+            unfold: *self,
+            h,
+            w,
+        })?))
+    }
+}
+
+/// col2im, [`Unfold`]'s backward: (B, C·k², Ho·Wo) → (B, C, H, W).
+struct Fold {
+    unfold: Unfold,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp1 for Fold {
+    fn name(&self) -> &'static str {
+        "kiln-fold"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, rows, _) = l.shape().dims3()?;
+        let g = self.unfold;
+        let c = rows / (g.k * g.k);
+        let (h, w) = (self.h, self.w);
+        with_float!(s, self.name(), |T| {
+            let cols = slice::<T>((s, l))?;
+            let mut dx = vec![T::default(); b * c * h * w];
+            dx.par_chunks_mut(h * w)
+                .zip(cols.par_chunks(g.k * g.k * g.ho * g.wo))
+                .for_each(|(dst, src)| g.fold_plane(src, (h, w), dst));
+            Ok(out(dx, (b, c, h, w)))
+        })
     }
 }
 
@@ -102,6 +258,53 @@ pub(crate) fn windows(x: &Tensor, k: usize, s: usize, ho: usize, wo: usize) -> R
 mod tests {
     use super::*;
     use crate::testing::{check_grad, max_abs_diff, rand};
+
+    /// The unfold kernel and its fold backward against the composition they replace, over
+    /// strides, paddings and kernel sizes (including windows that skip input rows and taps that
+    /// only ever see padding), in every float dtype.
+    #[test]
+    fn unfold_kernel_matches_the_composition() {
+        use candle_core::DType;
+        let x = rand(&[2, 3, 7, 6], 11);
+        for (k, s, p) in [
+            (1, 1, 0),
+            (3, 1, 1),
+            (3, 2, 1),
+            (2, 3, 0),
+            (7, 2, 3),
+            (3, 1, 4),
+        ] {
+            let (ho, wo) = ((7 + 2 * p - k) / s + 1, (6 + 2 * p - k) / s + 1);
+            let g = Unfold {
+                k,
+                stride: s,
+                padding: p,
+                ho,
+                wo,
+            };
+            let r = rand(&[2, 3 * k * k, ho * wo], 12);
+            for dtype in [DType::F64, DType::F32, DType::BF16] {
+                let x = candle_core::Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+                let r = r.to_dtype(dtype).unwrap();
+                let ours = unfold(&x, g).unwrap();
+                let want = unfold_composed(&x, g).unwrap();
+                // A pure gather: bit-identical values.
+                assert_eq!(max_abs_diff(&ours, &want), 0.0, "{g:?} {dtype:?}");
+                let dx = |y: Tensor| {
+                    let loss = (y * &r).unwrap().sum_all().unwrap();
+                    loss.backward().unwrap().get(&x).unwrap().clone()
+                };
+                let e = max_abs_diff(&dx(ours), &dx(want));
+                // Sums of up to k² terms, in another order.
+                let tol = match dtype {
+                    DType::F64 => 1e-12,
+                    DType::F32 => 1e-5,
+                    _ => 0.1,
+                };
+                assert!(e <= tol, "{g:?} {dtype:?}: fold differs by {e}");
+            }
+        }
+    }
 
     #[test]
     fn matches_candle_conv2d_and_gradients() {
