@@ -248,15 +248,9 @@ fn train_eval_predict_export_a_bert_classifier() {
 
 /// transformers' BertForSequenceClassification on the exported folder gives kiln's labels.
 fn transformers_agrees(folder: &Path, dev: &Path, kiln_preds: &[serde_json::Value]) {
-    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has = Command::new(&py)
-        .args(["-c", "import transformers, torch"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        eprintln!("skipping the transformers check: `{py}` cannot import transformers and torch");
+    let Some(py) = python_with("transformers, torch") else {
         return;
-    }
+    };
     let script = r#"
 import sys, csv, json, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -549,15 +543,9 @@ log_every = 2
     );
     assert!(w.contains_key("base_model.model.classifier.weight"));
 
-    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has_peft = Command::new(&py)
-        .args(["-c", "import peft, transformers, torch"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_peft {
-        eprintln!("skipping the PEFT check: `{py}` cannot import peft, transformers and torch");
+    let Some(py) = python_with("peft, transformers, torch") else {
         return;
-    }
+    };
     let script = r#"
 import sys, csv, json, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer

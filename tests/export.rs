@@ -328,30 +328,11 @@ fn init_from_folders_and_the_hub_cache() {
     );
 }
 
-/// The Python interpreter with `transformers` and `torch`, if there is one: `KILN_PYTHON`,
-/// else `python3`.
-fn python_with_transformers() -> Option<String> {
-    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import transformers, torch"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        Some(py)
-    } else {
-        eprintln!(
-            "skipping: `{py} -c 'import transformers, torch'` fails; set KILN_PYTHON to a Python \
-             that has them to run this check"
-        );
-        None
-    }
-}
-
 /// transformers loads each exported folder as the right class, its tokenizer gives kiln's ids,
 /// its logits match kiln's, and its greedy generation matches kiln's token for token.
 #[test]
 fn transformers_loads_exports_and_agrees() {
-    let Some(py) = python_with_transformers() else {
+    let Some(py) = python_with("transformers, torch") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -145,6 +145,16 @@ fn folder_logits(folder: &Path, batch: &HostBatch) -> Vec<Vec<f32>> {
     logits(model.as_ref(), batch)
 }
 
+fn export_latest(run: &Path, out: &Path) -> anyhow::Result<()> {
+    let o = ExportOptions {
+        checkpoint: "latest".into(),
+        dtype: DType::F32,
+        force: false,
+        adapter: false,
+    };
+    export(run, out, &o)
+}
+
 fn json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
@@ -192,17 +202,7 @@ fn resnet_and_vit_train_export_and_reload() {
         }
 
         let out = d.join(format!("{name}-hf"));
-        export(
-            &run,
-            &out,
-            &ExportOptions {
-                checkpoint: "latest".into(),
-                dtype: DType::F32,
-                force: false,
-                adapter: false,
-            },
-        )
-        .unwrap();
+        export_latest(&run, &out).unwrap();
         let cfg = json(&out.join("config.json"));
         assert_eq!(cfg["architectures"][0], class, "{cfg}");
         assert_eq!(cfg["id2label"]["0"], "dark");
@@ -236,18 +236,7 @@ fn resnet_and_vit_train_export_and_reload() {
     let r = Recipe::load(recipe(d, "small", RESNET_SMALL, &root, 2), &[]).unwrap();
     let run = train(&r, &opts(d.join("small"))).unwrap().run_dir;
     let out = d.join("small-hf");
-    let e = export(
-        &run,
-        &out,
-        &ExportOptions {
-            checkpoint: "latest".into(),
-            dtype: DType::F32,
-            force: false,
-            adapter: false,
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let e = export_latest(&run, &out).unwrap_err().to_string();
     assert!(e.contains("small") && e.contains("stem"), "{e}");
     assert!(
         !out.join("model.safetensors").exists(),
@@ -279,25 +268,6 @@ fn batchnorm_state_survives_stop_and_resume() {
     );
 }
 
-/// The Python interpreter with `transformers` and `torch`, if there is one: `KILN_PYTHON`,
-/// else `python3`.
-fn python_with_transformers() -> Option<String> {
-    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import transformers, torch, PIL"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        Some(py)
-    } else {
-        eprintln!(
-            "skipping the transformers check: `{py} -c 'import transformers, torch, PIL'` fails; \
-             set KILN_PYTHON to a Python that has them to run it"
-        );
-        None
-    }
-}
-
 /// transformers' Auto classes on the exported folder: the processor turns the PNGs into kiln's
 /// pixels, and the model gives kiln's logits.
 fn transformers_agrees(
@@ -307,7 +277,7 @@ fn transformers_agrees(
     want: &[Vec<f32>],
     class: &str,
 ) {
-    let Some(py) = python_with_transformers() else {
+    let Some(py) = python_with("transformers, torch, PIL") else {
         return;
     };
     let o = Command::new(&py)

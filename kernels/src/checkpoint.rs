@@ -13,7 +13,6 @@
 //! The recompute must see the same randomness as the forward (dropout): the caller's closure
 //! handles that (see the GPT model, which rewinds its dropout generator).
 
-use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, Var};
 use std::cell::RefCell;
@@ -60,11 +59,7 @@ impl CustomOp1 for Checkpoint {
 
     /// Hands the precomputed output to the graph (a copy: an op returns fresh storage).
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (storage, layout) = self.y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(y) => Ok((y.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpoint: output on another device"),
-        }
+        crate::precomputed_cpu(&self.y, "checkpoint")
     }
 
     #[cfg(feature = "cuda")]
@@ -73,11 +68,7 @@ impl CustomOp1 for Checkpoint {
         _s: &candle_core::CudaStorage,
         _l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (storage, layout) = self.y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(y) => Ok((y.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpoint: output on another device"),
-        }
+        crate::precomputed_cuda(&self.y, "checkpoint")
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

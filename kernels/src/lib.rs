@@ -170,6 +170,28 @@ pub(crate) fn run(op: &impl MultiOp, inputs: &[&Tensor]) -> Result<Vec<Tensor>> 
     Ok(outs.into_iter().map(|(s, sh)| detached(s, sh)).collect())
 }
 
+/// A copy of `y`'s storage, the output of a custom op whose result was computed before the op
+/// entered the graph (checkpointed blocks, frozen matmuls): an op must return fresh storage.
+pub(crate) fn precomputed_cpu(y: &Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    let (storage, layout) = y.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+        _ => candle_core::bail!("{op}: output on another device"),
+    }
+}
+
+/// [`precomputed_cpu`] on a GPU.
+#[cfg(feature = "cuda")]
+pub(crate) fn precomputed_cuda(y: &Tensor, op: &str) -> Result<(CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    let (storage, layout) = y.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+        _ => candle_core::bail!("{op}: output on another device"),
+    }
+}
+
 /// A new tensor (outside any graph) over `storage`.
 pub(crate) fn detached(storage: Storage, shape: Shape) -> Tensor {
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)

@@ -168,3 +168,22 @@ pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
 pub fn summary(run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
 }
+
+/// The Python interpreter that imports `modules` (e.g. "transformers, torch"), if there is one:
+/// `KILN_PYTHON`, else `python3`. None, with the reason printed, when it cannot.
+pub fn python_with(modules: &str) -> Option<String> {
+    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&py)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        Some(py)
+    } else {
+        eprintln!(
+            "skipping: `{py} -c 'import {modules}'` fails; set KILN_PYTHON to a Python that has \
+             them to run this check"
+        );
+        None
+    }
+}
