@@ -8,6 +8,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod batch_norm;
 pub mod checkpoint;
 pub mod conv2d;
 pub mod cross_entropy;

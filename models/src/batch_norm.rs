@@ -6,9 +6,9 @@
 //! updates the running statistics with the unbiased variance:
 //! `running = 0.9 · running + 0.1 · batch`. Evaluation normalizes with the running statistics.
 //!
-//! The statistics are composed of candle ops that have a backward (candle_nn's fused norms are
-//! applied without one, and would silently stop the gradients), in f32 (f64 for f64 inputs)
-//! whatever the input's dtype. The buffers come from the VarBuilder, so they live in the
+//! Training runs kiln's batch-norm kernel (`kiln_kernels::batch_norm`, which has a backward:
+//! candle_nn's fused norms are applied without one, and would silently stop the gradients);
+//! statistics are in f32 (f64 for f64 inputs) whatever the input's dtype. The buffers come from the VarBuilder, so they live in the
 //! trainer's VarMap and are checkpointed with the weights; a training forward overwrites them
 //! in place, recording no graph, and everything that shares their storage (the VarMap's Var, a
 //! model built from detached copies of it) sees the new values.
@@ -53,35 +53,27 @@ impl BatchNorm2d {
     /// running ones are updated.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
+        if train {
+            let (y, mean, var) =
+                kiln_kernels::batch_norm::batch_norm_train(x, &self.weight, &self.bias, EPS)?;
+            let m = (n * h * w) as f64;
+            self.update(&mean, &(var * (m / (m - 1.0)))?)?;
+            return Ok(y);
+        }
+        // The buffers are read detached: they get no gradient.
         let acc = stats_dtype(x.dtype());
-        let xa = x.to_dtype(acc)?;
         let per_channel = |t: &Tensor| t.to_dtype(acc)?.reshape((1, c, 1, 1));
-        let (weight, bias) = (per_channel(&self.weight)?, per_channel(&self.bias)?);
-        let y = if train {
-            let m = n * h * w;
-            if m < 2 {
-                // As PyTorch: one value per channel has no variance to normalize with.
-                candle_core::bail!("BatchNorm2d: training needs more than 1 value per channel");
-            }
-            let mean = (xa.sum_keepdim((0, 2, 3))? / m as f64)?;
-            let centered = xa.broadcast_sub(&mean)?;
-            let var = (centered.sqr()?.sum_keepdim((0, 2, 3))? / m as f64)?;
-            self.update(&mean, &(&var * (m as f64 / (m - 1) as f64))?)?;
-            let scale = weight.broadcast_div(&(var + EPS)?.sqrt()?)?;
-            centered.broadcast_mul(&scale)?.broadcast_add(&bias)?
-        } else {
-            // The buffers are read detached: they get no gradient.
-            let mean = per_channel(&self.running_mean.detach())?;
-            let var = per_channel(&self.running_var.detach())?;
-            let scale = weight.broadcast_div(&(var + EPS)?.sqrt()?)?;
-            xa.broadcast_sub(&mean)?
-                .broadcast_mul(&scale)?
-                .broadcast_add(&bias)?
-        };
-        y.to_dtype(x.dtype())
+        let mean = per_channel(&self.running_mean.detach())?;
+        let var = per_channel(&self.running_var.detach())?;
+        let scale = per_channel(&self.weight)?.broadcast_div(&(var + EPS)?.sqrt()?)?;
+        x.to_dtype(acc)?
+            .broadcast_sub(&mean)?
+            .broadcast_mul(&scale)?
+            .broadcast_add(&per_channel(&self.bias)?)?
+            .to_dtype(x.dtype())
     }
 
-    /// Moves the running statistics towards the batch's `mean` and unbiased `var` (1, C, 1, 1),
+    /// Moves the running statistics towards the batch's `mean` and unbiased `var` (C),
     /// in place and outside the graph.
     fn update(&self, mean: &Tensor, var: &Tensor) -> Result<()> {
         let blend = |running: &Tensor, batch: &Tensor| -> Result<()> {
