@@ -142,8 +142,9 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
-    /// Classify every row of a TSV/CSV file with a text-classification run or an exported
-    /// folder; writes one JSON object per row (text, label, score, probs).
+    /// Classify every row of a TSV/CSV file (text classifiers) or every image below a folder
+    /// (image classifiers) with a run or an exported folder; writes one JSON object per row or
+    /// image (text or file, label, score, probs).
     Predict {
         /// A kiln run directory, an exported Hugging Face folder or a hub id.
         model: PathBuf,

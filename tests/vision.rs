@@ -1,7 +1,7 @@
 //! Vision end to end on a generated image folder: ResNet (BatchNorm running statistics in
 //! checkpoints, exact across a stop and resume) and ViT train, export as HF folders that kiln
 //! reloads with identical logits and that transformers, when installed, loads with kiln's
-//! predictions.
+//! predictions; `kiln predict` classifies the folder from the run or the export alike.
 
 mod common;
 
@@ -13,6 +13,7 @@ use kiln::core::data::{eval_batches, HostBatch};
 use kiln::core::recipe::Recipe;
 use kiln::models::{hf, ModelConfig, SharedRng};
 use kiln::trainers::export::{export, ExportOptions};
+use kiln::trainers::infer::{predict, PredictOptions};
 use kiln::trainers::trainer::resume;
 use kiln::trainers::{train, TrainOptions};
 use std::path::{Path, PathBuf};
@@ -230,6 +231,32 @@ fn resnet_and_vit_train_export_and_reload() {
         assert_eq!(folder_logits(&out, &batch), want, "{name}: round trip");
 
         transformers_agrees(&out, &test_files, &batch, &want, class);
+
+        // Batch prediction over the test folder: the run and its export write the same file,
+        // and the class folders give the accuracy the run reported.
+        let predict = |model: &Path, output: &Path| {
+            let o = PredictOptions {
+                text_column: None,
+                label_column: None,
+                batch_size: 3,
+                progress: false,
+            };
+            predict(model, &root.join("test"), output, &o, &Device::Cpu).unwrap()
+        };
+        let (from_run, from_folder) = (d.join("run.jsonl"), d.join("folder.jsonl"));
+        let summary_run = predict(&run, &from_run);
+        let summary_folder = predict(&out, &from_folder);
+        assert_eq!(summary_run.rows, test_files.len());
+        assert_eq!(summary_run.accuracy, s["final"]["test/accuracy"].as_f64());
+        assert_eq!(summary_folder.accuracy, summary_run.accuracy);
+        let lines = std::fs::read_to_string(&from_run).unwrap();
+        assert_eq!(lines, std::fs::read_to_string(&from_folder).unwrap());
+        for ((line, file), row) in lines.lines().zip(&test_files).zip(&want) {
+            let p: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(p["file"], file.to_str().unwrap());
+            let top = if row[1] > row[0] { "light" } else { "dark" };
+            assert_eq!(p["label"], top, "{line}");
+        }
     }
 
     // kiln's small-image stem has no transformers counterpart: export says so before writing.

@@ -1,5 +1,5 @@
-//! Batch inference for encoders: sentence embeddings (`kiln embed`) and classification
-//! predictions over a file (`kiln predict`), the paths a deployment pipeline calls.
+//! Batch inference: sentence embeddings (`kiln embed`) and classification predictions over a
+//! file of texts or a folder of images (`kiln predict`), the paths a deployment pipeline calls.
 
 use crate::run::load_run_at;
 use anyhow::{bail, Context, Result};
@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_core::data::text_classification::{encoder_tokenizer, read_rows};
+use kiln_core::data::ImageInfo;
 use kiln_models::bert::{self, Bert};
 use kiln_models::{hf, Model, ModelConfig};
 use std::io::Write;
@@ -181,6 +182,9 @@ pub fn predict(
     o: &PredictOptions,
     device: &Device,
 ) -> Result<PredictSummary> {
+    if let Some(clf) = load_image_classifier(spec, device)? {
+        return predict_images(&clf, input, output, o, device);
+    }
     let clf = load_classifier(spec, device)?;
     let (run_text, run_label) = clf
         .columns
@@ -208,20 +212,8 @@ pub fn predict(
             .map(|(l, t, _)| (l, t, String::new()))
             .collect()
     };
-    let tmp = output.with_extension("partial");
-    let mut w = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?,
-    );
-    let bar = if o.progress {
-        let b = ProgressBar::new(rows.len() as u64);
-        b.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} rows  {per_sec}  eta {eta}")
-                .expect("a valid template"),
-        );
-        b
-    } else {
-        ProgressBar::with_draw_target(Some(rows.len() as u64), ProgressDrawTarget::hidden())
-    };
+    let mut w = Predictions::create(output)?;
+    let bar = progress_bar(rows.len(), o.progress);
     let pad = pad_id(&clf.tokenizer);
     let (mut correct, mut known) = (0usize, 0usize);
     for chunk in rows.chunks(o.batch_size.max(1)) {
@@ -241,21 +233,233 @@ pub fn predict(
                 known += 1;
                 correct += usize::from(label == truth);
             }
-            let line = serde_json::json!({
-                "text": text,
-                "label": label,
-                "score": score,
-                "probs": clf.labels.iter().zip(p).map(|(l, x)| (l.clone(), serde_json::json!(x))).collect::<serde_json::Map<_, _>>(),
-            });
-            writeln!(w, "{line}")?;
+            w.write("text", text, label, *score, &clf.labels, p)?;
         }
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&tmp, output)?;
+    w.finish()?;
     Ok(PredictSummary {
         rows: rows.len(),
         accuracy: has_labels.then(|| correct as f64 / known.max(1) as f64),
+    })
+}
+
+fn progress_bar(n: usize, visible: bool) -> ProgressBar {
+    if !visible {
+        return ProgressBar::with_draw_target(Some(n as u64), ProgressDrawTarget::hidden());
+    }
+    let b = ProgressBar::new(n as u64);
+    b.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} rows  {per_sec}  eta {eta}")
+            .expect("a valid template"),
+    );
+    b
+}
+
+/// The JSON-lines output, written beside the target and renamed over it when complete, so a
+/// failed run never leaves half a file under the requested name.
+struct Predictions {
+    tmp: std::path::PathBuf,
+    output: std::path::PathBuf,
+    w: std::io::BufWriter<std::fs::File>,
+}
+
+impl Predictions {
+    fn create(output: &Path) -> Result<Self> {
+        let tmp = output.with_extension("partial");
+        let f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        Ok(Predictions {
+            tmp,
+            output: output.to_path_buf(),
+            w: std::io::BufWriter::new(f),
+        })
+    }
+
+    /// One row: the input (`key`: its text or file), the label, its probability, all of them.
+    fn write(
+        &mut self,
+        key: &str,
+        input: &str,
+        label: &str,
+        score: f32,
+        labels: &[String],
+        probs: &[f32],
+    ) -> Result<()> {
+        let probs: serde_json::Map<_, _> = labels
+            .iter()
+            .zip(probs)
+            .map(|(l, x)| (l.clone(), serde_json::json!(x)))
+            .collect();
+        let line = serde_json::json!({key: input, "label": label, "score": score, "probs": probs});
+        Ok(writeln!(self.w, "{line}")?)
+    }
+
+    fn finish(self) -> Result<()> {
+        self.w
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
+        std::fs::rename(&self.tmp, &self.output)?;
+        Ok(())
+    }
+}
+
+/// An image classifier (ResNet, ViT) with its label names and input geometry.
+struct ImageClassifier {
+    model: Box<dyn Model>,
+    labels: Vec<String>,
+    image: ImageInfo,
+}
+
+/// The image classifier in `spec` (a run with `image.json`, or a folder or hub id with
+/// `preprocessor_config.json`); `None` for any other model.
+fn load_image_classifier(spec: &Path, device: &Device) -> Result<Option<ImageClassifier>> {
+    let json = |p: &Path| -> Result<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))
+    };
+    if spec.join("recipe.toml").is_file() {
+        let info = spec.join(crate::run::IMAGE_FILE);
+        if !info.is_file() {
+            return Ok(None);
+        }
+        let image: ImageInfo = serde_json::from_value(json(&info)?)
+            .with_context(|| format!("{} is corrupt", info.display()))?;
+        let labels: Vec<String> = serde_json::from_value(json(&spec.join("labels.json"))?)
+            .with_context(|| format!("{}/labels.json is corrupt", spec.display()))?;
+        let run = load_run_at(spec, "latest", device)?;
+        return Ok(Some(ImageClassifier {
+            model: run.model,
+            labels,
+            image,
+        }));
+    }
+    let folder = kiln_core::hub::resolve(&spec.to_string_lossy())?;
+    let cfg = hf::read_hf_config(&folder)?;
+    let (channels, num_labels) = match &cfg {
+        ModelConfig::Resnet(c) => (c.num_channels, c.num_labels),
+        ModelConfig::Vit(c) => (c.num_channels, c.num_labels),
+        _ => return Ok(None),
+    };
+    let pre_path = folder.join("preprocessor_config.json");
+    let pre = json(&pre_path)?;
+    let floats = |key: &str| -> Result<Vec<f32>> {
+        let v = &pre[key];
+        let values: Option<Vec<f32>> = match v.as_array() {
+            Some(a) => a.iter().map(|x| x.as_f64().map(|x| x as f32)).collect(),
+            None => v.as_f64().map(|x| vec![x as f32; channels]),
+        };
+        values
+            .filter(|v| v.len() == channels)
+            .with_context(|| format!("{}: `{key}` needs {channels} numbers", pre_path.display()))
+    };
+    let size = |key: &str| -> Result<usize> {
+        pre["size"][key]
+            .as_u64()
+            .map(|v| v as usize)
+            .with_context(|| format!("{}: no size.{key}", pre_path.display()))
+    };
+    let image = ImageInfo {
+        channels,
+        height: size("height")?,
+        width: size("width")?,
+        mean: floats("image_mean")?,
+        std: floats("image_std")?,
+    };
+    let v = json(&folder.join("config.json"))?;
+    let labels = (0..num_labels)
+        .map(|i| {
+            v["id2label"][i.to_string()]
+                .as_str()
+                .map_or_else(|| format!("LABEL_{i}"), str::to_string)
+        })
+        .collect();
+    let varmap = VarMap::new();
+    let vb = kiln_core::rng::seeded_var_builder(&varmap, 0, DType::F32, device);
+    cfg.build(vb, kiln_models::SharedRng::new(0, "unused"), DType::F32)?;
+    hf::load_pretrained(&varmap, &cfg, &folder)?;
+    Ok(Some(ImageClassifier {
+        model: crate::trainer::detached_model(&varmap, &cfg, device, DType::F32)?,
+        labels,
+        image,
+    }))
+}
+
+/// Classifies `input` (an image, or every image below a folder, in path order). When every
+/// image sits in a folder named after a label (`<class>/x.png`), accuracy is reported.
+fn predict_images(
+    clf: &ImageClassifier,
+    input: &Path,
+    output: &Path,
+    o: &PredictOptions,
+    device: &Device,
+) -> Result<PredictSummary> {
+    use kiln_core::data::image_folder;
+    use rayon::prelude::*;
+    let files = if input.is_dir() {
+        let mut files = Vec::new();
+        image_folder::images_below(input, &mut files)?;
+        if files.is_empty() {
+            bail!("{} holds no images (.png, .jpg or .jpeg)", input.display());
+        }
+        files
+    } else {
+        vec![input.to_path_buf()]
+    };
+    let truth: Vec<Option<&str>> = files
+        .iter()
+        .map(|f| {
+            let class = f.parent()?.file_name()?.to_str()?;
+            clf.labels.iter().any(|l| l == class).then_some(class)
+        })
+        .collect();
+    let has_labels = truth.iter().all(Option::is_some);
+    let ImageInfo {
+        channels: c,
+        height: h,
+        width: w,
+        ..
+    } = clf.image;
+    let norm =
+        kiln_core::data::vision::Normalizer::new(clf.image.mean.clone(), clf.image.std.clone());
+    let mut out = Predictions::create(output)?;
+    let bar = progress_bar(files.len(), o.progress);
+    let mut correct = 0usize;
+    let batch = o.batch_size.max(1);
+    for (b, chunk) in files.chunks(batch).enumerate() {
+        let mut bytes = vec![0u8; chunk.len() * c * h * w];
+        bytes
+            .par_chunks_mut(c * h * w)
+            .zip(chunk)
+            .try_for_each(|(dst, f)| image_folder::decode(f, [c, h, w], dst).map(|_| ()))?;
+        let pixels: Vec<f32> = bytes
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| norm.value(i / (h * w) % c, p))
+            .collect();
+        let x = Tensor::from_vec(pixels, (chunk.len(), c, h, w), device)?;
+        let logits = clf.model.forward(&x, false)?;
+        let probs: Vec<Vec<f32>> =
+            candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?.to_vec2()?;
+        for (i, (f, p)) in chunk.iter().zip(&probs).enumerate() {
+            let (best, score) = p
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .expect("at least two labels");
+            let label = &clf.labels[best];
+            correct += usize::from(truth[b * batch + i] == Some(label.as_str()));
+            out.write("file", &f.to_string_lossy(), label, *score, &clf.labels, p)?;
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    out.finish()?;
+    Ok(PredictSummary {
+        rows: files.len(),
+        accuracy: has_labels.then(|| correct as f64 / files.len() as f64),
     })
 }

@@ -83,7 +83,7 @@ fn class_folders(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// The images anywhere below `dir`, sorted by path.
-fn images_below(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+pub fn images_below(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for p in entries(dir)? {
         if p.is_dir() {
             images_below(&p, out)?;
@@ -140,7 +140,7 @@ fn add_split(
 }
 
 /// Reads, hashes and decodes one image into `dst` (`C×H×W` bytes); returns the file's sha256.
-fn decode(path: &Path, [c, h, w]: [usize; 3], dst: &mut [u8]) -> Result<String> {
+pub fn decode(path: &Path, [c, h, w]: [usize; 3], dst: &mut [u8]) -> Result<String> {
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
     let hash = hex(&Sha256::digest(&bytes));
