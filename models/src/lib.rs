@@ -141,6 +141,8 @@ pub(crate) fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Ten
     } else {
         scores
     };
+    // candle_nn's fused softmax has no backward; it is safe here because this function's only
+    // callers are `Decoder::forward_cached` (gpt.rs, llama.rs), which never train.
     let p = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
     p.matmul(&va)?.to_dtype(q.dtype())
 }

@@ -135,9 +135,30 @@ fn load_classifier(spec: &Path, device: &Device) -> Result<Classifier> {
         "{} has no classification head (num_labels / id2label in config.json)",
         folder.display()
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(folder.join("config.json"))?)?;
-    let labels = (0..c.num_labels)
+    let (model, labels) = load_folder_classifier(&cfg, c.num_labels, &folder, device)?;
+    Ok(Classifier {
+        columns: None,
+        max_len: c.max_position_embeddings,
+        model,
+        tokenizer: encoder_tokenizer(&folder.join("tokenizer.json"))?,
+        labels,
+    })
+}
+
+/// An exported classifier's weights (f32, inference) and its `num_labels` label names from
+/// `config.json`'s `id2label` (`LABEL_i` where it has none).
+fn load_folder_classifier(
+    cfg: &ModelConfig,
+    num_labels: usize,
+    folder: &Path,
+    device: &Device,
+) -> Result<(Box<dyn Model>, Vec<String>)> {
+    let p = folder.join("config.json");
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", p.display()))?;
+    let labels = (0..num_labels)
         .map(|i| {
             v["id2label"][i.to_string()]
                 .as_str()
@@ -147,14 +168,9 @@ fn load_classifier(spec: &Path, device: &Device) -> Result<Classifier> {
     let varmap = VarMap::new();
     let vb = kiln_core::rng::seeded_var_builder(&varmap, 0, DType::F32, device);
     cfg.build(vb, kiln_models::SharedRng::new(0, "unused"), DType::F32)?;
-    hf::load_pretrained(&varmap, &cfg, &folder)?;
-    Ok(Classifier {
-        columns: None,
-        max_len: c.max_position_embeddings,
-        model: crate::trainer::detached_model(&varmap, &cfg, device, DType::F32)?,
-        tokenizer: encoder_tokenizer(&folder.join("tokenizer.json"))?,
-        labels,
-    })
+    hf::load_pretrained(&varmap, cfg, folder)?;
+    let model = crate::trainer::detached_model(&varmap, cfg, device, DType::F32)?;
+    Ok((model, labels))
 }
 
 pub struct PredictOptions<'a> {
@@ -369,20 +385,9 @@ fn load_image_classifier(spec: &Path, device: &Device) -> Result<Option<ImageCla
         mean: floats("image_mean")?,
         std: floats("image_std")?,
     };
-    let v = json(&folder.join("config.json"))?;
-    let labels = (0..num_labels)
-        .map(|i| {
-            v["id2label"][i.to_string()]
-                .as_str()
-                .map_or_else(|| format!("LABEL_{i}"), str::to_string)
-        })
-        .collect();
-    let varmap = VarMap::new();
-    let vb = kiln_core::rng::seeded_var_builder(&varmap, 0, DType::F32, device);
-    cfg.build(vb, kiln_models::SharedRng::new(0, "unused"), DType::F32)?;
-    hf::load_pretrained(&varmap, &cfg, &folder)?;
+    let (model, labels) = load_folder_classifier(&cfg, num_labels, &folder, device)?;
     Ok(Some(ImageClassifier {
-        model: crate::trainer::detached_model(&varmap, &cfg, device, DType::F32)?,
+        model,
         labels,
         image,
     }))
