@@ -1,9 +1,12 @@
-//! 2-D convolution (zero padding, any stride) as im2col + one batched matmul.
+//! 2-D convolution (zero padding, any stride) as im2col + one matmul.
 //!
-//! The input is unfolded into columns (B, C·k², Ho·Wo), column row (c, i, j) holding the input
-//! that kernel tap (i, j) of channel c sees at each output position, and multiplied by the
-//! kernel reshaped to (Cout, C·k²). candle's own conv2d backward goes through a naive CPU
-//! conv_transpose2d and was the bulk of a CNN step on the CPU.
+//! The input is unfolded into columns (C·k², B·Ho·Wo), row (c, i, j) holding, image after
+//! image, the input that kernel tap (i, j) of channel c sees at each output position, and the
+//! kernel reshaped to (Cout, C·k²) multiplies them in one matmul for the whole batch. Putting
+//! the batch inside the columns (rather than a batched matmul over B images) gives one large
+//! well-parallelised product forward and backward, and the kernel's gradient comes out of one
+//! product instead of B per-image (Cout, C·k²) products summed afterwards. candle's own conv2d
+//! backward goes through a naive CPU conv_transpose2d and was the bulk of a CNN step.
 //!
 //! On the CPU the unfold is one kernel ([`unfold`]) whose backward is its adjoint, the fold
 //! (col2im: each column entry added back to the pixel it came from), again one pass. The
@@ -57,13 +60,16 @@ pub fn conv2d_strided(
     } else {
         unfold_composed(x, geometry)?
     };
-    // The column order (c, i, j) matches w's layout.
-    let y = w.reshape((cout, c * k * k))?.broadcast_matmul(&cols)?;
-    let y = y.reshape((bsz, cout, ho, wo))?;
-    match b {
-        Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?),
-        None => Ok(y),
-    }
+    // The column order (c, i, j) matches w's layout: (Cout, C·k²) · (C·k², B·Ho·Wo).
+    let y = w.reshape((cout, c * k * k))?.matmul(&cols)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.reshape((cout, 1))?)?,
+        None => y,
+    };
+    // (Cout, B, Ho, Wo) → (B, Cout, Ho, Wo), laid out for the next layer.
+    y.reshape((cout, bsz, ho, wo))?
+        .transpose(0, 1)?
+        .contiguous()
 }
 
 /// The window of a convolution: a k×k kernel with `stride` over an input zero-padded by
@@ -77,7 +83,8 @@ pub struct Unfold {
     pub wo: usize,
 }
 
-/// im2col: `x` (B, C, H, W) → (B, C·k², Ho·Wo), row (c, i, j) row-major, zero outside `x`.
+/// im2col: `x` (B, C, H, W) → (C·k², B·Ho·Wo), row (c, i, j) row-major, each row the B images'
+/// Ho × Wo windows one after another, zero outside `x`.
 pub fn unfold(x: &Tensor, geometry: Unfold) -> Result<Tensor> {
     x.contiguous()?.apply_op1(geometry)
 }
@@ -92,8 +99,10 @@ pub fn unfold_composed(x: &Tensor, g: Unfold) -> Result<Tensor> {
         x.clone()
     };
     let shifted = windows(&x, g.k, g.stride, g.ho, g.wo)?;
-    // (B, C, k², Ho, Wo) → (B, C·k², Ho·Wo).
-    Tensor::stack(&shifted, 2)?.reshape((b, c * g.k * g.k, g.ho * g.wo))
+    // (B, C, k², Ho, Wo) → (C, k², B, Ho, Wo) → (C·k², B·Ho·Wo).
+    Tensor::stack(&shifted, 2)?
+        .permute((1, 2, 0, 3, 4))?
+        .reshape((c * g.k * g.k, b * g.ho * g.wo))
 }
 
 impl Unfold {
@@ -105,45 +114,45 @@ impl Unfold {
             .filter(|&v| v < len)
     }
 
-    /// Columns of one channel of one image: `src` (H, W) → `dst` (k², Ho·Wo).
-    fn unfold_plane<T: Copy + Default>(&self, src: &[T], (h, w): (usize, usize), dst: &mut [T]) {
-        let (k, ho, wo) = (self.k, self.ho, self.wo);
-        for i in 0..k {
-            for j in 0..k {
-                let tap = &mut dst[(i * k + j) * ho * wo..][..ho * wo];
-                for oy in 0..ho {
-                    let row = &mut tap[oy * wo..][..wo];
-                    let Some(y) = self.source(oy, i, h) else {
-                        row.fill(T::default());
-                        continue;
-                    };
-                    for (ox, d) in row.iter_mut().enumerate() {
-                        *d = self
-                            .source(ox, j, w)
-                            .map_or(T::default(), |x| src[y * w + x]);
-                    }
-                }
+    /// Tap (i, j) of one channel of one image: `src` (H, W) → `dst` (Ho·Wo).
+    fn unfold_tap<T: Copy + Default>(
+        &self,
+        src: &[T],
+        (h, w): (usize, usize),
+        (i, j): (usize, usize),
+        dst: &mut [T],
+    ) {
+        let wo = self.wo;
+        for (oy, row) in dst.chunks_exact_mut(wo).enumerate() {
+            let Some(y) = self.source(oy, i, h) else {
+                row.fill(T::default());
+                continue;
+            };
+            for (ox, d) in row.iter_mut().enumerate() {
+                *d = self
+                    .source(ox, j, w)
+                    .map_or(T::default(), |x| src[y * w + x]);
             }
         }
     }
 
-    /// The adjoint of [`Self::unfold_plane`]: every column entry added to the pixel it read.
-    fn fold_plane<T: Copy + std::ops::AddAssign + Default>(
+    /// The adjoint of [`Self::unfold_tap`] over all k² taps of one channel of one image:
+    /// `tap(i, j)` is that tap's Ho·Wo columns; every entry is added to the pixel it read.
+    fn fold_plane<'a, T: Copy + std::ops::AddAssign + Default + 'a>(
         &self,
-        cols: &[T],
+        tap: impl Fn(usize, usize) -> &'a [T],
         (h, w): (usize, usize),
         dst: &mut [T],
     ) {
-        let (k, ho, wo) = (self.k, self.ho, self.wo);
+        let (k, wo) = (self.k, self.wo);
         dst.fill(T::default());
         for i in 0..k {
             for j in 0..k {
-                let tap = &cols[(i * k + j) * ho * wo..][..ho * wo];
-                for oy in 0..ho {
+                for (oy, row) in tap(i, j).chunks_exact(wo).enumerate() {
                     let Some(y) = self.source(oy, i, h) else {
                         continue;
                     };
-                    for (ox, v) in tap[oy * wo..][..wo].iter().enumerate() {
+                    for (ox, v) in row.iter().enumerate() {
                         if let Some(x) = self.source(ox, j, w) {
                             dst[y * w + x] += *v;
                         }
@@ -161,31 +170,39 @@ impl CustomOp1 for Unfold {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l.shape().dims4()?;
-        let plane = self.k * self.k * self.ho * self.wo;
+        let (k, window) = (self.k, self.ho * self.wo);
         with_float!(s, self.name(), |T| {
             let x = slice::<T>((s, l))?;
-            let mut cols = vec![T::default(); b * c * plane];
-            // One task per (image, channel): its k² column rows are contiguous.
-            cols.par_chunks_mut(plane)
-                .zip(x.par_chunks(h * w))
-                .for_each(|(dst, src)| self.unfold_plane(src, (h, w), dst));
-            Ok(out(cols, (b, c * self.k * self.k, self.ho * self.wo)))
+            let mut cols = vec![T::default(); c * k * k * b * window];
+            // One task per column row (c, i, j): the B images' windows for that tap.
+            cols.par_chunks_mut(b * window)
+                .enumerate()
+                .for_each(|(row, dst)| {
+                    let (ch, i, j) = (row / (k * k), row / k % k, row % k);
+                    for (img, d) in dst.chunks_exact_mut(window).enumerate() {
+                        let src = &x[(img * c + ch) * h * w..][..h * w];
+                        self.unfold_tap(src, (h, w), (i, j), d);
+                    }
+                });
+            Ok(out(cols, (c * k * k, b * window)))
         })
     }
 
     fn bwd(&self, x: &Tensor, _cols: &Tensor, dcols: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, h, w) = x.dims4()?;
+        let (b, _, h, w) = x.dims4()?;
         Ok(Some(dcols.contiguous()?.apply_op1_no_bwd(&Fold {
             unfold: *self,
+            b,
             h,
             w,
         })?))
     }
 }
 
-/// col2im, [`Unfold`]'s backward: (B, C·k², Ho·Wo) → (B, C, H, W).
+/// col2im, [`Unfold`]'s backward: (C·k², B·Ho·Wo) → (B, C, H, W).
 struct Fold {
     unfold: Unfold,
+    b: usize,
     h: usize,
     w: usize,
 }
@@ -196,16 +213,23 @@ impl CustomOp1 for Fold {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, rows, _) = l.shape().dims3()?;
+        let (rows, _) = l.shape().dims2()?;
         let g = self.unfold;
-        let c = rows / (g.k * g.k);
-        let (h, w) = (self.h, self.w);
+        let (k, window) = (g.k, g.ho * g.wo);
+        let (b, c, h, w) = (self.b, rows / (k * k), self.h, self.w);
         with_float!(s, self.name(), |T| {
             let cols = slice::<T>((s, l))?;
             let mut dx = vec![T::default(); b * c * h * w];
+            // One task per (image, channel) plane, gathering its k² taps' windows.
             dx.par_chunks_mut(h * w)
-                .zip(cols.par_chunks(g.k * g.k * g.ho * g.wo))
-                .for_each(|(dst, src)| g.fold_plane(src, (h, w), dst));
+                .enumerate()
+                .for_each(|(plane, dst)| {
+                    let (img, ch) = (plane / c, plane % c);
+                    let tap = |i: usize, j: usize| {
+                        &cols[(((ch * k + i) * k + j) * b + img) * window..][..window]
+                    };
+                    g.fold_plane(tap, (h, w), dst)
+                });
             Ok(out(dx, (b, c, h, w)))
         })
     }
@@ -282,7 +306,7 @@ mod tests {
                 ho,
                 wo,
             };
-            let r = rand(&[2, 3 * k * k, ho * wo], 12);
+            let r = rand(&[3 * k * k, 2 * ho * wo], 12);
             for dtype in [DType::F64, DType::F32, DType::BF16] {
                 let x = candle_core::Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
                 let r = r.to_dtype(dtype).unwrap();
