@@ -271,7 +271,11 @@ fn run_loop(
                 ("lr".to_string(), lr),
                 ("grad_norm".to_string(), grad_norm),
                 ("throughput".to_string(), state.window.rate()),
-                ("epoch".to_string(), state.epoch as f64),
+                // Fractional, as in "2.5 epochs done": the integer epoch read 0.0000 for a whole epoch.
+                (
+                    "epoch".to_string(),
+                    state.batches_consumed as f64 / loader.batches_per_epoch as f64,
+                ),
             ]);
             if let Some(s) = &state.loss_scaler {
                 values.insert("loss_scale".into(), s.scale);
