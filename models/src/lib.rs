@@ -141,9 +141,9 @@ pub(crate) fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Ten
     } else {
         scores
     };
-    // candle_nn's fused softmax has no backward; it is safe here because this function's only
-    // callers are `Decoder::forward_cached` (gpt.rs, llama.rs), which never train.
-    let p = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+    // kiln's softmax, like the training path: decoding is never trained, but an op with a
+    // backward keeps that from mattering.
+    let p = kiln_kernels::softmax(&scores)?;
     p.matmul(&va)?.to_dtype(q.dtype())
 }
 
