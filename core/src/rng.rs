@@ -13,29 +13,55 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 use sha2::{Digest, Sha256};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-/// A generator shared between a model (which draws dropout masks from it) and the trainer (which
-/// checkpoints its position so a resumed run draws the same masks).
+/// The dropout stream shared between a model (whose dropout calls take numbers from it) and the
+/// trainer (which checkpoints its position so a resumed run draws the same masks).
+///
+/// It is counter-based: a key fixed by `(seed, label)` and a position, the count of random
+/// numbers handed out so far. A dropout call reserves a range of positions, and its mask is a
+/// pure function of (key, position) (Philox4x32-10 in `kiln-kernels`), so every device draws
+/// the same masks without a host-side generator, and rewinding the position replays them.
 #[derive(Clone)]
-pub struct SharedRng(Arc<Mutex<ChaCha8Rng>>);
+pub struct SharedRng {
+    key: [u32; 2],
+    position: Arc<AtomicU64>,
+}
 
 impl SharedRng {
     pub fn new(seed: u64, label: &str) -> Self {
-        SharedRng(Arc::new(Mutex::new(rng_for(seed, label))))
+        let digest = Sha256::new()
+            .chain_update(seed.to_le_bytes())
+            .chain_update(b"counter-stream/")
+            .chain_update(label.as_bytes())
+            .finalize();
+        let word = |i: usize| u32::from_le_bytes(digest[4 * i..4 * i + 4].try_into().unwrap());
+        SharedRng {
+            key: [word(0), word(1)],
+            position: Arc::new(AtomicU64::new(0)),
+        }
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, ChaCha8Rng> {
-        self.0.lock().expect("rng lock poisoned")
+    /// The stream's key (the same for every clone).
+    pub fn key(&self) -> [u32; 2] {
+        self.key
     }
 
-    /// Words drawn so far: with the seed, the generator's whole state.
-    pub fn position(&self) -> u128 {
-        self.lock().get_word_pos()
+    /// Reserves `n` numbers, rounded up to a multiple of 4 (one Philox block gives four), and
+    /// returns the position of the first.
+    pub fn reserve(&self, n: u64) -> u64 {
+        self.position
+            .fetch_add(n.next_multiple_of(4), Ordering::SeqCst)
     }
 
-    pub fn set_position(&self, pos: u128) {
-        self.lock().set_word_pos(pos)
+    /// Numbers handed out so far: with the seed, the stream's whole state.
+    pub fn position(&self) -> u64 {
+        self.position.load(Ordering::SeqCst)
+    }
+
+    pub fn set_position(&self, pos: u64) {
+        self.position.store(pos, Ordering::SeqCst)
     }
 }
 
@@ -161,6 +187,20 @@ mod tests {
         assert_eq!(a, build(1, &["b", "a"]));
         assert_ne!(a, build(2, &["a", "b"]));
         assert_ne!(a[0].1, a[1].1, "each name has its own stream");
+    }
+
+    #[test]
+    fn counter_stream_reserves_in_blocks_of_four() {
+        let a = SharedRng::new(1, "dropout");
+        let b = a.clone();
+        assert_eq!(a.reserve(10), 0);
+        assert_eq!(b.reserve(3), 12, "clones share the position");
+        assert_eq!(a.position(), 16);
+        a.set_position(4);
+        assert_eq!(b.reserve(1), 4);
+        assert_eq!(a.key(), SharedRng::new(1, "dropout").key());
+        assert_ne!(a.key(), SharedRng::new(2, "dropout").key());
+        assert_ne!(a.key(), SharedRng::new(1, "other").key());
     }
 
     #[test]

@@ -146,7 +146,7 @@ impl Model for Cnn {
         }
         let mut x = linear_in(&self.fc1, &x.flatten_from(1)?, self.compute)?.relu()?;
         if train {
-            x = kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock())?;
+            x = kiln_kernels::dropout(&x, self.dropout, &self.rng)?;
         }
         linear_in(&self.fc2, &x, self.compute)
     }

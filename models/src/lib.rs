@@ -347,7 +347,7 @@ pub(crate) fn check_dropout(p: f64, key: &'static str) -> std::result::Result<()
 /// Dropout on `x` while training.
 pub(crate) fn dropout(x: Tensor, p: f64, train: bool, rng: &SharedRng) -> Result<Tensor> {
     if train && p > 0.0 {
-        kiln_kernels::dropout(&x, p, &mut rng.lock())
+        kiln_kernels::dropout(&x, p, rng)
     } else {
         Ok(x)
     }

@@ -75,7 +75,7 @@ impl Model for Mlp {
             if i < last {
                 x = x.relu()?;
                 if train {
-                    x = kiln_kernels::dropout(&x, self.dropout, &mut self.rng.lock())?;
+                    x = kiln_kernels::dropout(&x, self.dropout, &self.rng)?;
                 }
             }
         }
