@@ -3,21 +3,25 @@
 // probabilities are never stored and the logits are read twice (the second read mostly hits
 // L2), written once.
 //
-//   ce_count      one block: count = #{rows whose target is valid} into a device u32, so the
-//                 row kernel can divide by it without a host round trip.
+//   ce_count      one block: count = #{rows whose target is valid} into a device u32, and the
+//                 first row whose target is neither a class id nor IGNORE (with that target),
+//                 which the host reads to raise the CPU's error.
 //   ce_rows_<T>   one block per row. Pass 1: each thread keeps an online (max, sum of exp)
 //                 over its strided elements, then the block merges them (block_max, rescale,
-//                 block_sum) -> lse. Pass 2: dlogits = (exp(x - lse) - onehot) / count.
-//                 The per-row loss lse - x[target] goes to an f32 buffer.
+//                 block_sum) -> lse. Pass 2 (only when a gradient is wanted):
+//                 dlogits = exp(x - lse) - onehot, unscaled. The per-row loss lse - x[target]
+//                 goes to an f32 buffer.
 //   ce_mean       one block: a fixed-order sum of the per-row losses / count (deterministic,
-//                 no float atomics).
+//                 no float atomics), and 1/count for the backward.
+//   ce_scale_<T>  the backward: dlogits *= upstream · (1/count), in place, in f32
+//                 (applying 1/count before rounding to f16 would underflow at GPT-2 sizes).
 //
 // Loads are 16-byte vectors after a short scalar head that brings the row pointer to 16-byte
 // alignment (row starts are unaligned when V is odd or the input has an offset); pass 2 uses
 // vectors only when the logits and dlogits rows share the same misalignment, scalars otherwise.
 //
-// A target >= V that is not IGNORE is treated as ignored here (no out-of-bounds read); the
-// CPU-side op validates targets and reports the error.
+// A target >= V that is not IGNORE is treated as ignored by the row kernels (no out-of-bounds
+// read); ce_count reports it and the launcher turns it into the CPU's error.
 #include "common.cuh"
 
 #define CE_IGNORE 0xffffffffu
@@ -54,24 +58,36 @@ __device__ __forceinline__ void ce_online(float& m, float& s, float x) {
     }
 }
 
+// bad[0] = the first row whose target is neither < V nor IGNORE (0xffffffff if none), bad[1] =
+// its target.
 extern "C" __global__ void ce_count(const uint32_t* __restrict__ targets, int N, int V,
-                                    uint32_t* __restrict__ count) {
-    __shared__ uint32_t total;
-    if (threadIdx.x == 0) total = 0;
+                                    uint32_t* __restrict__ count, uint32_t* __restrict__ bad) {
+    __shared__ uint32_t total, first_bad;
+    if (threadIdx.x == 0) {
+        total = 0;
+        first_bad = 0xffffffffu;
+    }
     __syncthreads();
     uint32_t c = 0;
-    for (int i = threadIdx.x; i < N; i += blockDim.x) c += ce_valid(targets[i], V) ? 1u : 0u;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+        const uint32_t t = targets[i];
+        if (ce_valid(t, V)) c++;
+        else if (t != CE_IGNORE) atomicMin(&first_bad, (uint32_t)i);
+    }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffff, c, o);
-    if ((threadIdx.x & 31) == 0) atomicAdd(&total, c);  // integer: order does not matter
+    if ((threadIdx.x & 31) == 0) atomicAdd(&total, c);  // integers: order does not matter
     __syncthreads();
-    if (threadIdx.x == 0) *count = total;
+    if (threadIdx.x == 0) {
+        *count = total;
+        bad[0] = first_bad;
+        bad[1] = first_bad == 0xffffffffu ? 0u : targets[first_bad];
+    }
 }
 
 template <typename T>
 __device__ void ce_rows(const T* __restrict__ logits, const uint32_t* __restrict__ targets,
-                        const uint32_t* __restrict__ count, float* __restrict__ losses,
-                        T* __restrict__ dlogits, int V) {
+                        float* __restrict__ losses, T* __restrict__ dlogits, int V, int grad) {
     __shared__ float scratch[32];
     constexpr int VN = Vec16<T>::N;
     const int tid = threadIdx.x, nt = blockDim.x;
@@ -81,7 +97,8 @@ __device__ void ce_rows(const T* __restrict__ logits, const uint32_t* __restrict
     const uint32_t target = targets[row];
 
     if (!ce_valid(target, V)) {
-        for (int i = tid; i < V; i += nt) dx[i] = from_f32<T>(0.f);
+        if (grad)
+            for (int i = tid; i < V; i += nt) dx[i] = from_f32<T>(0.f);
         if (tid == 0) losses[row] = 0.f;
         return;  // the whole block leaves together: no barrier is skipped by part of it
     }
@@ -113,50 +130,65 @@ __device__ void ce_rows(const T* __restrict__ logits, const uint32_t* __restrict
     const float xt = to_f32(x[target]);
     if (tid == 0) losses[row] = ln_z - (xt - M);
 
-    // Pass 2: dlogits = (p - onehot) / count, `count` >= 1 since this row is valid. For the
-    // target, 1 - p_t = rest / (1 + rest) when it is the max, without the cancellation of
-    // p_t - 1.
-    const float inv_n = 1.f / (float)(*count);
-    const float dt = xt == M ? -(rest / (1.f + rest)) * inv_n : expf(xt - lse) * inv_n - inv_n;
+    if (!grad) return;
+
+    // Pass 2: dlogits = p - onehot. For the target, 1 - p_t = rest / (1 + rest) when it is the
+    // max, without the cancellation of p_t - 1.
+    const float dt = xt == M ? -(rest / (1.f + rest)) : expf(xt - lse) - 1.f;
     const int t = (int)target;
     if (ce_head(dx, V) == head) {
         Vec16<T>* dv = reinterpret_cast<Vec16<T>*>(dx + head);
         for (int i = tid; i < head; i += nt)
-            dx[i] = from_f32<T>(i == t ? dt : expf(to_f32(x[i]) - lse) * inv_n);
+            dx[i] = from_f32<T>(i == t ? dt : expf(to_f32(x[i]) - lse));
         for (int j = tid; j < nvec; j += nt) {
             Vec16<T> a = xv[j], d;
             const int base = head + j * VN;
 #pragma unroll
             for (int k = 0; k < VN; k++)
-                d.v[k] = from_f32<T>(base + k == t ? dt : expf(to_f32(a.v[k]) - lse) * inv_n);
+                d.v[k] = from_f32<T>(base + k == t ? dt : expf(to_f32(a.v[k]) - lse));
             dv[j] = d;
         }
         for (int i = tail + tid; i < V; i += nt)
-            dx[i] = from_f32<T>(i == t ? dt : expf(to_f32(x[i]) - lse) * inv_n);
+            dx[i] = from_f32<T>(i == t ? dt : expf(to_f32(x[i]) - lse));
     } else {
         for (int i = tid; i < V; i += nt)
-            dx[i] = from_f32<T>(i == t ? dt : expf(to_f32(x[i]) - lse) * inv_n);
+            dx[i] = from_f32<T>(i == t ? dt : expf(to_f32(x[i]) - lse));
     }
+}
+
+// dlogits[i] *= scale[0] (= upstream · 1/count, computed by the caller), in f32; grid-stride.
+template <typename T>
+__device__ void ce_scale(T* __restrict__ d, size_t n, const float* __restrict__ scale) {
+    const float s = scale[0];
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        d[i] = from_f32<T>(to_f32(d[i]) * s);
 }
 
 #define CE_ROWS(T, suffix)                                                                    \
     extern "C" __global__ void __launch_bounds__(1024)                                        \
-        ce_rows_##suffix(const T* logits, const uint32_t* targets, const uint32_t* count,     \
-                         float* losses, T* dlogits, int V) {                                  \
-        ce_rows<T>(logits, targets, count, losses, dlogits, V);                               \
+        ce_rows_##suffix(const T* logits, const uint32_t* targets, float* losses, T* dlogits, \
+                         int V, int grad) {                                                   \
+        ce_rows<T>(logits, targets, losses, dlogits, V, grad);                                \
+    }                                                                                         \
+    extern "C" __global__ void ce_scale_##suffix(T* d, size_t n, const float* scale) {        \
+        ce_scale<T>(d, n, scale);                                                             \
     }
 KILN_FOR_FLOATS(CE_ROWS)
 
 // One block (blockDim.x a multiple of 32): each thread sums a fixed strided subset, then the
 // shuffle tree of block_sum; same order every run.
 extern "C" __global__ void ce_mean(const float* __restrict__ losses, int N,
-                                   const uint32_t* __restrict__ count, float* __restrict__ loss) {
+                                   const uint32_t* __restrict__ count, float* __restrict__ loss,
+                                   float* __restrict__ inv_count) {
     __shared__ float scratch[32];
     float acc = 0.f;
     for (int i = threadIdx.x; i < N; i += blockDim.x) acc += losses[i];
     float total = block_sum(acc, scratch);
     if (threadIdx.x == 0) {
-        uint32_t c = *count;  // sum x (1/count), as the CPU kernel computes it
-        *loss = c > 0 ? total * (1.f / (float)c) : 0.f;
+        const uint32_t c = *count;  // sum x (1/count), as the CPU kernel computes it
+        const float inv = 1.f / (float)(c > 0 ? c : 1u);
+        *loss = total * inv;
+        *inv_count = inv;
     }
 }

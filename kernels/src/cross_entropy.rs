@@ -1,14 +1,18 @@
 //! Mean cross-entropy of logits (N, V) against class ids (N,), fused with its gradient.
 //!
 //! One pass per row finds the max and the sum of exp(x − max) (log-sum-exp), giving the loss
-//! lse − x[target]; a second pass writes dlogits = (softmax − onehot) / count directly, so the
-//! backward is one scale by the incoming gradient. The composition materializes shifted logits,
-//! their exponentials and log-probabilities, each of size N·V: at GPT-2 shapes (4096 × 50304)
-//! that is 800 MB apiece in f32. Rows whose target is `IGNORE_INDEX` count neither in the sum
-//! nor in the mean, and get a zero gradient. The loss is f32 (f64 for f64 logits).
+//! lse − x[target]; when the logits are part of a graph, a second pass writes p − onehot, kept
+//! for the backward, which scales it in place by upstream/count: no second N×V tensor, and the
+//! 1/count (≈ 6e-5 at GPT-2's 16,384 rows) is applied in f32 with the upstream gradient (and
+//! its loss scale), not stored first in f16 where (p − onehot)/count would underflow to 0.
+//! Logits outside a graph (evaluation) get the loss alone: nothing of size N·V is computed.
+//! The composition materializes shifted logits, their exponentials and log-probabilities, each
+//! of size N·V: at GPT-2 shapes (4096 × 50304) that is 800 MB apiece in f32. Rows whose target
+//! is `IGNORE_INDEX` count neither in the sum nor in the mean, and get a zero gradient; any
+//! other target ≥ V is an error on every device. The loss is f32 (f64 for f64 logits).
 
-use crate::{k, out, slice, with_float, Elem, Saved};
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use crate::{k, out, slice, with_float, Elem, MultiOp, Saved};
+use candle_core::{CpuStorage, CustomOp2, InplaceOp2, Layout, Result, Shape, Tensor};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
@@ -24,13 +28,22 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets.elem_count()
         )
     }
+    let logits = logits.contiguous()?;
+    let targets = targets.to_dtype(candle_core::DType::U32)?.contiguous()?;
+    if !logits.track_op() {
+        return Ok(crate::run(&LossOnly, &[&logits, &targets])?.remove(0));
+    }
     let op = CrossEntropy {
         saved: Saved::default(),
     };
-    logits.contiguous()?.apply_op2(
-        &targets.to_dtype(candle_core::DType::U32)?.contiguous()?,
-        op,
-    )
+    logits.apply_op2(&targets, op)
+}
+
+/// The error every device gives for a target that is neither a class id nor ignored.
+pub(crate) fn bad_target(row: usize, target: u32, v: usize) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "cross_entropy: target {target} of row {row} is not a class id (< {v})"
+    ))
 }
 
 struct CrossEntropy {
@@ -49,7 +62,7 @@ impl CustomOp2 for CrossEntropy {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.saved.keep(forward(&[(s1, l1), (s2, l2)])?)
+        self.saved.keep(forward(&[(s1, l1), (s2, l2)], true)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -60,8 +73,10 @@ impl CustomOp2 for CrossEntropy {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.saved
-            .keep(crate::cuda::cross_entropy::forward(&[(s1, l1), (s2, l2)])?)
+        self.saved.keep(crate::cuda::cross_entropy::forward(
+            &[(s1, l1), (s2, l2)],
+            true,
+        )?)
     }
 
     fn bwd(
@@ -71,14 +86,86 @@ impl CustomOp2 for CrossEntropy {
         _loss: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dlogits = &self.saved.get()[0];
-        let g = dlogits.broadcast_mul(&grad.to_dtype(dlogits.dtype())?)?;
-        Ok((Some(g), None))
+        // Taken, not cloned: the kept p − onehot becomes the gradient in place.
+        let [dlogits, inv_count] = &self.saved.take()[..] else {
+            candle_core::bail!("cross_entropy: a second backward through one forward")
+        };
+        let scale = (grad.to_dtype(inv_count.dtype())? * inv_count)?;
+        dlogits.inplace_op2(&scale, &ScaleInPlace)?;
+        Ok((Some(dlogits.clone()), None))
     }
 }
 
-/// logits, targets → loss, dlogits.
-pub fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+/// The loss without its gradient, outside autograd.
+struct LossOnly;
+
+impl MultiOp for LossOnly {
+    fn name(&self) -> &'static str {
+        "cross_entropy"
+    }
+    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+        forward(args, false)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        args: &[(&candle_core::CudaStorage, &Layout)],
+    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
+        crate::cuda::cross_entropy::forward(args, false)
+    }
+}
+
+/// d *= s, with s a one-element tensor of the statistics dtype, the product taken in f32 (f64).
+struct ScaleInPlace;
+
+impl InplaceOp2 for ScaleInPlace {
+    fn name(&self) -> &'static str {
+        "kiln-cross-entropy-scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let s = match s2 {
+            CpuStorage::F32(v) => v[l2.start_offset()] as f64,
+            CpuStorage::F64(v) => v[l2.start_offset()],
+            _ => candle_core::bail!("cross_entropy: the backward's scale must be f32 or f64"),
+        };
+        let Some((a, b)) = l1.contiguous_offsets() else {
+            candle_core::bail!("cross_entropy: the kept gradient is not contiguous")
+        };
+        fn scale<T: Elem>(d: &mut [T], s: f64) {
+            let s: T::Acc = k(s);
+            d.par_iter_mut().for_each(|d| *d = T::from_acc(d.acc() * s));
+        }
+        match s1 {
+            CpuStorage::F32(v) => scale(&mut v[a..b], s),
+            CpuStorage::F64(v) => scale(&mut v[a..b], s),
+            CpuStorage::BF16(v) => scale(&mut v[a..b], s),
+            CpuStorage::F16(v) => scale(&mut v[a..b], s),
+            _ => candle_core::bail!("cross_entropy: unsupported dtype for the gradient"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        crate::cuda::cross_entropy::scale_in_place(s1, l1, s2, l2)
+    }
+}
+
+/// logits, targets → loss, then (with `grad`) p − onehot and 1/count for the backward.
+pub fn forward(args: &[(&CpuStorage, &Layout)], grad: bool) -> Result<Vec<(CpuStorage, Shape)>> {
     let shape = args[0].1.shape().clone();
     let (n, v) = shape.dims2()?;
     let targets = slice::<u32>(args[1])?;
@@ -87,53 +174,72 @@ pub fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape
         .enumerate()
         .find(|(_, &t)| t != IGNORE_INDEX && t as usize >= v)
     {
-        candle_core::bail!("cross_entropy: target {t} of row {i} is not a class id (< {v})")
+        return Err(bad_target(i, t, v));
     }
     let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
     with_float!(args[0].0, "cross_entropy", |T| {
         type A = <T as Elem>::Acc;
         let logits = slice::<T>(args[0])?;
         let inv_count: A = k(1.0 / count.max(1) as f64);
-        let mut dlogits = crate::zeros::<T>(n * v);
+        let mut dlogits = if grad {
+            crate::zeros::<T>(n * v)
+        } else {
+            Vec::new()
+        };
         let mut losses = vec![A::zero(); n];
-        dlogits
-            .par_chunks_mut(v)
-            .zip(logits.par_chunks(v).zip(targets.par_iter()))
-            .zip(losses.par_iter_mut())
-            .for_each(|((d, (x, &t)), loss)| {
-                if t == IGNORE_INDEX {
-                    return;
-                }
-                let (imax, m) = x.iter().map(|v| v.acc()).enumerate().fold(
-                    (0, A::neg_infinity()),
-                    |(i, m), (j, v)| if v > m { (j, v) } else { (i, m) },
-                );
-                // z = 1 + rest, with the max's own term left out of `rest`, so ln z = ln_1p(rest)
-                // stays accurate when one logit dominates (the loss is then tiny, and 1 + rest
-                // would round it away in f32).
-                let rest: A = x
-                    .iter()
-                    .enumerate()
-                    .filter(|&(j, _)| j != imax)
-                    .map(|(_, v)| (v.acc() - m).exp())
-                    .sum();
-                let ln_z = rest.ln_1p();
-                let lse = m + ln_z;
-                *loss = ln_z - (x[t as usize].acc() - m);
-                for (d, x) in d.iter_mut().zip(x) {
-                    *d = T::from_acc((x.acc() - lse).exp() * inv_count);
-                }
-                // p_t − 1; when t is the max, 1 − p_t = rest/(1 + rest) without cancellation.
-                let t = t as usize;
-                d[t] = if t == imax {
-                    T::from_acc(-(rest / (A::one() + rest)) * inv_count)
-                } else {
-                    T::from_acc(d[t].acc() - inv_count)
-                };
-            });
+        let row = |x: &[T], t: u32, loss: &mut A, d: Option<&mut [T]>| {
+            if t == IGNORE_INDEX {
+                return;
+            }
+            let (imax, m) = x.iter().map(|v| v.acc()).enumerate().fold(
+                (0, A::neg_infinity()),
+                |(i, m), (j, v)| if v > m { (j, v) } else { (i, m) },
+            );
+            // z = 1 + rest, with the max's own term left out of `rest`, so ln z = ln_1p(rest)
+            // stays accurate when one logit dominates (the loss is then tiny, and 1 + rest
+            // would round it away in f32).
+            let rest: A = x
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != imax)
+                .map(|(_, v)| (v.acc() - m).exp())
+                .sum();
+            let ln_z = rest.ln_1p();
+            *loss = ln_z - (x[t as usize].acc() - m);
+            let Some(d) = d else { return };
+            let lse = m + ln_z;
+            for (d, x) in d.iter_mut().zip(x) {
+                *d = T::from_acc((x.acc() - lse).exp());
+            }
+            // p_t − 1; when t is the max, 1 − p_t = rest/(1 + rest) without cancellation.
+            let t = t as usize;
+            d[t] = if t == imax {
+                T::from_acc(-(rest / (A::one() + rest)))
+            } else {
+                T::from_acc((x[t].acc() - lse).exp() - A::one())
+            };
+        };
+        if grad {
+            dlogits
+                .par_chunks_mut(v)
+                .zip(logits.par_chunks(v).zip(targets.par_iter()))
+                .zip(losses.par_iter_mut())
+                .for_each(|((d, (x, &t)), loss)| row(x, t, loss, Some(d)));
+        } else {
+            logits
+                .par_chunks(v)
+                .zip(targets.par_iter())
+                .zip(losses.par_iter_mut())
+                .for_each(|((x, &t), loss)| row(x, t, loss, None));
+        }
         // Summed in row order, so the loss does not depend on the thread count.
         let total = losses.iter().fold(A::zero(), |s, &l| s + l) * inv_count;
-        Ok(vec![out(vec![total], ()), out(dlogits, shape)])
+        let mut outs = vec![out(vec![total], ())];
+        if grad {
+            outs.push(out(dlogits, shape));
+            outs.push(out(vec![inv_count], ()));
+        }
+        Ok(outs)
     })
 }
 
@@ -186,6 +292,70 @@ mod tests {
         let g = loss.backward().unwrap();
         let g = g.get(&logits).unwrap().abs().unwrap().sum_all().unwrap();
         assert_eq!(g.to_scalar::<f64>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn half_precision_gradients_do_not_underflow() {
+        // 4096 rows, class 1's probability ≈ 4.8e-5: (p − onehot)/count ≈ 1.2e-8 is below half
+        // f16's smallest subnormal (6e-8), so a gradient stored that way before the loss scale
+        // was applied would be 0. With the scale (1024) applied with 1/count it is 1.2e-5.
+        let (n, v) = (4096, 8);
+        let mut x = vec![0f64; n * v];
+        for row in x.chunks_mut(v) {
+            row[1] = -8.0;
+        }
+        let logits = Tensor::from_vec(x, (n, v), &Device::Cpu).unwrap();
+        let t = Tensor::new(vec![0u32; n], &Device::Cpu).unwrap();
+        let grad_of = |dtype| -> Vec<f64> {
+            let var = candle_core::Var::from_tensor(&logits.to_dtype(dtype).unwrap()).unwrap();
+            let loss = (cross_entropy(var.as_tensor(), &t).unwrap() * 1024.0).unwrap();
+            let g = loss.backward().unwrap();
+            g.get(&var)
+                .unwrap()
+                .narrow(0, 0, 1)
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let want = grad_of(candle_core::DType::F64);
+        let got = grad_of(candle_core::DType::F16);
+        assert!(want[1] > 1.1e-5 && want[1] < 1.3e-5, "{}", want[1]);
+        for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-2 * w.abs(),
+                "class {j}: f16 {g:e} vs f64 {w:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn logits_outside_a_graph_give_the_same_loss_without_a_gradient() {
+        let logits = (rand(&[37, 75], 4) * 6.0).unwrap();
+        let t = targets(37, 75);
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+            let x = logits.to_dtype(dtype).unwrap();
+            let plain = cross_entropy(&x, &t).unwrap();
+            let var = candle_core::Var::from_tensor(&x).unwrap();
+            let tracked = cross_entropy(var.as_tensor(), &t).unwrap();
+            assert!(!plain.track_op() && tracked.track_op());
+            assert_eq!(
+                plain.to_scalar::<f32>().unwrap(),
+                tracked.to_scalar::<f32>().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn a_second_backward_through_one_forward_is_an_error() {
+        let var = candle_core::Var::from_tensor(&rand(&[3, 4], 1)).unwrap();
+        let loss = cross_entropy(var.as_tensor(), &targets(3, 4)).unwrap();
+        loss.backward().unwrap();
+        let err = loss.backward().unwrap_err();
+        assert!(err.to_string().contains("second backward"), "{err}");
     }
 
     #[test]

@@ -218,6 +218,11 @@ impl Saved {
     pub fn get(&self) -> Vec<Tensor> {
         self.0.lock().unwrap().clone()
     }
+
+    /// The kept tensors, leaving none: for a backward that reuses them in place.
+    pub fn take(&self) -> Vec<Tensor> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
 }
 
 /// A backend storage as candle's device-erased `Storage`.
