@@ -79,3 +79,22 @@ __device__ __forceinline__ void cast_from_f32(const float* __restrict__ src, T* 
          i += (size_t)gridDim.x * blockDim.x)
         dst[i] = from_f32<T>(src[i]);
 }
+
+// ---- Column reductions (layer_norm dw/db, rms_norm dw, bias-GELU db) ----
+// blockDim = (32, 8), grid = (ceil(C/32), parts) from `cols_config` in src/cuda/mod.rs: thread
+// (x, y) of block (bx, by) sums column bx·32 + x over rows by·8 + y, by·8 + y + 8·parts, …; then
+// col_partial_store adds the 8 row lanes in a fixed order and writes the block's partial to
+// partials[by·C + c]. colsum_partials (colsum.cu) sums the parts of each column in a fixed
+// order: no atomics, so the result is bitwise reproducible. Every thread of the block must call
+// it (it syncs); `s` is shared scratch, a different one for each value a kernel stores.
+__device__ __forceinline__ void col_partial_store(float v, float (&s)[8][32],
+                                                  float* __restrict__ partials, int C) {
+    s[threadIdx.y][threadIdx.x] = v;
+    __syncthreads();
+    int c = blockIdx.x * 32 + threadIdx.x;
+    if (threadIdx.y == 0 && c < C) {
+#pragma unroll
+        for (int i = 1; i < 8; i++) v += s[i][threadIdx.x];
+        partials[(int64_t)blockIdx.y * C + c] = v;
+    }
+}

@@ -8,7 +8,8 @@
 // gelu_bias_fwd: the same with y = gelu(x + b[col]), col = i mod C.
 // gelu_bias_bwd: blocks of 32 columns × 8 row lanes walk down the rows (coalesced along C),
 // write dx = dy·gelu'(x + b) and keep an f32 partial of db per column, reduced in shared memory
-// and added into an f32 db with one atomicAdd per column per block; gelu_cast writes bf16/f16 db.
+// and written to db_part [gridDim.y, C] (no atomics); colsum_partials (colsum.cu) sums each
+// column's partials in a fixed order into db of the input's dtype, bitwise reproducibly.
 // tanhf/expf are the accurate versions (no --use_fast_math) to match the CPU kernels.
 #include "common.cuh"
 
@@ -100,11 +101,12 @@ __device__ __forceinline__ void gelu_bias_fwd(const T* __restrict__ x, const T* 
         y[i] = from_f32<T>(gelu_f(to_f32(x[i]) + to_f32(b[i % (size_t)C])));
 }
 
-// blockDim = (32, 8); grid = (ceil(C/32), any). db32 zeroed by the caller.
+// blockDim = (32, 8); grid = (ceil(C/32), parts) from cols_config. db_part holds parts·C floats,
+// all written here.
 template <typename T>
 __device__ __forceinline__ void gelu_bias_bwd(const T* __restrict__ x, const T* __restrict__ b,
                                               const T* __restrict__ dy, T* __restrict__ dx,
-                                              float* __restrict__ db32, int n_rows, int C) {
+                                              float* __restrict__ db_part, int n_rows, int C) {
     __shared__ float sdb[8][32];
     int c = blockIdx.x * 32 + threadIdx.x;
     float acc = 0.f;
@@ -118,13 +120,7 @@ __device__ __forceinline__ void gelu_bias_bwd(const T* __restrict__ x, const T* 
             acc += g;
         }
     }
-    sdb[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-#pragma unroll
-        for (int k = 1; k < 8; k++) acc += sdb[k][threadIdx.x];
-        atomicAdd(db32 + c, acc);
-    }
+    col_partial_store(acc, sdb, db_part, C);
 }
 
 #define GELU_KERNELS(T, S)                                                                        \
@@ -137,11 +133,8 @@ __device__ __forceinline__ void gelu_bias_bwd(const T* __restrict__ x, const T* 
         gelu_bias_fwd<T>(x, b, y, n, C);                                                         \
     }                                                                                            \
     extern "C" __global__ void gelu_bias_bwd_##S(const T* x, const T* b, const T* dy, T* dx,     \
-                                                 float* db32, int n_rows, int C) {               \
-        gelu_bias_bwd<T>(x, b, dy, dx, db32, n_rows, C);                                         \
-    }                                                                                            \
-    extern "C" __global__ void gelu_cast_##S(const float* src, T* dst, size_t n) {               \
-        cast_from_f32<T>(src, dst, n);                                                           \
+                                                 float* db_part, int n_rows, int C) {            \
+        gelu_bias_bwd<T>(x, b, dy, dx, db_part, n_rows, C);                                      \
     }
 
 KILN_FOR_FLOATS(GELU_KERNELS)

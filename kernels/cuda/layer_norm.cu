@@ -10,9 +10,10 @@
 // - layer_norm_bwd_dx: one row per warp/block, like the forward;
 //     dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), g = w·dy, x̂ = (x − mean)·rstd.
 // - layer_norm_bwd_dwdb: blocks of 32 columns × 8 row lanes walk down the rows, so loads are
-//   coalesced along C; each block reduces its rows in shared memory and adds one partial per
-//   column into f32 dw/db with atomicAdd (gridDim.y atomics per column). For bf16/f16 a
-//   cast kernel (layer_norm_cast) then writes the outputs; for f32 the scratch is the output.
+//   coalesced along C; each block reduces its rows in shared memory and writes one f32 partial
+//   per column into dw_part/db_part [gridDim.y, C] (no atomics). colsum_partials (colsum.cu)
+//   then sums each column's partials in a fixed order into dw/db of the input's dtype, so dw
+//   and db are bitwise reproducible.
 #include "common.cuh"
 
 template <typename T>
@@ -79,14 +80,16 @@ __device__ __forceinline__ void layer_norm_bwd_dx(const T* __restrict__ x, const
     }
 }
 
-// blockDim = (32, 8); grid = (ceil(C/32), any). dw32/db32 zeroed by the caller.
+// blockDim = (32, 8); grid = (ceil(C/32), parts) from cols_config. dw_part and db_part hold
+// parts·C floats, all written here.
 template <typename T>
 __device__ __forceinline__ void layer_norm_bwd_dwdb(const T* __restrict__ x,
                                                     const float* __restrict__ mean,
                                                     const float* __restrict__ rstd,
                                                     const T* __restrict__ dy,
-                                                    float* __restrict__ dw32,
-                                                    float* __restrict__ db32, int n_rows, int C) {
+                                                    float* __restrict__ dw_part,
+                                                    float* __restrict__ db_part, int n_rows,
+                                                    int C) {
     __shared__ float sw[8][32];
     __shared__ float sb[8][32];
     int c = blockIdx.x * 32 + threadIdx.x;
@@ -100,18 +103,8 @@ __device__ __forceinline__ void layer_norm_bwd_dwdb(const T* __restrict__ x,
             ab += d;
         }
     }
-    sw[threadIdx.y][threadIdx.x] = aw;
-    sb[threadIdx.y][threadIdx.x] = ab;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-#pragma unroll
-        for (int i = 1; i < 8; i++) {
-            aw += sw[i][threadIdx.x];
-            ab += sb[i][threadIdx.x];
-        }
-        atomicAdd(dw32 + c, aw);
-        atomicAdd(db32 + c, ab);
-    }
+    col_partial_store(aw, sw, dw_part, C);
+    col_partial_store(ab, sb, db_part, C);
 }
 
 #define LAYER_NORM_KERNELS(T, S)                                                                  \
@@ -127,12 +120,9 @@ __device__ __forceinline__ void layer_norm_bwd_dwdb(const T* __restrict__ x,
     }                                                                                            \
     extern "C" __global__ void layer_norm_bwd_dwdb_##S(const T* x, const float* mean,            \
                                                        const float* rstd, const T* dy,           \
-                                                       float* dw32, float* db32, int n_rows,     \
-                                                       int C) {                                  \
-        layer_norm_bwd_dwdb<T>(x, mean, rstd, dy, dw32, db32, n_rows, C);                        \
-    }                                                                                            \
-    extern "C" __global__ void layer_norm_cast_##S(const float* src, T* dst, size_t n) {         \
-        cast_from_f32<T>(src, dst, n);                                                           \
+                                                       float* dw_part, float* db_part,           \
+                                                       int n_rows, int C) {                      \
+        layer_norm_bwd_dwdb<T>(x, mean, rstd, dy, dw_part, db_part, n_rows, C);                  \
     }
 
 KILN_FOR_FLOATS(LAYER_NORM_KERNELS)

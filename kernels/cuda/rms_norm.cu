@@ -5,8 +5,9 @@
 //   or one row per block (wider rows); one reduction per row, rstd saved in f32.
 // - rms_norm_bwd_dx: one row per warp/block; dx = rstd·(g − x̂·mean(g·x̂)), g = w·dy, x̂ = x·rstd.
 // - rms_norm_bwd_dw: blocks of 32 columns × 8 row lanes walk down the rows (coalesced along C),
-//   reduce in shared memory, and add one partial per column into an f32 dw with atomicAdd;
-//   rms_norm_cast writes bf16/f16 outputs. Keeping dw out of the dx kernel means no C-wide
+//   reduce in shared memory, and write one f32 partial per column into dw_part [gridDim.y, C]
+//   (no atomics); colsum_partials (colsum.cu) sums them in a fixed order into dw of the
+//   input's dtype, bitwise reproducibly. Keeping dw out of the dx kernel means no C-wide
 //   shared buffers, so any C works without raising the shared-memory limit.
 #include "common.cuh"
 
@@ -57,12 +58,13 @@ __device__ __forceinline__ void rms_norm_bwd_dx(const T* __restrict__ x, const T
     }
 }
 
-// blockDim = (32, 8); grid = (ceil(C/32), any). dw32 zeroed by the caller.
+// blockDim = (32, 8); grid = (ceil(C/32), parts) from cols_config. dw_part holds parts·C floats,
+// all written here.
 template <typename T>
 __device__ __forceinline__ void rms_norm_bwd_dw(const T* __restrict__ x,
                                                 const float* __restrict__ rstd,
-                                                const T* __restrict__ dy, float* __restrict__ dw32,
-                                                int n_rows, int C) {
+                                                const T* __restrict__ dy,
+                                                float* __restrict__ dw_part, int n_rows, int C) {
     __shared__ float sw[8][32];
     int c = blockIdx.x * 32 + threadIdx.x;
     float aw = 0.f;
@@ -71,13 +73,7 @@ __device__ __forceinline__ void rms_norm_bwd_dw(const T* __restrict__ x,
              r += (int64_t)gridDim.y * 8)
             aw += to_f32(dy[r * C + c]) * to_f32(x[r * C + c]) * rstd[r];
     }
-    sw[threadIdx.y][threadIdx.x] = aw;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-#pragma unroll
-        for (int i = 1; i < 8; i++) aw += sw[i][threadIdx.x];
-        atomicAdd(dw32 + c, aw);
-    }
+    col_partial_store(aw, sw, dw_part, C);
 }
 
 #define RMS_NORM_KERNELS(T, S)                                                                    \
@@ -90,11 +86,8 @@ __device__ __forceinline__ void rms_norm_bwd_dw(const T* __restrict__ x,
         rms_norm_bwd_dx<T>(x, w, rstd, dy, dx, n_rows, C);                                       \
     }                                                                                            \
     extern "C" __global__ void rms_norm_bwd_dw_##S(const T* x, const float* rstd, const T* dy,   \
-                                                   float* dw32, int n_rows, int C) {             \
-        rms_norm_bwd_dw<T>(x, rstd, dy, dw32, n_rows, C);                                        \
-    }                                                                                            \
-    extern "C" __global__ void rms_norm_cast_##S(const float* src, T* dst, size_t n) {           \
-        cast_from_f32<T>(src, dst, n);                                                           \
+                                                   float* dw_part, int n_rows, int C) {          \
+        rms_norm_bwd_dw<T>(x, rstd, dy, dw_part, n_rows, C);                                     \
     }
 
 KILN_FOR_FLOATS(RMS_NORM_KERNELS)

@@ -1,12 +1,10 @@
 //! Launches `cuda/gelu.cu`. Element-wise kernels: `elementwise_config` (256 threads,
-//! grid-stride, 16-byte vectors when aligned). Bias backward: `cols_config` (32-column blocks
-//! walking down the rows, writing dx and summing db with f32 atomics), then a cast for bf16/f16.
+//! grid-stride, 16-byte vectors when aligned). Bias backward: `ColPartials` (32-column blocks
+//! walking down the rows write dx and per-block partials of db, then a fixed-order sum and
+//! cast: bitwise reproducible, no atomics).
 
 use super::layer_norm::check_param;
-use super::{
-    alloc, as_i32, cols_config, elementwise_config, f32_to_storage, ptx, view, with_gpu_float,
-    zeros_f32, GpuFloat,
-};
+use super::{alloc, as_i32, elementwise_config, ptx, view, with_gpu_float, ColPartials, GpuFloat};
 use crate::rows_cols;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
@@ -137,18 +135,24 @@ fn bias_bwd<T: GpuFloat>(
         view::<T>(dy, NAME)?,
     );
     let mut dx = alloc::<T>(dev, n * c)?;
-    let mut db32 = zeros_f32(dev, c)?;
+    let mut db = ColPartials::new(dev, n, c)?;
     if n * c > 0 {
         let (ni, ci) = (as_i32(n, NAME)?, as_i32(c, NAME)?);
         let func =
             dev.get_or_load_custom_func(&kernel_name::<T>("gelu_bias_bwd"), MODULE, ptx::GELU)?;
+        let cfg = db.config();
         let mut bld = func.builder();
-        bld.arg(&xv).arg(&bv).arg(&dyv).arg(&mut dx).arg(&mut db32);
+        bld.arg(&xv)
+            .arg(&bv)
+            .arg(&dyv)
+            .arg(&mut dx)
+            .arg(&mut db.buf);
         bld.arg(&ni).arg(&ci);
-        // SAFETY: x, dy and dx hold n·c elements, b c; db32 holds c zeroed floats.
-        unsafe { bld.launch(cols_config(n, c)) }.w()?;
+        // SAFETY: x, dy and dx hold n·c elements, b c; the partials hold one float per (block
+        // row, column) of this grid.
+        unsafe { bld.launch(cfg) }.w()?;
     }
-    let db = f32_to_storage::<T>(dev, db32, c, (MODULE, ptx::GELU, "gelu_cast"))?;
+    let db = db.finish::<T>(dev, NAME)?;
     Ok(vec![
         (CudaStorage::wrap_cuda_slice(dx, dev.clone()), shape),
         (db, Shape::from(c)),

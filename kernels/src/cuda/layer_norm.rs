@@ -1,11 +1,9 @@
 //! Launches `cuda/layer_norm.cu`. Forward and dx: `rows_config` (a warp per row up to 1024
-//! wide, else a block per row). dw/db: `cols_config` (32-column blocks walking down the rows,
-//! f32 atomics), then a cast for bf16/f16. All launches on the device's stream, no host sync.
+//! wide, else a block per row). dw/db: `ColPartials` (32-column blocks walking down the rows
+//! write per-block partials, then a fixed-order sum and cast: bitwise reproducible, no
+//! atomics). All launches on the device's stream, no host sync.
 
-use super::{
-    alloc, as_i32, cols_config, f32_to_storage, ptx, rows_config, view, with_gpu_float, zeros_f32,
-    GpuFloat,
-};
+use super::{alloc, as_i32, ptx, rows_config, view, with_gpu_float, ColPartials, GpuFloat};
 use crate::rows_cols;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
@@ -110,8 +108,8 @@ fn bwd<T: GpuFloat>(
     );
     let (mv, rv) = (view::<f32>(mean, NAME)?, view::<f32>(rstd, NAME)?);
     let mut dx = alloc::<T>(dev, n * c)?;
-    let mut dw32 = zeros_f32(dev, c)?;
-    let mut db32 = zeros_f32(dev, c)?;
+    let mut dw = ColPartials::new(dev, n, c)?;
+    let mut db = ColPartials::new(dev, n, c)?;
     if n > 0 && c > 0 {
         let (ni, ci) = (as_i32(n, NAME)?, as_i32(c, NAME)?);
         let func = dev.get_or_load_custom_func(
@@ -135,20 +133,20 @@ fn bwd<T: GpuFloat>(
             MODULE,
             ptx::LAYER_NORM,
         )?;
+        let cfg = dw.config();
         let mut bld = func.builder();
         bld.arg(&xv)
             .arg(&mv)
             .arg(&rv)
             .arg(&dyv)
-            .arg(&mut dw32)
-            .arg(&mut db32);
+            .arg(&mut dw.buf)
+            .arg(&mut db.buf);
         bld.arg(&ni).arg(&ci);
-        // SAFETY: as above; dw32 and db32 hold c zeroed floats.
-        unsafe { bld.launch(cols_config(n, c)) }.w()?;
+        // SAFETY: as above; the partials hold one float per (block row, column) of this grid.
+        unsafe { bld.launch(cfg) }.w()?;
     }
-    let cast = (MODULE, ptx::LAYER_NORM, "layer_norm_cast");
-    let dw = f32_to_storage::<T>(dev, dw32, c, cast)?;
-    let db = f32_to_storage::<T>(dev, db32, c, cast)?;
+    let dw = dw.finish::<T>(dev, NAME)?;
+    let db = db.finish::<T>(dev, NAME)?;
     Ok(vec![
         (CudaStorage::wrap_cuda_slice(dx, dev.clone()), shape),
         (dw, Shape::from(c)),

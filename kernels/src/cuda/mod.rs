@@ -104,9 +104,9 @@ pub(crate) fn rows_config(rows: usize, cols: usize) -> LaunchConfig {
     }
 }
 
-/// Column reductions over rows: blocks of 32 columns × 8 row lanes, and enough blocks down
-/// the rows (about 2048 blocks in all) to fill the GPU; each block sums its rows before one
-/// atomicAdd per column, so atomics stay few.
+/// Column reductions over rows (see `ColPartials`): blocks of 32 columns × 8 row lanes, and
+/// enough blocks down the rows (about 2048 blocks in all) to fill the GPU. The grid depends on
+/// (rows, cols) only, so each column is summed in the same order on every run.
 pub(crate) fn cols_config(rows: usize, cols: usize) -> LaunchConfig {
     let gx = cols.div_ceil(32);
     let gy = 2048usize.div_ceil(gx).min(rows.div_ceil(8)).clamp(1, 65535);
@@ -114,6 +114,69 @@ pub(crate) fn cols_config(rows: usize, cols: usize) -> LaunchConfig {
         grid_dim: (gx as u32, gy as u32, 1),
         block_dim: (32, 8, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// Deterministic column sums over rows (layer_norm dw/db, rms_norm dw, bias-GELU db), in two
+/// steps and without atomics: a kernel launched with `config()` writes one f32 partial per
+/// (block row, column) into `buf`, [parts, cols] with parts = its gridDim.y (see
+/// `col_partial_store` in cuda/common.cuh); `finish` then sums each column's partials in a fixed
+/// order and casts them to `T` (`colsum_partials` in cuda/colsum.cu). Both grids depend on
+/// (rows, cols) only, so the sums are bitwise identical from run to run. (Attention's dq and the
+/// embedding's dW still add with f32 atomics, in arrival order.)
+pub(crate) struct ColPartials {
+    pub(crate) buf: CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl ColPartials {
+    /// Uninitialized partials for a reduction of `rows` × `cols`: the kernel launched with
+    /// `config()` writes all of them when rows and cols are non-zero.
+    pub(crate) fn new(dev: &CudaDevice, rows: usize, cols: usize) -> Result<Self> {
+        let parts = cols_config(rows, cols).grid_dim.1 as usize;
+        Ok(Self {
+            buf: alloc::<f32>(dev, parts * cols)?,
+            rows,
+            cols,
+        })
+    }
+
+    /// The launch configuration of the kernel that writes the partials (`cols_config`).
+    pub(crate) fn config(&self) -> LaunchConfig {
+        cols_config(self.rows, self.cols)
+    }
+
+    /// The column sums as `cols` elements of `T` (zeros when there are no rows: the partials
+    /// are then neither written nor read).
+    pub(crate) fn finish<T: GpuFloat>(self, dev: &CudaDevice, name: &str) -> Result<CudaStorage> {
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::{kernel_name, WrapErr};
+        let mut out = alloc::<T>(dev, self.cols)?;
+        if self.cols > 0 {
+            let parts = if self.rows == 0 {
+                0
+            } else {
+                self.config().grid_dim.1 as usize
+            };
+            let (parts, cols) = (as_i32(parts, name)?, as_i32(self.cols, name)?);
+            let func = dev.get_or_load_custom_func(
+                &kernel_name::<T>("colsum_partials"),
+                "kiln_colsum",
+                ptx::COLSUM,
+            )?;
+            let mut b = func.builder();
+            b.arg(&self.buf).arg(&mut out).arg(&parts).arg(&cols);
+            let cfg = LaunchConfig {
+                grid_dim: (self.cols.div_ceil(32) as u32, 1, 1),
+                block_dim: (32, 32, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `buf` holds parts·cols floats (written by the partials kernel when
+            // parts > 0), `out` cols elements; one thread column per output column.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }
 
@@ -128,7 +191,8 @@ pub(crate) fn elementwise_config(n: usize) -> LaunchConfig {
 }
 
 /// An f32 accumulation buffer of `n` elements as a `T` output: the buffer itself for f32,
-/// otherwise cast by `<cast_kernel>_<T>` (a `cast_from_f32` instantiation in `ptx`).
+/// otherwise cast by `<cast_kernel>_<T>` (a `cast_from_f32` instantiation in `ptx`). Used by
+/// the kernels that still accumulate with f32 atomics (attention dq, embedding dW).
 pub(crate) fn f32_to_storage<T: GpuFloat>(
     dev: &CudaDevice,
     acc: CudaSlice<f32>,
