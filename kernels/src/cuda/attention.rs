@@ -1,17 +1,30 @@
-//! Launches `cuda/attention.cu`. Blocks of 128 threads; grid = (B·H, tiles along T): query tiles
-//! for the forward, key tiles for the backward (grid y is capped at 65535, so the tile index
-//! goes there and B·H, which may be large, on x). The backward first computes Δ = Σ do·o (a
-//! warp per row), accumulates dq in a zeroed f32 buffer with atomics, and casts it for
-//! bf16/f16. All launches on the device's stream, no host sync, no T×T buffer.
+//! Launches `cuda/attention.cu` (f32 FMA kernels, every float dtype, head dims up to 128) and
+//! `cuda/attention_tc.cu` (tensor cores: bf16/f16, head dims 64 and 128). Blocks of 128
+//! threads; grid = (B·H, tiles along T): query tiles for the forward, key tiles for the
+//! backward (grid y is capped at 65535, so the tile index goes there and B·H, which may be
+//! large, on x). The backward first computes Δ = Σ do·o (a warp per row), accumulates dq in a
+//! zeroed f32 buffer with atomics, and casts it for bf16/f16. All launches on the device's
+//! stream, no host sync, no T×T buffer.
+//!
+//! Kernel choice (`Kernel`, `choose`): the tensor-core kernels for bf16/f16 with head dim 64
+//! or 128 and 16-byte aligned inputs, the FMA kernels otherwise (they stay the reference).
+//! Setting `KILN_ATTENTION_KERNEL=fma` (read once per process) forces the FMA kernels
+//! everywhere, so the two can be compared on a device.
 
 use super::{alloc, as_i32, f32_to_storage, ptx, view, with_gpu_float, zeros_f32, GpuFloat};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{kernel_name, WrapErr};
-use candle_core::{CudaStorage, Layout, Result, Shape};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 
 const MODULE: &str = "kiln_attention";
+const TC_MODULE: &str = "kiln_attention_tc";
 const THREADS: u32 = 128;
+/// Rows per tile (query and key) of the tensor-core kernels (`BM`, `BN` in attention_tc.cu).
+const TC_TILE: usize = 64;
+/// Padding, in elements, of each shared-memory row of the tensor-core kernels (`PAD`).
+const TC_PAD: usize = 8;
 /// Largest head dim the kernels are instantiated for.
 const MAX_D: usize = 128;
 
@@ -35,8 +48,114 @@ fn tiles(dp: usize) -> (usize, usize) {
     }
 }
 
-/// grid = (B·H, ceil(T / tile)), 128 threads, static shared memory only.
-fn tiled_config(bh: usize, t: usize, tile: usize, name: &str) -> Result<LaunchConfig> {
+/// Which implementation runs an attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// `attention.cu`: f32 FMA loops, any float dtype, head dims up to 128.
+    Fma,
+    /// `attention_tc.cu`: mma.sync on tensor cores, bf16/f16, head dim 64 or 128.
+    TensorCore,
+}
+
+/// True when `KILN_ATTENTION_KERNEL=fma` (read once per process).
+fn fma_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| {
+        std::env::var("KILN_ATTENTION_KERNEL").is_ok_and(|v| v.trim().eq_ignore_ascii_case("fma"))
+    })
+}
+
+/// The kernel for dtype `T`, head dim `d` and the given inputs: tensor cores for bf16/f16 with
+/// `d` ∈ {64, 128} when every input starts 16-byte aligned (cp.async copies 16 bytes; each
+/// buffer is at least 256-byte aligned, so the element offset decides) and the FMA kernel is
+/// not forced.
+fn choose<T: GpuFloat>(d: usize, inputs: &[&Layout]) -> Kernel {
+    let half = matches!(T::DTYPE, DType::BF16 | DType::F16);
+    let aligned = inputs.iter().all(|l| {
+        l.contiguous_offsets()
+            .is_some_and(|(start, _)| (start * T::DTYPE.size_in_bytes()).is_multiple_of(16))
+    });
+    if half && matches!(d, 64 | 128) && aligned && !fma_forced() {
+        Kernel::TensorCore
+    } else {
+        Kernel::Fma
+    }
+}
+
+/// Dynamic shared memory of the tensor-core kernels for head dim `d`, in bytes: (forward,
+/// backward). Must match `Smem::FWD_BYTES` and `Smem::BWD_BYTES` in attention_tc.cu (the kernels
+/// trap when given less).
+fn tc_smem(d: usize) -> (usize, usize) {
+    let tile = TC_TILE * (d + TC_PAD) * 2; // one [64][d + 8] tile of halves
+    let ds = TC_TILE * (TC_TILE + TC_PAD) * 2; // dSᵀ [64][72]
+    let stats = 2 * 2 * TC_TILE * 4; // lse, Δ: two stages of 64 f32 each
+    (5 * tile, 6 * tile + ds + stats)
+}
+
+/// Allows `func` `smem` bytes of dynamic shared memory (above the default 48 KB the function
+/// attribute must say so).
+fn allow_smem(func: &CudaFunction, smem: usize) -> Result<()> {
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .w()
+}
+
+/// The two launches a kernel family has.
+#[derive(Clone, Copy)]
+enum Pass {
+    Forward,
+    Backward,
+}
+
+/// The `<dtype>` function of `kernel`'s `pass` for head dim `d`, with its launch shape (and the
+/// dynamic shared memory the tensor-core kernels need, allowed on the function).
+fn load<T: GpuFloat>(
+    dev: &CudaDevice,
+    kernel: Kernel,
+    pass: Pass,
+    d: usize,
+    bh: usize,
+    t: usize,
+) -> Result<(CudaFunction, LaunchConfig)> {
+    const NAME: &str = "attention";
+    let fwd = matches!(pass, Pass::Forward);
+    let which = if fwd { "fwd" } else { "bwd" };
+    match kernel {
+        Kernel::TensorCore => {
+            let (fwd_smem, bwd_smem) = tc_smem(d);
+            let smem = if fwd { fwd_smem } else { bwd_smem };
+            let func = dev.get_or_load_custom_func(
+                &kernel_name::<T>(&format!("attention_tc_{which}_d{d}")),
+                TC_MODULE,
+                ptx::ATTENTION_TC,
+            )?;
+            allow_smem(&func, smem)?;
+            Ok((
+                func.into_cuda_function(),
+                tiled_config(bh, t, TC_TILE, smem, NAME)?,
+            ))
+        }
+        Kernel::Fma => {
+            let dp = padded_d(d, NAME)?;
+            let (fwd_tile, bwd_tile) = tiles(dp);
+            let func = dev.get_or_load_custom_func(
+                &kernel_name::<T>(&format!("attention_{which}_d{dp}")),
+                MODULE,
+                ptx::ATTENTION,
+            )?;
+            let tile = if fwd { fwd_tile } else { bwd_tile };
+            Ok((
+                func.into_cuda_function(),
+                tiled_config(bh, t, tile, 0, NAME)?,
+            ))
+        }
+    }
+}
+
+/// grid = (B·H, ceil(T / tile)), 128 threads, `smem` bytes of dynamic shared memory.
+fn tiled_config(bh: usize, t: usize, tile: usize, smem: usize, name: &str) -> Result<LaunchConfig> {
     let gy = t.div_ceil(tile);
     if gy > 65535 {
         candle_core::bail!("{name}: sequence length {t} too long for the CUDA grid")
@@ -44,7 +163,7 @@ fn tiled_config(bh: usize, t: usize, tile: usize, name: &str) -> Result<LaunchCo
     Ok(LaunchConfig {
         grid_dim: (as_i32(bh, name)? as u32, gy as u32, 1),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem as u32,
     })
 }
 
@@ -86,7 +205,8 @@ fn fwd<T: GpuFloat>(
             )
         }
     }
-    let dp = padded_d(d, NAME)?;
+    padded_d(d, NAME)?; // a head dim the kernels take, checked before allocating
+    let kernel = choose::<T>(d, &[q.1, k.1, v.1]);
     let dev = q.0.device();
     let (qv, kv, vv) = (
         view::<T>(q, NAME)?,
@@ -97,20 +217,25 @@ fn fwd<T: GpuFloat>(
     let mut o = alloc::<T>(dev, bh * t * d)?;
     let mut lse = alloc::<f32>(dev, bh * t)?;
     if bh * t > 0 {
-        let cfg = tiled_config(bh, t, tiles(dp).0, NAME)?;
         let (ti, di) = (as_i32(t, NAME)?, as_i32(d, NAME)?);
-        // The kernel's softmax runs on exp2: q is pre-scaled by scale·log2(e).
+        // The kernels' softmax runs on exp2: scores are scaled by scale·log2(e).
         let scale_log2 = scale * std::f32::consts::LOG2_E;
-        let func = dev.get_or_load_custom_func(
-            &kernel_name::<T>(&format!("attention_fwd_d{dp}")),
-            MODULE,
-            ptx::ATTENTION,
-        )?;
-        let mut bld = func.builder();
-        bld.arg(&qv).arg(&kv).arg(&vv).arg(&mut o).arg(&mut lse);
-        bld.arg(&ti).arg(&di).arg(&scale_log2);
+        let (func, cfg) = load::<T>(dev, kernel, Pass::Forward, d, bh, t)?;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&func);
+        bld.arg(&qv)
+            .arg(&kv)
+            .arg(&vv)
+            .arg(&mut o)
+            .arg(&mut lse)
+            .arg(&ti);
+        if kernel == Kernel::Fma {
+            bld.arg(&di);
+        }
+        bld.arg(&scale_log2);
         // SAFETY: q, k, v and o hold B·H·T·D elements, lse B·H·T; the kernel reads and writes
-        // only rows < T and columns < D of each (b, h).
+        // only rows < T (and columns < D) of each (b, h). The tensor-core kernel's compile-time
+        // head dim is D (64 or 128) and its inputs are 16-byte aligned (`choose`).
         unsafe { bld.launch(cfg) }.w()?;
     }
     Ok(vec![
@@ -161,7 +286,9 @@ fn bwd<T: GpuFloat>(
             bh * t
         )
     }
-    let dp = padded_d(d, NAME)?;
+    padded_d(d, NAME)?; // a head dim the kernels take, checked before allocating
+                        // o is read only by the Δ kernel (attention.cu, any alignment).
+    let kernel = choose::<T>(d, &[q.1, k.1, v.1, d_o.1]);
     let dev = q.0.device();
     let (qv, kv, vv) = (
         view::<T>(q, NAME)?,
@@ -176,7 +303,6 @@ fn bwd<T: GpuFloat>(
     let mut dk = alloc::<T>(dev, n)?;
     let mut dv = alloc::<T>(dev, n)?;
     if rows > 0 {
-        let cfg = tiled_config(bh, t, tiles(dp).1, NAME)?;
         let (ti, di) = (as_i32(t, NAME)?, as_i32(d, NAME)?);
 
         let mut delta = alloc::<f32>(dev, rows)?;
@@ -196,23 +322,24 @@ fn bwd<T: GpuFloat>(
         // SAFETY: o and do hold rows·D elements, delta rows; one warp per row.
         unsafe { bld.launch(delta_cfg) }.w()?;
 
-        let func = dev.get_or_load_custom_func(
-            &kernel_name::<T>(&format!("attention_bwd_d{dp}")),
-            MODULE,
-            ptx::ATTENTION,
-        )?;
-        let mut bld = func.builder();
+        let (func, cfg) = load::<T>(dev, kernel, Pass::Backward, d, bh, t)?;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&func);
         bld.arg(&qv)
             .arg(&kv)
             .arg(&vv)
             .arg(&dov)
             .arg(&lv)
             .arg(&delta);
-        bld.arg(&mut dq32).arg(&mut dk).arg(&mut dv);
-        bld.arg(&ti).arg(&di).arg(&scale);
+        bld.arg(&mut dq32).arg(&mut dk).arg(&mut dv).arg(&ti);
+        if kernel == Kernel::Fma {
+            bld.arg(&di);
+        }
+        bld.arg(&scale);
         // SAFETY: q, k, v, do, dq32, dk and dv hold B·H·T·D elements, lse and delta B·H·T;
         // dq32 is zeroed (atomics add into it); each block writes only its own key rows of dk
-        // and dv, rows < T and columns < D.
+        // and dv, rows < T (and columns < D). The tensor-core kernel's compile-time head dim is
+        // D (64 or 128) and q, k, v, do are 16-byte aligned (`choose`).
         unsafe { bld.launch(cfg) }.w()?;
     }
     let dq = f32_to_storage::<T>(dev, dq32, n, (MODULE, ptx::ATTENTION, "attention_dq_cast"))?;
