@@ -124,4 +124,31 @@ mod tests {
             check_parity(&[x], 1, |t| softmax(&t[0]), |t| reference::softmax(&t[0]));
         }
     }
+
+    /// A decoding-style causal mask: −inf after the diagonal (row 0 keeps one finite entry,
+    /// the last row none). Masked entries get exactly 0, every row sums to 1, and neither the
+    /// output nor the gradient holds a NaN, in every dtype.
+    #[test]
+    fn masked_entries_get_zero_and_no_nan() {
+        let t = 9;
+        let mut x = (rand(&[t, t], 7) * 8.0).unwrap().to_vec2::<f64>().unwrap();
+        for (i, row) in x.iter_mut().enumerate() {
+            for v in &mut row[i + 1..] {
+                *v = f64::NEG_INFINITY;
+            }
+        }
+        let x = Tensor::new(x, &candle_core::Device::Cpu).unwrap();
+        let y: Vec<Vec<f64>> = softmax(&x).unwrap().to_vec2().unwrap();
+        for (i, row) in y.iter().enumerate() {
+            assert!(row.iter().all(|v| v.is_finite()), "row {i}: {row:?}");
+            assert!(row[i + 1..].iter().all(|&v| v == 0.0), "row {i}: {row:?}");
+            assert!(
+                (row.iter().sum::<f64>() - 1.0).abs() < 1e-12,
+                "row {i}: {row:?}"
+            );
+        }
+        check_grad(&x, softmax);
+        // check_parity fails on any NaN or infinity in the fused op's output or gradients.
+        check_parity(&[x], 1, |t| softmax(&t[0]), |t| reference::softmax(&t[0]));
+    }
 }

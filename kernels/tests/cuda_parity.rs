@@ -9,6 +9,9 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use kiln_kernels::{AdamWHyper, AdamWTensor, IGNORE_INDEX};
+mod common;
+
+use common::{gpu, rand, Report};
 use rand::{Rng, SeedableRng};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
@@ -23,96 +26,6 @@ const F32_TOL_LONG: f64 = 1e-4;
 /// bf16 has an 8-bit mantissa: one rounding of a value computed slightly differently in f32
 /// is up to 2^-8 ≈ 4e-3 relative.
 const HALF_TOL: f64 = 1e-2;
-
-fn gpu() -> Option<Device> {
-    // Without libcuda, cudarc panics instead of returning an error.
-    match std::panic::catch_unwind(|| Device::new_cuda(0)) {
-        Ok(Ok(d)) => Some(d),
-        Ok(Err(e)) => {
-            eprintln!("skipping: no CUDA device ({e})");
-            None
-        }
-        Err(_) => {
-            eprintln!("skipping: no CUDA device (the CUDA driver library could not be loaded)");
-            None
-        }
-    }
-}
-
-/// A CPU f32 tensor with values uniform in [-scale, scale).
-fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-/// ‖a − b‖ / ‖b‖ in f64 (‖a − b‖ when b is zero); infinite when either holds a NaN or an
-/// infinity, so a broken kernel can never pass.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let flat = |t: &Tensor| -> Vec<f64> {
-        t.to_device(&Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F64))
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f64>())
-            .expect("tensor to f64")
-    };
-    let (a, b) = (flat(a), flat(b));
-    assert_eq!(a.len(), b.len(), "rel_err of tensors of different sizes");
-    if a.iter().chain(&b).any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
-    let norm: f64 = b.iter().map(|y| y * y).sum();
-    if norm == 0.0 {
-        diff.sqrt()
-    } else {
-        (diff / norm).sqrt()
-    }
-}
-
-/// Collects every comparison of one test and fails at the end, listing the failures.
-#[derive(Default)]
-struct Report {
-    failures: Vec<String>,
-}
-
-impl Report {
-    fn check(&mut self, what: &str, gpu: &Tensor, cpu: &Tensor, tol: f64) {
-        let e = if gpu.dims() != cpu.dims() {
-            eprintln!(
-                "{what}: shapes differ, gpu {:?} vs cpu {:?}",
-                gpu.dims(),
-                cpu.dims()
-            );
-            f64::INFINITY
-        } else {
-            rel_err(gpu, cpu)
-        };
-        let ok = e <= tol;
-        eprintln!(
-            "{} {what}: rel err {e:.3e} (tol {tol:.0e})",
-            if ok { "ok  " } else { "FAIL" }
-        );
-        if !ok {
-            self.failures.push(format!("{what}: {e:.3e} > {tol:.0e}"));
-        }
-    }
-
-    fn error(&mut self, what: &str, e: candle_core::Error) {
-        eprintln!("FAIL {what}: {e}");
-        self.failures.push(format!("{what}: error {e}"));
-    }
-
-    fn finish(self) {
-        assert!(
-            self.failures.is_empty(),
-            "{} comparisons failed:\n{}",
-            self.failures.len(),
-            self.failures.join("\n")
-        );
-    }
-}
 
 /// An op's input: floats are cast to the tested dtype and differentiated; ids are passed as is.
 enum Input {
@@ -167,7 +80,20 @@ fn parity(
     f32_tol: f64,
     f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
 ) {
-    for dtype in DTYPES {
+    parity_in(&DTYPES, report, gpu, name, inputs, f32_tol, f)
+}
+
+/// `parity` in the given dtypes only (e.g. a large shape in bf16, the training dtype).
+fn parity_in(
+    dtypes: &[DType],
+    report: &mut Report,
+    gpu: &Device,
+    name: &str,
+    inputs: &[Input],
+    f32_tol: f64,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) {
+    for &dtype in dtypes {
         let what = format!("{name} {dtype:?}");
         let tol = if dtype == DType::F32 {
             f32_tol
@@ -203,7 +129,9 @@ fn float(shape: &[usize], seed: u64, scale: f32) -> Input {
 fn layer_norm() {
     let Some(gpu) = gpu() else { return };
     let mut report = Report::default();
-    for (n, c) in [(37, 75), (37, 771), (5, 4099)] {
+    // (1000, 771): more rows than 8·gridDim.y of the dw/db kernel (cols_config gives 82 block
+    // rows), so its threads go round the row loop more than once.
+    for (n, c) in [(37, 75), (37, 771), (5, 4099), (1000, 771)] {
         let inputs = [
             Input::Float((rand(&[n, c], 1, 2.0) + 0.5).unwrap()),
             Input::Float((rand(&[c], 2, 0.5) + 1.0).unwrap()),
@@ -247,7 +175,8 @@ fn layer_norm() {
 fn rms_norm() {
     let Some(gpu) = gpu() else { return };
     let mut report = Report::default();
-    for (n, c) in [(37, 75), (37, 771), (5, 4099)] {
+    // (1000, 771): the dw kernel's threads go round the row loop more than once.
+    for (n, c) in [(37, 75), (37, 771), (5, 4099), (1000, 771)] {
         let inputs = [
             float(&[n, c], 11, 2.0),
             Input::Float((rand(&[c], 12, 0.5) + 1.0).unwrap()),
@@ -279,6 +208,26 @@ fn softmax() {
             &|t| kiln_kernels::softmax(&t[0]),
         );
     }
+    // A decoding-style causal mask: row i has −inf at every column after i (row 0 a single
+    // finite entry, the last row none). Masked entries must give exactly 0 and no NaN (which
+    // `rel_err` turns into a failure); 77 wide for warp rows, 1100 for block rows.
+    for t in [77, 1100] {
+        let mut x = rand(&[t, t], 22, 4.0).to_vec2::<f32>().unwrap();
+        for (i, row) in x.iter_mut().enumerate() {
+            for v in &mut row[i + 1..] {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let inputs = [Input::Float(Tensor::new(x, &Device::Cpu).unwrap())];
+        parity(
+            &mut report,
+            &gpu,
+            &format!("softmax causal-masked [{t},{t}]"),
+            &inputs,
+            F32_TOL,
+            &|t| kiln_kernels::softmax(&t[0]),
+        );
+    }
     report.finish();
 }
 
@@ -291,6 +240,11 @@ fn causal_self_attention() {
         [1, 2, 130, 40],
         [1, 1, 1, 64],
         [2, 1, 33, 16],
+        // Several 64-wide key tiles at head dim 32 (the d32 kernels).
+        [1, 2, 200, 32],
+        // Head dim 80, padded to 128 (the d128 kernels with zero lanes).
+        [1, 2, 77, 80],
+        [2, 2, 150, 128],
     ] {
         let inputs = [
             float(&shape, 31, 1.5),
@@ -306,6 +260,23 @@ fn causal_self_attention() {
             &|t| kiln_kernels::causal_self_attention(&t[0], &t[1], &t[2]),
         );
     }
+    // A GPT-2-sized layer (T = 1024, 12 heads of 64), in bf16 only: the training dtype, and the
+    // CPU reference is slow in f32/f16 at this size.
+    let shape = [2, 12, 1024, 64];
+    let inputs = [
+        float(&shape, 34, 1.5),
+        float(&shape, 35, 1.5),
+        float(&shape, 36, 1.0),
+    ];
+    parity_in(
+        &[DType::BF16],
+        &mut report,
+        &gpu,
+        &format!("attention {shape:?}"),
+        &inputs,
+        F32_TOL_LONG,
+        &|t| kiln_kernels::causal_self_attention(&t[0], &t[1], &t[2]),
+    );
     report.finish();
 }
 
@@ -404,7 +375,8 @@ fn gelu() {
             &|t| kiln_kernels::gelu(&t[0]),
         );
     }
-    for (n, c) in [(37, 771), (37, 75), (1, 3)] {
+    // (1000, 771): the db kernel's threads go round the row loop more than once.
+    for (n, c) in [(37, 771), (37, 75), (1, 3), (1000, 771)] {
         let inputs = [float(&[n, c], 52, 3.0), float(&[c], 53, 1.0)];
         parity(
             &mut report,
@@ -414,6 +386,103 @@ fn gelu() {
             F32_TOL,
             &|t| kiln_kernels::bias_gelu(&t[0], &t[1]),
         );
+    }
+    // Inputs whose data does not start on a 16-byte boundary take the scalar fallback of the
+    // element-wise kernels (`aligned16` in gelu.cu): a contiguous view one element into its
+    // buffer, and rows 1.. of a matrix with an odd row length (bias_gelu's forward).
+    let inputs = [float(&[37, 771], 54, 4.0)];
+    parity(
+        &mut report,
+        &gpu,
+        "gelu misaligned (elements 1.. of [37,771])",
+        &inputs,
+        F32_TOL,
+        &|t| {
+            let x = t[0].flatten_all()?;
+            kiln_kernels::gelu(&x.narrow(0, 1, x.elem_count() - 1)?)
+        },
+    );
+    let inputs = [float(&[38, 771], 55, 3.0), float(&[771], 56, 1.0)];
+    parity(
+        &mut report,
+        &gpu,
+        "bias_gelu misaligned (rows 1.. of [38,771])",
+        &inputs,
+        F32_TOL,
+        &|t| kiln_kernels::bias_gelu(&t[0].narrow(0, 1, 37)?, &t[1]),
+    );
+    report.finish();
+}
+
+/// The bits of a float tensor, read as f32 (which holds bf16 and f16 exactly).
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("tensor to f32")
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+/// The column reductions (layer_norm dw/db, rms_norm dw, bias_gelu db) sum fixed partials in a
+/// fixed order, without atomics: two runs on the same inputs give the same bits, at a shape
+/// where the reduction kernels loop over rows and sum 82 partials per column.
+#[test]
+fn column_reductions_are_deterministic() {
+    let Some(gpu) = gpu() else { return };
+    let mut report = Report::default();
+    let (n, c) = (1000, 771);
+    type Op = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+    let cases: [(&str, Vec<Input>, Op); 3] = [
+        (
+            "layer_norm",
+            vec![
+                float(&[n, c], 71, 2.0),
+                float(&[c], 72, 1.0),
+                float(&[c], 73, 1.0),
+            ],
+            Box::new(|t: &[Tensor]| kiln_kernels::layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5)),
+        ),
+        (
+            "rms_norm",
+            vec![float(&[n, c], 74, 2.0), float(&[c], 75, 1.0)],
+            Box::new(|t: &[Tensor]| kiln_kernels::rms_norm(&t[0], &t[1], 1e-5)),
+        ),
+        (
+            "bias_gelu",
+            vec![float(&[n, c], 76, 3.0), float(&[c], 77, 1.0)],
+            Box::new(|t: &[Tensor]| kiln_kernels::bias_gelu(&t[0], &t[1])),
+        ),
+    ];
+    for (name, inputs, f) in &cases {
+        for dtype in DTYPES {
+            let what = format!("{name} [{n},{c}] {dtype:?}");
+            let (a, b) = match (run(&gpu, dtype, inputs, f), run(&gpu, dtype, inputs, f)) {
+                (Ok(a), Ok(b)) => (a, b),
+                (a, b) => {
+                    for e in [a.err(), b.err()].into_iter().flatten() {
+                        report.error(&what, e);
+                    }
+                    continue;
+                }
+            };
+            for (i, (ga, gb)) in a.1.iter().zip(&b.1).enumerate() {
+                let (ba, bb) = (bits(ga), bits(gb));
+                let differ = ba.iter().zip(&bb).filter(|(x, y)| x != y).count();
+                let ok = differ == 0 && ba.len() == bb.len();
+                eprintln!(
+                    "{} {what} grad of input {i}: {differ} of {} elements differ between runs",
+                    if ok { "ok  " } else { "FAIL" },
+                    ba.len()
+                );
+                if !ok {
+                    report.failures.push(format!(
+                        "{what} grad of input {i}: {differ} elements differ between two runs"
+                    ));
+                }
+            }
+        }
     }
     report.finish();
 }
@@ -561,6 +630,117 @@ fn adamw_step() {
             // The copy is exactly the new param, rounded.
             let want = g.param.to_dtype(gc.dtype()).unwrap();
             report.check(&format!("{what} copy = param (gpu)"), gc, &want, 0.0);
+        }
+    }
+    report.finish();
+}
+
+/// The dropout mask is drawn on the device from the same counter-based generator as on the
+/// CPU: equal bit for bit, in every dtype, at an odd size and a nonzero stream position.
+#[test]
+fn dropout_mask_is_the_cpu_mask() {
+    let Some(gpu) = gpu() else { return };
+    let mut report = Report::default();
+    let shape = candle_core::Shape::from((3, 12_345));
+    for dtype in DTYPES {
+        for (p, start) in [(0.1, 0u64), (0.5, 4 * 1_000_003)] {
+            let what = format!("dropout mask {dtype:?} p={p} start={start}");
+            let mask = |dev: &Device| {
+                kiln_kernels::dropout::dropout_mask(&shape, dtype, dev, p, [0x1234, 0xabcd], start)
+                    .and_then(|m| m.to_device(&Device::Cpu))
+            };
+            match (mask(&Device::Cpu), mask(&gpu)) {
+                (Ok(c), Ok(g)) => report.check(&what, &g, &c, 0.0),
+                (c, g) => {
+                    for e in [c.err(), g.err()].into_iter().flatten() {
+                        report.error(&what, e);
+                    }
+                }
+            }
+        }
+    }
+    report.finish();
+}
+
+/// A target that is neither a class id nor ignored fails on the GPU with the CPU's error.
+#[test]
+fn cross_entropy_rejects_an_out_of_range_target() {
+    let Some(gpu) = gpu() else { return };
+    let logits = rand(&[4, 10], 61, 1.0);
+    let targets = Tensor::new(&[1u32, IGNORE_INDEX, 10, 12], &Device::Cpu).unwrap();
+    let err = |dev: &Device| {
+        let l = Var::from_tensor(&logits.to_device(dev).unwrap()).unwrap();
+        kiln_kernels::cross_entropy(l.as_tensor(), &targets.to_device(dev).unwrap())
+            .unwrap_err()
+            .to_string()
+    };
+    let (cpu, cuda) = (err(&Device::Cpu), err(&gpu));
+    eprintln!("cpu: {cpu}\ncuda: {cuda}");
+    assert!(
+        cuda.contains("target 10 of row 2 is not a class id (< 10)"),
+        "{cuda}"
+    );
+    assert!(cpu.contains("target 10 of row 2"), "{cpu}");
+}
+
+/// f16 gradients at a large row count keep the small probabilities (the 1/count is applied
+/// with the loss scale, in f32), and logits outside a graph give the same loss.
+#[test]
+fn cross_entropy_f16_gradient_and_loss_only() {
+    let Some(gpu) = gpu() else { return };
+    let mut report = Report::default();
+    let (n, v) = (4096, 8);
+    let mut x = vec![0f32; n * v];
+    for row in x.chunks_mut(v) {
+        row[1] = -8.0;
+    }
+    let logits = Tensor::from_vec(x, (n, v), &Device::Cpu).unwrap();
+    let targets = Tensor::new(vec![0u32; n], &Device::Cpu).unwrap();
+    let grad = |dev: &Device, dtype: DType| -> Result<Tensor> {
+        let var = Var::from_tensor(&logits.to_dtype(dtype)?.to_device(dev)?)?;
+        let loss =
+            (kiln_kernels::cross_entropy(var.as_tensor(), &targets.to_device(dev)?)? * 1024.0)?;
+        let g = loss.backward()?;
+        g.get(&var)
+            .unwrap()
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)
+    };
+    match (grad(&Device::Cpu, DType::F32), grad(&gpu, DType::F16)) {
+        (Ok(want), Ok(got)) => report.check(
+            "cross_entropy f16 gradient, 4096 rows",
+            &got,
+            &want,
+            HALF_TOL,
+        ),
+        (w, g) => {
+            for e in [w.err(), g.err()].into_iter().flatten() {
+                report.error("cross_entropy f16 gradient", e);
+            }
+        }
+    }
+    for dtype in DTYPES {
+        let loss = |tracked: bool| -> Result<Tensor> {
+            let x = logits.to_dtype(dtype)?.to_device(&gpu)?;
+            let x = if tracked {
+                Var::from_tensor(&x)?.as_tensor().clone()
+            } else {
+                x
+            };
+            kiln_kernels::cross_entropy(&x, &targets.to_device(&gpu)?)?.to_device(&Device::Cpu)
+        };
+        match (loss(false), loss(true)) {
+            (Ok(plain), Ok(tracked)) => report.check(
+                &format!("cross_entropy loss only {dtype:?}"),
+                &plain,
+                &tracked,
+                0.0,
+            ),
+            (a, b) => {
+                for e in [a.err(), b.err()].into_iter().flatten() {
+                    report.error("cross_entropy loss only", e);
+                }
+            }
         }
     }
     report.finish();
