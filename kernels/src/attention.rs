@@ -10,8 +10,8 @@
 //! On the CPU each (batch, head) is one parallel task, so the scatter into dk/dv needs no
 //! synchronization. The CUDA version tiles the same loops (flash attention).
 
-use crate::{axpy, dot, out, run, slice, with_float, Elem, MultiOp, Saved};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use crate::{axpy, dot, out, slice, with_float, Elem, Kernel, Op};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
@@ -25,86 +25,31 @@ pub fn causal_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tenso
             v.dims()
         )
     }
-    let op = Attention {
-        scale: 1.0 / (d as f64).sqrt(),
-        saved: Saved::default(),
-    };
+    let scale = 1.0 / (d as f64).sqrt();
     q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, ATTENTION.with(scale))
 }
 
-struct Attention {
-    scale: f64,
-    saved: Saved,
-}
+static ATTENTION: Op<f64> = Op {
+    forward: Kernel {
+        name: "kiln-causal-attention",
+        cpu: forward,
+        #[cfg(feature = "cuda")]
+        cuda: |args, scale| crate::cuda::attention::forward(args, scale as f32),
+    },
+    backward: |g| {
+        let lse = &g.saved.get()[0];
+        let [q, k, v] = [g.inputs[0], g.inputs[1], g.inputs[2]];
+        BACKWARD.run(g.param, &[q, k, v, g.y, lse, g.dy])
+    },
+};
 
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "kiln-causal-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.saved
-            .keep(forward(&[(s1, l1), (s2, l2), (s3, l3)], self.scale)?)
-    }
-
+static BACKWARD: Kernel<f64> = Kernel {
+    name: "kiln-causal-attention-backward",
+    cpu: backward,
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let outs =
-            crate::cuda::attention::forward(&[(s1, l1), (s2, l2), (s3, l3)], self.scale as f32)?;
-        self.saved.keep(outs)
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        o: &Tensor,
-        d_o: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lse = &self.saved.get()[0];
-        let back = Backward { scale: self.scale };
-        let mut g = run(&back, &[q, k, v, o, lse, d_o])?.into_iter();
-        Ok((g.next(), g.next(), g.next()))
-    }
-}
-
-struct Backward {
-    scale: f64,
-}
-
-impl MultiOp for Backward {
-    fn name(&self) -> &'static str {
-        "kiln-causal-attention-backward"
-    }
-    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
-        backward(args, self.scale)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        args: &[(&candle_core::CudaStorage, &Layout)],
-    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
-        crate::cuda::attention::backward(args, self.scale as f32)
-    }
-}
+    cuda: |args, scale| crate::cuda::attention::backward(args, scale as f32),
+};
 
 fn dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
     l.shape().dims4()

@@ -10,8 +10,8 @@
 //! convolutions. Here the statistics are one pass per channel and y, dx one pass per plane.
 //! Each channel's sums run in a fixed order, so results do not depend on scheduling.
 
-use crate::{k, out, run, slice, with_float, Elem, MultiOp, Saved};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use crate::{k, out, slice, with_float, Elem, Kernel, Op, Saved};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::Zero;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -34,10 +34,7 @@ pub fn batch_norm_train(
         return batch_norm_train_composed(x, weight, bias, eps);
     }
     let saved = Arc::new(Saved::default());
-    let op = BatchNorm {
-        eps,
-        saved: saved.clone(),
-    };
+    let op = BATCH_NORM.sharing(eps, saved.clone());
     let dtype = x.dtype();
     let y = x.contiguous()?.apply_op3(
         &weight.to_dtype(dtype)?.contiguous()?,
@@ -71,54 +68,27 @@ pub fn batch_norm_train_composed(
     Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
 }
 
-struct BatchNorm {
-    eps: f64,
-    /// mean, rstd and var (C), in the accumulation dtype.
-    saved: Arc<Saved>,
-}
+/// Keeps mean, rstd and var (C), in the accumulation dtype.
+static BATCH_NORM: Op<f64> = Op {
+    forward: Kernel {
+        name: "kiln-batch-norm",
+        cpu: forward,
+        #[cfg(feature = "cuda")]
+        cuda: crate::op::cpu_only,
+    },
+    backward: |g| {
+        let saved = g.saved.get();
+        let (x, w) = (g.inputs[0], g.inputs[1]);
+        BACKWARD.run((), &[x, w, &saved[0], &saved[1], g.dy])
+    },
+};
 
-impl CustomOp3 for BatchNorm {
-    fn name(&self) -> &'static str {
-        "kiln-batch-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.saved
-            .keep(forward(&[(s1, l1), (s2, l2), (s3, l3)], self.eps)?)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let saved = self.saved.get();
-        let mut g = run(&Backward, &[x, w, &saved[0], &saved[1], dy])?.into_iter();
-        Ok((g.next(), g.next(), g.next()))
-    }
-}
-
-struct Backward;
-
-impl MultiOp for Backward {
-    fn name(&self) -> &'static str {
-        "kiln-batch-norm-backward"
-    }
-    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
-        backward(args)
-    }
-}
+static BACKWARD: Kernel<()> = Kernel {
+    name: "kiln-batch-norm-backward",
+    cpu: |args, ()| backward(args),
+    #[cfg(feature = "cuda")]
+    cuda: crate::op::cpu_only,
+};
 
 /// Channel `c`'s H·W planes of `x` (N, C, H·W), one per image.
 fn planes<T>(x: &[T], c: usize, channels: usize, hw: usize) -> impl Iterator<Item = &[T]> {

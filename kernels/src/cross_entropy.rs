@@ -11,8 +11,8 @@
 //! is `IGNORE_INDEX` count neither in the sum nor in the mean, and get a zero gradient; any
 //! other target ≥ V is an error on every device. The loss is f32 (f64 for f64 logits).
 
-use crate::{k, out, slice, with_float, Elem, MultiOp, Saved};
-use candle_core::{CpuStorage, CustomOp2, InplaceOp2, Layout, Result, Shape, Tensor};
+use crate::{k, out, slice, with_float, Elem, Kernel, Op};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Shape, Tensor};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
@@ -31,12 +31,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = logits.contiguous()?;
     let targets = targets.to_dtype(candle_core::DType::U32)?.contiguous()?;
     if !logits.track_op() {
-        return Ok(crate::run(&LossOnly, &[&logits, &targets])?.remove(0));
+        return Ok(LOSS_ONLY.run(false, &[&logits, &targets])?.remove(0));
     }
-    let op = CrossEntropy {
-        saved: Saved::default(),
-    };
-    logits.apply_op2(&targets, op)
+    logits.apply_op2(&targets, CROSS_ENTROPY.with(true))
 }
 
 /// The error every device gives for a target that is neither a class id nor ignored.
@@ -46,74 +43,33 @@ pub(crate) fn bad_target(row: usize, target: u32, v: usize) -> candle_core::Erro
     ))
 }
 
-struct CrossEntropy {
-    saved: Saved,
-}
-
-impl CustomOp2 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "kiln-cross-entropy"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.saved.keep(forward(&[(s1, l1), (s2, l2)], true)?)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.saved.keep(crate::cuda::cross_entropy::forward(
-            &[(s1, l1), (s2, l2)],
-            true,
-        )?)
-    }
-
-    fn bwd(
-        &self,
-        _logits: &Tensor,
-        _targets: &Tensor,
-        _loss: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+/// With `grad` (true): keeps p − onehot and 1/count.
+static CROSS_ENTROPY: Op<bool> = Op {
+    forward: Kernel {
+        name: "kiln-cross-entropy",
+        cpu: forward,
+        #[cfg(feature = "cuda")]
+        cuda: crate::cuda::cross_entropy::forward,
+    },
+    backward: |g| {
         // Taken, not cloned: the kept p − onehot becomes the gradient in place.
-        let [dlogits, inv_count] = &self.saved.take()[..] else {
+        let [dlogits, inv_count] = &g.saved.take()[..] else {
             candle_core::bail!("cross_entropy: a second backward through one forward")
         };
-        let scale = (grad.to_dtype(inv_count.dtype())? * inv_count)?;
+        let scale = (g.dy.to_dtype(inv_count.dtype())? * inv_count)?;
         dlogits.inplace_op2(&scale, &ScaleInPlace)?;
-        Ok((Some(dlogits.clone()), None))
-    }
-}
+        // The targets get no gradient.
+        Ok(vec![dlogits.clone()])
+    },
+};
 
-/// The loss without its gradient, outside autograd.
-struct LossOnly;
-
-impl MultiOp for LossOnly {
-    fn name(&self) -> &'static str {
-        "cross_entropy"
-    }
-    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
-        forward(args, false)
-    }
+/// The loss without its gradient (`grad` false), outside autograd.
+static LOSS_ONLY: Kernel<bool> = Kernel {
+    name: "cross_entropy",
+    cpu: forward,
     #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        args: &[(&candle_core::CudaStorage, &Layout)],
-    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
-        crate::cuda::cross_entropy::forward(args, false)
-    }
-}
+    cuda: crate::cuda::cross_entropy::forward,
+};
 
 /// d *= s, with s a one-element tensor of the statistics dtype, the product taken in f32 (f64).
 struct ScaleInPlace;

@@ -5,9 +5,9 @@
 //! own dy rows in position order: parallel over rows, no atomics, and the same result for any
 //! thread count. On CUDA the rows are added with f32 atomics.
 
-use crate::{out, run, slice, with_float, Elem, MultiOp};
+use crate::{out, slice, with_float, Elem, Kernel, Op};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::Zero;
 use rayon::prelude::*;
 
@@ -19,79 +19,46 @@ pub fn embedding(ids: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let ids = ids.to_dtype(candle_core::DType::U32)?.flatten_all()?;
     weight
         .contiguous()?
-        .apply_op2(&ids.contiguous()?, Embedding)?
+        .apply_op2(&ids.contiguous()?, EMBEDDING.with(()))?
         .reshape(shape)
 }
 
-struct Embedding;
+static EMBEDDING: Op<()> = Op {
+    forward: Kernel {
+        name: "kiln-embedding",
+        cpu: |args, ()| forward(args),
+        #[cfg(feature = "cuda")]
+        cuda: |args, ()| select(args),
+    },
+    // dW; the ids get no gradient.
+    backward: |g| BACKWARD.run(g.inputs[0].dim(0)?, &[g.inputs[1], g.dy]),
+};
 
-fn out_shape(w: &Layout, ids: &Layout) -> Shape {
-    (ids.shape().elem_count(), w.shape().dims()[1]).into()
-}
+static BACKWARD: Kernel<usize> = Kernel {
+    name: "kiln-embedding-backward",
+    cpu: backward,
+    #[cfg(feature = "cuda")]
+    cuda: crate::cuda::embedding::backward,
+};
 
-impl CustomOp2 for Embedding {
-    fn name(&self) -> &'static str {
-        "kiln-embedding"
-    }
-
-    fn cpu_fwd(
-        &self,
-        w: &CpuStorage,
-        lw: &Layout,
-        ids: &CpuStorage,
-        lids: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+/// w (V, C), ids (N) → w[ids] (N, C), on the CPU: ids out of range are an error.
+fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+    if let [(_, lw), ids] = args {
         let v = lw.shape().dims()[0];
-        if let Some(bad) = slice::<u32>((ids, lids))?
-            .iter()
-            .find(|&&i| i as usize >= v)
-        {
+        if let Some(bad) = slice::<u32>(*ids)?.iter().find(|&&i| i as usize >= v) {
             candle_core::bail!("embedding: id {bad} is out of range for {v} rows")
         }
-        Ok((w.index_select(ids, lw, lids, 0)?, out_shape(lw, lids)))
     }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        w: &candle_core::CudaStorage,
-        lw: &Layout,
-        ids: &candle_core::CudaStorage,
-        lids: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((w.index_select(ids, lw, lids, 0)?, out_shape(lw, lids)))
-    }
-
-    fn bwd(
-        &self,
-        w: &Tensor,
-        ids: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let back = Backward { vocab: w.dim(0)? };
-        Ok((run(&back, &[ids, dy])?.pop(), None))
-    }
+    select(args)
 }
 
-struct Backward {
-    vocab: usize,
-}
-
-impl MultiOp for Backward {
-    fn name(&self) -> &'static str {
-        "kiln-embedding-backward"
-    }
-    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
-        backward(args, self.vocab)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        args: &[(&candle_core::CudaStorage, &Layout)],
-    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
-        crate::cuda::embedding::backward(args, self.vocab)
-    }
+/// w (V, C), ids (N) → w[ids] (N, C): candle's `index_select`, on either device.
+fn select<S: BackendStorage>(args: &[(&S, &Layout)]) -> Result<Vec<(S, Shape)>> {
+    let [(w, lw), (ids, lids)] = args else {
+        candle_core::bail!("embedding: expected 2 arguments (w, ids)")
+    };
+    let shape = Shape::from((lids.shape().elem_count(), lw.shape().dims()[1]));
+    Ok(vec![(w.index_select(ids, lw, lids, 0)?, shape)])
 }
 
 /// ids (N), dy (N, C) → dW (vocab, C).

@@ -7,8 +7,8 @@
 //! Rows are split across threads; each block of rows sums its own dw/db, then the partial sums
 //! are added, so the result does not depend on scheduling.
 
-use crate::{k, out, rows_cols, run, slice, with_float, Elem, MultiOp, Saved};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use crate::{k, out, rows_cols, slice, with_float, Elem, Kernel, Op};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
@@ -22,83 +22,33 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
             &zeros
         }
     };
-    let op = LayerNorm {
-        eps,
-        saved: Saved::default(),
-    };
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LAYER_NORM.with(eps),
+    )
 }
 
-struct LayerNorm {
-    eps: f64,
-    saved: Saved,
-}
+static LAYER_NORM: Op<f64> = Op {
+    forward: Kernel {
+        name: "kiln-layer-norm",
+        cpu: forward,
+        #[cfg(feature = "cuda")]
+        cuda: |args, eps| crate::cuda::layer_norm::forward(args, eps as f32),
+    },
+    backward: |g| {
+        let saved = g.saved.get();
+        let (x, w) = (g.inputs[0], g.inputs[1]);
+        BACKWARD.run((), &[x, w, &saved[0], &saved[1], g.dy])
+    },
+};
 
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "kiln-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.saved
-            .keep(forward(&[(s1, l1), (s2, l2), (s3, l3)], self.eps)?)
-    }
-
+static BACKWARD: Kernel<()> = Kernel {
+    name: "kiln-layer-norm-backward",
+    cpu: |args, ()| backward(args),
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let outs =
-            crate::cuda::layer_norm::forward(&[(s1, l1), (s2, l2), (s3, l3)], self.eps as f32)?;
-        self.saved.keep(outs)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let saved = self.saved.get();
-        let mut g = run(&Backward, &[x, w, &saved[0], &saved[1], dy])?.into_iter();
-        Ok((g.next(), g.next(), g.next()))
-    }
-}
-
-struct Backward;
-
-impl MultiOp for Backward {
-    fn name(&self) -> &'static str {
-        "kiln-layer-norm-backward"
-    }
-    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
-        backward(args)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        args: &[(&candle_core::CudaStorage, &Layout)],
-    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
-        crate::cuda::layer_norm::backward(args)
-    }
-}
+    cuda: |args, ()| crate::cuda::layer_norm::backward(args),
+};
 
 /// x, w, b → y, mean, rstd.
 pub fn forward(args: &[(&CpuStorage, &Layout)], eps: f64) -> Result<Vec<(CpuStorage, Shape)>> {
@@ -188,6 +138,15 @@ pub fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shap
 /// Rows per parallel task: a few tasks per thread, for balance without tiny tasks.
 pub(crate) fn rows_per_task(n: usize) -> usize {
     n.div_ceil(4 * rayon::current_num_threads()).max(1)
+}
+
+/// Adds per-task partial sums in task order.
+pub(crate) fn sum_rows<A: Float>(partials: Vec<Vec<A>>, c: usize) -> Vec<A> {
+    let mut sum = vec![A::zero(); c];
+    for p in partials {
+        crate::axpy(&mut sum, A::one(), &p);
+    }
+    sum
 }
 
 /// Adds per-task (dw, db) partial sums in task order.

@@ -18,6 +18,7 @@ pub mod frozen;
 pub mod gelu;
 pub mod layer_norm;
 pub mod max_pool;
+mod op;
 pub mod reference;
 pub mod rms_norm;
 pub mod softmax;
@@ -38,6 +39,8 @@ pub use layer_norm::layer_norm;
 pub use max_pool::{max_pool2d, max_pool2d_strided};
 pub use rms_norm::rms_norm;
 pub use softmax::softmax;
+
+pub(crate) use op::{Kernel, Op};
 
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -126,49 +129,6 @@ pub fn stats_dtype(dtype: DType) -> DType {
     } else {
         DType::F32
     }
-}
-
-/// A kernel with several inputs and outputs, run outside autograd (backward passes, and the
-/// forward passes' saved statistics).
-pub(crate) trait MultiOp {
-    fn name(&self) -> &'static str;
-    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>>;
-    fn cuda(&self, _args: &[(&CudaStorage, &Layout)]) -> Result<Vec<(CudaStorage, Shape)>> {
-        candle_core::bail!("{}: built without the `cuda` feature", self.name())
-    }
-}
-
-/// Runs `op` on `inputs` (made contiguous), returning its outputs as new detached tensors.
-pub(crate) fn run(op: &impl MultiOp, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
-    let inputs = inputs
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<Result<Vec<_>>>()?;
-    let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
-    let mut cpu = Vec::new();
-    let mut gpu = Vec::new();
-    for (s, l) in &guards {
-        match &**s {
-            Storage::Cpu(s) => cpu.push((s, *l)),
-            Storage::Cuda(s) => gpu.push((s, *l)),
-            _ => candle_core::bail!("{}: unsupported device", op.name()),
-        }
-    }
-    if !cpu.is_empty() && !gpu.is_empty() {
-        candle_core::bail!("{}: inputs on different devices", op.name());
-    }
-    let outs: Vec<(Storage, Shape)> = if gpu.is_empty() {
-        op.cpu(&cpu)?
-            .into_iter()
-            .map(|(s, sh)| (Storage::Cpu(s), sh))
-            .collect()
-    } else {
-        op.cuda(&gpu)?
-            .into_iter()
-            .map(|(s, sh)| (Storage::Cuda(s), sh))
-            .collect()
-    };
-    Ok(outs.into_iter().map(|(s, sh)| detached(s, sh)).collect())
 }
 
 /// A copy of `y`'s storage, the output of a custom op whose result was computed before the op
@@ -364,20 +324,13 @@ pub(crate) mod testing {
 
     /// ‖a − b‖ / ‖b‖ in f64; infinite when `a` holds a NaN or an infinity.
     pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        let a: Vec<f64> = a
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f64> = b
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let f64s = |t: &Tensor| -> Vec<f64> {
+            t.to_dtype(DType::F64)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .unwrap()
+        };
+        let (a, b) = (f64s(a), f64s(b));
         if a.iter().any(|v| !v.is_finite()) {
             return f64::INFINITY;
         }

@@ -4,83 +4,37 @@
 //! x̂ = x·rstd and g = dy·w:  dx = rstd·(g − x̂·mean(g·x̂)),  dw = Σ_rows dy·x̂.
 //! Row blocks run in parallel and sum their own dw; the partials are added in order.
 
-use crate::layer_norm::rows_per_task;
-use crate::{k, out, rows_cols, run, slice, with_float, Elem, MultiOp, Saved};
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use crate::layer_norm::{rows_per_task, sum_rows};
+use crate::{k, out, rows_cols, slice, with_float, Elem, Kernel, Op};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::Zero;
 use rayon::prelude::*;
 
 /// RMS norm of `x` (…, C) with gain `weight` (C).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let op = RmsNorm {
-        eps,
-        saved: Saved::default(),
-    };
-    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, RMS_NORM.with(eps))
 }
 
-struct RmsNorm {
-    eps: f64,
-    saved: Saved,
-}
+static RMS_NORM: Op<f64> = Op {
+    forward: Kernel {
+        name: "kiln-rms-norm",
+        cpu: forward,
+        #[cfg(feature = "cuda")]
+        cuda: |args, eps| crate::cuda::rms_norm::forward(args, eps as f32),
+    },
+    backward: |g| {
+        let rstd = &g.saved.get()[0];
+        BACKWARD.run((), &[g.inputs[0], g.inputs[1], rstd, g.dy])
+    },
+};
 
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "kiln-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.saved.keep(forward(&[(s1, l1), (s2, l2)], self.eps)?)
-    }
-
+static BACKWARD: Kernel<()> = Kernel {
+    name: "kiln-rms-norm-backward",
+    cpu: |args, ()| backward(args),
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let outs = crate::cuda::rms_norm::forward(&[(s1, l1), (s2, l2)], self.eps as f32)?;
-        self.saved.keep(outs)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let rstd = &self.saved.get()[0];
-        let mut g = run(&Backward, &[x, w, rstd, dy])?.into_iter();
-        Ok((g.next(), g.next()))
-    }
-}
-
-struct Backward;
-
-impl MultiOp for Backward {
-    fn name(&self) -> &'static str {
-        "kiln-rms-norm-backward"
-    }
-    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
-        backward(args)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        args: &[(&candle_core::CudaStorage, &Layout)],
-    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
-        crate::cuda::rms_norm::backward(args)
-    }
-}
+    cuda: |args, ()| crate::cuda::rms_norm::backward(args),
+};
 
 /// x, w → y, rstd.
 pub fn forward(args: &[(&CpuStorage, &Layout)], eps: f64) -> Result<Vec<(CpuStorage, Shape)>> {
@@ -148,10 +102,7 @@ pub fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shap
                 dw
             })
             .collect();
-        let mut dw = vec![A::zero(); c];
-        for p in partials {
-            crate::axpy(&mut dw, num_traits::One::one(), &p);
-        }
+        let dw = sum_rows(partials, c);
         Ok(vec![
             out(dx, shape),
             out(dw.into_iter().map(T::from_acc).collect(), c),

@@ -2,59 +2,31 @@
 //! and summing, then a scale; the composition makes four full-size tensors for the same thing.
 //! Backward from the output alone: dx = y·(dy − Σ dy·y), one pass per row.
 
-use crate::{out, rows_cols, run, slice, with_float, Elem, MultiOp};
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use crate::{out, rows_cols, slice, with_float, Elem, Kernel, Op};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax)
+    x.contiguous()?.apply_op1(SOFTMAX.with(()))
 }
 
-struct Softmax;
+static SOFTMAX: Op<()> = Op {
+    forward: Kernel {
+        name: "kiln-softmax",
+        cpu: |args, ()| forward(args),
+        #[cfg(feature = "cuda")]
+        cuda: |args, ()| crate::cuda::softmax::forward(args),
+    },
+    backward: |g| BACKWARD.run((), &[g.y, g.dy]),
+};
 
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "kiln-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut outs = forward(&[(s, l)])?;
-        Ok(outs.remove(0))
-    }
-
+static BACKWARD: Kernel<()> = Kernel {
+    name: "kiln-softmax-backward",
+    cpu: |args, ()| backward(args),
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let mut outs = crate::cuda::softmax::forward(&[(s, l)])?;
-        Ok(outs.remove(0))
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(run(&Backward, &[y, dy])?.pop())
-    }
-}
-
-struct Backward;
-
-impl MultiOp for Backward {
-    fn name(&self) -> &'static str {
-        "kiln-softmax-backward"
-    }
-    fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
-        backward(args)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        args: &[(&candle_core::CudaStorage, &Layout)],
-    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
-        crate::cuda::softmax::backward(args)
-    }
-}
+    cuda: |args, ()| crate::cuda::softmax::backward(args),
+};
 
 /// x → y.
 pub fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {

@@ -7,6 +7,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
 pub mod gelu;
+pub mod launch;
 pub mod layer_norm;
 pub mod rms_norm;
 pub mod softmax;
@@ -51,6 +52,8 @@ macro_rules! with_gpu_float {
     };
 }
 pub(crate) use with_gpu_float;
+
+pub(crate) use launch::{Arg, Grid, Module};
 
 /// The contiguous elements of a CUDA argument as a view of `T` (an error naming `name` if the
 /// layout is not contiguous or the dtype is not `T`).
@@ -127,7 +130,7 @@ pub(crate) fn cols_config(rows: usize, cols: usize) -> LaunchConfig {
 pub(crate) struct ColPartials {
     pub(crate) buf: CudaSlice<f32>,
     rows: usize,
-    cols: usize,
+    pub(crate) cols: usize,
 }
 
 impl ColPartials {
