@@ -24,13 +24,19 @@
 //! and before the classifier, `attention_probs_dropout_prob` on the attention probabilities.
 //! With `checkpoint_activations`, each layer's activations are recomputed in the backward.
 
-use crate::lora::{Adapter, LoraConfig};
-use crate::{check_dropout, checkpointed, dropout, in_precision, ConfigError, Model};
+use crate::layers::{
+    run_blocks, Activation, Attention, Block, Embedding, FeedForward, Linear, Norm, NormPlace,
+};
+use crate::lora::LoraConfig;
+use crate::{
+    check_divisible, check_dropout, check_labels_cover, check_positive, check_positive_f64,
+    dropout, resolve_context, ConfigError, Model,
+};
 use anyhow::Context;
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::{Init, VarBuilder};
+use candle_nn::VarBuilder;
 use kiln_core::rng::SharedRng;
-use kiln_kernels::{embedding, layer_norm, softmax, stats_dtype};
+use kiln_kernels::stats_dtype;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -102,51 +108,22 @@ impl BertConfig {
             self.attention_probs_dropout_prob,
             "model.attention_probs_dropout_prob",
         )?;
-        for (key, v) in [
+        check_positive(&[
             ("model.vocab_size", self.vocab_size),
             ("model.hidden_size", self.hidden_size),
             ("model.num_hidden_layers", self.num_hidden_layers),
             ("model.num_attention_heads", self.num_attention_heads),
             ("model.intermediate_size", self.intermediate_size),
             ("model.type_vocab_size", self.type_vocab_size),
-        ] {
-            if v == 0 {
-                return Err((key, "must be at least 1".into()));
-            }
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err((
-                "model.num_attention_heads",
-                format!(
-                    "hidden_size = {} is not divisible by num_attention_heads = {}",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
-        if self.max_position_embeddings == 0 {
-            self.max_position_embeddings = seq_len;
-        }
-        if self.max_position_embeddings == 0 {
-            return Err((
-                "model.max_position_embeddings",
-                "must be at least 1 (it defaults to data.seq_len)".into(),
-            ));
-        }
-        if seq_len > self.max_position_embeddings {
-            return Err((
-                "model.max_position_embeddings",
-                format!(
-                    "{} is shorter than data.seq_len = {seq_len}",
-                    self.max_position_embeddings
-                ),
-            ));
-        }
-        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
-            return Err((
-                "model.layer_norm_eps",
-                format!("must be positive, got {}", self.layer_norm_eps),
-            ));
-        }
+        ])?;
+        check_divisible(
+            "model.num_attention_heads",
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+        )?;
+        let key = "model.max_position_embeddings";
+        resolve_context(&mut self.max_position_embeddings, key, seq_len, true)?;
+        check_positive_f64("model.layer_norm_eps", self.layer_norm_eps)?;
         if self.num_labels == 1 {
             // HF reads num_labels = 1 as regression; kiln's head is a softmax classifier.
             return Err((
@@ -154,14 +131,8 @@ impl BertConfig {
                 "a classifier needs at least 2 labels (0: no head)".into(),
             ));
         }
-        if self.num_labels > 0 && self.num_labels < num_classes {
-            return Err((
-                "model.num_labels",
-                format!(
-                    "{} is fewer than the data's {num_classes} classes",
-                    self.num_labels
-                ),
-            ));
+        if self.num_labels > 0 {
+            check_labels_cover(self.num_labels, num_classes)?;
         }
         Ok(())
     }
@@ -318,151 +289,26 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?)
 }
 
-/// `nn.Linear`: y = x · Wᵀ + b with W stored (out, in).
-#[derive(Clone)]
-struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-    /// A LoRA adapter, when the recipe targets this layer.
-    lora: Option<Adapter>,
-    /// The pretrained weight stays fixed (LoRA): no gradient is computed for it.
-    frozen: bool,
-}
-
-impl Linear {
-    /// HF's initialization: weights N(0, 0.02), biases 0.
-    fn new(n_in: usize, n_out: usize, vb: VarBuilder) -> Result<Self> {
-        let init = Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        };
-        Ok(Linear {
-            weight: vb.get_with_hints((n_out, n_in), "weight", init)?,
-            bias: vb.get_with_hints(n_out, "bias", Init::Const(0.0))?,
-            lora: None,
-            frozen: false,
-        })
-    }
-
-    /// With `yes`, the weights become constants (views of the same storage, so loading the
-    /// pretrained values into the variables still reaches them) and the backward skips them.
-    fn frozen_if(self, yes: bool) -> Self {
-        if !yes {
-            return self;
-        }
-        Linear {
-            weight: self.weight.detach(),
-            bias: self.bias.detach(),
-            frozen: true,
-            ..self
-        }
-    }
-
-    /// A linear layer with a LoRA adapter if `cfg.lora` targets its path.
-    fn adapted(
-        n_in: usize,
-        n_out: usize,
-        vb: VarBuilder,
-        cfg: &BertConfig,
-        rng: &SharedRng,
-    ) -> Result<Self> {
-        let lora = Adapter::for_layer(cfg.lora.as_ref(), n_in, n_out, &vb, rng)?;
-        Ok(Linear {
-            lora,
-            ..Linear::new(n_in, n_out, vb)?.frozen_if(cfg.lora.is_some())
-        })
-    }
-
-    /// x · Wᵀ + b (+ the adapter's update) with the matmuls in `compute`, returned in x's
-    /// dtype; `train` turns the adapter's dropout on.
-    fn forward(&self, x: &Tensor, compute: DType, train: bool) -> Result<Tensor> {
-        // One 2-D matmul over all positions: cheaper forward and backward than a batched one.
-        let mut out_dims = x.dims().to_vec();
-        let n_in = out_dims.pop().expect("x has a feature dimension");
-        out_dims.push(self.weight.dim(0)?);
-        let x = x.reshape(((), n_in))?;
-        let mut y = if self.frozen {
-            kiln_kernels::frozen_matmul(&x, &self.weight.t()?, compute)?
-        } else {
-            in_precision(&x, &self.weight.t()?, compute)?
-        }
-        .broadcast_add(&self.bias)?;
-        if let Some(lora) = &self.lora {
-            y = (y + lora.forward(&x, compute, train)?)?;
-        }
-        y.reshape(out_dims)
-    }
-
-    fn params(&self) -> Vec<Tensor> {
-        let base = [self.weight.clone(), self.bias.clone()];
-        base.into_iter()
-            .chain(self.lora.iter().flat_map(Adapter::params))
-            .collect()
-    }
-}
-
-#[derive(Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn new(n: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(LayerNorm {
-            weight: vb.get_with_hints(n, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(n, "bias", Init::Const(0.0))?,
-            eps,
-        })
-    }
-
-    /// Constant weights with `yes` (LoRA), as [`Linear::frozen_if`].
-    fn frozen_if(self, yes: bool) -> Self {
-        match yes {
-            false => self,
-            true => LayerNorm {
-                weight: self.weight.detach(),
-                bias: self.bias.detach(),
-                ..self
-            },
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, Some(&self.bias), self.eps)
-    }
-
-    fn params(&self) -> [Tensor; 2] {
-        [self.weight.clone(), self.bias.clone()]
-    }
-}
-
 struct Embeddings {
-    word_embeddings: Tensor,
-    position_embeddings: Tensor,
-    token_type_embeddings: Tensor,
-    layer_norm: LayerNorm,
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    token_type_embeddings: Embedding,
+    layer_norm: Norm,
 }
 
 impl Embeddings {
     /// With LoRA the tables and the norm are constants, so the backward stops at the first
     /// adapter instead of scattering gradients into a vocabulary-sized table.
     fn new(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
-        let frozen = cfg.lora.is_some();
+        let (frozen, c) = (cfg.lora.is_some(), cfg.hidden_size);
         let table = |n: usize, name: &str| {
-            let init = Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            };
-            let t = vb.get_with_hints((n, cfg.hidden_size), &format!("{name}.weight"), init)?;
-            Ok::<_, candle_core::Error>(if frozen { t.detach() } else { t })
+            Ok::<_, candle_core::Error>(Embedding::new(n, c, 0.02, vb.pp(name))?.frozen_if(frozen))
         };
         Ok(Embeddings {
             word_embeddings: table(cfg.vocab_size, "word_embeddings")?,
             position_embeddings: table(cfg.max_position_embeddings, "position_embeddings")?,
             token_type_embeddings: table(cfg.type_vocab_size, "token_type_embeddings")?,
-            layer_norm: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?
+            layer_norm: Norm::layer_norm(c, cfg.layer_norm_eps, true, vb.pp("LayerNorm"))?
                 .frozen_if(frozen),
         })
     }
@@ -470,150 +316,50 @@ impl Embeddings {
     /// Normalized embeddings (B, T, hidden) of `ids` (B, T) at positions 0…T−1, token type 0.
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        let fixed = (self.position_embeddings.narrow(0, 0, t)?)
-            .broadcast_add(&self.token_type_embeddings.narrow(0, 0, 1)?)?;
-        let x = embedding(ids, &self.word_embeddings)?.broadcast_add(&fixed)?;
+        let fixed = (self.position_embeddings.table().narrow(0, 0, t)?)
+            .broadcast_add(&self.token_type_embeddings.table().narrow(0, 0, 1)?)?;
+        let x = self.word_embeddings.forward(ids)?.broadcast_add(&fixed)?;
         self.layer_norm.forward(&x)
     }
 }
 
-/// HF's `BertSelfAttention`: bidirectional multi-head attention over the unpadded keys.
-#[derive(Clone)]
-struct SelfAttention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    n_head: usize,
-}
-
-impl SelfAttention {
-    /// The heads' outputs, merged: (B, T, hidden) in x's dtype. `bias` (B, 1, 1, T), in the
-    /// softmax's dtype (f32, or f64 for f64), is 0 for a token key and very negative for a
-    /// padding key.
-    fn forward(
-        &self,
-        x: &Tensor,
-        bias: &Tensor,
-        p_drop: f64,
-        train: bool,
-        rng: &SharedRng,
-        compute: DType,
-    ) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let d = c / self.n_head;
-        let heads = |p: &Linear| {
-            p.forward(x, compute, train)?
-                .reshape((b, t, self.n_head, d))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (heads(&self.query)?, heads(&self.key)?, heads(&self.value)?);
-        let acc = bias.dtype();
-        let scores = in_precision(&q, &k.t()?, compute)?.to_dtype(acc)?;
-        let scores = ((scores * (1.0 / (d as f64).sqrt()))?).broadcast_add(bias)?;
-        let p = dropout(softmax(&scores)?, p_drop, train, rng)?;
-        in_precision(&p, &v.to_dtype(acc)?, compute)?
-            .to_dtype(x.dtype())?
-            .transpose(1, 2)?
-            .reshape((b, t, c))
-    }
-}
-
-/// One post-LayerNorm encoder layer (HF's `BertLayer`), with what it needs to run alone (for
-/// recomputation). Field names follow HF's module paths.
-#[derive(Clone)]
-struct Layer {
-    attention: SelfAttention,
-    /// `attention.output.dense` and `attention.output.LayerNorm`.
-    attention_dense: Linear,
-    attention_norm: LayerNorm,
-    /// `intermediate.dense`.
-    intermediate: Linear,
-    /// `output.dense` and `output.LayerNorm`.
-    output_dense: Linear,
-    output_norm: LayerNorm,
-    hidden_dropout: f64,
-    attention_dropout: f64,
-    rng: SharedRng,
-    compute: DType,
-}
-
-impl Layer {
-    fn new(cfg: &BertConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Result<Self> {
-        let (c, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
-        let frozen = cfg.lora.is_some();
-        let (a, i, o) = (vb.pp("attention"), vb.pp("intermediate"), vb.pp("output"));
-        Ok(Layer {
-            attention: SelfAttention {
-                query: Linear::adapted(c, c, a.pp("self.query"), cfg, &rng)?,
-                key: Linear::adapted(c, c, a.pp("self.key"), cfg, &rng)?,
-                value: Linear::adapted(c, c, a.pp("self.value"), cfg, &rng)?,
-                n_head: cfg.num_attention_heads,
-            },
-            attention_dense: Linear::adapted(c, c, a.pp("output.dense"), cfg, &rng)?,
-            attention_norm: LayerNorm::new(c, eps, a.pp("output.LayerNorm"))?.frozen_if(frozen),
-            intermediate: Linear::adapted(c, cfg.intermediate_size, i.pp("dense"), cfg, &rng)?,
-            output_dense: Linear::adapted(cfg.intermediate_size, c, o.pp("dense"), cfg, &rng)?,
-            output_norm: LayerNorm::new(c, eps, o.pp("LayerNorm"))?.frozen_if(frozen),
-            hidden_dropout: cfg.hidden_dropout_prob,
-            attention_dropout: cfg.attention_probs_dropout_prob,
-            rng,
-            compute,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, bias: &Tensor, train: bool) -> Result<Tensor> {
-        let (p, rng, compute) = (self.hidden_dropout, &self.rng, self.compute);
-        let a = (self.attention).forward(x, bias, self.attention_dropout, train, rng, compute)?;
-        let a = dropout(
-            self.attention_dense.forward(&a, compute, train)?,
-            p,
-            train,
-            rng,
-        )?;
-        // Post-LN: the norm follows each residual sum.
-        let x = self.attention_norm.forward(&(x + a)?)?;
-        // candle's `gelu_erf` has a backward (unlike candle-nn's fused ops); kiln's `gelu` is
-        // the tanh approximation, which is not BERT's.
-        let h = self.intermediate.forward(&x, compute, train)?.gelu_erf()?;
-        let h = dropout(
-            self.output_dense.forward(&h, compute, train)?,
-            p,
-            train,
-            rng,
-        )?;
-        self.output_norm.forward(&(x + h)?)
-    }
-
-    fn params(&self) -> Vec<Tensor> {
-        let a = &self.attention;
-        [
-            a.query.params(),
-            a.key.params(),
-            a.value.params(),
-            self.attention_dense.params(),
-            self.attention_norm.params().to_vec(),
-            self.intermediate.params(),
-            self.output_dense.params(),
-            self.output_norm.params().to_vec(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
-    }
-
-    /// The layer with its activations recomputed during the backward.
-    fn forward_checkpointed(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let (layer, bias) = (self.clone(), bias.clone());
-        checkpointed(x, self.params(), &self.rng, move |x| {
-            layer.forward(x, &bias, true)
-        })
-    }
+/// One post-LayerNorm encoder layer (HF's `BertLayer`): LN(x + attn(x)), then
+/// LN(x + mlp(x)), under HF's module paths. With LoRA, the linear layers the config targets get
+/// adapters and every pretrained weight is frozen.
+fn layer(cfg: &BertConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Result<Block> {
+    let (c, eps, ff) = (cfg.hidden_size, cfg.layer_norm_eps, cfg.intermediate_size);
+    let frozen = cfg.lora.is_some();
+    let linear = |n_in, n_out, vb| Linear::adapted(n_in, n_out, 0.02, cfg.lora.as_ref(), vb, &rng);
+    let ln =
+        |vb| Ok::<_, candle_core::Error>(Norm::layer_norm(c, eps, true, vb)?.frozen_if(frozen));
+    let (a, i, o) = (vb.pp("attention"), vb.pp("intermediate"), vb.pp("output"));
+    Ok(Block {
+        attn: Attention::bidirectional(
+            linear(c, c, a.pp("self.query"))?,
+            linear(c, c, a.pp("self.key"))?,
+            linear(c, c, a.pp("self.value"))?,
+            linear(c, c, a.pp("output.dense"))?,
+            (cfg.num_attention_heads, cfg.head_dim()),
+            cfg.attention_probs_dropout_prob,
+        ),
+        norm_1: ln(a.pp("output.LayerNorm"))?,
+        // kiln's `gelu` is the tanh approximation, which is not BERT's.
+        mlp: FeedForward::gelu(
+            linear(c, ff, i.pp("dense"))?,
+            linear(ff, c, o.pp("dense"))?,
+            Activation::GeluErf,
+        ),
+        norm_2: ln(o.pp("LayerNorm"))?,
+        place: NormPlace::Post,
+        p_drop: cfg.hidden_dropout_prob,
+        rng,
+        compute,
+    })
 }
 
 pub struct Bert {
     embeddings: Embeddings,
-    layers: Vec<Layer>,
+    layers: Vec<Block>,
     /// `pooler.dense`.
     pooler: Linear,
     classifier: Option<Linear>,
@@ -637,9 +383,10 @@ impl Bert {
         // HF's BertForSequenceClassification keeps the encoder under `bert.`; BertModel does not.
         let head = cfg.num_labels > 0;
         let enc = if head { vb.pp("bert") } else { vb.clone() };
+        let c = cfg.hidden_size;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                Layer::new(
+                layer(
                     cfg,
                     enc.pp(format!("encoder.layer.{i}")),
                     rng.clone(),
@@ -648,12 +395,12 @@ impl Bert {
             })
             .collect::<Result<_>>()?;
         let classifier = head
-            .then(|| Linear::new(cfg.hidden_size, cfg.num_labels, vb.pp("classifier")))
+            .then(|| Linear::new(c, cfg.num_labels, 0.02, true, vb.pp("classifier")))
             .transpose()?;
         Ok(Bert {
             embeddings: Embeddings::new(cfg, enc.pp("embeddings"))?,
             layers,
-            pooler: Linear::new(cfg.hidden_size, cfg.hidden_size, enc.pp("pooler.dense"))?
+            pooler: Linear::new(c, c, 0.02, true, enc.pp("pooler.dense"))?
                 .frozen_if(cfg.lora.is_some()),
             classifier,
             rng,
@@ -680,21 +427,15 @@ impl Bert {
             );
         }
         let p = self.config.hidden_dropout_prob;
-        let mut x = dropout(self.embeddings.forward(ids)?, p, train, &self.rng)?;
+        let x = dropout(self.embeddings.forward(ids)?, p, train, &self.rng)?;
         // An additive bias: 0 for tokens, f32's most negative value for padding, so that exp
         // underflows to exactly 0 while a row of padding only keeps a finite max (uniform
         // weights, not NaN as with −∞). The scores and the softmax are f32 (f64 for f64).
         let acc = stats_dtype(x.dtype());
         let bias = (mask.eq(&mask.zeros_like()?)?.to_dtype(acc)? * f32::MIN as f64)?
             .reshape((b, 1, 1, t))?;
-        for layer in &self.layers {
-            x = if train && self.config.checkpoint_activations {
-                layer.forward_checkpointed(&x, &bias)?
-            } else {
-                layer.forward(&x, &bias, train)?
-            };
-        }
-        Ok(x)
+        let ckpt = self.config.checkpoint_activations;
+        run_blocks(&self.layers, x, Some(&bias), train, ckpt)
     }
 
     /// HF's `pooler_output`: tanh(dense(first token's hidden state)), (B, hidden).

@@ -12,15 +12,20 @@
 //! As a [`Decoder`], it generates with a KV cache (plain candle ops: inference needs no
 //! backward).
 
-use crate::{
-    cached_attention, check_dropout, checkpointed, dropout, in_precision, ConfigError, Decoder,
-    KvCache, Model,
+use crate::hf::HfReader;
+use crate::layers::{
+    decode_step, lm_head, run_blocks, Activation, Attention, Block, Embedding, FeedForward, Linear,
+    Norm, NormPlace, Qkv,
 };
-use candle_core::{DType, Result, Tensor, D};
-use candle_nn::{Init, VarBuilder};
+use crate::{
+    check_divisible, check_dropout, check_positive, dropout, resolve_context, resolve_vocab,
+    ConfigError, Decoder, KvCache, Model,
+};
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
 use kiln_core::rng::SharedRng;
-use kiln_kernels::{bias_gelu, causal_self_attention, embedding, gelu, layer_norm};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +49,9 @@ pub struct GptConfig {
     pub checkpoint_activations: bool,
 }
 
+/// GPT-2's layer-norm epsilon.
+pub(crate) const LN_EPS: f64 = 1e-5;
+
 fn yes() -> bool {
     true
 }
@@ -55,248 +63,26 @@ impl GptConfig {
         seq_len: usize,
     ) -> std::result::Result<(), ConfigError> {
         check_dropout(self.dropout, "model.dropout")?;
-        for (key, v) in [
+        check_positive(&[
             ("model.n_layer", self.n_layer),
             ("model.n_head", self.n_head),
             ("model.n_embd", self.n_embd),
-        ] {
-            if v == 0 {
-                return Err((key, "must be at least 1".into()));
-            }
-        }
-        if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err((
-                "model.n_head",
-                format!(
-                    "n_embd = {} is not divisible by n_head = {}",
-                    self.n_embd, self.n_head
-                ),
-            ));
-        }
-        if self.block_size == 0 {
-            self.block_size = seq_len;
-        }
-        if seq_len > self.block_size {
-            return Err((
-                "model.block_size",
-                format!(
-                    "{} is shorter than data.seq_len = {seq_len}",
-                    self.block_size
-                ),
-            ));
-        }
-        if self.vocab_size == 0 {
-            self.vocab_size = vocab;
-        } else if self.vocab_size < vocab {
-            return Err((
-                "model.vocab_size",
-                format!(
-                    "{} is smaller than the data's vocabulary ({vocab})",
-                    self.vocab_size
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// GPT-2's Conv1D: y = x · W + b with W stored (in, out).
-#[derive(Clone)]
-struct Conv1D {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Conv1D {
-    fn new(n_in: usize, n_out: usize, std: f64, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints(
-            (n_in, n_out),
-            "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: std,
-            },
-        )?;
-        let bias = bias
-            .then(|| vb.get_with_hints(n_out, "bias", Init::Const(0.0)))
-            .transpose()?;
-        Ok(Conv1D { weight, bias })
-    }
-}
-
-impl Conv1D {
-    /// x · W in the `compute` dtype, returned in x's dtype, without the bias.
-    fn matmul(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        // One 2-D matmul over all positions: cheaper forward and backward than a batched one.
-        let mut out_dims = x.dims().to_vec();
-        let n_in = out_dims.pop().expect("x has a feature dimension");
-        out_dims.push(self.weight.dim(1)?);
-        in_precision(&x.reshape(((), n_in))?, &self.weight, compute)?.reshape(out_dims)
-    }
-
-    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        let y = self.matmul(x, compute)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-
-    fn params(&self) -> impl Iterator<Item = Tensor> + '_ {
-        std::iter::once(self.weight.clone()).chain(self.bias.clone())
-    }
-}
-
-#[derive(Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl LayerNorm {
-    fn new(n: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints(n, "weight", Init::Const(1.0))?;
-        let bias = bias
-            .then(|| vb.get_with_hints(n, "bias", Init::Const(0.0)))
-            .transpose()?;
-        Ok(LayerNorm { weight, bias })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, self.bias.as_ref(), 1e-5)
-    }
-
-    fn params(&self) -> impl Iterator<Item = Tensor> + '_ {
-        std::iter::once(self.weight.clone()).chain(self.bias.clone())
-    }
-}
-
-#[derive(Clone)]
-struct Attention {
-    c_attn: Conv1D,
-    c_proj: Conv1D,
-    n_head: usize,
-}
-
-impl Attention {
-    /// q, k, v (B, H, T, D), in the compute dtype: the attention kernel keeps its softmax in
-    /// f32.
-    fn qkv(&self, x: &Tensor, compute: DType) -> Result<[Tensor; 3]> {
-        let (b, t, c) = x.dims3()?;
-        let qkv = self.c_attn.forward(x, compute)?.to_dtype(compute)?;
-        let heads = |i: usize| {
-            qkv.narrow(D::Minus1, i * c, c)?
-                .reshape((b, t, self.n_head, c / self.n_head))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        Ok([heads(0)?, heads(1)?, heads(2)?])
-    }
-
-    /// The heads' outputs (B, H, T, D) merged and projected, in `dtype`.
-    fn out(&self, y: &Tensor, dtype: DType, compute: DType) -> Result<Tensor> {
-        let (b, h, t, d) = y.dims4()?;
-        let y = y.transpose(1, 2)?.reshape((b, t, h * d))?.to_dtype(dtype)?;
-        self.c_proj.forward(&y, compute)
-    }
-
-    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        let [q, k, v] = self.qkv(x, compute)?;
-        self.out(&causal_self_attention(&q, &k, &v)?, x.dtype(), compute)
-    }
-
-    fn forward_cached(
-        &self,
-        x: &Tensor,
-        cache: &KvCache,
-        i: usize,
-        compute: DType,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let [q, k, v] = self.qkv(x, compute)?;
-        let (k, v) = cache.extended(i, k, v)?;
-        let y = self.out(&cached_attention(&q, &k, &v)?, x.dtype(), compute)?;
-        Ok((y, (k, v)))
-    }
-}
-
-#[derive(Clone)]
-struct Mlp {
-    c_fc: Conv1D,
-    c_proj: Conv1D,
-}
-
-impl Mlp {
-    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        let h = self.c_fc.matmul(x, compute)?;
-        let h = match &self.c_fc.bias {
-            Some(b) => bias_gelu(&h, b)?,
-            None => gelu(&h)?,
-        };
-        self.c_proj.forward(&h, compute)
-    }
-}
-
-/// One pre-LayerNorm transformer block, with what it needs to run alone (for recomputation).
-#[derive(Clone)]
-struct Block {
-    ln_1: LayerNorm,
-    attn: Attention,
-    ln_2: LayerNorm,
-    mlp: Mlp,
-    dropout: f64,
-    rng: SharedRng,
-    compute: DType,
-}
-
-impl Block {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let a = self.attn.forward(&self.ln_1.forward(x)?, self.compute)?;
-        let x = (x + dropout(a, self.dropout, train, &self.rng)?)?;
-        let m = self.mlp.forward(&self.ln_2.forward(&x)?, self.compute)?;
-        x + dropout(m, self.dropout, train, &self.rng)?
-    }
-
-    fn params(&self) -> Vec<Tensor> {
-        let (a, m) = (&self.attn, &self.mlp);
-        (self.ln_1.params())
-            .chain(a.c_attn.params())
-            .chain(a.c_proj.params())
-            .chain(self.ln_2.params())
-            .chain(m.c_fc.params())
-            .chain(m.c_proj.params())
-            .collect()
-    }
-
-    /// The block with its activations recomputed during the backward.
-    fn forward_checkpointed(&self, x: &Tensor) -> Result<Tensor> {
-        let block = self.clone();
-        checkpointed(x, self.params(), &self.rng, move |x| block.forward(x, true))
-    }
-
-    /// An inference forward of new positions after those cached for layer `i`; returns the
-    /// output and this layer's extended keys and values.
-    fn forward_cached(
-        &self,
-        x: &Tensor,
-        cache: &KvCache,
-        i: usize,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let (a, kv) = self
-            .attn
-            .forward_cached(&self.ln_1.forward(x)?, cache, i, self.compute)?;
-        let x = (x + a)?;
-        let m = self.mlp.forward(&self.ln_2.forward(&x)?, self.compute)?;
-        Ok(((x + m)?, kv))
+        ])?;
+        let (c, h) = (("n_embd", self.n_embd), ("n_head", self.n_head));
+        check_divisible("model.n_head", c, h)?;
+        resolve_context(&mut self.block_size, "model.block_size", seq_len, false)?;
+        resolve_vocab(&mut self.vocab_size, vocab)
     }
 }
 
 pub struct Gpt {
-    wte: Tensor,
-    wpe: Tensor,
+    wte: Embedding,
+    wpe: Embedding,
     h: Vec<Block>,
-    ln_f: LayerNorm,
+    ln_f: Norm,
     dropout: f64,
     rng: SharedRng,
+    compute: DType,
     pub config: GptConfig,
 }
 
@@ -309,44 +95,41 @@ impl Gpt {
         let std = 0.02;
         // Residual projections are scaled down by √(2·n_layer) (GPT-2 paper, nanoGPT).
         let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
-        let embedding = |n: usize, name: &str| -> Result<Tensor> {
-            vb.get_with_hints(
-                (n, c),
-                &format!("{name}.weight"),
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: std,
-                },
-            )
-        };
+        let ln = |vb: VarBuilder| Norm::layer_norm(c, LN_EPS, bias, vb);
+        let heads = (cfg.n_head, cfg.n_head, c / cfg.n_head);
         let h = (0..cfg.n_layer)
             .map(|i| {
                 let vb = vb.pp(format!("h.{i}"));
+                let (a, m) = (vb.pp("attn"), vb.pp("mlp"));
                 Ok(Block {
-                    ln_1: LayerNorm::new(c, bias, vb.pp("ln_1"))?,
-                    attn: Attention {
-                        c_attn: Conv1D::new(c, 3 * c, std, bias, vb.pp("attn.c_attn"))?,
-                        c_proj: Conv1D::new(c, c, proj_std, bias, vb.pp("attn.c_proj"))?,
-                        n_head: cfg.n_head,
-                    },
-                    ln_2: LayerNorm::new(c, bias, vb.pp("ln_2"))?,
-                    mlp: Mlp {
-                        c_fc: Conv1D::new(c, 4 * c, std, bias, vb.pp("mlp.c_fc"))?,
-                        c_proj: Conv1D::new(4 * c, c, proj_std, bias, vb.pp("mlp.c_proj"))?,
-                    },
-                    dropout: cfg.dropout,
+                    norm_1: ln(vb.pp("ln_1"))?,
+                    attn: Attention::causal(
+                        Qkv::Fused(Linear::conv1d(c, 3 * c, std, bias, a.pp("c_attn"))?),
+                        Linear::conv1d(c, c, proj_std, bias, a.pp("c_proj"))?,
+                        heads,
+                        None,
+                    ),
+                    norm_2: ln(vb.pp("ln_2"))?,
+                    mlp: FeedForward::gelu(
+                        Linear::conv1d(c, 4 * c, std, bias, m.pp("c_fc"))?,
+                        Linear::conv1d(4 * c, c, proj_std, bias, m.pp("c_proj"))?,
+                        Activation::GeluTanh,
+                    ),
+                    place: NormPlace::Pre,
+                    p_drop: cfg.dropout,
                     rng: rng.clone(),
                     compute,
                 })
             })
             .collect::<Result<_>>()?;
         Ok(Gpt {
-            wte: embedding(cfg.vocab_size, "wte")?,
-            wpe: embedding(cfg.block_size, "wpe")?,
+            wte: Embedding::new(cfg.vocab_size, c, std, vb.pp("wte"))?,
+            wpe: Embedding::new(cfg.block_size, c, std, vb.pp("wpe"))?,
             h,
-            ln_f: LayerNorm::new(c, bias, vb.pp("ln_f"))?,
+            ln_f: ln(vb.pp("ln_f"))?,
             dropout: cfg.dropout,
             rng,
+            compute,
             config: cfg.clone(),
         })
     }
@@ -355,16 +138,15 @@ impl Gpt {
     fn embed(&self, idx: &Tensor, start: usize) -> Result<Tensor> {
         let (_, t) = idx.dims2()?;
         let pos = Tensor::arange(start as u32, (start + t) as u32, idx.device())?;
-        embedding(idx, &self.wte)?.broadcast_add(&embedding(&pos, &self.wpe)?)
+        self.wte
+            .forward(idx)?
+            .broadcast_add(&self.wpe.forward(&pos)?)
     }
 
-    /// The final LayerNorm and the head.
+    /// The final LayerNorm and the head, which shares the token embedding (HF's
+    /// `lm_head.weight` is `transformer.wte.weight`).
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        // The head shares the token embedding (HF's `lm_head.weight` is `transformer.wte.weight`).
-        let compute = self.h.first().map_or(x.dtype(), |b| b.compute);
-        let x = self.ln_f.forward(x)?;
-        let (b, t, c) = x.dims3()?;
-        in_precision(&x.reshape((b * t, c))?, &self.wte.t()?, compute)?.reshape((b, t, ()))
+        lm_head(&self.ln_f.forward(x)?, self.wte.table(), self.compute)
     }
 }
 
@@ -378,15 +160,9 @@ impl Model for Gpt {
                 self.config.block_size
             );
         }
-        let mut x = dropout(self.embed(idx, 0)?, self.dropout, train, &self.rng)?;
-        for block in &self.h {
-            x = if train && self.config.checkpoint_activations {
-                block.forward_checkpointed(&x)?
-            } else {
-                block.forward(&x, train)?
-            };
-        }
-        self.logits(&x)
+        let x = dropout(self.embed(idx, 0)?, self.dropout, train, &self.rng)?;
+        let ckpt = self.config.checkpoint_activations;
+        self.logits(&run_blocks(&self.h, x, None, train, ckpt)?)
     }
 
     fn as_decoder(&self) -> Option<&dyn Decoder> {
@@ -404,18 +180,77 @@ impl Decoder for Gpt {
     }
 
     fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let t = cache.check_step(idx, self.h.len(), self.context())?;
-        let mut x = self.embed(idx, cache.len())?;
-        let mut layers = Vec::with_capacity(self.h.len());
-        for (i, block) in self.h.iter().enumerate() {
-            let (y, kv) = block.forward_cached(&x, cache, i)?;
-            x = y;
-            layers.push(kv);
-        }
-        let logits = self.logits(&x)?;
-        cache.commit(layers, t);
-        Ok(logits)
+        let embed = |ids: &Tensor, start| self.embed(ids, start);
+        let logits = |x: &Tensor| self.logits(x);
+        decode_step(&self.h, idx, cache, self.context(), embed, logits)
     }
+}
+
+/// `config.json` for `c` in HF's `GPT2Config` schema, without the dtype keys or special
+/// tokens (the exporter adds those).
+pub(crate) fn hf_config(c: &GptConfig) -> Value {
+    json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c.vocab_size,
+        "n_positions": c.block_size,
+        "n_ctx": c.block_size,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": null,
+        "activation_function": "gelu_new",
+        "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": 0.0,
+        "layer_norm_epsilon": LN_EPS,
+        "initializer_range": 0.02,
+        "scale_attn_weights": true,
+        "tie_word_embeddings": true,
+        "use_cache": true,
+    })
+}
+
+/// The kiln config of a GPT-2 `config.json`; anything kiln computes differently is refused,
+/// naming the key.
+pub(crate) fn config_from_hf(r: &HfReader) -> anyhow::Result<GptConfig> {
+    let n_embd = r.uint("n_embd")?;
+    if !matches!(
+        r.v["activation_function"].as_str(),
+        None | Some("gelu_new") | Some("gelu_pytorch_tanh")
+    ) {
+        return Err(r.refuse(
+            "activation_function",
+            "kiln's GPT uses GPT-2's tanh GELU (gelu_new)",
+        ));
+    }
+    if !(r.v["n_inner"].is_null() || r.v["n_inner"].as_u64() == Some(4 * n_embd as u64)) {
+        return Err(r.refuse("n_inner", "kiln's GPT has a 4 × n_embd MLP"));
+    }
+    let eps = r.float_or("layer_norm_epsilon", LN_EPS)?;
+    if (eps - LN_EPS).abs() > 1e-12 {
+        return Err(r.refuse("layer_norm_epsilon", "kiln's GPT uses 1e-5"));
+    }
+    for (k, want) in [
+        ("tie_word_embeddings", true),
+        ("scale_attn_weights", true),
+        ("add_cross_attention", false),
+        ("scale_attn_by_inverse_layer_idx", false),
+    ] {
+        if r.v[k].as_bool().is_some_and(|b| b != want) {
+            return Err(r.refuse(k, &format!("kiln's GPT needs {want}")));
+        }
+    }
+    Ok(GptConfig {
+        n_layer: r.uint("n_layer")?,
+        n_head: r.uint("n_head")?,
+        n_embd,
+        block_size: r.uint("n_positions")?,
+        vocab_size: r.uint("vocab_size")?,
+        dropout: 0.0,
+        bias: true,
+        checkpoint_activations: false,
+    })
 }
 
 #[cfg(test)]

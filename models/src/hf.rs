@@ -6,18 +6,13 @@
 //! `transformer.` prefix and carry attention-mask buffers, and Llama checkpoints may carry
 //! rotary `inv_freq` buffers or a tied `lm_head`.
 
-use crate::gpt::GptConfig;
-use crate::llama::LlamaConfig;
 use crate::ModelConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
-
-/// GPT-2's layer-norm epsilon, which kiln's GPT uses.
-const GPT2_LN_EPS: f64 = 1e-5;
 
 /// Recipe keys that only affect training: a fine-tuning recipe may set them over a pretrained
 /// model's config.
@@ -46,70 +41,11 @@ pub fn hf_config(cfg: &ModelConfig, dtype: DType, special: SpecialTokens) -> Res
         other => bail!("cannot export weights as {other:?}"),
     };
     let mut v = match cfg {
-        ModelConfig::Gpt(c) => json!({
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": c.vocab_size,
-            "n_positions": c.block_size,
-            "n_ctx": c.block_size,
-            "n_embd": c.n_embd,
-            "n_layer": c.n_layer,
-            "n_head": c.n_head,
-            "n_inner": null,
-            "activation_function": "gelu_new",
-            "resid_pdrop": c.dropout,
-            "embd_pdrop": c.dropout,
-            "attn_pdrop": 0.0,
-            "layer_norm_epsilon": GPT2_LN_EPS,
-            "initializer_range": 0.02,
-            "scale_attn_weights": true,
-            "tie_word_embeddings": true,
-            "use_cache": true,
-        }),
-        ModelConfig::Llama(c) => json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads,
-            "head_dim": c.hidden_size / c.num_attention_heads,
-            "hidden_act": "silu",
-            "max_position_embeddings": c.max_position_embeddings,
-            "rms_norm_eps": c.rms_norm_eps,
-            "rope_theta": c.rope_theta,
-            "rope_scaling": null,
-            "attention_bias": false,
-            "attention_dropout": 0.0,
-            "mlp_bias": false,
-            "tie_word_embeddings": c.tie_word_embeddings,
-            "initializer_range": 0.02,
-            "pretraining_tp": 1,
-            "use_cache": true,
-        }),
+        ModelConfig::Gpt(c) => crate::gpt::hf_config(c),
+        ModelConfig::Llama(c) => crate::llama::hf_config(c),
         ModelConfig::Bert(c) => crate::bert::hf_config(c),
-        ModelConfig::Resnet(c) => resnet_config(c)?,
-        ModelConfig::Vit(c) => json!({
-            "architectures": ["ViTForImageClassification"],
-            "model_type": "vit",
-            "image_size": c.image_size,
-            "patch_size": c.patch_size,
-            "num_channels": c.num_channels,
-            "hidden_size": c.hidden_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "intermediate_size": c.intermediate_size,
-            "hidden_act": c.hidden_act,
-            "hidden_dropout_prob": c.hidden_dropout_prob,
-            "attention_probs_dropout_prob": c.attention_probs_dropout_prob,
-            "layer_norm_eps": c.layer_norm_eps,
-            "qkv_bias": c.qkv_bias,
-            "encoder_stride": c.patch_size,
-            "initializer_range": 0.02,
-            "num_labels": c.num_labels,
-        }),
+        ModelConfig::Resnet(c) => crate::resnet::hf_config(c)?,
+        ModelConfig::Vit(c) => crate::vit::hf_config(c),
         other => bail!("a {} model has no Hugging Face export yet", other.kind()),
     };
     if matches!(cfg, ModelConfig::Resnet(_) | ModelConfig::Vit(_)) {
@@ -126,189 +62,55 @@ pub fn hf_config(cfg: &ModelConfig, dtype: DType, special: SpecialTokens) -> Res
     Ok(v)
 }
 
-/// HF `ResNetConfig` of a resolved kiln ResNet; the small-image stem has no counterpart there.
-fn resnet_config(c: &crate::resnet::ResNetConfig) -> Result<Value> {
-    use crate::resnet::{LayerType, Stem};
-    if c.stem == Stem::Small {
-        bail!(
-            "this ResNet has kiln's small-image stem (model.stem = \"small\"), which transformers' \
-             ResNet does not have (its stem is a 7×7 stride-2 convolution and a max-pool), so \
-             no ResNetForImageClassification folder can reproduce it; train with \
-             model.stem = \"imagenet\" to export"
-        );
+/// A `config.json` being read into a kiln config; its errors name the folder and the key.
+pub(crate) struct HfReader<'a> {
+    pub v: &'a Value,
+    source: &'a Path,
+}
+
+impl HfReader<'_> {
+    pub fn ctx(&self) -> String {
+        format!("{}", self.source.display())
     }
-    let layer_type = match c.layer_type {
-        Some(LayerType::Basic) => "basic",
-        Some(LayerType::Bottleneck) => "bottleneck",
-        None => bail!("the ResNet config is not resolved (no layer_type)"),
-    };
-    Ok(json!({
-        "architectures": ["ResNetForImageClassification"],
-        "model_type": "resnet",
-        "num_channels": c.num_channels,
-        "embedding_size": c.embedding_size,
-        "hidden_sizes": c.hidden_sizes,
-        "depths": c.depths,
-        "layer_type": layer_type,
-        "hidden_act": c.hidden_act,
-        "downsample_in_first_stage": c.downsample_in_first_stage,
-        "downsample_in_bottleneck": c.downsample_in_bottleneck,
-        "num_labels": c.num_labels,
-    }))
+
+    /// The whole number at `k`.
+    pub fn uint(&self, k: &str) -> Result<usize> {
+        self.v[k]
+            .as_u64()
+            .map(|x| x as usize)
+            .with_context(|| format!("{}: `{k}` is missing or not a whole number", self.ctx()))
+    }
+
+    /// The number at `k`, or `d` when it is absent.
+    pub fn float_or(&self, k: &str, d: f64) -> Result<f64> {
+        match &self.v[k] {
+            Value::Null => Ok(d),
+            x => x
+                .as_f64()
+                .with_context(|| format!("{}: `{k}` is not a number", self.ctx())),
+        }
+    }
+
+    /// The error for a value at `k` that kiln does not compute the same way, saying `why`.
+    pub fn refuse(&self, k: &str, why: &str) -> anyhow::Error {
+        anyhow::anyhow!("{}: `{k}` = {}: {why}", self.ctx(), self.v[k])
+    }
 }
 
 /// The kiln config of a `config.json`; anything kiln's implementation does not compute the same
 /// way is refused, naming the key.
 pub fn from_hf_config(v: &Value, source: &Path) -> Result<ModelConfig> {
-    let ctx = || format!("{}", source.display());
+    let r = HfReader { v, source };
+    let ctx = || r.ctx();
     let model_type = v["model_type"].as_str().unwrap_or("");
-    let uint = |k: &str| -> Result<usize> {
-        v[k].as_u64()
-            .map(|x| x as usize)
-            .with_context(|| format!("{}: `{k}` is missing or not a whole number", ctx()))
-    };
-    let float_or = |k: &str, d: f64| -> Result<f64> {
-        match &v[k] {
-            Value::Null => Ok(d),
-            x => x
-                .as_f64()
-                .with_context(|| format!("{}: `{k}` is not a number", ctx())),
-        }
-    };
-    let refuse = |k: &str, why: &str| -> anyhow::Error {
-        anyhow::anyhow!("{}: `{k}` = {}: {why}", ctx(), v[k])
-    };
     match model_type {
-        "gpt2" => {
-            let n_embd = uint("n_embd")?;
-            if !matches!(
-                v["activation_function"].as_str(),
-                None | Some("gelu_new") | Some("gelu_pytorch_tanh")
-            ) {
-                return Err(refuse(
-                    "activation_function",
-                    "kiln's GPT uses GPT-2's tanh GELU (gelu_new)",
-                ));
-            }
-            if !(v["n_inner"].is_null() || v["n_inner"].as_u64() == Some(4 * n_embd as u64)) {
-                return Err(refuse("n_inner", "kiln's GPT has a 4 × n_embd MLP"));
-            }
-            let eps = float_or("layer_norm_epsilon", GPT2_LN_EPS)?;
-            if (eps - GPT2_LN_EPS).abs() > 1e-12 {
-                return Err(refuse("layer_norm_epsilon", "kiln's GPT uses 1e-5"));
-            }
-            for (k, want) in [
-                ("tie_word_embeddings", true),
-                ("scale_attn_weights", true),
-                ("add_cross_attention", false),
-                ("scale_attn_by_inverse_layer_idx", false),
-            ] {
-                if v[k].as_bool().is_some_and(|b| b != want) {
-                    return Err(refuse(k, &format!("kiln's GPT needs {want}")));
-                }
-            }
-            Ok(ModelConfig::Gpt(GptConfig {
-                n_layer: uint("n_layer")?,
-                n_head: uint("n_head")?,
-                n_embd,
-                block_size: uint("n_positions")?,
-                vocab_size: uint("vocab_size")?,
-                dropout: 0.0,
-                bias: true,
-                checkpoint_activations: false,
-            }))
-        }
-        "llama" => {
-            if !matches!(v["hidden_act"].as_str(), None | Some("silu")) {
-                return Err(refuse("hidden_act", "kiln's Llama uses SiLU"));
-            }
-            if !v["rope_scaling"].is_null() {
-                return Err(refuse("rope_scaling", "kiln's Llama has plain RoPE"));
-            }
-            for k in ["attention_bias", "mlp_bias"] {
-                if v[k].as_bool() == Some(true) {
-                    return Err(refuse(k, "kiln's Llama has no biases"));
-                }
-            }
-            let hidden = uint("hidden_size")?;
-            let heads = uint("num_attention_heads")?;
-            if let Some(d) = v["head_dim"].as_u64() {
-                if d as usize * heads != hidden {
-                    return Err(refuse("head_dim", "kiln's Llama needs hidden_size / heads"));
-                }
-            }
-            Ok(ModelConfig::Llama(LlamaConfig {
-                hidden_size: hidden,
-                intermediate_size: uint("intermediate_size")?,
-                num_hidden_layers: uint("num_hidden_layers")?,
-                num_attention_heads: heads,
-                num_key_value_heads: v["num_key_value_heads"]
-                    .as_u64()
-                    .map_or(heads, |x| x as usize),
-                vocab_size: uint("vocab_size")?,
-                max_position_embeddings: uint("max_position_embeddings")?,
-                rms_norm_eps: float_or("rms_norm_eps", 1e-6)?,
-                rope_theta: float_or("rope_theta", 10_000.0)?,
-                tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
-                dropout: 0.0,
-                checkpoint_activations: false,
-            }))
-        }
+        "gpt2" => crate::gpt::config_from_hf(&r).map(ModelConfig::Gpt),
+        "llama" => crate::llama::config_from_hf(&r).map(ModelConfig::Llama),
         "bert" => crate::bert::config_from_hf(v)
             .map(ModelConfig::Bert)
             .with_context(ctx),
-        "resnet" => {
-            use crate::resnet::{LayerType, ResNetConfig, Stem};
-            if !matches!(v["hidden_act"].as_str(), None | Some("relu")) {
-                return Err(refuse("hidden_act", "kiln's ResNet uses ReLU"));
-            }
-            let sizes = |k: &str| -> Result<Vec<usize>> {
-                serde_json::from_value(v[k].clone())
-                    .with_context(|| format!("{}: `{k}` is not a list of whole numbers", ctx()))
-            };
-            let layer_type = match v["layer_type"].as_str() {
-                None | Some("bottleneck") => LayerType::Bottleneck,
-                Some("basic") => LayerType::Basic,
-                Some(_) => return Err(refuse("layer_type", "expected basic or bottleneck")),
-            };
-            Ok(ModelConfig::Resnet(ResNetConfig {
-                preset: None,
-                stem: Stem::Imagenet,
-                embedding_size: Some(uint("embedding_size")?),
-                hidden_sizes: Some(sizes("hidden_sizes")?),
-                depths: Some(sizes("depths")?),
-                layer_type: Some(layer_type),
-                downsample_in_first_stage: v["downsample_in_first_stage"]
-                    .as_bool()
-                    .unwrap_or(false),
-                downsample_in_bottleneck: v["downsample_in_bottleneck"].as_bool().unwrap_or(false),
-                hidden_act: "relu".into(),
-                num_channels: uint("num_channels")?,
-                num_labels: num_labels(v),
-                input_shape: Vec::new(),
-            }))
-        }
-        "vit" => {
-            if !matches!(v["hidden_act"].as_str(), None | Some("gelu")) {
-                return Err(refuse("hidden_act", "kiln's ViT uses the exact (erf) GELU"));
-            }
-            Ok(ModelConfig::Vit(crate::vit::ViTConfig {
-                image_size: uint("image_size")?,
-                patch_size: uint("patch_size")?,
-                num_channels: uint("num_channels")?,
-                hidden_size: uint("hidden_size")?,
-                num_hidden_layers: uint("num_hidden_layers")?,
-                num_attention_heads: uint("num_attention_heads")?,
-                intermediate_size: uint("intermediate_size")?,
-                hidden_dropout_prob: float_or("hidden_dropout_prob", 0.0)?,
-                attention_probs_dropout_prob: float_or("attention_probs_dropout_prob", 0.0)?,
-                layer_norm_eps: float_or("layer_norm_eps", 1e-12)?,
-                qkv_bias: v["qkv_bias"].as_bool().unwrap_or(true),
-                hidden_act: "gelu".into(),
-                num_labels: num_labels(v),
-                checkpoint_activations: false,
-            }))
-        }
+        "resnet" => crate::resnet::config_from_hf(&r).map(ModelConfig::Resnet),
+        "vit" => crate::vit::config_from_hf(&r).map(ModelConfig::Vit),
         other => bail!(
             "{}: model_type {other:?} is not one kiln implements (\"gpt2\", \"llama\", \"bert\", \
              \"resnet\", \"vit\")",
@@ -318,7 +120,7 @@ pub fn from_hf_config(v: &Value, source: &Path) -> Result<ModelConfig> {
 }
 
 /// Classes of a classifier's `config.json`: `id2label`'s size, else `num_labels`, else 0.
-fn num_labels(v: &Value) -> usize {
+pub(crate) fn num_labels(v: &Value) -> usize {
     match v["id2label"].as_object() {
         Some(m) if !m.is_empty() => m.len(),
         _ => v["num_labels"].as_u64().unwrap_or(0) as usize,
@@ -585,6 +387,9 @@ fn preview<S: AsRef<str>>(names: &[S]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpt::GptConfig;
+    use crate::llama::LlamaConfig;
+    use serde_json::json;
 
     fn tiny_gpt(bias: bool) -> ModelConfig {
         ModelConfig::Gpt(GptConfig {

@@ -6,6 +6,7 @@ pub mod bert;
 pub mod cnn;
 pub mod gpt;
 pub mod hf;
+mod layers;
 pub mod llama;
 pub mod lora;
 pub mod mlp;
@@ -342,6 +343,99 @@ pub(crate) fn check_dropout(p: f64, key: &'static str) -> std::result::Result<()
     } else {
         Err((key, format!("must be in [0, 1), got {p}")))
     }
+}
+
+/// Each `(key, value)` is at least 1.
+pub(crate) fn check_positive(
+    fields: &[(&'static str, usize)],
+) -> std::result::Result<(), ConfigError> {
+    match fields.iter().find(|(_, v)| *v == 0) {
+        Some((key, _)) => Err((key, "must be at least 1".into())),
+        None => Ok(()),
+    }
+}
+
+/// `a` (named `a_name`) is a multiple of `b`; the error is reported at `key`.
+pub(crate) fn check_divisible(
+    key: &'static str,
+    (a_name, a): (&str, usize),
+    (b_name, b): (&str, usize),
+) -> std::result::Result<(), ConfigError> {
+    if a.is_multiple_of(b) {
+        return Ok(());
+    }
+    Err((
+        key,
+        format!("{a_name} = {a} is not divisible by {b_name} = {b}"),
+    ))
+}
+
+/// A float setting `key` that must be positive and finite (an epsilon, RoPE's base).
+pub(crate) fn check_positive_f64(
+    key: &'static str,
+    v: f64,
+) -> std::result::Result<(), ConfigError> {
+    if v > 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        Err((key, format!("must be positive, got {v}")))
+    }
+}
+
+/// A context length at `key`: 0 takes `seq_len`; it must then be at least 1 (when `nonzero`)
+/// and hold `seq_len` positions.
+pub(crate) fn resolve_context(
+    value: &mut usize,
+    key: &'static str,
+    seq_len: usize,
+    nonzero: bool,
+) -> std::result::Result<(), ConfigError> {
+    if *value == 0 {
+        *value = seq_len;
+    }
+    if nonzero && *value == 0 {
+        return Err((
+            key,
+            "must be at least 1 (it defaults to data.seq_len)".into(),
+        ));
+    }
+    if seq_len > *value {
+        return Err((
+            key,
+            format!("{value} is shorter than data.seq_len = {seq_len}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `model.vocab_size`: 0 takes the data's `vocab`; a set one must hold it.
+pub(crate) fn resolve_vocab(
+    value: &mut usize,
+    vocab: usize,
+) -> std::result::Result<(), ConfigError> {
+    if *value == 0 {
+        *value = vocab;
+    } else if *value < vocab {
+        return Err((
+            "model.vocab_size",
+            format!("{value} is smaller than the data's vocabulary ({vocab})"),
+        ));
+    }
+    Ok(())
+}
+
+/// `model.num_labels` has an output for each of the data's `num_classes` classes.
+pub(crate) fn check_labels_cover(
+    num_labels: usize,
+    num_classes: usize,
+) -> std::result::Result<(), ConfigError> {
+    if num_labels < num_classes {
+        return Err((
+            "model.num_labels",
+            format!("{num_labels} is fewer than the data's {num_classes} classes"),
+        ));
+    }
+    Ok(())
 }
 
 /// Dropout on `x` while training.

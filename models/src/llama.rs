@@ -16,15 +16,20 @@
 //! recomputed in the backward. As a [`Decoder`], it generates with a KV cache that holds the
 //! key/value heads before their repetition.
 
-use crate::{
-    cached_attention, check_dropout, checkpointed, dropout, in_precision, ConfigError, Decoder,
-    KvCache, Model,
+use crate::hf::HfReader;
+use crate::layers::{
+    decode_step, lm_head, normal, run_blocks, Attention, Block, Embedding, FeedForward, Linear,
+    Norm, NormPlace, Qkv, Rope,
 };
-use candle_core::{DType, Device, Result, Tensor, D};
-use candle_nn::{Init, VarBuilder};
+use crate::{
+    check_divisible, check_dropout, check_positive, check_positive_f64, resolve_context,
+    resolve_vocab, ConfigError, Decoder, KvCache, Model,
+};
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
 use kiln_core::rng::SharedRng;
-use kiln_kernels::{causal_self_attention, embedding, rms_norm};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,25 +91,18 @@ impl LlamaConfig {
         seq_len: usize,
     ) -> std::result::Result<(), ConfigError> {
         check_dropout(self.dropout, "model.dropout")?;
-        for (key, v) in [
+        check_positive(&[
             ("model.hidden_size", self.hidden_size),
             ("model.intermediate_size", self.intermediate_size),
             ("model.num_hidden_layers", self.num_hidden_layers),
             ("model.num_attention_heads", self.num_attention_heads),
-        ] {
-            if v == 0 {
-                return Err((key, "must be at least 1".into()));
-            }
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err((
-                "model.num_attention_heads",
-                format!(
-                    "hidden_size = {} is not divisible by num_attention_heads = {}",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
+        ])?;
+        let heads = ("num_attention_heads", self.num_attention_heads);
+        check_divisible(
+            "model.num_attention_heads",
+            ("hidden_size", self.hidden_size),
+            heads,
+        )?;
         if !self.head_dim().is_multiple_of(2) {
             return Err((
                 "model.num_attention_heads",
@@ -116,313 +114,23 @@ impl LlamaConfig {
             ));
         }
         self.num_key_value_heads = self.kv_heads();
-        if !self
-            .num_attention_heads
-            .is_multiple_of(self.num_key_value_heads)
-        {
-            return Err((
-                "model.num_key_value_heads",
-                format!(
-                    "num_attention_heads = {} is not divisible by num_key_value_heads = {}",
-                    self.num_attention_heads, self.num_key_value_heads
-                ),
-            ));
-        }
-        if self.max_position_embeddings == 0 {
-            self.max_position_embeddings = seq_len;
-        }
-        if self.max_position_embeddings == 0 {
-            return Err((
-                "model.max_position_embeddings",
-                "must be at least 1 (it defaults to data.seq_len)".into(),
-            ));
-        }
-        if seq_len > self.max_position_embeddings {
-            return Err((
-                "model.max_position_embeddings",
-                format!(
-                    "{} is shorter than data.seq_len = {seq_len}",
-                    self.max_position_embeddings
-                ),
-            ));
-        }
-        if self.vocab_size == 0 {
-            self.vocab_size = vocab;
-        } else if self.vocab_size < vocab {
-            return Err((
-                "model.vocab_size",
-                format!(
-                    "{} is smaller than the data's vocabulary ({vocab})",
-                    self.vocab_size
-                ),
-            ));
-        }
-        for (key, v) in [
-            ("model.rms_norm_eps", self.rms_norm_eps),
-            ("model.rope_theta", self.rope_theta),
-        ] {
-            if !(v > 0.0 && v.is_finite()) {
-                return Err((key, format!("must be positive, got {v}")));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// `nn.Linear` without a bias: y = x · Wᵀ with W stored (out, in).
-#[derive(Clone)]
-struct Linear {
-    weight: Tensor,
-}
-
-impl Linear {
-    fn new(n_in: usize, n_out: usize, std: f64, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints(
-            (n_out, n_in),
-            "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: std,
-            },
+        check_divisible(
+            "model.num_key_value_heads",
+            heads,
+            ("num_key_value_heads", self.num_key_value_heads),
         )?;
-        Ok(Linear { weight })
-    }
-
-    /// x · Wᵀ in the `compute` dtype, returned in x's dtype.
-    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        // One 2-D matmul over all positions: cheaper forward and backward than a batched one.
-        let mut out_dims = x.dims().to_vec();
-        let n_in = out_dims.pop().expect("x has a feature dimension");
-        out_dims.push(self.weight.dim(0)?);
-        in_precision(&x.reshape(((), n_in))?, &self.weight.t()?, compute)?.reshape(out_dims)
-    }
-}
-
-#[derive(Clone)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn new(n: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints(n, "weight", Init::Const(1.0))?;
-        Ok(RmsNorm { weight, eps })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.weight, self.eps)
-    }
-}
-
-/// Rotary position embedding in HF's non-interleaved layout: feature i pairs with i + D/2,
-/// and x ↦ x·cos + rotate_half(x)·sin with rotate_half(x) = (−x₂, x₁).
-#[derive(Clone)]
-struct Rope {
-    /// cos and sin of p·θ^(−2i/D) for each position p and i < D/2, the D/2 angles repeated
-    /// for both halves: (positions, D) each.
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    /// Tables for `positions` positions, computed in f64 and stored in `dtype`: the residual
-    /// stream's, so f32 under mixed precision (HF computes them in f32).
-    fn new(
-        positions: usize,
-        head_dim: usize,
-        theta: f64,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Self> {
-        let half = head_dim / 2;
-        let angles: Vec<f64> = (0..positions)
-            .flat_map(|p| {
-                (0..head_dim).map(move |j| {
-                    let i = j % half;
-                    p as f64 * theta.powf(-2.0 * i as f64 / head_dim as f64)
-                })
-            })
-            .collect();
-        let table = |f: fn(f64) -> f64| {
-            let v: Vec<f64> = angles.iter().map(|&a| f(a)).collect();
-            Tensor::from_vec(v, (positions, head_dim), dev)?.to_dtype(dtype)
-        };
-        Ok(Rope {
-            cos: table(f64::cos)?,
-            sin: table(f64::sin)?,
-        })
-    }
-
-    /// `x` (B, T, heads, D) at positions start…start+T, rotated.
-    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (_, t, _, d) = x.dims4()?;
-        let table = |tab: &Tensor| tab.narrow(0, start, t)?.unsqueeze(1); // (T, 1, D)
-        let half = d / 2;
-        let rotated = Tensor::cat(
-            &[
-                &x.narrow(D::Minus1, half, half)?.neg()?,
-                &x.narrow(D::Minus1, 0, half)?,
-            ],
-            D::Minus1,
-        )?;
-        x.broadcast_mul(&table(&self.cos)?)? + rotated.broadcast_mul(&table(&self.sin)?)?
-    }
-}
-
-#[derive(Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    n_head: usize,
-    n_kv_head: usize,
-    head_dim: usize,
-    rope: Rope,
-}
-
-impl Attention {
-    /// q (B, H, T, D) and k, v (B, KV, T, D) of positions start…, rotated, in the compute dtype
-    /// (the attention kernel keeps its softmax in f32).
-    fn qkv(&self, x: &Tensor, start: usize, compute: DType) -> Result<[Tensor; 3]> {
-        let (b, t, _) = x.dims3()?;
-        let heads = |p: &Linear, n: usize| p.forward(x, compute)?.reshape((b, t, n, self.head_dim));
-        // RoPE runs in x's dtype (f32 under mixed precision), then the heads go to `compute`.
-        let bhtd = |x: Tensor| x.to_dtype(compute)?.transpose(1, 2)?.contiguous();
-        let q = self.rope.apply(&heads(&self.q_proj, self.n_head)?, start)?;
-        let k = self
-            .rope
-            .apply(&heads(&self.k_proj, self.n_kv_head)?, start)?;
-        let v = heads(&self.v_proj, self.n_kv_head)?;
-        Ok([bhtd(q)?, bhtd(k)?, bhtd(v)?])
-    }
-
-    /// k or v (B, KV, T, D) with each head repeated for the H / KV query heads that share it
-    /// (HF's `repeat_kv`: query head h reads key/value head h / (H / KV)).
-    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
-        let n = self.n_head / self.n_kv_head;
-        if n == 1 {
-            return Ok(x);
-        }
-        let (b, kv, t, d) = x.dims4()?;
-        x.unsqueeze(2)?
-            .broadcast_as((b, kv, n, t, d))?
-            .reshape((b, kv * n, t, d))
-    }
-
-    /// The heads' outputs (B, H, T, D) merged and projected, in `dtype`.
-    fn out(&self, y: &Tensor, dtype: DType, compute: DType) -> Result<Tensor> {
-        let (b, h, t, d) = y.dims4()?;
-        let y = y.transpose(1, 2)?.reshape((b, t, h * d))?.to_dtype(dtype)?;
-        self.o_proj.forward(&y, compute)
-    }
-
-    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        let [q, k, v] = self.qkv(x, 0, compute)?;
-        let y = causal_self_attention(&q, &self.repeat_kv(k)?, &self.repeat_kv(v)?)?;
-        self.out(&y, x.dtype(), compute)
-    }
-
-    fn forward_cached(
-        &self,
-        x: &Tensor,
-        cache: &KvCache,
-        i: usize,
-        compute: DType,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let [q, k, v] = self.qkv(x, cache.len(), compute)?;
-        let (k, v) = cache.extended(i, k, v)?;
-        let y = cached_attention(&q, &self.repeat_kv(k.clone())?, &self.repeat_kv(v.clone())?)?;
-        Ok((self.out(&y, x.dtype(), compute)?, (k, v)))
-    }
-}
-
-/// SwiGLU: down(silu(gate(x)) · up(x)).
-#[derive(Clone)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        // candle's `silu` has a backward (unlike candle-nn's fused ops).
-        let gate = self.gate_proj.forward(x, compute)?.silu()?;
-        let h = (gate * self.up_proj.forward(x, compute)?)?;
-        self.down_proj.forward(&h, compute)
-    }
-}
-
-/// One pre-RMSNorm decoder layer, with what it needs to run alone (for recomputation).
-#[derive(Clone)]
-struct Block {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
-    dropout: f64,
-    rng: SharedRng,
-    compute: DType,
-}
-
-impl Block {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let a = (self.self_attn).forward(&self.input_layernorm.forward(x)?, self.compute)?;
-        let x = (x + dropout(a, self.dropout, train, &self.rng)?)?;
-        let m = (self.mlp).forward(&self.post_attention_layernorm.forward(&x)?, self.compute)?;
-        x + dropout(m, self.dropout, train, &self.rng)?
-    }
-
-    fn params(&self) -> Vec<Tensor> {
-        let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            &self.input_layernorm.weight,
-            &a.q_proj.weight,
-            &a.k_proj.weight,
-            &a.v_proj.weight,
-            &a.o_proj.weight,
-            &self.post_attention_layernorm.weight,
-            &m.gate_proj.weight,
-            &m.up_proj.weight,
-            &m.down_proj.weight,
-        ]
-        .into_iter()
-        .cloned()
-        .collect()
-    }
-
-    /// The block with its activations recomputed during the backward.
-    fn forward_checkpointed(&self, x: &Tensor) -> Result<Tensor> {
-        let block = self.clone();
-        checkpointed(x, self.params(), &self.rng, move |x| block.forward(x, true))
-    }
-
-    /// An inference forward of new positions after those cached for layer `i`; returns the
-    /// output and this layer's extended keys and values.
-    fn forward_cached(
-        &self,
-        x: &Tensor,
-        cache: &KvCache,
-        i: usize,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let (a, kv) = (self.self_attn).forward_cached(
-            &self.input_layernorm.forward(x)?,
-            cache,
-            i,
-            self.compute,
-        )?;
-        let x = (x + a)?;
-        let m = (self.mlp).forward(&self.post_attention_layernorm.forward(&x)?, self.compute)?;
-        Ok(((x + m)?, kv))
+        let key = "model.max_position_embeddings";
+        resolve_context(&mut self.max_position_embeddings, key, seq_len, true)?;
+        resolve_vocab(&mut self.vocab_size, vocab)?;
+        check_positive_f64("model.rms_norm_eps", self.rms_norm_eps)?;
+        check_positive_f64("model.rope_theta", self.rope_theta)
     }
 }
 
 pub struct Llama {
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<Block>,
-    norm: RmsNorm,
+    norm: Norm,
     /// None when tied to `embed_tokens`.
     lm_head: Option<Tensor>,
     compute: DType,
@@ -433,69 +141,55 @@ impl Llama {
     /// `compute` is the dtype of the matmuls and the attention (the weights' dtype for full
     /// precision, bf16/f16 for mixed precision).
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Result<Self> {
-        let (c, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-        let (n_head, n_kv_head, head_dim) =
-            (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let (c, eps, ff) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.intermediate_size);
+        let heads = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let kv = cfg.kv_heads() * cfg.head_dim();
         let std = 0.02;
         // Residual projections are scaled down by √(2·n_layers) (GPT-2 paper, nanoGPT).
         let proj_std = std / (2.0 * cfg.num_hidden_layers as f64).sqrt();
-        let randn = Init::Randn {
-            mean: 0.0,
-            stdev: std,
-        };
         let rope = Rope::new(
             cfg.max_position_embeddings,
-            head_dim,
+            cfg.head_dim(),
             cfg.rope_theta,
             vb.dtype(),
             vb.device(),
         )?;
+        // `nn.Linear` without a bias.
+        let linear = |n_in, n_out, std, vb| Linear::new(n_in, n_out, std, false, vb);
         let m = vb.pp("model");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let vb = m.pp(format!("layers.{i}"));
                 let (a, f) = (vb.pp("self_attn"), vb.pp("mlp"));
-                let kv = n_kv_head * head_dim;
+                let qkv = Qkv::Split {
+                    q: linear(c, c, std, a.pp("q_proj"))?,
+                    k: linear(c, kv, std, a.pp("k_proj"))?,
+                    v: linear(c, kv, std, a.pp("v_proj"))?,
+                };
+                let o_proj = linear(c, c, proj_std, a.pp("o_proj"))?;
                 Ok(Block {
-                    input_layernorm: RmsNorm::new(c, eps, vb.pp("input_layernorm"))?,
-                    self_attn: Attention {
-                        q_proj: Linear::new(c, c, std, a.pp("q_proj"))?,
-                        k_proj: Linear::new(c, kv, std, a.pp("k_proj"))?,
-                        v_proj: Linear::new(c, kv, std, a.pp("v_proj"))?,
-                        o_proj: Linear::new(c, c, proj_std, a.pp("o_proj"))?,
-                        n_head,
-                        n_kv_head,
-                        head_dim,
-                        rope: rope.clone(),
-                    },
-                    post_attention_layernorm: RmsNorm::new(
-                        c,
-                        eps,
-                        vb.pp("post_attention_layernorm"),
-                    )?,
-                    mlp: Mlp {
-                        gate_proj: Linear::new(c, cfg.intermediate_size, std, f.pp("gate_proj"))?,
-                        up_proj: Linear::new(c, cfg.intermediate_size, std, f.pp("up_proj"))?,
-                        down_proj: Linear::new(
-                            cfg.intermediate_size,
-                            c,
-                            proj_std,
-                            f.pp("down_proj"),
-                        )?,
-                    },
-                    dropout: cfg.dropout,
+                    norm_1: Norm::rms_norm(c, eps, vb.pp("input_layernorm"))?,
+                    attn: Attention::causal(qkv, o_proj, heads, Some(rope.clone())),
+                    norm_2: Norm::rms_norm(c, eps, vb.pp("post_attention_layernorm"))?,
+                    mlp: FeedForward::swiglu(
+                        linear(c, ff, std, f.pp("gate_proj"))?,
+                        linear(c, ff, std, f.pp("up_proj"))?,
+                        linear(ff, c, proj_std, f.pp("down_proj"))?,
+                    ),
+                    place: NormPlace::Pre,
+                    p_drop: cfg.dropout,
                     rng: rng.clone(),
                     compute,
                 })
             })
             .collect::<Result<_>>()?;
         let lm_head = (!cfg.tie_word_embeddings)
-            .then(|| vb.get_with_hints((cfg.vocab_size, c), "lm_head.weight", randn))
+            .then(|| vb.get_with_hints((cfg.vocab_size, c), "lm_head.weight", normal(std)))
             .transpose()?;
         Ok(Llama {
-            embed_tokens: m.get_with_hints((cfg.vocab_size, c), "embed_tokens.weight", randn)?,
+            embed_tokens: Embedding::new(cfg.vocab_size, c, std, m.pp("embed_tokens"))?,
             layers,
-            norm: RmsNorm::new(c, eps, m.pp("norm"))?,
+            norm: Norm::rms_norm(c, eps, m.pp("norm"))?,
             lm_head,
             compute,
             config: cfg.clone(),
@@ -504,10 +198,8 @@ impl Llama {
 
     /// The final RMSNorm and the head.
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let x = self.norm.forward(x)?;
-        let (b, t, c) = x.dims3()?;
-        in_precision(&x.reshape((b * t, c))?, &head.t()?, self.compute)?.reshape((b, t, ()))
+        let head = (self.lm_head.as_ref()).unwrap_or(self.embed_tokens.table());
+        lm_head(&self.norm.forward(x)?, head, self.compute)
     }
 }
 
@@ -521,15 +213,9 @@ impl Model for Llama {
                 self.config.max_position_embeddings
             );
         }
-        let mut x = embedding(ids, &self.embed_tokens)?;
-        for block in &self.layers {
-            x = if train && self.config.checkpoint_activations {
-                block.forward_checkpointed(&x)?
-            } else {
-                block.forward(&x, train)?
-            };
-        }
-        self.logits(&x)
+        let x = self.embed_tokens.forward(ids)?;
+        let ckpt = self.config.checkpoint_activations;
+        self.logits(&run_blocks(&self.layers, x, None, train, ckpt)?)
     }
 
     fn as_decoder(&self) -> Option<&dyn Decoder> {
@@ -547,18 +233,77 @@ impl Decoder for Llama {
     }
 
     fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let t = cache.check_step(ids, self.layers.len(), self.context())?;
-        let mut x = embedding(ids, &self.embed_tokens)?;
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for (i, block) in self.layers.iter().enumerate() {
-            let (y, kv) = block.forward_cached(&x, cache, i)?;
-            x = y;
-            layers.push(kv);
-        }
-        let logits = self.logits(&x)?;
-        cache.commit(layers, t);
-        Ok(logits)
+        let embed = |ids: &Tensor, _| self.embed_tokens.forward(ids);
+        let logits = |x: &Tensor| self.logits(x);
+        decode_step(&self.layers, ids, cache, self.context(), embed, logits)
     }
+}
+
+/// `config.json` for `c` in HF's `LlamaConfig` schema, without the dtype keys or special
+/// tokens (the exporter adds those).
+pub(crate) fn hf_config(c: &LlamaConfig) -> Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.hidden_size / c.num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": null,
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "mlp_bias": false,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": true,
+    })
+}
+
+/// The kiln config of a Llama `config.json`; anything kiln computes differently is refused,
+/// naming the key.
+pub(crate) fn config_from_hf(r: &HfReader) -> anyhow::Result<LlamaConfig> {
+    if !matches!(r.v["hidden_act"].as_str(), None | Some("silu")) {
+        return Err(r.refuse("hidden_act", "kiln's Llama uses SiLU"));
+    }
+    if !r.v["rope_scaling"].is_null() {
+        return Err(r.refuse("rope_scaling", "kiln's Llama has plain RoPE"));
+    }
+    for k in ["attention_bias", "mlp_bias"] {
+        if r.v[k].as_bool() == Some(true) {
+            return Err(r.refuse(k, "kiln's Llama has no biases"));
+        }
+    }
+    let hidden = r.uint("hidden_size")?;
+    let heads = r.uint("num_attention_heads")?;
+    if let Some(d) = r.v["head_dim"].as_u64() {
+        if d as usize * heads != hidden {
+            return Err(r.refuse("head_dim", "kiln's Llama needs hidden_size / heads"));
+        }
+    }
+    Ok(LlamaConfig {
+        hidden_size: hidden,
+        intermediate_size: r.uint("intermediate_size")?,
+        num_hidden_layers: r.uint("num_hidden_layers")?,
+        num_attention_heads: heads,
+        num_key_value_heads: r.v["num_key_value_heads"]
+            .as_u64()
+            .map_or(heads, |x| x as usize),
+        vocab_size: r.uint("vocab_size")?,
+        max_position_embeddings: r.uint("max_position_embeddings")?,
+        rms_norm_eps: r.float_or("rms_norm_eps", 1e-6)?,
+        rope_theta: r.float_or("rope_theta", 10_000.0)?,
+        tie_word_embeddings: r.v["tie_word_embeddings"].as_bool().unwrap_or(false),
+        dropout: 0.0,
+        checkpoint_activations: false,
+    })
 }
 
 #[cfg(test)]

@@ -31,12 +31,15 @@
 //! stay in f32. `train` switches BN to batch statistics and updates its running statistics.
 
 use crate::batch_norm::BatchNorm2d;
+use crate::hf::HfReader;
 use crate::{in_precision, ConfigError, Model};
+use anyhow::Context;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 use kiln_core::rng::SharedRng;
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 /// HF's microsoft/resnet-* architectures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -449,6 +452,67 @@ impl Model for ResNet {
         in_precision(&pooled, &self.classifier_weight.t()?, self.compute)?
             .broadcast_add(&self.classifier_bias)
     }
+}
+
+/// HF `ResNetConfig` of a resolved kiln ResNet; the small-image stem has no counterpart there.
+pub(crate) fn hf_config(c: &ResNetConfig) -> anyhow::Result<Value> {
+    if c.stem == Stem::Small {
+        anyhow::bail!(
+            "this ResNet has kiln's small-image stem (model.stem = \"small\"), which transformers' \
+             ResNet does not have (its stem is a 7×7 stride-2 convolution and a max-pool), so \
+             no ResNetForImageClassification folder can reproduce it; train with \
+             model.stem = \"imagenet\" to export"
+        );
+    }
+    let layer_type = match c.layer_type {
+        Some(LayerType::Basic) => "basic",
+        Some(LayerType::Bottleneck) => "bottleneck",
+        None => anyhow::bail!("the ResNet config is not resolved (no layer_type)"),
+    };
+    Ok(json!({
+        "architectures": ["ResNetForImageClassification"],
+        "model_type": "resnet",
+        "num_channels": c.num_channels,
+        "embedding_size": c.embedding_size,
+        "hidden_sizes": c.hidden_sizes,
+        "depths": c.depths,
+        "layer_type": layer_type,
+        "hidden_act": c.hidden_act,
+        "downsample_in_first_stage": c.downsample_in_first_stage,
+        "downsample_in_bottleneck": c.downsample_in_bottleneck,
+        "num_labels": c.num_labels,
+    }))
+}
+
+/// The kiln config of a ResNet `config.json`; anything kiln computes differently is refused,
+/// naming the key.
+pub(crate) fn config_from_hf(r: &HfReader) -> anyhow::Result<ResNetConfig> {
+    if !matches!(r.v["hidden_act"].as_str(), None | Some("relu")) {
+        return Err(r.refuse("hidden_act", "kiln's ResNet uses ReLU"));
+    }
+    let sizes = |k: &str| -> anyhow::Result<Vec<usize>> {
+        serde_json::from_value(r.v[k].clone())
+            .with_context(|| format!("{}: `{k}` is not a list of whole numbers", r.ctx()))
+    };
+    let layer_type = match r.v["layer_type"].as_str() {
+        None | Some("bottleneck") => LayerType::Bottleneck,
+        Some("basic") => LayerType::Basic,
+        Some(_) => return Err(r.refuse("layer_type", "expected basic or bottleneck")),
+    };
+    Ok(ResNetConfig {
+        preset: None,
+        stem: Stem::Imagenet,
+        embedding_size: Some(r.uint("embedding_size")?),
+        hidden_sizes: Some(sizes("hidden_sizes")?),
+        depths: Some(sizes("depths")?),
+        layer_type: Some(layer_type),
+        downsample_in_first_stage: r.v["downsample_in_first_stage"].as_bool().unwrap_or(false),
+        downsample_in_bottleneck: r.v["downsample_in_bottleneck"].as_bool().unwrap_or(false),
+        hidden_act: "relu".into(),
+        num_channels: r.uint("num_channels")?,
+        num_labels: crate::hf::num_labels(r.v),
+        input_shape: Vec::new(),
+    })
 }
 
 #[cfg(test)]

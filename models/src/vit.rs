@@ -26,12 +26,19 @@
 //! (none before the classifier). With `checkpoint_activations`, each layer's activations are
 //! recomputed in the backward.
 
-use crate::{check_dropout, checkpointed, dropout, in_precision, ConfigError, Model};
+use crate::hf::HfReader;
+use crate::layers::{
+    run_blocks, Activation, Attention, Block, FeedForward, Linear, Norm, NormPlace,
+};
+use crate::{
+    check_divisible, check_dropout, check_labels_cover, check_positive, check_positive_f64,
+    dropout, in_precision, ConfigError, Model,
+};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use kiln_core::rng::SharedRng;
-use kiln_kernels::{layer_norm, softmax, stats_dtype};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 /// The field names are HF `config.json`'s (`ViTConfig`), except the kiln-only `num_labels`
 /// (HF derives it from `id2label`) and `checkpoint_activations`.
@@ -117,32 +124,19 @@ impl ViTConfig {
                 ),
             ));
         }
-        for (key, v) in [
+        check_positive(&[
             ("model.patch_size", self.patch_size),
             ("model.hidden_size", self.hidden_size),
             ("model.num_hidden_layers", self.num_hidden_layers),
             ("model.num_attention_heads", self.num_attention_heads),
             ("model.intermediate_size", self.intermediate_size),
-        ] {
-            if v == 0 {
-                return Err((key, "must be at least 1".into()));
-            }
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err((
-                "model.num_attention_heads",
-                format!(
-                    "hidden_size = {} is not divisible by num_attention_heads = {}",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
-        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
-            return Err((
-                "model.layer_norm_eps",
-                format!("must be positive, got {}", self.layer_norm_eps),
-            ));
-        }
+        ])?;
+        check_divisible(
+            "model.num_attention_heads",
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+        )?;
+        check_positive_f64("model.layer_norm_eps", self.layer_norm_eps)?;
         let &[c, h, w] = input else {
             return Err((
                 "model.kind",
@@ -202,16 +196,7 @@ impl ViTConfig {
                 ),
             ));
         }
-        if self.num_labels < num_classes {
-            return Err((
-                "model.num_labels",
-                format!(
-                    "{} is fewer than the data's {num_classes} classes",
-                    self.num_labels
-                ),
-            ));
-        }
-        Ok(())
+        check_labels_cover(self.num_labels, num_classes)
     }
 }
 
@@ -222,67 +207,6 @@ fn normal_init() -> Init {
     Init::Randn {
         mean: 0.0,
         stdev: 0.02,
-    }
-}
-
-/// `nn.Linear`: y = x · Wᵀ + b with W stored (out, in); weight N(0, 0.02), bias 0.
-#[derive(Clone)]
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn new(n_in: usize, n_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        Ok(Linear {
-            weight: vb.get_with_hints((n_out, n_in), "weight", normal_init())?,
-            bias: bias
-                .then(|| vb.get_with_hints(n_out, "bias", Init::Const(0.0)))
-                .transpose()?,
-        })
-    }
-
-    /// x · Wᵀ + b with the matmul in `compute`, returned in x's dtype.
-    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        // One 2-D matmul over all positions: cheaper forward and backward than a batched one.
-        let mut out_dims = x.dims().to_vec();
-        let n_in = out_dims.pop().expect("x has a feature dimension");
-        out_dims.push(self.weight.dim(0)?);
-        let y = in_precision(&x.reshape(((), n_in))?, &self.weight.t()?, compute)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        y.reshape(out_dims)
-    }
-
-    fn params(&self) -> impl Iterator<Item = Tensor> + '_ {
-        std::iter::once(self.weight.clone()).chain(self.bias.clone())
-    }
-}
-
-#[derive(Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn new(n: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(LayerNorm {
-            weight: vb.get_with_hints(n, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(n, "bias", Init::Const(0.0))?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, Some(&self.bias), self.eps)
-    }
-
-    fn params(&self) -> [Tensor; 2] {
-        [self.weight.clone(), self.bias.clone()]
     }
 }
 
@@ -367,135 +291,41 @@ impl Embeddings {
     }
 }
 
-/// HF's `ViTSelfAttention`: bidirectional multi-head attention over all tokens.
-#[derive(Clone)]
-struct SelfAttention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    n_head: usize,
-}
-
-impl SelfAttention {
-    /// The heads' outputs, merged: (B, T, D) in x's dtype. Scores and softmax in f32 (f64 for
-    /// f64).
-    fn forward(
-        &self,
-        x: &Tensor,
-        p_drop: f64,
-        train: bool,
-        rng: &SharedRng,
-        compute: DType,
-    ) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let d = c / self.n_head;
-        let heads = |p: &Linear| {
-            p.forward(x, compute)?
-                .reshape((b, t, self.n_head, d))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (heads(&self.query)?, heads(&self.key)?, heads(&self.value)?);
-        let acc = stats_dtype(x.dtype());
-        let scores = in_precision(&q, &k.t()?, compute)?.to_dtype(acc)?;
-        let p = softmax(&(scores * (1.0 / (d as f64).sqrt()))?)?;
-        let p = dropout(p, p_drop, train, rng)?;
-        in_precision(&p, &v.to_dtype(acc)?, compute)?
-            .to_dtype(x.dtype())?
-            .transpose(1, 2)?
-            .reshape((b, t, c))
-    }
-}
-
-/// One pre-LayerNorm encoder layer (HF's `ViTLayer`), with what it needs to run alone (for
-/// recomputation). Field names follow HF's module paths.
-#[derive(Clone)]
-struct Layer {
-    layernorm_before: LayerNorm,
-    /// `attention.attention.{query,key,value}`.
-    attention: SelfAttention,
-    /// `attention.output.dense`.
-    attention_output: Linear,
-    layernorm_after: LayerNorm,
-    /// `intermediate.dense`.
-    intermediate: Linear,
-    /// `output.dense`.
-    output: Linear,
-    hidden_dropout: f64,
-    attention_dropout: f64,
-    rng: SharedRng,
-    compute: DType,
-}
-
-impl Layer {
-    fn new(cfg: &ViTConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Result<Self> {
-        let (c, eps, qkv_bias) = (cfg.hidden_size, cfg.layer_norm_eps, cfg.qkv_bias);
-        let a = vb.pp("attention");
-        Ok(Layer {
-            layernorm_before: LayerNorm::new(c, eps, vb.pp("layernorm_before"))?,
-            attention: SelfAttention {
-                query: Linear::new(c, c, qkv_bias, a.pp("attention.query"))?,
-                key: Linear::new(c, c, qkv_bias, a.pp("attention.key"))?,
-                value: Linear::new(c, c, qkv_bias, a.pp("attention.value"))?,
-                n_head: cfg.num_attention_heads,
-            },
-            attention_output: Linear::new(c, c, true, a.pp("output.dense"))?,
-            layernorm_after: LayerNorm::new(c, eps, vb.pp("layernorm_after"))?,
-            intermediate: Linear::new(c, cfg.intermediate_size, true, vb.pp("intermediate.dense"))?,
-            output: Linear::new(cfg.intermediate_size, c, true, vb.pp("output.dense"))?,
-            hidden_dropout: cfg.hidden_dropout_prob,
-            attention_dropout: cfg.attention_probs_dropout_prob,
-            rng,
-            compute,
-        })
-    }
-
-    /// x + attn(LN_before(x)), then x + mlp(LN_after(x)).
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (p, rng, compute) = (self.hidden_dropout, &self.rng, self.compute);
-        let a = self.attention.forward(
-            &self.layernorm_before.forward(x)?,
-            self.attention_dropout,
-            train,
-            rng,
-            compute,
-        )?;
-        let a = dropout(self.attention_output.forward(&a, compute)?, p, train, rng)?;
-        let x = (x + a)?;
-        // candle's `gelu_erf` has a backward (unlike candle-nn's fused ops); kiln's `gelu` is
-        // the tanh approximation, HF's "gelu_new", not ViT's "gelu".
-        let h = (self.intermediate)
-            .forward(&self.layernorm_after.forward(&x)?, compute)?
-            .gelu_erf()?;
-        let h = dropout(self.output.forward(&h, compute)?, p, train, rng)?;
-        x + h
-    }
-
-    fn params(&self) -> Vec<Tensor> {
-        let a = &self.attention;
-        (self.layernorm_before.params().into_iter())
-            .chain(a.query.params())
-            .chain(a.key.params())
-            .chain(a.value.params())
-            .chain(self.attention_output.params())
-            .chain(self.layernorm_after.params())
-            .chain(self.intermediate.params())
-            .chain(self.output.params())
-            .collect()
-    }
-
-    /// The layer with its activations recomputed during the backward.
-    fn forward_checkpointed(&self, x: &Tensor) -> Result<Tensor> {
-        let layer = self.clone();
-        checkpointed(x, self.params(), &self.rng, move |x| layer.forward(x, true))
-    }
+/// One pre-LayerNorm encoder layer (HF's `ViTLayer`): x + attn(LN_before(x)), then
+/// x + mlp(LN_after(x)), under HF's module paths.
+fn layer(cfg: &ViTConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Result<Block> {
+    let (c, eps, ff) = (cfg.hidden_size, cfg.layer_norm_eps, cfg.intermediate_size);
+    let linear = |n_in, n_out, bias, vb| Linear::new(n_in, n_out, 0.02, bias, vb);
+    let (a, qkv_bias) = (vb.pp("attention"), cfg.qkv_bias);
+    Ok(Block {
+        norm_1: Norm::layer_norm(c, eps, true, vb.pp("layernorm_before"))?,
+        attn: Attention::bidirectional(
+            linear(c, c, qkv_bias, a.pp("attention.query"))?,
+            linear(c, c, qkv_bias, a.pp("attention.key"))?,
+            linear(c, c, qkv_bias, a.pp("attention.value"))?,
+            linear(c, c, true, a.pp("output.dense"))?,
+            (cfg.num_attention_heads, cfg.head_dim()),
+            cfg.attention_probs_dropout_prob,
+        ),
+        norm_2: Norm::layer_norm(c, eps, true, vb.pp("layernorm_after"))?,
+        // kiln's `gelu` is the tanh approximation, HF's "gelu_new", not ViT's "gelu".
+        mlp: FeedForward::gelu(
+            linear(c, ff, true, vb.pp("intermediate.dense"))?,
+            linear(ff, c, true, vb.pp("output.dense"))?,
+            Activation::GeluErf,
+        ),
+        place: NormPlace::Pre,
+        p_drop: cfg.hidden_dropout_prob,
+        rng,
+        compute,
+    })
 }
 
 pub struct ViT {
     embeddings: Embeddings,
-    layers: Vec<Layer>,
+    layers: Vec<Block>,
     /// `vit.layernorm`.
-    layernorm: LayerNorm,
+    layernorm: Norm,
     classifier: Linear,
     rng: SharedRng,
     compute: DType,
@@ -526,10 +356,10 @@ impl ViT {
                 cfg.num_channels
             );
         }
-        let enc = vb.pp("vit");
+        let (enc, c) = (vb.pp("vit"), cfg.hidden_size);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                Layer::new(
+                layer(
                     cfg,
                     enc.pp(format!("encoder.layer.{i}")),
                     rng.clone(),
@@ -540,8 +370,8 @@ impl ViT {
         Ok(ViT {
             embeddings: Embeddings::new(cfg, enc.pp("embeddings"))?,
             layers,
-            layernorm: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, enc.pp("layernorm"))?,
-            classifier: Linear::new(cfg.hidden_size, cfg.num_labels, true, vb.pp("classifier"))?,
+            layernorm: Norm::layer_norm(c, cfg.layer_norm_eps, true, enc.pp("layernorm"))?,
+            classifier: Linear::new(c, cfg.num_labels, 0.02, true, vb.pp("classifier"))?,
             rng,
             compute,
             config: cfg.clone(),
@@ -560,15 +390,8 @@ impl ViT {
             );
         }
         let x = self.embeddings.forward(xs, self.compute)?;
-        let mut x = dropout(x, c.hidden_dropout_prob, train, &self.rng)?;
-        for layer in &self.layers {
-            x = if train && c.checkpoint_activations {
-                layer.forward_checkpointed(&x)?
-            } else {
-                layer.forward(&x, train)?
-            };
-        }
-        Ok(x)
+        let x = dropout(x, c.hidden_dropout_prob, train, &self.rng)?;
+        run_blocks(&self.layers, x, None, train, c.checkpoint_activations)
     }
 
     /// HF's `ViTModel` `last_hidden_state` (B, N+1, D): the encoder's output after the final
@@ -585,9 +408,56 @@ impl Model for ViT {
         // The classifier reads the CLS token of the final LayerNorm's output; the norm is per
         // token, so normalizing the CLS token alone gives the same thing.
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
-        self.classifier
-            .forward(&self.layernorm.forward(&cls)?, self.compute)
+        (self.classifier).forward(&self.layernorm.forward(&cls)?, self.compute, train)
     }
+}
+
+/// `config.json` for `c` in HF's `ViTConfig` schema, without the dtype keys (the exporter
+/// adds those).
+pub(crate) fn hf_config(c: &ViTConfig) -> Value {
+    json!({
+        "architectures": ["ViTForImageClassification"],
+        "model_type": "vit",
+        "image_size": c.image_size,
+        "patch_size": c.patch_size,
+        "num_channels": c.num_channels,
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "intermediate_size": c.intermediate_size,
+        "hidden_act": c.hidden_act,
+        "hidden_dropout_prob": c.hidden_dropout_prob,
+        "attention_probs_dropout_prob": c.attention_probs_dropout_prob,
+        "layer_norm_eps": c.layer_norm_eps,
+        "qkv_bias": c.qkv_bias,
+        "encoder_stride": c.patch_size,
+        "initializer_range": 0.02,
+        "num_labels": c.num_labels,
+    })
+}
+
+/// The kiln config of a ViT `config.json`; anything kiln computes differently is refused,
+/// naming the key.
+pub(crate) fn config_from_hf(r: &HfReader) -> anyhow::Result<ViTConfig> {
+    if !matches!(r.v["hidden_act"].as_str(), None | Some("gelu")) {
+        return Err(r.refuse("hidden_act", "kiln's ViT uses the exact (erf) GELU"));
+    }
+    Ok(ViTConfig {
+        image_size: r.uint("image_size")?,
+        patch_size: r.uint("patch_size")?,
+        num_channels: r.uint("num_channels")?,
+        hidden_size: r.uint("hidden_size")?,
+        num_hidden_layers: r.uint("num_hidden_layers")?,
+        num_attention_heads: r.uint("num_attention_heads")?,
+        intermediate_size: r.uint("intermediate_size")?,
+        hidden_dropout_prob: r.float_or("hidden_dropout_prob", 0.0)?,
+        attention_probs_dropout_prob: r.float_or("attention_probs_dropout_prob", 0.0)?,
+        layer_norm_eps: r.float_or("layer_norm_eps", 1e-12)?,
+        qkv_bias: r.v["qkv_bias"].as_bool().unwrap_or(true),
+        hidden_act: "gelu".into(),
+        num_labels: crate::hf::num_labels(r.v),
+        checkpoint_activations: false,
+    })
 }
 
 #[cfg(test)]
@@ -723,7 +593,7 @@ mod tests {
         let hidden = m.last_hidden_state(&x, false).unwrap();
         assert_eq!(hidden.dims(), [2, 5, 8]);
         let cls = hidden.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
-        let want = m.classifier.forward(&cls, DType::F64).unwrap();
+        let want = m.classifier.forward(&cls, DType::F64, false).unwrap();
         let logits = m.forward(&x, false).unwrap();
         assert_eq!(logits.dims(), [2, 3]);
         assert!(max_abs_diff(&logits, &want) < 1e-12);
