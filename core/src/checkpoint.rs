@@ -3,6 +3,7 @@
 //! then `checkpoints/latest` is rewritten the same way, so a crash leaves the previous
 //! checkpoint whole.
 
+use crate::fs::{sha256_file, write_atomic};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,7 +55,7 @@ fn write_manifest(dir: &Path) -> anyhow::Result<()> {
         let p = entry?.path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         if name != MANIFEST_FILE {
-            files.insert(name, crate::data::sha256_file(&p)?);
+            files.insert(name, sha256_file(&p)?);
         }
     }
     let json = serde_json::json!({ "sha256": files });
@@ -77,7 +78,7 @@ pub fn verify(dir: &Path) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("{} lists no files", p.display()))?;
     for (name, want) in files {
         let f = dir.join(name);
-        let got = crate::data::sha256_file(&f)
+        let got = sha256_file(&f)
             .map_err(|e| anyhow::anyhow!("{} is missing or unreadable: {e}", f.display()))?;
         anyhow::ensure!(
             want.as_str() == Some(got.as_str()),
@@ -160,18 +161,6 @@ pub fn prune(checkpoints: &Path, keep_last: usize) -> anyhow::Result<Vec<PathBuf
     Ok(removed)
 }
 
-/// Replaces `path` with `bytes` via a synced temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(tmp, path)
-}
-
 /// The checkpoint folder named by `checkpoints/latest`.
 pub fn latest(checkpoints: &Path) -> anyhow::Result<PathBuf> {
     let p = checkpoints.join(LATEST);
@@ -181,6 +170,11 @@ pub fn latest(checkpoints: &Path) -> anyhow::Result<PathBuf> {
             p.display()
         )
     })?;
+    named_dir(checkpoints, &p, &name)
+}
+
+/// The checkpoint folder `name` that the pointer file `p` (`latest`, `best`) holds.
+fn named_dir(checkpoints: &Path, p: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let dir = checkpoints.join(name.trim());
     anyhow::ensure!(
         dir.is_dir(),
@@ -212,14 +206,7 @@ pub fn by_name(checkpoints: &Path, which: &str) -> anyhow::Result<PathBuf> {
                     available()
                 )
             })?;
-            let dir = checkpoints.join(name.trim());
-            anyhow::ensure!(
-                dir.is_dir(),
-                "{} names {}, which does not exist",
-                p.display(),
-                dir.display()
-            );
-            Ok(dir)
+            named_dir(checkpoints, &p, &name)
         }
         step if step.starts_with("step-") && step[5..].parse::<usize>().is_ok() => {
             let dir = checkpoints.join(step);

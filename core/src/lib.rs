@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod fs;
 pub mod hub;
 pub mod metrics;
 pub mod recipe;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// Whether a file from ../shared (or an installed data set) is present. Absent: the test is
 /// skipped with a printed reason, unless `KILN_REQUIRE_SHARED=1` (as in CI), which fails it.
@@ -17,6 +18,29 @@ pub fn require(path: &Path, what: &str) -> bool {
     }
     eprintln!("skipping: {what} not found at {}", path.display());
     false
+}
+
+/// Runs the kiln binary with `args` in `cwd`.
+pub fn kiln(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("kiln runs")
+}
+
+/// The stdout of a run that must have succeeded (its stderr is the failure message).
+pub fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    stdout(o)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 pub fn repo() -> PathBuf {

@@ -13,7 +13,7 @@ use crate::trainer::{params_of, train_step};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
-use kiln_core::data::{self, Loader};
+use kiln_core::data;
 use kiln_core::recipe::Recipe;
 use kiln_models::{ModelConfig, SharedRng};
 use serde::Serialize;
@@ -71,14 +71,7 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
     let mut optimizer = optim::build(&recipe.optim);
     let mut scaler = LossScaler::for_precision(recipe.precision);
     let d = &recipe.data;
-    let loader = Loader::new(
-        data.train.clone(),
-        d.batch_size,
-        d.shuffle,
-        recipe.seed,
-        d.prefetch,
-        0,
-    );
+    let loader = crate::trainer::loader(recipe, &data, 0);
     let grad_accum = recipe.trainer.grad_accum;
     let items_per_step = d.batch_size * grad_accum * data.train.items_per_example();
 

@@ -7,11 +7,12 @@
 //! same ids) and `generation_config.json`.
 
 use crate::run::load_run_at;
+use crate::weights::{self, Weights};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use candle_nn::VarMap;
-use kiln_core::checkpoint::{self, write_atomic};
+use kiln_core::checkpoint;
 use kiln_core::data::codec::{Codec, END_OF_TEXT};
+use kiln_core::fs::write_atomic;
 use kiln_models::hf::{self, SpecialTokens};
 use kiln_models::{Model, ModelConfig};
 use serde_json::json;
@@ -70,16 +71,11 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
         }
         Some(lora) => {
             // The frozen base from init_from plus the checkpoint's adapters, merged.
-            let varmap = VarMap::new();
-            let vb = kiln_core::rng::seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
-            cfg.build(vb, kiln_models::SharedRng::new(0, "unused"), DType::F32)?;
-            crate::trainer::restore_weights(
-                &varmap,
-                &cfg,
-                &recipe,
-                &checkpoint_file,
-                &Device::Cpu,
-            )?;
+            let from = Weights::Checkpoint {
+                recipe: &recipe,
+                file: &checkpoint_file,
+            };
+            let varmap = weights::load(&cfg, from, 0, DType::F32, &Device::Cpu)?;
             let mut all: HashMap<String, candle_core::Tensor> = varmap
                 .data()
                 .lock()
@@ -105,18 +101,12 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
     if labels_file.is_file() {
         let labels: Vec<String> = serde_json::from_str(&std::fs::read_to_string(&labels_file)?)
             .with_context(|| format!("{} is corrupt", labels_file.display()))?;
-        config["id2label"] = labels
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (i.to_string(), json!(l)))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
-        config["label2id"] = labels
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (l.clone(), json!(i)))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
+        let pairs = || labels.iter().enumerate();
+        let id2label: serde_json::Map<_, _> =
+            pairs().map(|(i, l)| (i.to_string(), json!(l))).collect();
+        let label2id: serde_json::Map<_, _> = pairs().map(|(i, l)| (l.clone(), json!(i))).collect();
+        config["id2label"] = id2label.into();
+        config["label2id"] = label2id.into();
     }
     let tensors = hf::to_hf_tensors(&cfg, weights, o.dtype)?;
 
@@ -312,11 +302,7 @@ pub fn load_language_model(
     );
     let folder = kiln_core::hub::resolve(&spec.to_string_lossy())?;
     let cfg = hf::read_hf_config(&folder)?;
-    let varmap = VarMap::new();
-    let vb = kiln_core::rng::seeded_var_builder(&varmap, 0, DType::F32, device);
-    cfg.build(vb, kiln_models::SharedRng::new(0, "unused"), DType::F32)?;
-    hf::load_pretrained(&varmap, &cfg, &folder)?;
-    let model = crate::trainer::detached_model(&varmap, &cfg, device, DType::F32)?;
+    let model = weights::load_model(&cfg, Weights::Pretrained(&folder), 0, DType::F32, device)?;
     Ok(LanguageModel {
         cfg,
         model,

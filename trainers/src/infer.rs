@@ -2,9 +2,9 @@
 //! file of texts or a folder of images (`kiln predict`), the paths a deployment pipeline calls.
 
 use crate::run::load_run_at;
+use crate::weights::{self, Weights};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_core::data::text_classification::{encoder_tokenizer, read_rows};
 use kiln_core::data::ImageInfo;
@@ -73,7 +73,14 @@ pub fn embed(
     // Embeddings come from the encoder; a classifier head, if the folder has one, is unused.
     cfg.num_labels = 0;
     let model_cfg = ModelConfig::Bert(cfg.clone());
-    let varmap = VarMap::new();
+    let varmap = weights::load(
+        &model_cfg,
+        Weights::Pretrained(&folder),
+        0,
+        DType::F32,
+        device,
+    )?;
+    // The encoder itself (not the boxed model) over the loaded parameters, for `encode`.
     let vb = kiln_core::rng::seeded_var_builder(&varmap, 0, DType::F32, device);
     let model = Bert::new(
         &cfg,
@@ -81,7 +88,6 @@ pub fn embed(
         kiln_models::SharedRng::new(0, "unused"),
         DType::F32,
     )?;
-    hf::load_pretrained(&varmap, &model_cfg, &folder)?;
     let tokenizer = encoder_tokenizer(&folder.join("tokenizer.json"))?;
     let pad = pad_id(&tokenizer);
     let mut out = Vec::with_capacity(texts.len());
@@ -165,12 +171,17 @@ fn load_folder_classifier(
                 .map_or_else(|| format!("LABEL_{i}"), str::to_string)
         })
         .collect();
-    let varmap = VarMap::new();
-    let vb = kiln_core::rng::seeded_var_builder(&varmap, 0, DType::F32, device);
-    cfg.build(vb, kiln_models::SharedRng::new(0, "unused"), DType::F32)?;
-    hf::load_pretrained(&varmap, cfg, folder)?;
-    let model = crate::trainer::detached_model(&varmap, cfg, device, DType::F32)?;
+    let model = weights::load_model(cfg, Weights::Pretrained(folder), 0, DType::F32, device)?;
     Ok((model, labels))
+}
+
+/// The most probable label's index and probability.
+fn top1(probs: &[f32]) -> (usize, &f32) {
+    probs
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .expect("at least two labels")
 }
 
 pub struct PredictOptions<'a> {
@@ -239,11 +250,7 @@ pub fn predict(
         let probs: Vec<Vec<f32>> =
             candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?.to_vec2()?;
         for ((_, text, truth), p) in chunk.iter().zip(&probs) {
-            let (best, score) = p
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .expect("at least two labels");
+            let (best, score) = top1(p);
             let label = &clf.labels[best];
             if has_labels {
                 known += 1;
@@ -450,11 +457,7 @@ fn predict_images(
         let probs: Vec<Vec<f32>> =
             candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?.to_vec2()?;
         for (i, (f, p)) in chunk.iter().zip(&probs).enumerate() {
-            let (best, score) = p
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .expect("at least two labels");
+            let (best, score) = top1(p);
             let label = &clf.labels[best];
             correct += usize::from(truth[b * batch + i] == Some(label.as_str()));
             out.write("file", &f.to_string_lossy(), label, *score, &clf.labels, p)?;

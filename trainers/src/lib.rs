@@ -6,9 +6,12 @@ pub mod export;
 pub mod generate;
 pub mod infer;
 pub mod optim;
+pub mod progress;
 pub mod run;
 pub mod schedule;
+pub mod step;
 pub mod task;
 pub mod trainer;
+pub mod weights;
 
 pub use trainer::{train, TrainOptions, TrainOutcome};

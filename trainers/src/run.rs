@@ -2,12 +2,12 @@
 //! `checkpoints/step-<N>/`, and `vocab.json` for character-level models. Also reopens a finished
 //! run for `kiln eval` and `kiln generate`.
 
-use crate::trainer::TrainOptions;
+use crate::weights::{self, Weights};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
-use candle_nn::VarMap;
+use candle_core::Device;
 use kiln_core::checkpoint;
 use kiln_core::data::DataSplits;
+use kiln_core::fs::write_atomic;
 use kiln_core::recipe::Recipe;
 use kiln_models::{Model, ModelConfig};
 use std::path::{Path, PathBuf};
@@ -25,9 +25,14 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates a new, empty run directory for `recipe`; never reuses a non-empty one.
-    pub fn create_for(recipe: &Recipe, opts: &TrainOptions) -> Result<Self> {
-        let path = match &opts.run_dir {
+    /// Creates a new, empty run directory for `recipe`: `run_dir` exactly, or a fresh
+    /// `<runs_root>/<recipe>-<timestamp>` (default root `runs`); never reuses a non-empty one.
+    pub fn create_for(
+        recipe: &Recipe,
+        run_dir: Option<&Path>,
+        runs_root: Option<&Path>,
+    ) -> Result<Self> {
+        let path = match run_dir {
             Some(p) => {
                 if p.exists() && std::fs::read_dir(p)?.next().is_some() {
                     bail!(
@@ -36,13 +41,10 @@ impl RunDir {
                         p.display()
                     );
                 }
-                p.clone()
+                p.to_path_buf()
             }
             None => {
-                let root = opts
-                    .runs_root
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("runs"));
+                let root = runs_root.unwrap_or(Path::new("runs"));
                 let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
                 let base = root.join(format!("{}-{stamp}", recipe.name));
                 let mut p = base.clone();
@@ -78,7 +80,7 @@ impl RunDir {
                 })
                 .map(|l| format!("{l}\n"))
                 .collect();
-            checkpoint::write_atomic(&metrics, kept.as_bytes())?;
+            write_atomic(&metrics, kept.as_bytes())?;
         }
         Ok(RunDir {
             path: path.to_path_buf(),
@@ -93,7 +95,7 @@ impl RunDir {
         model: &ModelConfig,
         data: &DataSplits,
     ) -> Result<()> {
-        checkpoint::write_atomic(
+        write_atomic(
             &self.path.join("recipe.toml"),
             recipe.to_toml(&model.to_table()).as_bytes(),
         )?;
@@ -102,14 +104,14 @@ impl RunDir {
             std::fs::write(self.path.join("vocab.json"), serde_json::to_string(&chars)?)?;
         }
         if let Some(labels) = &data.labels {
-            checkpoint::write_atomic(
+            write_atomic(
                 &self.path.join("labels.json"),
                 serde_json::to_string_pretty(labels)?.as_bytes(),
             )?;
         }
         // An image model's input geometry and normalization, for export and prediction.
         if let Some(image) = &data.image {
-            checkpoint::write_atomic(
+            write_atomic(
                 &self.path.join(IMAGE_FILE),
                 serde_json::to_string_pretty(image)?.as_bytes(),
             )?;
@@ -119,7 +121,7 @@ impl RunDir {
         if let Some(tok) = &data.tokenizer {
             let bytes = std::fs::read(tok)
                 .with_context(|| format!("cannot read the tokenizer {}", tok.display()))?;
-            checkpoint::write_atomic(&self.path.join("tokenizer.json"), &bytes)?;
+            write_atomic(&self.path.join("tokenizer.json"), &bytes)?;
         }
         Ok(())
     }
@@ -188,22 +190,12 @@ pub fn load_run_at(run_dir: &Path, which: &str, device: &Device) -> Result<Loade
     let checkpoint = checkpoint::by_name(&run_dir.join("checkpoints"), which)?;
     // Fresh parameters, overwritten by the checkpoint's (each name and shape checked), then a
     // detached copy of the model for inference.
-    let varmap = VarMap::new();
-    let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, device);
+    let from = Weights::Checkpoint {
+        recipe: &recipe,
+        file: &checkpoint.join(checkpoint::MODEL_FILE),
+    };
     let compute = crate::amp::compute_dtype(recipe.precision);
-    model_cfg.build(
-        vb,
-        kiln_models::SharedRng::new(recipe.seed, "dropout"),
-        compute,
-    )?;
-    crate::trainer::restore_weights(
-        &varmap,
-        &model_cfg,
-        &recipe,
-        &checkpoint.join(checkpoint::MODEL_FILE),
-        device,
-    )?;
-    let model = crate::trainer::detached_model(&varmap, &model_cfg, device, compute)?;
+    let model = weights::load_model(&model_cfg, from, recipe.seed, compute, device)?;
     Ok(LoadedRun {
         recipe,
         model_cfg,

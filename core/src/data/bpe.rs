@@ -7,13 +7,13 @@
 //! tokenizer's settings) changes the key. Splits and windows are those of the character data
 //! set: the first `1 - val_fraction` of the tokens train.
 
-use super::text::TokenWindows;
-use super::{hex, DataSplits, Examples};
+use super::text::split_windows;
+use super::DataSplits;
+use crate::fs::{hex, write_atomic};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 const MAGIC: &[u8; 8] = b"KILNTOK1";
@@ -96,7 +96,7 @@ pub fn tokens_cached(
     }
     // A cache is an optimisation: failing to write one (read-only home, full disk) is not an
     // error for the run.
-    if let Err(e) = crate::checkpoint::write_atomic(&file, &bytes) {
+    if let Err(e) = write_atomic(&file, &bytes) {
         eprintln!("warning: could not cache tokens in {}: {e}", file.display());
     }
     Ok((tokens, file))
@@ -171,32 +171,17 @@ pub fn load(
 ) -> Result<DataSplits> {
     let (tokens, _) = tokens_cached(path, tokenizer_path, cache_dir)?;
     let vocab = load_tokenizer(tokenizer_path)?.get_vocab_size(true);
-    let n_train = (tokens.len() as f64 * (1.0 - val_fraction)) as usize;
-    let (train, val) = tokens.split_at(n_train);
-    for (name, part) in [("training", train), ("validation", val)] {
-        anyhow::ensure!(
-            part.len() > seq_len,
-            "{}: the {name} split has {} tokens, too few for data.seq_len = {seq_len}",
-            path.display(),
-            part.len()
-        );
-    }
-    let windows = |t: &[u32]| -> Arc<dyn Examples> {
-        Arc::new(TokenWindows {
-            tokens: Arc::new(t.to_vec()),
-            seq_len,
-        })
-    };
+    let (train, val) = split_windows(&tokens, seq_len, val_fraction, path, "tokens")?;
     Ok(DataSplits {
-        train: windows(train),
-        val: windows(val),
+        train,
+        val,
         test: None,
         num_classes: vocab,
         files: vec![
-            (path.display().to_string(), super::sha256_file(path)?),
+            (path.display().to_string(), crate::fs::sha256_file(path)?),
             (
                 tokenizer_path.display().to_string(),
-                super::sha256_file(tokenizer_path)?,
+                crate::fs::sha256_file(tokenizer_path)?,
             ),
         ],
         vocab: None,

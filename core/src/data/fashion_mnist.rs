@@ -3,7 +3,8 @@
 
 use super::idx::read_idx;
 use super::vision::{ImageOptions, ImageSet};
-use super::{sha256_file, DataSplits, Examples, ImageInfo};
+use super::{DataSplits, Examples, ImageInfo};
+use crate::fs::sha256_file;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

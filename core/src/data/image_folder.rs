@@ -27,7 +27,8 @@
 //! split folders, the images in `train/`, `val/` and `test/` only).
 
 use super::vision::{channel_stats, ImageOptions, ImageSet};
-use super::{hex, DataSplits, Examples, ImageInfo};
+use super::{DataSplits, Examples, ImageInfo};
+use crate::fs::hex;
 use anyhow::{anyhow, bail, Context, Result};
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
@@ -710,7 +711,7 @@ mod tests {
             "val/cat/a.PNG",
             "val/dog/sub/b.png",
         ] {
-            let h = crate::data::sha256_file(&dir.path().join(rel)).unwrap();
+            let h = crate::fs::sha256_file(&dir.path().join(rel)).unwrap();
             lines.push(format!("{h}  {rel}\n"));
         }
         assert_eq!(first, hex(&Sha256::digest(lines.concat().as_bytes())));

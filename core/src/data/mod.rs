@@ -19,6 +19,8 @@ pub mod text;
 pub mod text_classification;
 pub mod vision;
 
+/// Kept here for callers that hash data files (`crate::fs` has it).
+pub use crate::fs::sha256_file;
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -335,17 +337,6 @@ pub fn load(recipe: &crate::Recipe) -> anyhow::Result<DataSplits> {
             text_classification::load(&spec, d.batch_size)
         }
     }
-}
-
-/// Hex sha256 of a file's bytes.
-pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path)?;
-    Ok(hex(&Sha256::digest(&bytes)))
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! `shakespeare_char` split). Training samples windows at random offsets; evaluation walks
 //! non-overlapping windows so every validation token is scored exactly once.
 
-use super::{sha256_file, DataSplits, Examples, HostBatch, HostTensor};
+use super::{DataSplits, Examples, HostBatch, HostTensor};
+use crate::fs::sha256_file;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
@@ -107,12 +108,36 @@ pub fn load(path: &Path, seq_len: usize, val_fraction: f64) -> anyhow::Result<Da
     let tokens = vocab
         .encode(&text)
         .expect("every character is in the vocabulary");
+    let (train, val) = split_windows(&tokens, seq_len, val_fraction, path, "characters")?;
+    Ok(DataSplits {
+        train,
+        val,
+        test: None,
+        num_classes: vocab.chars.len(),
+        files: vec![(path.display().to_string(), sha256_file(path)?)],
+        vocab: Some(vocab.chars),
+        tokenizer: None,
+        labels: None,
+        image: None,
+    })
+}
+
+/// Splits a token stream into training and validation windows of `seq_len` (the last
+/// `val_fraction` is held out); each split must hold more than `seq_len` tokens (`unit` names
+/// them in the error).
+pub(crate) fn split_windows(
+    tokens: &[u32],
+    seq_len: usize,
+    val_fraction: f64,
+    path: &Path,
+    unit: &str,
+) -> anyhow::Result<(Arc<dyn Examples>, Arc<dyn Examples>)> {
     let n_train = (tokens.len() as f64 * (1.0 - val_fraction)) as usize;
     let (train, val) = tokens.split_at(n_train);
     for (name, part) in [("training", train), ("validation", val)] {
         anyhow::ensure!(
             part.len() > seq_len,
-            "{}: the {name} split has {} characters, too few for data.seq_len = {seq_len}",
+            "{}: the {name} split has {} {unit}, too few for data.seq_len = {seq_len}",
             path.display(),
             part.len()
         );
@@ -123,17 +148,7 @@ pub fn load(path: &Path, seq_len: usize, val_fraction: f64) -> anyhow::Result<Da
             seq_len,
         })
     };
-    Ok(DataSplits {
-        train: windows(train),
-        val: windows(val),
-        test: None,
-        num_classes: vocab.chars.len(),
-        files: vec![(path.display().to_string(), sha256_file(path)?)],
-        vocab: Some(vocab.chars),
-        tokenizer: None,
-        labels: None,
-        image: None,
-    })
+    Ok((windows(train), windows(val)))
 }
 
 #[cfg(test)]

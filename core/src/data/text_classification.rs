@@ -250,16 +250,18 @@ pub fn load(spec: &Spec, batch_size: usize) -> Result<DataSplits> {
     };
     let mut files = vec![(
         train_file.display().to_string(),
-        super::sha256_file(&train_file)?,
+        crate::fs::sha256_file(&train_file)?,
     )];
+    // A separate split file: hashed, read and encoded.
+    let mut read_split = |name: &str| -> Result<Arc<dyn Examples>> {
+        let f = file(name);
+        files.push((f.display().to_string(), crate::fs::sha256_file(&f)?));
+        let rows = read_rows(&f, spec.text_column, spec.label_column)?;
+        let (ids, l) = encode(&tokenizer, &rows, &labels, spec.max_length, &f)?;
+        Ok(examples(ids, l, false))
+    };
     let val = match spec.val {
-        Some(v) => {
-            let f = file(v);
-            files.push((f.display().to_string(), super::sha256_file(&f)?));
-            let rows = read_rows(&f, spec.text_column, spec.label_column)?;
-            let (ids, l) = encode(&tokenizer, &rows, &labels, spec.max_length, &f)?;
-            examples(ids, l, false)
-        }
+        Some(v) => read_split(v)?,
         None => {
             anyhow::ensure!(
                 spec.val_size > 0 && spec.val_size < train_rows.len(),
@@ -285,18 +287,12 @@ pub fn load(spec: &Spec, batch_size: usize) -> Result<DataSplits> {
     )?;
     let train = examples(ids, l, spec.bucket_by_length);
     let test = match spec.test {
-        Some(t) => {
-            let f = file(t);
-            files.push((f.display().to_string(), super::sha256_file(&f)?));
-            let rows = read_rows(&f, spec.text_column, spec.label_column)?;
-            let (ids, l) = encode(&tokenizer, &rows, &labels, spec.max_length, &f)?;
-            Some(examples(ids, l, false))
-        }
+        Some(t) => Some(read_split(t)?),
         None => None,
     };
     files.push((
         spec.tokenizer.display().to_string(),
-        super::sha256_file(spec.tokenizer)?,
+        crate::fs::sha256_file(spec.tokenizer)?,
     ));
     Ok(DataSplits {
         train,

@@ -1,0 +1,206 @@
+//! One optimizer update (forward, backward, gradient accumulation, the first step's gradient
+//! checks, global-norm clipping, the update) and the parameters it trains.
+
+use crate::amp::LossScaler;
+use crate::optim::{Optimizer, Param};
+use crate::task;
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
+use candle_nn::VarMap;
+use kiln_core::data::Batch;
+use kiln_models::{Model, ModelConfig};
+
+/// What one optimizer step reports.
+pub struct StepOutput {
+    /// Mean loss over the micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// `Some((what, value))` when the loss or the gradient went non-finite; no update was made.
+    pub diverged: Option<(&'static str, f64)>,
+}
+
+/// One optimizer update: forward and backward over `batches` (gradients summed, each loss scaled
+/// by 1/len), the no-gradient guard when `check`, global-norm clipping, then the update. With a
+/// loss `scaler` (f16), the backward runs on the scaled loss, and a step whose gradients
+/// overflow is skipped (no update) and lowers the scale.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    model: &dyn Model,
+    params: &[Param],
+    optimizer: &mut dyn Optimizer,
+    batches: &[Batch],
+    lr: f64,
+    clip_norm: f64,
+    check: bool,
+    mut scaler: Option<&mut LossScaler>,
+) -> Result<StepOutput> {
+    let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut loss_sum = 0.0;
+    for batch in batches {
+        let logits = model.forward(&batch.inputs, true)?;
+        let loss = match &batch.mix {
+            None => task::loss(&logits, &batch.targets)?,
+            // Mixup/CutMix: the images are blended, so is the loss over both label sets.
+            Some((partner, lambda)) => {
+                let first = (task::loss(&logits, &batch.targets)? * *lambda)?;
+                (first + (task::loss(&logits, partner)? * (1.0 - lambda))?)?
+            }
+        };
+        let value = loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Ok(StepOutput {
+                loss: value,
+                grad_norm: f64::NAN,
+                diverged: Some(("loss", value)),
+            });
+        }
+        loss_sum += value;
+        let store = kiln_kernels::backward(&(loss * (loss_scale / batches.len() as f64))?)?;
+        accumulate(&mut grads, params, &store)?;
+    }
+    let loss = loss_sum / batches.len() as f64;
+    if check {
+        // Under loss scaling an overflow on the first step is expected (the scaler backs off),
+        // so only missing gradients are refused there.
+        match scaler {
+            None => check_gradients(params, &grads)?,
+            Some(_) => check_missing(params, &grads)?,
+        }
+    }
+    let grads: Vec<Tensor> = grads
+        .into_iter()
+        .zip(params)
+        .map(|(g, p)| {
+            g.with_context(|| format!("{} lost its gradient after the first step", p.name))
+        })
+        .collect::<Result<_>>()?;
+    let grad_norm = global_norm(&grads)? / loss_scale;
+    if let Some(s) = scaler.as_mut() {
+        if !s.update(grad_norm.is_finite()) {
+            return Ok(StepOutput {
+                loss,
+                grad_norm,
+                diverged: None,
+            });
+        }
+    }
+    if !grad_norm.is_finite() {
+        return Ok(StepOutput {
+            loss,
+            grad_norm,
+            diverged: Some(("gradient norm", grad_norm)),
+        });
+    }
+    let clip = if clip_norm > 0.0 && grad_norm > clip_norm {
+        clip_norm / (grad_norm + 1e-6)
+    } else {
+        1.0
+    };
+    optimizer.step(params, &grads, lr, clip / loss_scale)?;
+    Ok(StepOutput {
+        loss,
+        grad_norm,
+        diverged: None,
+    })
+}
+
+/// Trainable parameters (all of them, or with LoRA the adapters and the head), sorted by name
+/// so every run visits them in the same order.
+pub fn params_of(varmap: &VarMap, cfg: &ModelConfig) -> Vec<Param> {
+    params_where(varmap, |name| cfg.trainable(name))
+}
+
+/// The parameters whose names `keep` selects, sorted by name.
+pub fn params_where(varmap: &VarMap, keep: impl Fn(&str) -> bool) -> Vec<Param> {
+    let mut params: Vec<Param> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| keep(name))
+        .map(|(name, var)| Param {
+            name: name.clone(),
+            var: var.clone(),
+        })
+        .collect();
+    params.sort_by(|a, b| a.name.cmp(&b.name));
+    params
+}
+
+/// Adds this micro-batch's gradients to the running sums. Gradients are detached: candle records
+/// the ops that computed them, and a kept reference would keep the whole step's graph (and, via
+/// the optimizer moments, every earlier step's) alive.
+fn accumulate(grads: &mut [Option<Tensor>], params: &[Param], store: &GradStore) -> Result<()> {
+    for (acc, p) in grads.iter_mut().zip(params) {
+        if let Some(g) = store.get(p.var.as_tensor()).map(Tensor::detach) {
+            *acc = Some(match acc.take() {
+                Some(a) => (a + g)?,
+                None => g,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to train when a trainable parameter gets no gradient (an op without a backward cut
+/// the graph, or the parameter is unused) or a non-finite one.
+pub fn check_gradients(params: &[Param], grads: &[Option<Tensor>]) -> Result<()> {
+    check_missing(params, grads)?;
+    check_finite(params, grads)
+}
+
+fn check_missing(params: &[Param], grads: &[Option<Tensor>]) -> Result<()> {
+    let missing: Vec<&str> = params
+        .iter()
+        .zip(grads)
+        .filter(|(_, g)| g.is_none())
+        .map(|(p, _)| p.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "refusing to train: {} trainable parameter(s) received no gradient: {}. An op without \
+             a backward pass (e.g. candle-nn's fused layer_norm/softmax) or an unused or detached \
+             parameter cuts them off; use kiln's ops from kiln-kernels",
+            missing.len(),
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn check_finite(params: &[Param], grads: &[Option<Tensor>]) -> Result<()> {
+    let mut bad = Vec::new();
+    for (p, g) in params.iter().zip(grads) {
+        let g = g.as_ref().expect("checked above");
+        let sum = g
+            .to_dtype(DType::F32)?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            bad.push(p.name.as_str());
+        }
+    }
+    if !bad.is_empty() {
+        bail!(
+            "refusing to train: non-finite gradients before the first update for: {}. Check the \
+             data for NaN/Inf and the model's initialization",
+            bad.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let squares = grads
+        .iter()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&squares, 0)?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        .sqrt() as f64)
+}

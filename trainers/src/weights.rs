@@ -1,0 +1,124 @@
+//! Building a model and filling its parameters: from a kiln checkpoint (for a LoRA run, the
+//! frozen base from the recipe's `init_from` first) or from a Hugging Face folder. Training,
+//! `kiln eval`/`generate`, export and prediction all load weights through here.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use kiln_core::checkpoint;
+use kiln_core::recipe::Recipe;
+use kiln_models::{Model, ModelConfig, SharedRng};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Where a model's weights come from.
+pub enum Weights<'a> {
+    /// A checkpoint's model file (`model.safetensors`) of a run with this recipe.
+    Checkpoint { recipe: &'a Recipe, file: &'a Path },
+    /// A Hugging Face model folder.
+    Pretrained(&'a Path),
+}
+
+/// Builds `cfg` on fresh parameters (seeded by `seed`, matmuls in `compute`) and overwrites them
+/// from `from`, each name and shape checked. Returns the parameters.
+pub fn load(
+    cfg: &ModelConfig,
+    from: Weights,
+    seed: u64,
+    compute: DType,
+    device: &Device,
+) -> Result<VarMap> {
+    let varmap = VarMap::new();
+    let vb = kiln_core::rng::seeded_var_builder(&varmap, seed, DType::F32, device);
+    cfg.build(vb, SharedRng::new(seed, "dropout"), compute)?;
+    match from {
+        Weights::Checkpoint { recipe, file } => {
+            restore_weights(&varmap, cfg, recipe, file, device)?
+        }
+        Weights::Pretrained(folder) => kiln_models::hf::load_pretrained(&varmap, cfg, folder)?,
+    }
+    Ok(varmap)
+}
+
+/// [`load`], then the model over detached parameters, for inference.
+pub fn load_model(
+    cfg: &ModelConfig,
+    from: Weights,
+    seed: u64,
+    compute: DType,
+    device: &Device,
+) -> Result<Box<dyn Model>> {
+    let varmap = load(cfg, from, seed, compute, device)?;
+    detached_model(&varmap, cfg, device, compute)
+}
+
+/// The model over detached copies of the parameters (no graph is recorded), for evaluation and
+/// generation; matmuls in `compute`, as in training.
+pub fn detached_model(
+    varmap: &VarMap,
+    cfg: &ModelConfig,
+    device: &Device,
+    compute: DType,
+) -> Result<Box<dyn Model>> {
+    let tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
+    let rng = SharedRng::new(0, "unused: evaluation has no dropout");
+    Ok(cfg.build(vb, rng, compute)?)
+}
+
+/// Loads a checkpoint into the model: with LoRA, the frozen weights from the recipe's
+/// `init_from` first, then every trainable parameter from `path`.
+pub fn restore_weights(
+    varmap: &VarMap,
+    cfg: &ModelConfig,
+    recipe: &Recipe,
+    path: &Path,
+    device: &Device,
+) -> Result<()> {
+    if cfg.lora().is_some() {
+        let from = recipe.init_from.as_deref().context(
+            "this LoRA run's recipe has no init_from, so its frozen base weights are unknown",
+        )?;
+        kiln_models::hf::load_pretrained(varmap, cfg, &kiln_core::hub::resolve(from)?)?;
+    }
+    load_weights(varmap, path, device, |n| cfg.saved(n))
+}
+
+/// Loads checkpoint weights into the parameters `needed` selects, naming any missing or
+/// misshapen tensor.
+pub fn load_weights(
+    varmap: &VarMap,
+    path: &Path,
+    device: &Device,
+    needed: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let weights = checkpoint::load_tensors(path, device)?;
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        if !needed(name) {
+            continue;
+        }
+        let w = weights.get(name).with_context(|| {
+            format!(
+                "{} has no tensor {name}; it does not belong to this model",
+                path.display()
+            )
+        })?;
+        anyhow::ensure!(
+            w.shape() == var.shape() && w.dtype() == var.dtype(),
+            "{}: {name} is {:?} {:?}, the model expects {:?} {:?}",
+            path.display(),
+            w.dtype(),
+            w.dims(),
+            var.dtype(),
+            var.dims()
+        );
+        var.set(w)?;
+    }
+    Ok(())
+}
