@@ -10,7 +10,7 @@
 # memcheck.txt, bench-kiln.json, torch.json, train-metrics.jsonl, train-summary.json, table.txt
 # (the table, also printed last).
 #
-#   1. here:  bash benches/gpu-check.sh --prepare   # pack kiln + kiln-kernels CUDA tests, CPU ref
+#   1. here:  bash benches/gpu-check.sh --prepare   # pack kiln, kiln-kernels + resume CUDA tests, CPU ref
 #             bash benches/gpu-check.sh --dry-run --packed  # the same stages on the CPU, packed binaries
 #   2. device: run(command="bash benches/gpu-check.sh", carry=[".gpu"], timeout_s=540)
 #
@@ -65,6 +65,9 @@ prepare() {
     { echo "FAILED: CUDA build of kiln"; return 1; }
   CARGO_TARGET_DIR=/work/target-cuda ../shared/cuda/pack.sh test --release --features cuda --no-run -p kiln-kernels ||
     { echo "FAILED: CUDA build of the kiln-kernels tests"; return 1; }
+  # The resume tests, for their CUDA one (stop/resume on the GPU within a tolerance).
+  CARGO_TARGET_DIR=/work/target-cuda ../shared/cuda/pack.sh test --release --features cuda --no-run --test resume ||
+    { echo "FAILED: CUDA build of tests/resume.rs"; return 1; }
   # A packed binary this pack did not refresh is stale (a renamed test, an old kiln): it would
   # be carried and run. Move it aside rather than delete it.
   local f stale=/tmp/kiln-gpu-stale
@@ -282,9 +285,14 @@ fi
 tests=$(ls "$BIN"/test-* 2> /dev/null | sort | awk '/\/test-cuda_parity$/ {print; next} {rest = rest $0 "\n"} END {printf "%s", rest}')
 [ -n "$tests" ] || note "!! no test-* binaries in $BIN"
 for t in $tests; do
-  limit=90; case $t in */test-cuda_parity) limit=150 ;; esac
+  limit=90 filter=
+  case $t in
+    */test-cuda_parity) limit=150 ;;
+    # only its CUDA test: the others run the kiln binary at its build-machine path
+    */test-resume) filter=on_cuda ;;
+  esac
   start=$(wc -l < "$OUT/parity.txt")
-  TO=$OUT/parity.txt stage "parity $(basename "$t")" $limit "$t" --nocapture --test-threads=1
+  TO=$OUT/parity.txt stage "parity $(basename "$t")" $limit "$t" --nocapture --test-threads=1 $filter
   tail -n +$((start + 1)) "$OUT/parity.txt" | grep -aE '^test result|^    [a-z_0-9:]+$|panicked' | tail -n 12 | sed 's/^/   /'
 done
 
