@@ -172,19 +172,10 @@ fn resume_refuses_what_it_cannot_continue() {
 /// A CUDA device, or None (with the reason printed) when this kiln was built without the
 /// `cuda` feature or no GPU is present.
 fn cuda_device() -> Option<candle_core::Device> {
-    if !candle_core::utils::cuda_is_available() {
-        eprintln!("skipping: kiln was built without the cuda feature (cargo test --features cuda)");
-        return None;
-    }
-    // Without libcuda, cudarc panics instead of returning an error.
-    match std::panic::catch_unwind(|| candle_core::Device::new_cuda(0)) {
-        Ok(Ok(d)) => Some(d),
-        Ok(Err(e)) => {
-            eprintln!("skipping: no CUDA device ({e})");
-            None
-        }
-        Err(_) => {
-            eprintln!("skipping: no CUDA device (the CUDA driver library could not be loaded)");
+    match kiln::core::device::open_device("cuda") {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipping: {e}");
             None
         }
     }

@@ -35,7 +35,7 @@ pub fn open_device(s: &str) -> anyhow::Result<Device> {
         DeviceRequest::Cpu => Ok(Device::Cpu),
         DeviceRequest::Auto => {
             if candle_core::utils::cuda_is_available() {
-                if let Ok(d) = Device::new_cuda(0) {
+                if let Ok(d) = new_cuda(0) {
                     return Ok(d);
                 }
             }
@@ -48,12 +48,22 @@ pub fn open_device(s: &str) -> anyhow::Result<Device> {
                      rebuild with `cargo build --release --features cuda` or use --device cpu"
                 );
             }
-            Device::new_cuda(n).map_err(|e| {
+            new_cuda(n).map_err(|e| {
                 anyhow::anyhow!(
                     "cannot open CUDA device {n}: {e}; check `nvidia-smi` or use --device cpu"
                 )
             })
         }
+    }
+}
+
+/// CUDA device `n`. cudarc can panic, instead of returning an error, when the driver library
+/// cannot be loaded (a CUDA build on a machine without the NVIDIA driver): that becomes an error.
+fn new_cuda(n: usize) -> Result<Device, String> {
+    match std::panic::catch_unwind(|| Device::new_cuda(n)) {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the CUDA driver library (libcuda.so.1) could not be loaded".into()),
     }
 }
 

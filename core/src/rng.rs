@@ -36,7 +36,14 @@ impl SharedRng {
             .chain_update(b"counter-stream/")
             .chain_update(label.as_bytes())
             .finalize();
-        let word = |i: usize| u32::from_le_bytes(digest[4 * i..4 * i + 4].try_into().unwrap());
+        let word = |i: usize| {
+            u32::from_le_bytes([
+                digest[4 * i],
+                digest[4 * i + 1],
+                digest[4 * i + 2],
+                digest[4 * i + 3],
+            ])
+        };
         SharedRng {
             key: [word(0), word(1)],
             position: Arc::new(AtomicU64::new(0)),
@@ -152,6 +159,17 @@ pub fn seeded_var_builder(
         seed,
     };
     VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+}
+
+/// A VarBuilder over detached views of `varmap`'s tensors (same storage, no graph recorded
+/// through them): the model that evaluation and generation run.
+pub fn detached_var_builder(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    let vars = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let tensors = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    VarBuilder::from_tensors(tensors, dtype, device)
 }
 
 #[cfg(test)]

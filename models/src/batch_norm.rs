@@ -106,7 +106,6 @@ mod tests {
     use crate::testing::rand;
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
-    use std::collections::HashMap;
 
     fn vec(t: &Tensor) -> Vec<f64> {
         t.to_dtype(DType::F64)
@@ -260,14 +259,7 @@ mod tests {
         // What the trainer's evaluation does: a model over detached copies of the VarMap, here
         // made before the training steps (it shares their storage, so it sees them anyway).
         let detached_bn = || {
-            let tensors: HashMap<String, Tensor> = vm
-                .data()
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                .collect();
-            let vb = VarBuilder::from_tensors(tensors, DType::F64, &Device::Cpu);
+            let vb = kiln_core::rng::detached_var_builder(&vm, DType::F64, &Device::Cpu);
             BatchNorm2d::new(3, vb.pp("bn")).unwrap()
         };
         let eval_bn = detached_bn();

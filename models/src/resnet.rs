@@ -916,14 +916,7 @@ mod tests {
             .unwrap();
         assert!(diff > 1e-4, "evaluation ignores the running statistics");
 
-        let tensors: HashMap<String, Tensor> = vm
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let vb = kiln_core::rng::detached_var_builder(&vm, DType::F32, &Device::Cpu);
         let detached = cfg.build(vb, SharedRng::new(0, "e"), DType::F32).unwrap();
         let got: Vec<f32> = detached
             .forward(&x, false)

@@ -3,12 +3,11 @@
 //! `kiln eval`/`generate`, export and prediction all load weights through here.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use kiln_core::checkpoint;
 use kiln_core::recipe::Recipe;
 use kiln_models::{Model, ModelConfig, SharedRng};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// Where a model's weights come from.
@@ -60,14 +59,7 @@ pub fn detached_model(
     device: &Device,
     compute: DType,
 ) -> Result<Box<dyn Model>> {
-    let tensors: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
-    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
+    let vb = kiln_core::rng::detached_var_builder(varmap, DType::F32, device);
     let rng = SharedRng::new(0, "unused: evaluation has no dropout");
     Ok(cfg.build(vb, rng, compute)?)
 }

@@ -7,15 +7,10 @@ use rand::{Rng, SeedableRng};
 
 /// The first CUDA device, or None after printing why the test skips.
 pub fn gpu() -> Option<Device> {
-    // Without libcuda, cudarc panics instead of returning an error.
-    match std::panic::catch_unwind(|| Device::new_cuda(0)) {
-        Ok(Ok(d)) => Some(d),
-        Ok(Err(e)) => {
+    match kiln_core::device::open_device("cuda") {
+        Ok(d) => Some(d),
+        Err(e) => {
             eprintln!("skipping: no CUDA device ({e})");
-            None
-        }
-        Err(_) => {
-            eprintln!("skipping: no CUDA device (the CUDA driver library could not be loaded)");
             None
         }
     }
