@@ -122,6 +122,18 @@ pub struct DataConfig {
     pub augment: Option<AugmentConfig>,
 }
 
+impl DataConfig {
+    /// Tokens per example the data yields (what a text model's context must hold): text-char
+    /// and text-bpe's `seq_len`, text-classification's `max_length`, 0 for images.
+    pub fn example_len(&self) -> usize {
+        match (self.seq_len, self.dataset) {
+            (Some(n), _) => n,
+            (None, Dataset::TextClassification) => self.max_length,
+            (None, _) => 0,
+        }
+    }
+}
+
 /// `normalize = { mean = [...], std = [...] }`: `x = (pixel / 255 - mean[c]) / std[c]`, one
 /// value per channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -225,17 +225,17 @@ impl ModelConfig {
             ModelConfig::Mlp(c) => c.resolve(num_classes, input_shape).map_err(err)?,
             ModelConfig::Cnn(c) => c.resolve(num_classes, input_shape).map_err(err)?,
             ModelConfig::Gpt(c) => c
-                .resolve(num_classes, recipe.data.seq_len.unwrap_or(0))
+                .resolve(num_classes, recipe.data.example_len())
                 .map_err(err)?,
             ModelConfig::Llama(c) => c
-                .resolve(num_classes, recipe.data.seq_len.unwrap_or(0))
+                .resolve(num_classes, recipe.data.example_len())
                 .map_err(err)?,
             ModelConfig::Bert(c) => {
                 // A classification recipe gets a head with one output per class.
                 if recipe.task == kiln_core::recipe::Task::Classification && c.num_labels == 0 {
                     c.num_labels = num_classes;
                 }
-                let seq_len = recipe.data.seq_len.unwrap_or(recipe.data.max_length);
+                let seq_len = recipe.data.example_len();
                 c.resolve(num_classes, seq_len).map_err(err)?
             }
             ModelConfig::Vit(c) => c.resolve(num_classes, input_shape).map_err(err)?,
