@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -82,9 +83,9 @@ fn fixture(dir: &Path) {
 }
 
 fn tiny_bert_recipe(dir: &Path) -> PathBuf {
-    let p = dir.join("tiny-bert.toml");
-    std::fs::write(
-        &p,
+    write_file(
+        dir,
+        "tiny-bert.toml",
         format!(
             r#"description = "tiny bert"
 task = "classification"
@@ -125,8 +126,6 @@ checkpoint_every = 40
             d = dir.display()
         ),
     )
-    .unwrap();
-    p
 }
 
 #[test]
@@ -136,25 +135,16 @@ fn train_eval_predict_export_a_bert_classifier() {
     fixture(d);
     let run = d.join("run");
     let recipe = tiny_bert_recipe(d);
-    ok(&kiln(
-        &[
-            "train",
-            recipe.to_str().unwrap(),
-            "--quiet",
-            "--run-dir",
-            run.to_str().unwrap(),
-        ],
-        d,
-    ));
-    let m = metrics(&run);
-    let losses: Vec<f64> = m.iter().filter_map(|x| x["train/loss"].as_f64()).collect();
+    ok(&train_in(&recipe, &run, &[], d));
+    let losses = train_losses(&run);
     assert!(
         losses.last().unwrap() < &(losses[0] * 0.5),
         "loss falls: {losses:?}"
     );
-    let labels: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(run.join("labels.json")).unwrap()).unwrap();
-    assert_eq!(labels, ["negative", "positive"]);
+    assert_eq!(
+        read_json(&run.join("labels.json")),
+        json!(["negative", "positive"])
+    );
 
     let eval: serde_json::Value =
         serde_json::from_str(ok(&kiln(&["eval", run.to_str().unwrap()], d)).trim()).unwrap();
@@ -208,8 +198,7 @@ fn train_eval_predict_export_a_bert_classifier() {
         ],
         d,
     ));
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg = read_json(&out.join("config.json"));
     assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
     assert_eq!(cfg["id2label"]["1"], "positive");
     let preds2 = d.join("preds2.jsonl");
@@ -279,42 +268,52 @@ print(json.dumps({"class": type(model).__name__,
     assert!(max_diff < 1e-4);
 }
 
-/// The real pretrained MiniLM, fine-tuned briefly on a slice of BANKING77: the loss falls.
-#[test]
-fn fine_tuning_minilm_lowers_the_loss() {
+/// The MiniLM folder and the BANKING77 folder, or None (the test skips) when one is missing.
+fn minilm_and_banking77() -> Option<(PathBuf, PathBuf)> {
     let folder = repo().join(MINILM);
     let b77 = repo().join("../shared/data/banking77");
-    if !require(&folder, "all-MiniLM-L6-v2") || !require(&b77, "BANKING77") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    // Every 20th row: ~500 examples over all 77 intents.
+    (require(&folder, "all-MiniLM-L6-v2") && require(&b77, "BANKING77")).then_some((folder, b77))
+}
+
+/// Every `step`-th row of BANKING77's train.csv written to `d/train.csv`, with its
+/// categories.json; returns the header and the rows.
+fn banking77_slice(b77: &Path, d: &Path, step: usize) -> (String, Vec<String>) {
     let text = std::fs::read_to_string(b77.join("train.csv")).unwrap();
     let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.step_by(20).collect();
-    std::fs::write(
-        d.join("train.csv"),
-        format!("{header}\n{}\n", rows.join("\n")),
-    )
-    .unwrap();
+    let header = lines.next().unwrap().to_string();
+    let rows: Vec<String> = lines.step_by(step).map(String::from).collect();
+    write_file(d, "train.csv", format!("{header}\n{}\n", rows.join("\n")));
     std::fs::copy(b77.join("categories.json"), d.join("categories.json")).unwrap();
-    let recipe = d.join("ft.toml");
-    std::fs::write(
-        &recipe,
+    (header, rows)
+}
+
+/// A recipe `d/<name>.toml` that fine-tunes the pretrained BERT in `folder` on
+/// [`banking77_slice`]: `model` adds to [model], `val` says how the data is split, and `rest`
+/// continues [optim] after its name (the lr, then the [trainer] table).
+fn minilm_recipe(
+    d: &Path,
+    folder: &Path,
+    name: &str,
+    model: &str,
+    val: &str,
+    rest: &str,
+) -> PathBuf {
+    write_file(
+        d,
+        &format!("{name}.toml"),
         format!(
-            r#"description = "minilm slice"
+            r#"description = "minilm {name} slice"
 task = "classification"
 device = "cpu"
 init_from = "{}"
 [model]
 kind = "bert"
+{model}
 [data]
 dataset = "text-classification"
 path = "{}"
 train = "train.csv"
-val_size = 64
+{val}
 text_column = "text"
 label_column = "category"
 labels = "categories.json"
@@ -322,36 +321,40 @@ max_length = 32
 batch_size = 32
 [optim]
 name = "adamw"
-lr = 2e-4
-[trainer]
-max_steps = 24
-log_every = 4
+{rest}
 "#,
             folder.display(),
             d.display()
         ),
     )
-    .unwrap();
-    let run = d.join("run");
-    let o = kiln(
-        &[
-            "train",
-            recipe.to_str().unwrap(),
-            "--quiet",
-            "--run-dir",
-            run.to_str().unwrap(),
-        ],
+}
+
+/// The real pretrained MiniLM, fine-tuned briefly on a slice of BANKING77: the loss falls.
+#[test]
+fn fine_tuning_minilm_lowers_the_loss() {
+    let Some((folder, b77)) = minilm_and_banking77() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Every 20th row: ~500 examples over all 77 intents.
+    banking77_slice(&b77, d, 20);
+    let recipe = minilm_recipe(
         d,
+        &folder,
+        "ft",
+        "",
+        "val_size = 64",
+        "lr = 2e-4\n[trainer]\nmax_steps = 24\nlog_every = 4",
     );
+    let run = d.join("run");
+    let o = train_in(&recipe, &run, &[], d);
     ok(&o);
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("classifier.weight"),
         "the fresh head is reported"
     );
-    let losses: Vec<f64> = metrics(&run)
-        .iter()
-        .filter_map(|m| m["train/loss"].as_f64())
-        .collect();
+    let losses = train_losses(&run);
     assert!(losses[0] > 4.0, "77-way chance is ln 77 ≈ 4.34: {losses:?}");
     assert!(
         losses.last().unwrap() < &(losses[0] - 0.3),
@@ -364,72 +367,27 @@ log_every = 4
 /// installed) and predicts the same.
 #[test]
 fn lora_trains_adapters_only_and_exports_merged_or_as_peft() {
-    let folder = repo().join(MINILM);
-    let b77 = repo().join("../shared/data/banking77");
-    if !require(&folder, "all-MiniLM-L6-v2") || !require(&b77, "BANKING77") {
+    let Some((folder, b77)) = minilm_and_banking77() else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let text = std::fs::read_to_string(b77.join("train.csv")).unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.step_by(40).collect();
-    std::fs::write(
-        d.join("train.csv"),
-        format!("{header}\n{}\n", rows.join("\n")),
-    )
-    .unwrap();
-    std::fs::write(
-        d.join("dev.csv"),
-        format!("{header}\n{}\n", rows[..24].join("\n")),
-    )
-    .unwrap();
-    std::fs::copy(b77.join("categories.json"), d.join("categories.json")).unwrap();
-    let recipe = d.join("lora.toml");
-    std::fs::write(
-        &recipe,
-        format!(
-            r#"description = "minilm lora slice"
-task = "classification"
-device = "cpu"
-init_from = "{}"
-[model]
-kind = "bert"
-lora = {{ rank = 4, alpha = 8, dropout = 0.1, targets = ["query", "value"] }}
-[data]
-dataset = "text-classification"
-path = "{}"
-train = "train.csv"
-val = "dev.csv"
-text_column = "text"
-label_column = "category"
-labels = "categories.json"
-max_length = 32
-batch_size = 32
-[optim]
-name = "adamw"
-lr = 2e-3
-[trainer]
-max_steps = 10
-log_every = 2
-"#,
-            folder.display(),
-            d.display()
-        ),
-    )
-    .unwrap();
-    let run = d.join("run");
-    let o = kiln(
-        &[
-            "train",
-            recipe.to_str().unwrap(),
-            "--quiet",
-            "--run-dir",
-            run.to_str().unwrap(),
-        ],
+    let (header, rows) = banking77_slice(&b77, d, 40);
+    write_file(
         d,
+        "dev.csv",
+        format!("{header}\n{}\n", rows[..24].join("\n")),
     );
+    let recipe = minilm_recipe(
+        d,
+        &folder,
+        "lora",
+        "lora = { rank = 4, alpha = 8, dropout = 0.1, targets = [\"query\", \"value\"] }",
+        "val = \"dev.csv\"",
+        "lr = 2e-3\n[trainer]\nmax_steps = 10\nlog_every = 2",
+    );
+    let run = d.join("run");
+    let o = train_in(&recipe, &run, &[], d);
     let log = ok(&o);
     // 2 × 4 × 384 per adapted layer, 12 layers (query and value in 6 blocks), + the 77-way head.
     let trainable = 12 * 2 * 4 * 384 + 77 * 384 + 77;
@@ -449,10 +407,7 @@ log_every = 2
     assert!(ckpt
         .keys()
         .all(|k| k.contains(".lora_") || k.starts_with("classifier.")));
-    let losses: Vec<f64> = metrics(&run)
-        .iter()
-        .filter_map(|m| m["train/loss"].as_f64())
-        .collect();
+    let losses = train_losses(&run);
     assert!(
         losses.last().unwrap() < &losses[0],
         "loss falls: {losses:?}"
@@ -514,10 +469,7 @@ log_every = 2
         ],
         d,
     ));
-    let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
-    )
-    .unwrap();
+    let cfg = read_json(&adapter.join("adapter_config.json"));
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["lora_alpha"], 8.0);
     let w = candle_core::safetensors::load(
@@ -556,8 +508,7 @@ print(json.dumps(preds))
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let peft: Vec<usize> = serde_json::from_slice(&o.stdout).unwrap();
-    let names: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(run.join("labels.json")).unwrap()).unwrap();
+    let names: Vec<String> = serde_json::from_value(read_json(&run.join("labels.json"))).unwrap();
     let peft_labels: Vec<String> = peft.iter().map(|&i| names[i].clone()).collect();
     assert_eq!(
         peft_labels,

@@ -23,23 +23,12 @@ fn recipes_lists_every_shipped_recipe() {
 
 #[test]
 fn train_eval_generate() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = write_text(dir.path());
-    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let (dir, recipe) = tiny_gpt_fixture("");
     let run = dir.path().join("run");
-    let r = recipe.to_str().unwrap();
-    let o = kiln(
-        &[
-            "train",
-            r,
-            "--quiet",
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--set",
-            "trainer.max_steps=40",
-            "--device",
-            "cpu",
-        ],
+    let o = train_in(
+        &recipe,
+        &run,
+        &["--set", "trainer.max_steps=40", "--device", "cpu"],
         dir.path(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -116,9 +105,7 @@ fn train_eval_generate() {
 
 #[test]
 fn bad_input_gets_one_clear_error_and_a_nonzero_exit() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = write_text(dir.path());
-    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let (dir, recipe) = tiny_gpt_fixture("");
     let r = recipe.to_str().unwrap();
     let fails = |args: &[&str], want: &[&str]| {
         let o = kiln(args, dir.path());
@@ -173,21 +160,10 @@ fn bad_input_gets_one_clear_error_and_a_nonzero_exit() {
 
 /// A tiny GPT trained for `steps` steps by the binary: (its temp dir, the run directory).
 fn trained_tiny_gpt(steps: usize) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let text = write_text(dir.path());
-    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let (dir, recipe) = tiny_gpt_fixture("");
     let run = dir.path().join("run");
     let max_steps = format!("trainer.max_steps={steps}");
-    let args = [
-        "train",
-        recipe.to_str().unwrap(),
-        "--quiet",
-        "--run-dir",
-        run.to_str().unwrap(),
-        "--set",
-        &max_steps,
-    ];
-    let o = kiln(&args, dir.path());
+    let o = train_in(&recipe, &run, &["--set", &max_steps], dir.path());
     assert!(o.status.success(), "{}", stderr(&o));
     (dir, run)
 }
@@ -233,9 +209,7 @@ fn misshapen_weights_are_named_with_both_shapes() {
 /// `kiln bench` times the recipe's real training step and derives throughput and FLOPs from it.
 #[test]
 fn bench_reports_step_time_throughput_mfu_and_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = write_text(dir.path());
-    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let (dir, recipe) = tiny_gpt_fixture("");
     let o = kiln(
         &[
             "bench",

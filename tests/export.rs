@@ -14,9 +14,9 @@ use std::process::Command;
 
 /// A tiny language-model recipe: `model` is the [model] table, `data` the [data] table.
 fn lm_recipe(dir: &Path, name: &str, model: &str, data: &str, steps: usize) -> PathBuf {
-    let p = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &p,
+    write_file(
+        dir,
+        &format!("{name}.toml"),
         format!(
             r#"description = "export test"
 task = "language-model"
@@ -42,8 +42,14 @@ checkpoint_every = 10
 "#
         ),
     )
-    .unwrap();
-    p
+}
+
+/// Copies `files` into the folder `to`, creating it.
+fn copy_into(to: &Path, files: impl IntoIterator<Item = PathBuf>) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in files {
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
 }
 
 fn char_data(dir: &Path) -> String {
@@ -151,9 +157,7 @@ fn export_then_import_gives_identical_logits() {
         // bf16 weights: close, not equal.
         let half = d.join(format!("{name}-bf16"));
         export(&run, &half, &opts("latest", DType::BF16, false)).unwrap();
-        let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(half.join("config.json")).unwrap())
-                .unwrap();
+        let cfg = read_json(&half.join("config.json"));
         assert_eq!(cfg["torch_dtype"], "bfloat16");
         let got = logits(&half, None, &IDS);
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -263,10 +267,10 @@ fn init_from_folders_and_the_hub_cache() {
 
     // A folder whose weights lack a tensor.
     let broken = d.join("broken");
-    std::fs::create_dir_all(&broken).unwrap();
-    for f in ["config.json", "tokenizer.json"] {
-        std::fs::copy(folder.join(f), broken.join(f)).unwrap();
-    }
+    copy_into(
+        &broken,
+        ["config.json", "tokenizer.json"].map(|f| folder.join(f)),
+    );
     let mut w =
         candle_core::safetensors::load(folder.join("model.safetensors"), &Device::Cpu).unwrap();
     w.remove("model.norm.weight");
@@ -282,11 +286,12 @@ fn init_from_folders_and_the_hub_cache() {
 
     // The hub cache, offline: found when cached, a clear error when not.
     let snap = d.join("hf/hub/models--acme--tiny-llama/snapshots/abc123");
-    std::fs::create_dir_all(&snap).unwrap();
-    for e in std::fs::read_dir(&folder).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, snap.join(p.file_name().unwrap())).unwrap();
-    }
+    copy_into(
+        &snap,
+        std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().path()),
+    );
     std::fs::create_dir_all(d.join("hf/hub/models--acme--tiny-llama/refs")).unwrap();
     std::fs::write(
         d.join("hf/hub/models--acme--tiny-llama/refs/main"),

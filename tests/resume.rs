@@ -311,19 +311,15 @@ fn steps_logged(run: &Path) -> usize {
 /// and loaded machines alike; a run that still outpaces its first kill is retried from scratch
 /// with delays half as long.
 fn kill_and_resume(dir: &Path, recipe: &Path, seed: u32) {
-    let r = recipe.to_str().unwrap();
     let full = dir.join("full");
     let t = Instant::now();
-    let s = kiln()
-        .args(["train", r, "--quiet", "--run-dir", full.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let s = kiln_train(recipe, &full).output().unwrap();
     assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
     let took = t.elapsed();
 
     for attempt in 0..5 {
         let run = dir.join(format!("killed-{attempt}"));
-        let kills = train_with_kills(&run, r, seed, took / (1 << attempt));
+        let kills = train_with_kills(&run, recipe, seed, took / (1 << attempt));
         if kills == 0 {
             continue;
         }
@@ -343,17 +339,8 @@ fn kill_and_resume(dir: &Path, recipe: &Path, seed: u32) {
 
 /// Trains into `run`, killing it up to five times, each at 2–20 % of `scale` after it has
 /// logged something new. Returns how many kills landed before the run finished.
-fn train_with_kills(run: &Path, recipe: &str, seed: u32, scale: Duration) -> usize {
-    let mut child = kiln()
-        .args([
-            "train",
-            recipe,
-            "--quiet",
-            "--run-dir",
-            run.to_str().unwrap(),
-        ])
-        .spawn()
-        .unwrap();
+fn train_with_kills(run: &Path, recipe: &Path, seed: u32, scale: Duration) -> usize {
+    let mut child = kiln_train(recipe, run).spawn().unwrap();
     let mut state = seed;
     let mut kills = 0;
     for _ in 0..5 {
@@ -394,13 +381,7 @@ fn sigkill_gpt_at_random_steps_then_resume_is_exact() {
 
 #[test]
 fn sigkill_mlp_at_random_steps_then_resume_is_exact() {
-    let dir = tempfile::tempdir().unwrap();
-    write_image_fixture(dir.path(), 400, 100);
-    let recipe = mlp_recipe(
-        dir.path(),
-        dir.path(),
-        "epochs = 8\ncheckpoint_every = 1\ngrad_accum = 2",
-    );
+    let (dir, recipe) = mlp_fixture("epochs = 8\ncheckpoint_every = 1\ngrad_accum = 2");
     let text = std::fs::read_to_string(&recipe)
         .unwrap()
         .replace("hidden = [32]", "hidden = [32]\ndropout = 0.1");
@@ -412,12 +393,8 @@ fn sigkill_mlp_at_random_steps_then_resume_is_exact() {
 fn sigterm_checkpoints_and_exits_with_143() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path(), 400, 100);
-    let r = recipe.to_str().unwrap();
     let run = dir.path().join("run");
-    let mut child = kiln()
-        .args(["train", r, "--quiet", "--run-dir", run.to_str().unwrap()])
-        .spawn()
-        .unwrap();
+    let mut child = kiln_train(&recipe, &run).spawn().unwrap();
     let t = Instant::now();
     while steps_logged(&run) < 2 && t.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(2));
@@ -440,10 +417,7 @@ fn sigterm_checkpoints_and_exits_with_143() {
         .unwrap();
     assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
     let full = dir.path().join("full");
-    let s = kiln()
-        .args(["train", r, "--quiet", "--run-dir", full.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let s = kiln_train(&recipe, &full).output().unwrap();
     assert!(s.status.success());
     assert_eq!(final_weights(&run), final_weights(&full));
 }
@@ -485,16 +459,7 @@ fn a_full_disk_stops_training_and_keeps_the_previous_checkpoint() {
         return;
     };
     let run = disk.0.join("run");
-    let o = kiln()
-        .args([
-            "train",
-            recipe.to_str().unwrap(),
-            "--quiet",
-            "--run-dir",
-            run.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = kiln_train(&recipe, &run).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(

@@ -22,18 +22,9 @@ fn run(recipe: &Path, dir: &Path, name: &str, sets: &[&str]) -> anyhow::Result<s
     Ok(train(&recipe, &opts)?.run_dir)
 }
 
-fn train_losses(run: &Path) -> Vec<f64> {
-    metrics(run)
-        .iter()
-        .filter_map(|m| m["train/loss"].as_f64())
-        .collect()
-}
-
 #[test]
 fn gpt_loss_falls_and_run_dir_is_complete() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = write_text(dir.path());
-    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let (dir, recipe) = tiny_gpt_fixture("");
     let run = run(&recipe, dir.path(), "run", &[]).unwrap();
 
     let losses = train_losses(&run);
@@ -80,10 +71,7 @@ fn gpt_loss_falls_and_run_dir_is_complete() {
         std::fs::read_to_string(run.join("checkpoints/latest")).unwrap(),
         "step-60"
     );
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run.join("checkpoints/step-60/trainer_state.json")).unwrap(),
-    )
-    .unwrap();
+    let state = read_json(&run.join("checkpoints/step-60/trainer_state.json"));
     assert_eq!(state["optimizer_steps"], 60);
     let opt = candle_core::safetensors::load(
         run.join("checkpoints/step-60/optimizer.safetensors"),
@@ -104,9 +92,7 @@ fn gpt_loss_falls_and_run_dir_is_complete() {
 
 #[test]
 fn same_seed_same_run_other_seed_other_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = write_text(dir.path());
-    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let (dir, recipe) = tiny_gpt_fixture("");
     let sets = [
         "trainer.max_steps=20",
         "trainer.checkpoint_every=0",
@@ -137,13 +123,7 @@ fn same_seed_same_run_other_seed_other_run() {
 
 #[test]
 fn mlp_learns_a_separable_image_task() {
-    let dir = tempfile::tempdir().unwrap();
-    write_image_fixture(dir.path(), 400, 100);
-    let recipe = mlp_recipe(
-        dir.path(),
-        dir.path(),
-        "epochs = 4\ngrad_accum = 2\nclip_grad_norm = 5.0",
-    );
+    let (dir, recipe) = mlp_fixture("epochs = 4\ngrad_accum = 2\nclip_grad_norm = 5.0");
     let run = run(&recipe, dir.path(), "run", &[]).unwrap();
     let s = summary(&run);
     // 360 training images / (16 × 2 accumulation) = 11 steps per epoch.
@@ -155,9 +135,7 @@ fn mlp_learns_a_separable_image_task() {
 
 #[test]
 fn sgd_nesterov_trains_too() {
-    let dir = tempfile::tempdir().unwrap();
-    write_image_fixture(dir.path(), 400, 100);
-    let recipe = mlp_recipe(dir.path(), dir.path(), "epochs = 3");
+    let (dir, recipe) = mlp_fixture("epochs = 3");
     let run = run(
         &recipe,
         dir.path(),
@@ -176,13 +154,7 @@ fn sgd_nesterov_trains_too() {
 
 #[test]
 fn divergence_stops_the_run_and_keeps_the_last_good_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    write_image_fixture(dir.path(), 400, 100);
-    let recipe = mlp_recipe(
-        dir.path(),
-        dir.path(),
-        "max_steps = 20\ncheckpoint_every = 1",
-    );
+    let (dir, recipe) = mlp_fixture("max_steps = 20\ncheckpoint_every = 1");
     // An absurd learning rate blows the weights up to infinity within a few steps.
     let err = run(
         &recipe,
@@ -258,9 +230,7 @@ fn a_parameter_without_gradient_is_refused_by_name() {
 
 #[test]
 fn an_existing_run_directory_is_never_overwritten() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = write_text(dir.path());
-    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let (dir, recipe) = tiny_gpt_fixture("");
     std::fs::create_dir_all(dir.path().join("run")).unwrap();
     std::fs::write(dir.path().join("run/keep.txt"), "precious").unwrap();
     let err = run(&recipe, dir.path(), "run", &["trainer.max_steps=2"])
@@ -275,9 +245,7 @@ fn an_existing_run_directory_is_never_overwritten() {
 
 #[test]
 fn keep_last_and_keep_best_prune_checkpoints() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = write_text(dir.path());
-    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let (dir, recipe) = tiny_gpt_fixture("");
     let sets = [
         "trainer.checkpoint_every=5",
         "trainer.eval_every=10",
@@ -286,12 +254,7 @@ fn keep_last_and_keep_best_prune_checkpoints() {
     ];
     let run = run(&recipe, dir.path(), "run", &sets).unwrap();
     let ck = run.join("checkpoints");
-    let mut left: Vec<String> = std::fs::read_dir(&ck)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("step-"))
-        .collect();
-    left.sort();
+    let left = step_dirs(&ck);
     let best = std::fs::read_to_string(ck.join("best")).unwrap();
     let best_step = summary(&run)["best_step"]["eval/loss"].as_u64().unwrap();
     assert_eq!(best, format!("step-{best_step}"));
@@ -305,9 +268,7 @@ fn keep_last_and_keep_best_prune_checkpoints() {
 /// bf16 and f16 (with loss scaling) train the tiny GPT along the f32 run's loss curve.
 #[test]
 fn mixed_precision_tracks_f32() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = write_text(dir.path());
-    let recipe = tiny_gpt_recipe(dir.path(), &text, "");
+    let (dir, recipe) = tiny_gpt_fixture("");
     let f32_run = run(&recipe, dir.path(), "f32", &[]).unwrap();
     let reference = train_losses(&f32_run);
     for precision in ["bf16", "f16"] {

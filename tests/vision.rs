@@ -64,9 +64,9 @@ const VIT: &str = "kind = \"vit\"\npatch_size = 4\nhidden_size = 16\nnum_hidden_
                    num_attention_heads = 2\nintermediate_size = 32";
 
 fn recipe(dir: &Path, name: &str, model: &str, root: &Path, steps: usize) -> PathBuf {
-    let p = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &p,
+    write_file(
+        dir,
+        &format!("{name}.toml"),
         format!(
             r#"description = "vision test"
 task = "classification"
@@ -97,8 +97,6 @@ checkpoint_every = 4
             root.display()
         ),
     )
-    .unwrap();
-    p
 }
 
 fn opts(run: PathBuf) -> TrainOptions {

@@ -10,7 +10,7 @@
 //! On the CPU each (batch, head) is one parallel task, so the scatter into dk/dv needs no
 //! synchronization. The CUDA version tiles the same loops (flash attention).
 
-use crate::{axpy, dot, out, slice, with_float, Elem, Kernel, Op};
+use crate::{axpy, dot, out, slice, slices, with_float, Elem, Kernel, Op};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
@@ -65,11 +65,7 @@ pub fn forward(args: &[(&CpuStorage, &Layout)], scale: f64) -> Result<Vec<(CpuSt
     let (b, h, t, d) = dims(args[0].1)?;
     with_float!(args[0].0, "attention", |T| {
         type A = <T as Elem>::Acc;
-        let (q, k, v) = (
-            slice::<T>(args[0])?,
-            slice::<T>(args[1])?,
-            slice::<T>(args[2])?,
-        );
+        let [q, k, v] = slices::<T, 3>(args)?;
         let scale: A = crate::k(scale);
         let mut o = crate::zeros::<T>(b * h * t * d);
         let mut lse = vec![A::zero(); b * h * t];

@@ -10,7 +10,7 @@
 //! convolutions. Here the statistics are one pass per channel and y, dx one pass per plane.
 //! Each channel's sums run in a fixed order, so results do not depend on scheduling.
 
-use crate::{k, out, slice, with_float, Elem, Kernel, Op, Saved};
+use crate::{k, out, slice, slices, with_float, Elem, Kernel, Op, Saved};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::Zero;
 use rayon::prelude::*;
@@ -102,11 +102,7 @@ fn forward(args: &[(&CpuStorage, &Layout)], eps: f64) -> Result<Vec<(CpuStorage,
     let hw = h * w;
     with_float!(args[0].0, "batch_norm", |T| {
         type A = <T as Elem>::Acc;
-        let (x, wt, b) = (
-            slice::<T>(args[0])?,
-            slice::<T>(args[1])?,
-            slice::<T>(args[2])?,
-        );
+        let [x, wt, b] = slices::<T, 3>(args)?;
         let m = k::<A>((n * hw) as f64);
         let stats: Vec<(A, A)> = (0..c)
             .into_par_iter()
@@ -149,7 +145,7 @@ fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>>
     let hw = h * w;
     with_float!(args[0].0, "batch_norm backward", |T| {
         type A = <T as Elem>::Acc;
-        let (x, wt) = (slice::<T>(args[0])?, slice::<T>(args[1])?);
+        let [x, wt] = slices::<T, 2>(args)?;
         let (mean, rstd) = (slice::<A>(args[2])?, slice::<A>(args[3])?);
         let dy = slice::<T>(args[4])?;
         let m = k::<A>((n * hw) as f64);

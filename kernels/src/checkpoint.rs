@@ -14,7 +14,7 @@
 //! handles that (see the GPT model, which rewinds its dropout generator).
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -27,9 +27,21 @@ type Block = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 /// `f(x)`, with `f`'s activations recomputed during the backward instead of stored. `params`
 /// are the variables `f` reads, whose gradients [`backward`] adds.
 pub fn checkpoint(x: &Tensor, params: Vec<Tensor>, f: Block) -> Result<Tensor> {
-    // Its own storage, starting at 0, so the op can hand over a plain clone.
-    let y = f(&x.detach())?.copy()?.detach();
-    x.apply_op1(Checkpoint { y, params, f })
+    let y = f(&x.detach())?;
+    crate::precomputed(x, &y, "kiln-checkpoint", move |x, dy| {
+        let x = Var::from_tensor(&x.detach())?;
+        let y = f(x.as_tensor())?;
+        let grads = (y * dy.detach())?.sum_all()?.backward()?;
+        PARKED.with(|p| {
+            let mut p = p.borrow_mut();
+            for param in &params {
+                if let Some(g) = grads.get(param) {
+                    p.push((param.clone(), g.clone()));
+                }
+            }
+        });
+        Ok(grads.get(x.as_tensor()).cloned())
+    })
 }
 
 /// `loss.backward()`, plus the parameter gradients of checkpointed blocks.
@@ -44,47 +56,6 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
         grads.insert(&param, sum);
     }
     Ok(grads)
-}
-
-struct Checkpoint {
-    y: Tensor,
-    params: Vec<Tensor>,
-    f: Block,
-}
-
-impl CustomOp1 for Checkpoint {
-    fn name(&self) -> &'static str {
-        "kiln-checkpoint"
-    }
-
-    /// Hands the precomputed output to the graph (a copy: an op returns fresh storage).
-    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        crate::precomputed_cpu(&self.y, "checkpoint")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s: &candle_core::CudaStorage,
-        _l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::precomputed_cuda(&self.y, "checkpoint")
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let x = Var::from_tensor(&x.detach())?;
-        let y = (self.f)(x.as_tensor())?;
-        let grads = (y * grad.detach())?.sum_all()?.backward()?;
-        PARKED.with(|p| {
-            let mut p = p.borrow_mut();
-            for param in &self.params {
-                if let Some(g) = grads.get(param) {
-                    p.push((param.clone(), g.clone()));
-                }
-            }
-        });
-        Ok(grads.get(x.as_tensor()).cloned())
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! Here the product runs outside the graph and enters it through a custom op on `x` alone,
 //! whose `bwd` is `grad · wᵀ`.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// `x · w` (x (N, in), w (in, out)) with both operands in `compute` and the result in x's
 /// dtype (mixed precision); `w` receives no gradient whatever it is.
@@ -16,9 +16,10 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor, compute: DType) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
-    // Its own storage, starting at 0, so the op can hand over a plain clone.
-    let y = y.contiguous()?.copy()?.detach();
-    x.apply_op1(FrozenRhs { y, w, compute })
+    let wt = w.t()?;
+    crate::precomputed(x, &y, "kiln-frozen-matmul", move |_x, dy| {
+        Ok(Some(mm(&dy.detach(), &wt, compute)?))
+    })
 }
 
 /// `x · w` in `compute`, returned in x's dtype.
@@ -29,35 +30,6 @@ fn mm(x: &Tensor, w: &Tensor, compute: DType) -> Result<Tensor> {
     x.to_dtype(compute)?
         .matmul(&w.to_dtype(compute)?)?
         .to_dtype(x.dtype())
-}
-
-struct FrozenRhs {
-    y: Tensor,
-    w: Tensor,
-    compute: DType,
-}
-
-impl CustomOp1 for FrozenRhs {
-    fn name(&self) -> &'static str {
-        "kiln-frozen-matmul"
-    }
-
-    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        crate::precomputed_cpu(&self.y, "frozen_matmul")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s: &candle_core::CudaStorage,
-        _l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::precomputed_cuda(&self.y, "frozen_matmul")
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(mm(&grad.detach(), &self.w.t()?, self.compute)?))
-    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! saves the (N, C) tensor of x + b and, in the backward, sums db while writing dx.
 
 use crate::layer_norm::{rows_per_task, sum_rows};
-use crate::{k, out, rows_cols, slice, with_float, Elem, Kernel, Op};
+use crate::{k, out, rows_cols, slice, slices, with_float, Elem, Kernel, Op};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
@@ -101,7 +101,7 @@ pub fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape
 pub fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
     let shape = args[0].1.shape().clone();
     with_float!(args[0].0, "gelu backward", |T| {
-        let (x, dy) = (slice::<T>(args[0])?, slice::<T>(args[1])?);
+        let [x, dy] = slices::<T, 2>(args)?;
         let mut dx = crate::zeros::<T>(x.len());
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
@@ -119,7 +119,7 @@ pub fn bias_forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, 
     let shape = args[0].1.shape().clone();
     let (_, c) = rows_cols(&shape)?;
     with_float!(args[0].0, "bias_gelu", |T| {
-        let (x, b) = (slice::<T>(args[0])?, slice::<T>(args[1])?);
+        let [x, b] = slices::<T, 2>(args)?;
         let b: Vec<_> = b.iter().map(|v| v.acc()).collect();
         let mut y = crate::zeros::<T>(x.len());
         y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
@@ -137,11 +137,7 @@ pub fn bias_backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage,
     let (n, c) = rows_cols(&shape)?;
     with_float!(args[0].0, "bias_gelu backward", |T| {
         type A = <T as Elem>::Acc;
-        let (x, b, dy) = (
-            slice::<T>(args[0])?,
-            slice::<T>(args[1])?,
-            slice::<T>(args[2])?,
-        );
+        let [x, b, dy] = slices::<T, 3>(args)?;
         let b: Vec<A> = b.iter().map(|v| v.acc()).collect();
         let mut dx = crate::zeros::<T>(x.len());
         let rows = rows_per_task(n);

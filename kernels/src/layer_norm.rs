@@ -7,7 +7,7 @@
 //! Rows are split across threads; each block of rows sums its own dw/db, then the partial sums
 //! are added, so the result does not depend on scheduling.
 
-use crate::{k, out, rows_cols, slice, with_float, Elem, Kernel, Op};
+use crate::{k, out, rows_cols, slice, slices, with_float, Elem, Kernel, Op};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
@@ -56,11 +56,7 @@ pub fn forward(args: &[(&CpuStorage, &Layout)], eps: f64) -> Result<Vec<(CpuStor
     let (n, c) = rows_cols(&shape)?;
     with_float!(args[0].0, "layer_norm", |T| {
         type A = <T as Elem>::Acc;
-        let (x, w, b) = (
-            slice::<T>(args[0])?,
-            slice::<T>(args[1])?,
-            slice::<T>(args[2])?,
-        );
+        let [x, w, b] = slices::<T, 3>(args)?;
         let w: Vec<_> = w.iter().map(|v| v.acc()).collect();
         let b: Vec<_> = b.iter().map(|v| v.acc()).collect();
         let mut y = crate::zeros::<T>(n * c);

@@ -10,6 +10,7 @@ pub mod adamw;
 pub mod attention;
 pub mod batch_norm;
 pub mod checkpoint;
+pub mod compare;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod dropout;
@@ -80,28 +81,30 @@ elem!(f64, f64, |x| x, |a| a);
 elem!(half::bf16, f32, |x| x.to_f32(), |a| half::bf16::from_f32(a));
 elem!(half::f16, f32, |x| x.to_f32(), |a| half::f16::from_f32(a));
 
+/// Evaluates `$body` with `$T` bound to the Rust type that `$dtype` maps to in the list
+/// `[DTypeVariant => type, …]`; any other dtype, bound to `$other`, gives `$else`.
+macro_rules! match_dtype {
+    ($dtype:expr, [$($v:ident => $t:ty),*], |$T:ident| $body:expr, $other:ident => $else:expr) => {
+        match $dtype {
+            $(candle_core::DType::$v => {
+                type $T = $t;
+                $body
+            })*
+            $other => $else,
+        }
+    };
+}
+pub(crate) use match_dtype;
+
 /// Calls `$body` with `$T` bound to the element type of a float `CpuStorage`.
 macro_rules! with_float {
     ($storage:expr, $name:expr, |$T:ident| $body:expr) => {
-        match candle_core::backend::BackendStorage::dtype($storage) {
-            candle_core::DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            candle_core::DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            candle_core::DType::BF16 => {
-                type $T = half::bf16;
-                $body
-            }
-            candle_core::DType::F16 => {
-                type $T = half::f16;
-                $body
-            }
-            other => candle_core::bail!("{}: unsupported dtype {other:?}", $name),
-        }
+        $crate::match_dtype!(
+            candle_core::backend::BackendStorage::dtype($storage),
+            [F32 => f32, F64 => f64, BF16 => half::bf16, F16 => half::f16],
+            |$T| $body,
+            other => candle_core::bail!("{}: unsupported dtype {other:?}", $name)
+        )
     };
 }
 pub(crate) use with_float;
@@ -122,6 +125,20 @@ pub(crate) fn slice<'a, T: candle_core::WithDType>(
     }
 }
 
+/// [`slice`] of each of the first `N` CPU tensor arguments, all of element type `T`.
+pub(crate) fn slices<'a, T: candle_core::WithDType, const N: usize>(
+    args: &[(&'a CpuStorage, &Layout)],
+) -> Result<[&'a [T]; N]> {
+    if args.len() < N {
+        candle_core::bail!("expected {N} arguments, got {}", args.len())
+    }
+    let mut out: [&'a [T]; N] = [&[]; N];
+    for (o, &a) in out.iter_mut().zip(args) {
+        *o = slice(a)?;
+    }
+    Ok(out)
+}
+
 /// The dtype of the stats (mean, rstd, lse) kept for a float dtype.
 pub fn stats_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {
@@ -131,25 +148,54 @@ pub fn stats_dtype(dtype: DType) -> DType {
     }
 }
 
-/// A copy of `y`'s storage, the output of a custom op whose result was computed before the op
-/// entered the graph (checkpointed blocks, frozen matmuls): an op must return fresh storage.
-pub(crate) fn precomputed_cpu(y: &Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
-    use candle_core::backend::BackendStorage;
-    let (storage, layout) = y.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-        _ => candle_core::bail!("{op}: output on another device"),
-    }
+/// `y`, computed from `x` outside the graph (checkpointed blocks, frozen matmuls), entered into
+/// the graph as the output of the custom op `name` on `x`, whose backward is `bwd(x, dy)`.
+pub(crate) fn precomputed<B>(x: &Tensor, y: &Tensor, name: &'static str, bwd: B) -> Result<Tensor>
+where
+    B: Fn(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync + 'static,
+{
+    // Its own storage, starting at 0, so the op can hand over a plain clone.
+    let y = y.contiguous()?.copy()?.detach();
+    x.apply_op1(Precomputed { name, y, bwd })
 }
 
-/// [`precomputed_cpu`] on a GPU.
-#[cfg(feature = "cuda")]
-pub(crate) fn precomputed_cuda(y: &Tensor, op: &str) -> Result<(CudaStorage, Shape)> {
-    use candle_core::backend::BackendStorage;
-    let (storage, layout) = y.storage_and_layout();
-    match &*storage {
-        Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-        _ => candle_core::bail!("{op}: output on another device"),
+/// The op of [`precomputed`].
+struct Precomputed<B> {
+    name: &'static str,
+    y: Tensor,
+    bwd: B,
+}
+
+impl<B> candle_core::CustomOp1 for Precomputed<B>
+where
+    B: Fn(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Hands the precomputed output to the graph (a copy: an op returns fresh storage).
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (storage, layout) = self.y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{}: output on another device", self.name),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (storage, layout) = self.y.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{}: output on another device", self.name),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        (self.bwd)(x, dy)
     }
 }
 
@@ -249,164 +295,4 @@ pub(crate) fn axpy<A: num_traits::Float>(y: &mut [A], a: A, x: &[A]) {
     }
 }
 #[cfg(test)]
-pub(crate) mod testing {
-    use candle_core::{DType, Device, Result, Tensor, Var};
-    use rand::{Rng, SeedableRng};
-
-    /// A random f64 tensor with values in [-1, 1).
-    pub fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    /// Checks the autograd gradient of `sum(f(x) * probe)` w.r.t. `x` against central finite
-    /// differences, in f64.
-    pub fn check_grad(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) {
-        assert_eq!(x.dtype(), DType::F64);
-        let var = Var::from_tensor(x).unwrap();
-        let out = f(var.as_tensor()).unwrap();
-        let probe = rand(out.dims(), 99);
-        let loss = |t: &Tensor| -> f64 {
-            (f(t).unwrap() * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        let grads = (out * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g: Vec<f64> = grads
-            .get(&var)
-            .expect("x has a gradient")
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let xs: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let h = 1e-5;
-        for i in 0..xs.len() {
-            let mut p = xs.clone();
-            p[i] += h;
-            let mut m = xs.clone();
-            m[i] -= h;
-            let tp = Tensor::from_vec(p, x.dims(), &Device::Cpu).unwrap();
-            let tm = Tensor::from_vec(m, x.dims(), &Device::Cpu).unwrap();
-            let fd = (loss(&tp) - loss(&tm)) / (2.0 * h);
-            assert!(
-                (fd - g[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
-                "gradient mismatch at {i}: autograd {} vs finite differences {fd}",
-                g[i]
-            );
-        }
-    }
-
-    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
-    /// ‖a − b‖ / ‖b‖ in f64; infinite when `a` holds a NaN or an infinity.
-    pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        let f64s = |t: &Tensor| -> Vec<f64> {
-            t.to_dtype(DType::F64)
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1())
-                .unwrap()
-        };
-        let (a, b) = (f64s(a), f64s(b));
-        if a.iter().any(|v| !v.is_finite()) {
-            return f64::INFINITY;
-        }
-        let diff: f64 = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-        diff / norm.max(1e-30)
-    }
-
-    /// The relative-error bound for an op's outputs and gradients in `dtype`.
-    pub fn tolerance(dtype: DType) -> f64 {
-        match dtype {
-            DType::F64 => 1e-10,
-            DType::F32 => 1e-5,
-            _ => 1e-2,
-        }
-    }
-
-    /// Checks a fused op against its reference composition: for each float dtype, the inputs
-    /// (f64; non-float inputs such as ids pass through) are rounded to the dtype, the fused op
-    /// runs in that dtype, the reference in f64 on the same rounded values, and the output and
-    /// the gradients of the first `n_grads` inputs must agree within [`tolerance`].
-    pub fn check_parity(
-        inputs: &[Tensor],
-        n_grads: usize,
-        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
-        reference: impl Fn(&[Tensor]) -> Result<Tensor>,
-    ) {
-        for dtype in [DType::F64, DType::F32, DType::BF16, DType::F16] {
-            let cast = |t: &Tensor, d: DType| -> Tensor {
-                if t.dtype().is_float() {
-                    t.to_dtype(d).unwrap()
-                } else {
-                    t.clone()
-                }
-            };
-            let rounded: Vec<Tensor> = inputs
-                .iter()
-                .map(|t| cast(&cast(t, dtype), DType::F64))
-                .collect();
-            // The gradient of sum(out · probe), with the probe rounded to `dtype` for both runs.
-            let run = |ts: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
-                let vars: Vec<Var> = ts[..n_grads]
-                    .iter()
-                    .map(|t| Var::from_tensor(t).unwrap())
-                    .collect();
-                let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-                args.extend(ts[n_grads..].iter().cloned());
-                let out = f(&args).unwrap();
-                let probe = cast(&cast(&rand(out.dims(), 77), dtype), out.dtype());
-                let grads = (&out * probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v).unwrap().clone()).collect();
-                (out, g)
-            };
-            let in_dtype: Vec<Tensor> = rounded.iter().map(|t| cast(t, dtype)).collect();
-            let (got, got_g) = run(&in_dtype, &fused);
-            let (want, want_g) = run(&rounded, &reference);
-            let tol = tolerance(dtype);
-            let e = rel_err(&got, &want);
-            assert!(e <= tol, "{dtype:?} output: relative error {e:e} > {tol:e}");
-            for (i, (g, w)) in got_g.iter().zip(&want_g).enumerate() {
-                let e = rel_err(g, w);
-                assert!(
-                    e <= tol,
-                    "{dtype:?} gradient of input {i}: relative error {e:e} > {tol:e}"
-                );
-            }
-        }
-    }
-}
+pub(crate) mod testing;

@@ -5,7 +5,7 @@
 //! Row blocks run in parallel and sum their own dw; the partials are added in order.
 
 use crate::layer_norm::{rows_per_task, sum_rows};
-use crate::{k, out, rows_cols, slice, with_float, Elem, Kernel, Op};
+use crate::{k, out, rows_cols, slice, slices, with_float, Elem, Kernel, Op};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::Zero;
 use rayon::prelude::*;
@@ -42,7 +42,7 @@ pub fn forward(args: &[(&CpuStorage, &Layout)], eps: f64) -> Result<Vec<(CpuStor
     let (n, c) = rows_cols(&shape)?;
     with_float!(args[0].0, "rms_norm", |T| {
         type A = <T as Elem>::Acc;
-        let (x, w) = (slice::<T>(args[0])?, slice::<T>(args[1])?);
+        let [x, w] = slices::<T, 2>(args)?;
         let w: Vec<_> = w.iter().map(|v| v.acc()).collect();
         let mut y = crate::zeros::<T>(n * c);
         let mut rstd = vec![Zero::zero(); n];

@@ -2,7 +2,7 @@
 //! and summing, then a scale; the composition makes four full-size tensors for the same thing.
 //! Backward from the output alone: dx = y·(dy − Σ dy·y), one pass per row.
 
-use crate::{out, rows_cols, slice, with_float, Elem, Kernel, Op};
+use crate::{out, rows_cols, slice, slices, with_float, Elem, Kernel, Op};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
@@ -64,7 +64,7 @@ pub fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shap
     let (n, c) = rows_cols(&shape)?;
     with_float!(args[0].0, "softmax backward", |T| {
         type A = <T as Elem>::Acc;
-        let (y, dy) = (slice::<T>(args[0])?, slice::<T>(args[1])?);
+        let [y, dy] = slices::<T, 2>(args)?;
         let mut dx = crate::zeros::<T>(n * c);
         dx.par_chunks_mut(c)
             .zip(y.par_chunks(c).zip(dy.par_chunks(c)))

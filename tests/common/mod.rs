@@ -52,16 +52,39 @@ pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 /// A small repetitive text: learnable in a few dozen steps.
 pub fn write_text(dir: &Path) -> PathBuf {
     let line = "to be, or not to be, that is the question.\n";
-    let p = dir.join("tiny.txt");
-    std::fs::write(&p, line.repeat(60)).unwrap();
+    write_file(dir, "tiny.txt", line.repeat(60))
+}
+
+/// Writes `contents` to `dir/name` and returns that path.
+pub fn write_file(dir: &Path, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap();
     p
+}
+
+/// A temporary folder holding [`write_text`]'s text and a [`tiny_gpt_recipe`] over it (with
+/// `extra` top-level lines); returns the folder and the recipe.
+pub fn tiny_gpt_fixture(extra: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let recipe = tiny_gpt_recipe(dir.path(), &text, extra);
+    (dir, recipe)
+}
+
+/// A temporary folder holding a [`write_image_fixture`] of 400 train and 100 test images and an
+/// [`mlp_recipe`] over it (with `extra_trainer` lines); returns the folder and the recipe.
+pub fn mlp_fixture(extra_trainer: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    write_image_fixture(dir.path(), 400, 100);
+    let recipe = mlp_recipe(dir.path(), dir.path(), extra_trainer);
+    (dir, recipe)
 }
 
 /// A tiny character-level GPT recipe over `text`.
 pub fn tiny_gpt_recipe(dir: &Path, text: &Path, extra: &str) -> PathBuf {
-    let p = dir.join("tiny-gpt.toml");
-    std::fs::write(
-        &p,
+    write_file(
+        dir,
+        "tiny-gpt.toml",
         format!(
             r#"description = "tiny gpt for tests"
 task = "language-model"
@@ -100,8 +123,6 @@ clip_grad_norm = 1.0
             text.display()
         ),
     )
-    .unwrap();
-    p
 }
 
 /// Writes IDX files shaped like Fashion-MNIST: `n` train and `m` test 8×8 images; class `c`
@@ -146,9 +167,9 @@ pub fn write_image_fixture(dir: &Path, n: usize, m: usize) {
 
 /// An MLP recipe over an image fixture folder.
 pub fn mlp_recipe(dir: &Path, data: &Path, extra_trainer: &str) -> PathBuf {
-    let p = dir.join("tiny-mlp.toml");
-    std::fs::write(
-        &p,
+    write_file(
+        dir,
+        "tiny-mlp.toml",
         format!(
             r#"description = "tiny mlp for tests"
 task = "classification"
@@ -176,8 +197,47 @@ log_every = 5
             data.display()
         ),
     )
-    .unwrap();
-    p
+}
+
+/// A `kiln train <recipe> --quiet --run-dir <run>` command, to add arguments to and run.
+pub fn kiln_train(recipe: &Path, run: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.args(["train", recipe.to_str().unwrap(), "--quiet", "--run-dir"])
+        .arg(run);
+    c
+}
+
+/// Runs [`kiln_train`] with `extra` arguments in `cwd`.
+pub fn train_in(recipe: &Path, run: &Path, extra: &[&str], cwd: &Path) -> Output {
+    kiln_train(recipe, run)
+        .args(extra)
+        .current_dir(cwd)
+        .output()
+        .expect("kiln runs")
+}
+
+/// The `train/loss` values of a run's metrics, in order.
+pub fn train_losses(run: &Path) -> Vec<f64> {
+    metrics(run)
+        .iter()
+        .filter_map(|m| m["train/loss"].as_f64())
+        .collect()
+}
+
+/// A JSON file, parsed.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The `step-N` folders in a checkpoint folder, sorted by name.
+pub fn step_dirs(ck: &Path) -> Vec<String> {
+    let mut steps: Vec<String> = std::fs::read_dir(ck)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    steps.sort();
+    steps
 }
 
 /// Reads metrics.jsonl as JSON values.
@@ -190,7 +250,7 @@ pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
 }
 
 pub fn summary(run: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+    read_json(&run.join("summary.json"))
 }
 
 /// The Python interpreter that imports `modules` (e.g. "transformers, torch"), if there is one:

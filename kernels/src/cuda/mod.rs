@@ -34,21 +34,12 @@ impl GpuFloat for half::f16 {}
 /// naming `$name`.
 macro_rules! with_gpu_float {
     ($dtype:expr, $name:expr, |$T:ident| $body:expr) => {
-        match $dtype {
-            candle_core::DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            candle_core::DType::BF16 => {
-                type $T = half::bf16;
-                $body
-            }
-            candle_core::DType::F16 => {
-                type $T = half::f16;
-                $body
-            }
-            other => candle_core::bail!("{}: unsupported dtype {other:?} on CUDA", $name),
-        }
+        $crate::match_dtype!(
+            $dtype,
+            [F32 => f32, BF16 => half::bf16, F16 => half::f16],
+            |$T| $body,
+            other => candle_core::bail!("{}: unsupported dtype {other:?} on CUDA", $name)
+        )
     };
 }
 pub(crate) use with_gpu_float;

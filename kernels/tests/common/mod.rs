@@ -1,8 +1,8 @@
 //! Helpers shared by the CUDA test binaries: the GPU (or why there is none), seeded inputs, the
-//! relative error every comparison uses, and a report that lists every failure at the end.
+//! relative error every comparison uses (`kiln_kernels::compare`), and a report that lists every failure at the end.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 /// The first CUDA device, or None after printing why the test skips.
@@ -24,31 +24,7 @@ pub fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-/// ‖a − b‖ / ‖b‖ in f64 (‖a − b‖ when ‖b‖ ≤ 1e-6); infinite when either holds a NaN or an
-/// infinity, so a broken kernel can never pass.
-pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let flat = |t: &Tensor| -> Vec<f64> {
-        t.to_device(&Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F64))
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f64>())
-            .expect("tensor to f64")
-    };
-    let (a, b) = (flat(a), flat(b));
-    assert_eq!(a.len(), b.len(), "rel_err of tensors of different sizes");
-    if a.iter().chain(&b).any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
-    let norm: f64 = b.iter().map(|y| y * y).sum();
-    // A reference that is zero up to rounding (the dq, dk of a one-token attention are exactly
-    // 0, the FMA kernel's are ~3e-7): compare absolutely, not against its noise.
-    if norm.sqrt() <= 1e-6 {
-        diff.sqrt()
-    } else {
-        (diff / norm).sqrt()
-    }
-}
+pub use kiln_kernels::compare::rel_err;
 
 /// Collects every comparison of one test and fails at the end, listing the failures.
 #[derive(Default)]

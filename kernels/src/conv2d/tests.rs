@@ -1,0 +1,108 @@
+use super::*;
+use crate::testing::{check_grad, max_abs_diff, rand};
+
+/// The unfold kernel and its fold backward against the composition they replace, over
+/// strides, paddings and kernel sizes (including windows that skip input rows and taps that
+/// only ever see padding), in every float dtype.
+#[test]
+fn unfold_kernel_matches_the_composition() {
+    use candle_core::DType;
+    let x = rand(&[2, 3, 7, 6], 11);
+    for (k, s, p) in [
+        (1, 1, 0),
+        (3, 1, 1),
+        (3, 2, 1),
+        (2, 3, 0),
+        (7, 2, 3),
+        (3, 1, 4),
+    ] {
+        let (ho, wo) = ((7 + 2 * p - k) / s + 1, (6 + 2 * p - k) / s + 1);
+        let g = Unfold {
+            k,
+            stride: s,
+            padding: p,
+            ho,
+            wo,
+        };
+        let r = rand(&[3 * k * k, 2 * ho * wo], 12);
+        for dtype in [DType::F64, DType::F32, DType::BF16] {
+            let x = candle_core::Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+            let r = r.to_dtype(dtype).unwrap();
+            let ours = unfold(&x, g).unwrap();
+            let want = unfold_composed(&x, g).unwrap();
+            // A pure gather: bit-identical values.
+            assert_eq!(max_abs_diff(&ours, &want), 0.0, "{g:?} {dtype:?}");
+            let dx = |y: Tensor| {
+                let loss = (y * &r).unwrap().sum_all().unwrap();
+                loss.backward().unwrap().get(&x).unwrap().clone()
+            };
+            let e = max_abs_diff(&dx(ours), &dx(want));
+            // Sums of up to k² terms, in another order.
+            let tol = match dtype {
+                DType::F64 => 1e-12,
+                DType::F32 => 1e-5,
+                _ => 0.1,
+            };
+            assert!(e <= tol, "{g:?} {dtype:?}: fold differs by {e}");
+        }
+    }
+}
+
+#[test]
+fn matches_candle_conv2d_and_gradients() {
+    let (x, w, b) = (
+        rand(&[2, 3, 6, 5], 1),
+        rand(&[4, 3, 3, 3], 2),
+        rand(&[4], 3),
+    );
+    for p in [0, 1] {
+        let ours = conv2d(&x, &w, Some(&b), p).unwrap();
+        // candle's forward is a direct convolution: an independent reference.
+        let want = x
+            .conv2d(&w, p, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
+            .unwrap();
+        assert_eq!(ours.dims(), want.dims());
+        assert!(max_abs_diff(&ours, &want) < 1e-12);
+    }
+    check_grad(&x, |x| conv2d(x, &w, Some(&b), 1));
+    check_grad(&w, |w| conv2d(&x, w, Some(&b), 1));
+    check_grad(&b, |b| conv2d(&x, &w, Some(b), 1));
+}
+
+#[test]
+fn strided_matches_candle_conv2d_and_gradients() {
+    // Odd and even sizes, kernels smaller than, equal to and larger than the stride (a
+    // ResNet's 1×1 stride-2 shortcut, 3×3 stride-2 convs, the 7×7 stride-2 stem).
+    let x = rand(&[2, 3, 9, 8], 4);
+    for (k, s, p) in [
+        (1, 2, 0),
+        (3, 2, 1),
+        (3, 2, 0),
+        (7, 2, 3),
+        (3, 3, 1),
+        (2, 3, 0),
+    ] {
+        let w = rand(&[4, 3, k, k], 5);
+        let b = rand(&[4], 6);
+        let ours = conv2d_strided(&x, &w, Some(&b), s, p).unwrap();
+        let want = x
+            .conv2d(&w, p, s, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
+            .unwrap();
+        assert_eq!(ours.dims(), want.dims(), "k {k} s {s} p {p}");
+        assert!(
+            max_abs_diff(&ours, &want) < 1e-12,
+            "k {k} s {s} p {p}: {}",
+            max_abs_diff(&ours, &want)
+        );
+    }
+    let x = rand(&[2, 2, 7, 6], 7);
+    for (k, s, p) in [(1, 2, 0), (3, 2, 1)] {
+        let w = rand(&[3, 2, k, k], 8);
+        check_grad(&x, |x| conv2d_strided(x, &w, None, s, p));
+        check_grad(&w, |w| conv2d_strided(&x, w, None, s, p));
+    }
+}
