@@ -3,8 +3,8 @@
 //! trip.
 
 use kiln_core::recipe::{
-    list_recipes, Dataset, OptimizerName, Precision, Recipe, RecipeError, ScheduleConfig,
-    ScheduleName, Task,
+    list_recipes, DataSource, Dataset, OptimizerName, Precision, Recipe, RecipeError,
+    ScheduleConfig, ScheduleName, Task,
 };
 use std::path::{Path, PathBuf};
 
@@ -106,6 +106,16 @@ fn err(text: &str, args: &[&str]) -> RecipeError {
     }
 }
 
+/// The `[data]` settings of data set `$variant` (a [`DataSource`] variant) in recipe `$r`.
+macro_rules! source {
+    ($r:expr, $variant:ident) => {
+        match &$r.data.source {
+            DataSource::$variant(d) => d,
+            other => panic!("expected {} data, got {other:?}", stringify!($variant)),
+        }
+    };
+}
+
 fn at(line: usize) -> String {
     format!("{FILE}:{line}")
 }
@@ -138,6 +148,14 @@ fn set_error(text: &str, arg: &str, key: &str, parts: &[&str]) {
     check(&e, &format!("--set {arg}"), key, parts);
 }
 
+/// Shorthand: `--set key=value` on `text` must fail at the flag and at that `key`, with `parts`
+/// in the message.
+#[track_caller]
+fn set_rejects(text: &str, arg: &str, parts: &[&str]) {
+    let key = arg.split('=').next().unwrap_or(arg);
+    set_error(text, arg, key, parts);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Valid recipes and defaults
 // ---------------------------------------------------------------------------------------------
@@ -154,13 +172,18 @@ fn base_recipe_parses_with_defaults() {
     assert_eq!(r.model_kind(), "gpt");
     assert_eq!(r.model.get("n_layer").and_then(|v| v.as_integer()), Some(2));
 
-    assert_eq!(r.data.dataset, Dataset::TextChar);
+    assert_eq!(r.data.dataset(), Dataset::TextChar);
     assert_eq!(r.data.path, Some(PathBuf::from("x.txt")));
     assert_eq!(r.data.batch_size, 4);
-    assert_eq!(r.data.seq_len, Some(8));
+    assert_eq!(source!(r, TextChar).seq_len, 8);
     assert!(r.data.shuffle);
-    assert_eq!(r.data.val_size, 0);
-    assert_eq!(r.data.val_fraction, 0.1);
+    // val_size is not a text-char key; where it is one, it defaults to 0.
+    assert!(!Dataset::TextChar.keys().contains(&"val_size"));
+    assert_eq!(
+        source!(ok(&base_classification(), &[]), FashionMnist).val_size,
+        0
+    );
+    assert_eq!(source!(r, TextChar).val_fraction, 0.1);
     assert_eq!(r.data.prefetch, 4);
 
     assert_eq!(r.optim.name, OptimizerName::Adamw);
@@ -251,8 +274,8 @@ checkpoint_every = 500
         Some(128)
     );
     assert!(!r.data.shuffle);
-    assert_eq!(r.data.val_fraction, 0.05);
-    assert_eq!(r.data.seq_len, Some(64));
+    assert_eq!(source!(r, TextChar).val_fraction, 0.05);
+    assert_eq!(source!(r, TextChar).seq_len, 64);
     assert_eq!(r.data.prefetch, 2);
     assert_eq!(r.optim.lr, 6e-4);
     assert_eq!(r.optim.weight_decay, 0.1);
@@ -280,9 +303,11 @@ checkpoint_every = 500
 fn classification_recipe_with_sgd_nesterov_and_epochs_parses() {
     let r = ok(&base_classification(), &[]);
     assert_eq!(r.task, Task::Classification);
-    assert_eq!(r.data.dataset, Dataset::FashionMnist);
+    assert_eq!(r.data.dataset(), Dataset::FashionMnist);
     assert_eq!(r.data.path, None);
-    assert_eq!(r.data.seq_len, None);
+    // No seq_len: images are not token sequences.
+    assert!(!Dataset::FashionMnist.keys().contains(&"seq_len"));
+    assert_eq!(r.data.example_len(), 0);
     assert_eq!(r.optim.name, OptimizerName::Sgd);
     assert!(r.optim.nesterov);
     assert_eq!(r.trainer.epochs, Some(2));
@@ -310,7 +335,7 @@ fn boundary_values_are_accepted() {
             "trainer.clip_grad_norm=0",
         ],
     );
-    assert_eq!(r.data.val_fraction, 0.0);
+    assert_eq!(source!(r, TextChar).val_fraction, 0.0);
     assert_eq!(r.optim.betas, [0.0, 0.0]);
     assert_eq!(r.schedule.min_lr_ratio, 1.0);
     let r = ok(&base(), &["schedule.min_lr_ratio=0.0"]);
@@ -596,13 +621,12 @@ fn unknown_top_level_table() {
 
 #[test]
 fn unknown_key_via_set() {
-    set_error(
+    set_rejects(
         &base(),
         "optim.lrr=1",
-        "optim.lrr",
         &["unknown field `lrr`", "expected one of"],
     );
-    set_error(&base(), "colour=red", "colour", &["unknown field `colour`"]);
+    set_rejects(&base(), "colour=red", &["unknown field `colour`"]);
 }
 
 #[test]
@@ -627,24 +651,9 @@ fn wrong_type_in_file() {
 
 #[test]
 fn wrong_type_via_set() {
-    set_error(
-        &base(),
-        "data.batch_size=big",
-        "data.batch_size",
-        &["invalid type", "\"big\""],
-    );
-    set_error(
-        &base(),
-        "optim.lr=fast",
-        "optim.lr",
-        &["invalid type", "\"fast\""],
-    );
-    set_error(
-        &base(),
-        "data.shuffle=1",
-        "data.shuffle",
-        &["invalid type", "bool"],
-    );
+    set_rejects(&base(), "data.batch_size=big", &["invalid type", "\"big\""]);
+    set_rejects(&base(), "optim.lr=fast", &["invalid type", "\"fast\""]);
+    set_rejects(&base(), "data.shuffle=1", &["invalid type", "bool"]);
 }
 
 #[test]
@@ -667,12 +676,7 @@ fn wrong_type_in_array() {
 
 #[test]
 fn wrong_array_length() {
-    set_error(
-        &base(),
-        "optim.betas=[0.9]",
-        "optim.betas",
-        &["invalid length 1"],
-    );
+    set_rejects(&base(), "optim.betas=[0.9]", &["invalid length 1"]);
 }
 
 #[test]
@@ -694,26 +698,23 @@ fn bad_enum_value() {
 
 #[test]
 fn bad_enum_values_elsewhere() {
-    set_error(
+    set_rejects(
         &base(),
         "task=regression",
-        "task",
         &[
             "unknown variant `regression`",
             "`classification`",
             "`language-model`",
         ],
     );
-    set_error(
+    set_rejects(
         &base(),
         "data.dataset=mnist",
-        "data.dataset",
         &["unknown variant `mnist`", "`fashion-mnist`", "`text-char`"],
     );
-    set_error(
+    set_rejects(
         &base(),
         "schedule.name=step",
-        "schedule.name",
         &[
             "unknown variant `step`",
             "`constant`",
@@ -721,10 +722,9 @@ fn bad_enum_values_elsewhere() {
             "`cosine`",
         ],
     );
-    set_error(
+    set_rejects(
         &base(),
         "precision=f64",
-        "precision",
         &["unknown variant `f64`", "`f32`", "`bf16`", "`f16`"],
     );
 }
@@ -768,35 +768,14 @@ fn bad_device() {
         "device",
         &["unknown device `tpu`", "\"cpu\"", "\"cuda:N\""],
     );
-    set_error(
-        &base(),
-        "device=cuda:x",
-        "device",
-        &["unknown device `cuda:x`"],
-    );
-}
-
-#[test]
-fn missing_model_kind() {
-    let text = replace_line(&base(), r#"kind = "gpt""#, ""); // [model] is line 4
-    file_error(
-        &text,
-        4,
-        "model.kind",
-        &["missing", "\"mlp\"", "\"cnn\"", "\"gpt\""],
-    );
+    set_rejects(&base(), "device=cuda:x", &["unknown device `cuda:x`"]);
 }
 
 #[test]
 fn batch_size_zero() {
     let text = replace_line(&base(), "batch_size = 4", "batch_size = 0"); // line 10
     file_error(&text, 10, "data.batch_size", &["must be at least 1"]);
-    set_error(
-        &base(),
-        "data.batch_size=0",
-        "data.batch_size",
-        &["must be at least 1"],
-    );
+    set_rejects(&base(), "data.batch_size=0", &["must be at least 1"]);
 }
 
 #[test]
@@ -808,18 +787,8 @@ fn val_fraction_out_of_range() {
         "data.val_fraction",
         &["must be in [0, 1)", "got 1"],
     );
-    set_error(
-        &base(),
-        "data.val_fraction=-0.1",
-        "data.val_fraction",
-        &["got -0.1"],
-    );
-    set_error(
-        &base(),
-        "data.val_fraction=nan",
-        "data.val_fraction",
-        &["got NaN"],
-    );
+    set_rejects(&base(), "data.val_fraction=-0.1", &["got -0.1"]);
+    set_rejects(&base(), "data.val_fraction=nan", &["got NaN"]);
 }
 
 #[test]
@@ -835,7 +804,10 @@ fn seq_len_on_fashion_mnist() {
         &text,
         8,
         "data.seq_len",
-        &["applies to text data sets only"],
+        &[
+            "data.seq_len does not apply to dataset \"fashion-mnist\"",
+            "`val_size`",
+        ],
     );
 }
 
@@ -877,10 +849,9 @@ fn dataset_task_mismatch() {
 #[test]
 fn dataset_task_mismatch_via_set_dataset() {
     // The mismatch is named at the dataset key, which here came from --set.
-    set_error(
+    set_rejects(
         &base(),
         "data.dataset=fashion-mnist",
-        "data.dataset",
         &["does not fit task"],
     );
 }
@@ -894,14 +865,13 @@ fn lr_must_be_positive() {
         "optim.lr",
         &["must be a positive number", "got 0"],
     );
-    set_error(
+    set_rejects(
         &base(),
         "optim.lr=-1",
-        "optim.lr",
         &["must be a positive number", "got -1"],
     );
-    set_error(&base(), "optim.lr=nan", "optim.lr", &["got NaN"]);
-    set_error(&base(), "optim.lr=inf", "optim.lr", &["got inf"]);
+    set_rejects(&base(), "optim.lr=nan", &["got NaN"]);
+    set_rejects(&base(), "optim.lr=inf", &["got inf"]);
 }
 
 #[test]
@@ -913,12 +883,7 @@ fn weight_decay_negative() {
         "optim.weight_decay",
         &["must be ≥ 0", "got -0.1"],
     );
-    set_error(
-        &base(),
-        "optim.weight_decay=nan",
-        "optim.weight_decay",
-        &["got NaN"],
-    );
+    set_rejects(&base(), "optim.weight_decay=nan", &["got NaN"]);
 }
 
 #[test]
@@ -942,20 +907,15 @@ fn betas_out_of_range() {
 fn eps_not_positive() {
     let text = insert_after(&base(), "lr = 1e-3", "eps = 0.0"); // line 15
     file_error(&text, 15, "optim.eps", &["must be > 0", "got 0"]);
-    set_error(&base(), "optim.eps=-1e-8", "optim.eps", &["must be > 0"]);
-    set_error(&base(), "optim.eps=nan", "optim.eps", &["got NaN"]);
+    set_rejects(&base(), "optim.eps=-1e-8", &["must be > 0"]);
+    set_rejects(&base(), "optim.eps=nan", &["got NaN"]);
 }
 
 #[test]
 fn momentum_out_of_range() {
     let text = replace_line(&base_classification(), "momentum = 0.9", "momentum = 1.0"); // 11
     file_error(&text, 11, "optim.momentum", &["must be in [0, 1)", "got 1"]);
-    set_error(
-        &base(),
-        "optim.momentum=-0.5",
-        "optim.momentum",
-        &["got -0.5"],
-    );
+    set_rejects(&base(), "optim.momentum=-0.5", &["got -0.5"]);
 }
 
 #[test]
@@ -985,12 +945,7 @@ fn min_lr_ratio_out_of_range() {
         "schedule.min_lr_ratio",
         &["must be in [0, 1]", "got 1.5"],
     );
-    set_error(
-        &base(),
-        "schedule.min_lr_ratio=-0.1",
-        "schedule.min_lr_ratio",
-        &["got -0.1"],
-    );
+    set_rejects(&base(), "schedule.min_lr_ratio=-0.1", &["got -0.1"]);
 }
 
 #[test]
@@ -1008,7 +963,7 @@ fn both_max_steps_and_epochs() {
         "trainer.epochs",
         &["either trainer.max_steps or trainer.epochs"],
     );
-    set_error(&base(), "trainer.epochs=1", "trainer.epochs", &["not both"]);
+    set_rejects(&base(), "trainer.epochs=1", &["not both"]);
 }
 
 #[test]
@@ -1032,12 +987,7 @@ fn max_steps_zero() {
 fn epochs_zero() {
     let text = replace_line(&base(), "max_steps = 10", "epochs = 0"); // line 16
     file_error(&text, 16, "trainer.epochs", &["must be at least 1"]);
-    set_error(
-        &base_classification(),
-        "trainer.epochs=0",
-        "trainer.epochs",
-        &["at least 1"],
-    );
+    set_rejects(&base_classification(), "trainer.epochs=0", &["at least 1"]);
 }
 
 #[test]
@@ -1055,12 +1005,7 @@ fn clip_grad_norm_negative() {
         "trainer.clip_grad_norm",
         &["must be ≥ 0 (0 = off)", "got -1"],
     );
-    set_error(
-        &base(),
-        "trainer.clip_grad_norm=inf",
-        "trainer.clip_grad_norm",
-        &["got inf"],
-    );
+    set_rejects(&base(), "trainer.clip_grad_norm=inf", &["got inf"]);
 }
 
 #[test]
@@ -1329,11 +1274,13 @@ fn best_metric_must_be_an_eval_metric() {
 
 #[test]
 fn tokenizer_keys_belong_to_text_bpe() {
-    set_error(
+    set_rejects(
         &base(),
         "data.tokenizer=data/gpt2-tokenizer/tokenizer.json",
-        "data.tokenizer",
-        &["applies to dataset = \"text-bpe\" or \"text-classification\" only"],
+        &[
+            "data.tokenizer does not apply to dataset \"text-char\"",
+            "`seq_len`",
+        ],
     );
     let r = Recipe::parse(
         Path::new("recipes/t.toml"),
@@ -1345,7 +1292,10 @@ fn tokenizer_keys_belong_to_text_bpe() {
         ],
     )
     .unwrap();
-    assert_eq!(r.data.tokenizer.as_deref(), Some(Path::new("tok.json")));
+    assert_eq!(
+        source!(r, TextBpe).tokenizer.as_deref(),
+        Some(Path::new("tok.json"))
+    );
     assert_eq!(r.init_from.as_deref(), Some("openai-community/gpt2"));
     // Both survive into the run's resolved recipe.
     let again = Recipe::parse(Path::new("run/recipe.toml"), &r.to_toml(&r.model), &[]).unwrap();
@@ -1355,11 +1305,10 @@ fn tokenizer_keys_belong_to_text_bpe() {
 
 #[test]
 fn text_classification_keys() {
-    set_error(
+    set_rejects(
         &base(),
         "data.text_column=sentence",
-        "data.text_column",
-        &["applies to dataset = \"text-classification\" only"],
+        &["data.text_column does not apply to dataset \"text-char\""],
     );
     let cls = |sets: &[&str]| {
         let mut all = vec![
@@ -1379,7 +1328,7 @@ fn text_classification_keys() {
     ])
     .unwrap();
     assert_eq!(
-        r.data.labels,
+        source!(r, TextClassification).labels,
         Some(kiln_core::recipe::Labels::List(vec![
             "neg".into(),
             "pos".into()
@@ -1387,7 +1336,7 @@ fn text_classification_keys() {
     );
     let r = cls(&["data.train=train.csv", "data.labels=categories.json"]).unwrap();
     assert_eq!(
-        r.data.labels,
+        source!(r, TextClassification).labels,
         Some(kiln_core::recipe::Labels::File("categories.json".into()))
     );
     assert_eq!(
@@ -1413,18 +1362,27 @@ fn augment_keys_parse_with_defaults_and_round_trip() {
         &with_data_line("augment = { crop_padding = 4, hflip = true, cutmix_alpha = 1.0 }"),
         &[],
     );
-    let a = r.data.augment.clone().unwrap();
+    let a = source!(r, FashionMnist).augment.clone().unwrap();
     assert_eq!(a.crop_padding, 4);
     assert!(a.hflip);
     assert_eq!((a.mixup_alpha, a.cutmix_alpha, a.mix_prob), (0.0, 1.0, 1.0));
     assert!(a.mixes());
     // Absent: no augmentation.
-    assert!(ok(&base_classification(), &[]).data.augment.is_none());
+    assert!(source!(ok(&base_classification(), &[]), FashionMnist)
+        .augment
+        .is_none());
     // Survives the resolved recipe, and --set reaches inside the table.
     let again = Recipe::parse(Path::new("run/recipe.toml"), &r.to_toml(&r.model), &[]).unwrap();
     assert_eq!(again.data, r.data);
     let r = ok(&base_classification(), &["data.augment.mixup_alpha=0.2"]);
-    assert_eq!(r.data.augment.unwrap().mixup_alpha, 0.2);
+    assert_eq!(
+        source!(r, FashionMnist)
+            .augment
+            .as_ref()
+            .unwrap()
+            .mixup_alpha,
+        0.2
+    );
 }
 
 #[test]
@@ -1465,10 +1423,9 @@ fn bad_augment_keys_are_named() {
         "data.augment.hflip",
         &["invalid type"],
     );
-    set_error(
+    set_rejects(
         &base_classification(),
         "data.augment.crop_padding=100000",
-        "data.augment.crop_padding",
         &["at most 4096"],
     );
     // Image keys on a text data set.
@@ -1476,7 +1433,7 @@ fn bad_augment_keys_are_named() {
         &base(),
         "data.augment.hflip=true",
         "data.augment",
-        &["applies to image data sets"],
+        &["data.augment does not apply to dataset \"text-char\""],
     );
 }
 
@@ -1486,7 +1443,7 @@ fn normalize_needs_one_value_per_channel() {
         &with_data_line("normalize = { mean = [0.5], std = [0.25] }"),
         &[],
     );
-    let n = r.data.normalize.unwrap();
+    let n = source!(r, FashionMnist).normalize.clone().unwrap();
     assert_eq!((n.mean, n.std), (vec![0.5], vec![0.25]));
     file_error(
         &with_data_line("normalize = { mean = [0.5, 0.5, 0.5], std = [0.2, 0.2, 0.2] }"),
@@ -1522,9 +1479,9 @@ fn image_folder_keys() {
     assert_eq!(e.key, "data.image_size");
     assert!(e.message.contains("missing"), "{e}");
     let r = folder(&["data.image_size=[32, 24]"]).unwrap();
-    assert_eq!(r.data.dataset, Dataset::ImageFolder);
-    assert_eq!(r.data.image_size, Some([32, 24]));
-    assert_eq!(r.data.channels, None, "3 by default");
+    assert_eq!(r.data.dataset(), Dataset::ImageFolder);
+    assert_eq!(source!(r, ImageFolder).image_size, [32, 24]);
+    assert_eq!(source!(r, ImageFolder).channels, None, "3 by default");
     let r = folder(&[
         "data.image_size=[8, 8]",
         "data.channels=3",
@@ -1532,7 +1489,15 @@ fn image_folder_keys() {
         "data.normalize.std=[1.0, 1.0, 1.0]",
     ])
     .unwrap();
-    assert_eq!(r.data.normalize.unwrap().mean.len(), 3);
+    assert_eq!(
+        source!(r, ImageFolder)
+            .normalize
+            .as_ref()
+            .unwrap()
+            .mean
+            .len(),
+        3
+    );
     let e = folder(&["data.image_size=[8, 8]", "data.channels=2"]).unwrap_err();
     assert_eq!(e.key, "data.channels");
     assert!(e.message.contains("1 (grey) or 3 (RGB)"), "{e}");
@@ -1553,7 +1518,7 @@ fn image_folder_keys() {
         &with_data_line("image_size = [28, 28]"),
         8,
         "data.image_size",
-        &["applies to dataset = \"image-folder\" only"],
+        &["data.image_size does not apply to dataset \"fashion-mnist\""],
     );
     // A language model cannot read images.
     let e = err(&base(), &["data.dataset=image-folder"]);

@@ -122,7 +122,8 @@ fn load_classifier(spec: &Path, device: &Device) -> Result<Classifier> {
             &std::fs::read_to_string(spec.join("labels.json"))
                 .with_context(|| format!("{} has no labels.json", spec.display()))?,
         )?;
-        let d = &run.recipe.data;
+        let d = (run.recipe.data.text_classification())
+            .with_context(|| format!("{} is not a text-classification run", spec.display()))?;
         return Ok(Classifier {
             columns: Some((d.text_column.clone(), d.label_column.clone())),
             max_len: d.max_length.min(c.max_position_embeddings),
@@ -362,10 +363,8 @@ fn load_image_classifier(spec: &Path, device: &Device) -> Result<Option<ImageCla
     }
     let folder = kiln_core::hub::resolve(&spec.to_string_lossy())?;
     let cfg = hf::read_hf_config(&folder)?;
-    let (channels, num_labels) = match &cfg {
-        ModelConfig::Resnet(c) => (c.num_channels, c.num_labels),
-        ModelConfig::Vit(c) => (c.num_channels, c.num_labels),
-        _ => return Ok(None),
+    let Some((channels, num_labels)) = cfg.image_classifier() else {
+        return Ok(None);
     };
     let pre_path = folder.join("preprocessor_config.json");
     let pre = json(&pre_path)?;

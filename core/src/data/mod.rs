@@ -240,73 +240,53 @@ pub fn eval_batches(
 
 /// Loads the data set a recipe names.
 pub fn load(recipe: &crate::Recipe) -> anyhow::Result<DataSplits> {
+    use crate::recipe::DataSource;
     let d = &recipe.data;
+    let name = d.dataset().name();
     // The tokenizer: the recipe's, else the pretrained model's.
-    let tokenizer = || -> anyhow::Result<std::path::PathBuf> {
-        match (&d.tokenizer, &recipe.init_from) {
+    let tokenizer = |t: &Option<std::path::PathBuf>| -> anyhow::Result<std::path::PathBuf> {
+        match (t, &recipe.init_from) {
             (Some(t), _) => Ok(t.clone()),
             (None, Some(from)) => Ok(crate::hub::resolve(from)?.join("tokenizer.json")),
             (None, None) => anyhow::bail!(
                 "data.tokenizer is required for {:?} data without init_from: set it to a \
                  tokenizer.json, e.g. data/gpt2-tokenizer/tokenizer.json",
-                d.dataset
+                d.dataset()
             ),
         }
     };
-    match d.dataset {
-        crate::recipe::Dataset::FashionMnist => {
-            fashion_mnist::load_with(d.path.as_deref(), d.val_size, &vision::ImageOptions::of(d))
+    let path = |what: &str| {
+        d.path
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("data.path is required for {name}: {what}"))
+    };
+    let text_file = "set it to a UTF-8 text file";
+    match &d.source {
+        DataSource::FashionMnist(f) => {
+            fashion_mnist::load_with(d.path.as_deref(), f.val_size, &vision::ImageOptions::of(d))
         }
-        crate::recipe::Dataset::ImageFolder => {
-            let root = d.path.as_deref().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "data.path is required for image-folder: the folder holding train/<class>/*.png \
-                     (or <class>/*.png)"
-                )
-            })?;
-            let [height, width] = d.image_size.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "data.image_size is required for image-folder: every image is resized to \
-                     [height, width], e.g. image_size = [32, 32]"
-                )
-            })?;
+        DataSource::ImageFolder(f) => {
+            let [height, width] = f.image_size;
             image_folder::load(&image_folder::Spec {
-                root,
+                root: path("the folder holding train/<class>/*.png (or <class>/*.png)")?,
                 height,
                 width,
-                channels: d.channels.unwrap_or(3),
-                val_size: d.val_size,
+                channels: f.channels.unwrap_or(3),
+                val_size: f.val_size,
                 seed: recipe.seed,
                 options: vision::ImageOptions::of(d),
             })
         }
-        crate::recipe::Dataset::TextChar => {
-            let path = d.path.as_deref().ok_or_else(|| {
-                anyhow::anyhow!("data.path is required for text-char: set it to a UTF-8 text file")
-            })?;
-            text::load(path, d.seq_len.unwrap_or(1), d.val_fraction)
+        DataSource::TextChar(t) => text::load(path(text_file)?, t.seq_len, t.val_fraction),
+        DataSource::TextBpe(t) => {
+            let file = path(text_file)?;
+            let tokenizer = tokenizer(&t.tokenizer)?;
+            let cache = t.cache_dir.clone().unwrap_or_else(bpe::default_cache_dir);
+            bpe::load(file, &tokenizer, t.seq_len, t.val_fraction, &cache)
         }
-        crate::recipe::Dataset::TextBpe => {
-            let path = d.path.as_deref().ok_or_else(|| {
-                anyhow::anyhow!("data.path is required for text-bpe: set it to a UTF-8 text file")
-            })?;
-            let tokenizer = tokenizer()?;
-            let cache = d.cache_dir.clone().unwrap_or_else(bpe::default_cache_dir);
-            bpe::load(
-                path,
-                &tokenizer,
-                d.seq_len.unwrap_or(1),
-                d.val_fraction,
-                &cache,
-            )
-        }
-        crate::recipe::Dataset::TextClassification => {
-            let folder = d.path.as_deref().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "data.path is required for text-classification: the folder of the TSV/CSV files"
-                )
-            })?;
-            let labels = match &d.labels {
+        DataSource::TextClassification(t) => {
+            let folder = path("the folder of the TSV/CSV files")?;
+            let labels = match &t.labels {
                 None => None,
                 Some(crate::recipe::Labels::List(l)) => Some(l.clone()),
                 Some(crate::recipe::Labels::File(f)) => {
@@ -319,18 +299,18 @@ pub fn load(recipe: &crate::Recipe) -> anyhow::Result<DataSplits> {
                     })?)
                 }
             };
-            let tokenizer = tokenizer()?;
+            let tokenizer = tokenizer(&t.tokenizer)?;
             let spec = text_classification::Spec {
                 folder,
-                train: d.train.as_deref().unwrap_or("train.tsv"),
-                val: d.val.as_deref(),
-                test: d.test.as_deref(),
-                val_size: d.val_size,
-                text_column: &d.text_column,
-                label_column: &d.label_column,
+                train: &t.train,
+                val: t.val.as_deref(),
+                test: t.test.as_deref(),
+                val_size: t.val_size,
+                text_column: &t.text_column,
+                label_column: &t.label_column,
                 labels,
-                max_length: d.max_length,
-                bucket_by_length: d.bucket_by_length,
+                max_length: t.max_length,
+                bucket_by_length: t.bucket_by_length,
                 tokenizer: &tokenizer,
                 seed: recipe.seed,
             };
