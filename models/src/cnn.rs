@@ -1,7 +1,7 @@
 //! A small convolutional network for 28×28 images:
 //! [conv 3×3 → ReLU → max-pool 2] per stage, then a hidden linear layer and the classifier.
 
-use crate::{check_dropout, in_precision, ConfigError, Model};
+use crate::{check_dropout, in_precision, ConfigError, DataFacts, Model, ModelSpec};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{linear, Init, Linear, VarBuilder};
 use kiln_core::rng::SharedRng;
@@ -21,46 +21,6 @@ pub struct CnnConfig {
     pub input_shape: Vec<usize>,
     #[serde(default)]
     pub num_classes: usize,
-}
-
-impl CnnConfig {
-    pub(crate) fn resolve(
-        &mut self,
-        classes: usize,
-        input: &[usize],
-    ) -> std::result::Result<(), ConfigError> {
-        check_dropout(self.dropout, "model.dropout")?;
-        if self.channels.is_empty() || self.channels.contains(&0) {
-            return Err((
-                "model.channels",
-                "needs at least one stage, each with at least 1 channel".into(),
-            ));
-        }
-        if self.hidden == 0 {
-            return Err(("model.hidden", "must be at least 1".into()));
-        }
-        if input.len() != 3 {
-            return Err((
-                "model.kind",
-                format!("cnn needs image inputs (C, H, W), the data gives {input:?}"),
-            ));
-        }
-        let shrink = 1 << self.channels.len();
-        if input[1] < shrink || input[2] < shrink {
-            return Err((
-                "model.channels",
-                format!(
-                    "{} stages shrink {}×{} images to nothing",
-                    self.channels.len(),
-                    input[1],
-                    input[2]
-                ),
-            ));
-        }
-        self.input_shape = input.to_vec();
-        self.num_classes = classes;
-        Ok(())
-    }
 }
 
 /// A 3×3 convolution with "same" padding, initialized as PyTorch's `Conv2d`.
@@ -152,10 +112,47 @@ impl Model for Cnn {
     }
 }
 
+impl ModelSpec for CnnConfig {
+    fn resolve(&mut self, data: &DataFacts) -> std::result::Result<(), ConfigError> {
+        let (classes, input) = (data.classes, &data.input_shape[..]);
+        check_dropout(self.dropout, "model.dropout")?;
+        if self.channels.is_empty() || self.channels.contains(&0) {
+            return Err((
+                "model.channels",
+                "needs at least one stage, each with at least 1 channel".into(),
+            ));
+        }
+        if self.hidden == 0 {
+            return Err(("model.hidden", "must be at least 1".into()));
+        }
+        if input.len() != 3 {
+            return Err((
+                "model.kind",
+                format!("cnn needs image inputs (C, H, W), the data gives {input:?}"),
+            ));
+        }
+        let shrink = 1 << self.channels.len();
+        if input[1] < shrink || input[2] < shrink {
+            return Err((
+                "model.channels",
+                format!(
+                    "{} stages shrink {}×{} images to nothing",
+                    self.channels.len(),
+                    input[1],
+                    input[2]
+                ),
+            ));
+        }
+        self.input_shape = input.to_vec();
+        self.num_classes = classes;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_model_grads, rand};
+    use crate::testing::{check_gradients, rand};
     use crate::ModelConfig;
 
     #[test]
@@ -169,7 +166,6 @@ mod tests {
         });
         let x = rand(&[2, 1, 6, 6], 1);
         let y = Tensor::new(&[0u32, 2], x.device()).unwrap();
-        check_model_grads(&cfg, &x, &y);
-        crate::testing::check_mixed_precision(&cfg, &x, &y);
+        check_gradients(&cfg, &x, &y);
     }
 }

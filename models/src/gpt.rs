@@ -14,12 +14,11 @@
 
 use crate::hf::HfReader;
 use crate::layers::{
-    decode_step, lm_head, run_blocks, Activation, Attention, Block, Embedding, FeedForward, Linear,
-    Norm, NormPlace, Qkv,
+    lm_head, Activation, Attention, Block, Embedding, FeedForward, Linear, Norm, NormPlace, Qkv,
 };
 use crate::{
     check_divisible, check_dropout, check_positive, dropout, resolve_context, resolve_vocab,
-    ConfigError, Decoder, KvCache, Model,
+    CausalLm, ConfigError, DataFacts, HfConfig, ModelSpec,
 };
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -54,25 +53,6 @@ pub(crate) const LN_EPS: f64 = 1e-5;
 
 fn yes() -> bool {
     true
-}
-
-impl GptConfig {
-    pub(crate) fn resolve(
-        &mut self,
-        vocab: usize,
-        seq_len: usize,
-    ) -> std::result::Result<(), ConfigError> {
-        check_dropout(self.dropout, "model.dropout")?;
-        check_positive(&[
-            ("model.n_layer", self.n_layer),
-            ("model.n_head", self.n_head),
-            ("model.n_embd", self.n_embd),
-        ])?;
-        let (c, h) = (("n_embd", self.n_embd), ("n_head", self.n_head));
-        check_divisible("model.n_head", c, h)?;
-        resolve_context(&mut self.block_size, "model.block_size", seq_len, false)?;
-        resolve_vocab(&mut self.vocab_size, vocab)
-    }
 }
 
 pub struct Gpt {
@@ -133,14 +113,27 @@ impl Gpt {
             config: cfg.clone(),
         })
     }
+}
 
-    /// Token plus position embeddings of `idx` (B, T) at positions `start`…
-    fn embed(&self, idx: &Tensor, start: usize) -> Result<Tensor> {
+impl CausalLm for Gpt {
+    fn blocks(&self) -> &[Block] {
+        &self.h
+    }
+
+    fn context_setting(&self) -> (&'static str, usize) {
+        ("block_size", self.config.block_size)
+    }
+
+    fn checkpoint_activations(&self) -> bool {
+        self.config.checkpoint_activations
+    }
+
+    /// Token plus position embeddings.
+    fn embed(&self, idx: &Tensor, start: usize, train: bool) -> Result<Tensor> {
         let (_, t) = idx.dims2()?;
         let pos = Tensor::arange(start as u32, (start + t) as u32, idx.device())?;
-        self.wte
-            .forward(idx)?
-            .broadcast_add(&self.wpe.forward(&pos)?)
+        let x = (self.wte.forward(idx)?).broadcast_add(&self.wpe.forward(&pos)?)?;
+        dropout(x, self.dropout, train, &self.rng)
     }
 
     /// The final LayerNorm and the head, which shares the token embedding (HF's
@@ -150,245 +143,133 @@ impl Gpt {
     }
 }
 
-impl Model for Gpt {
-    /// Token ids (B, T) → logits (B, T, vocab).
-    fn forward(&self, idx: &Tensor, train: bool) -> Result<Tensor> {
-        let (_, t) = idx.dims2()?;
-        if t > self.config.block_size {
-            candle_core::bail!(
-                "sequence of {t} tokens is longer than block_size {}",
-                self.config.block_size
-            );
+impl ModelSpec for GptConfig {
+    fn resolve(&mut self, data: &DataFacts) -> std::result::Result<(), ConfigError> {
+        let (vocab, seq_len) = (data.classes, data.seq_len);
+        check_dropout(self.dropout, "model.dropout")?;
+        check_positive(&[
+            ("model.n_layer", self.n_layer),
+            ("model.n_head", self.n_head),
+            ("model.n_embd", self.n_embd),
+        ])?;
+        let (c, h) = (("n_embd", self.n_embd), ("n_head", self.n_head));
+        check_divisible("model.n_head", c, h)?;
+        resolve_context(&mut self.block_size, "model.block_size", seq_len, false)?;
+        resolve_vocab(&mut self.vocab_size, vocab)
+    }
+
+    fn context(&self) -> Option<usize> {
+        Some(self.block_size)
+    }
+
+    /// HF's GPT-2 checkpoints may omit the `transformer.` prefix, and carry causal-mask
+    /// buffers (older transformers) and the tied head.
+    fn kiln_name_of(&self, name: &str) -> Option<String> {
+        let base = name.strip_prefix("transformer.").unwrap_or(name);
+        let mask_buffer = base.ends_with(".attn.bias") && !base.ends_with("c_attn.bias")
+            || base.ends_with(".attn.masked_bias");
+        (!mask_buffer && name != "lm_head.weight").then(|| format!("transformer.{base}"))
+    }
+
+    /// GPT-2 always has biases: a bias-free kiln GPT exports zeros for them.
+    fn hf_extra_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        if self.bias {
+            return Ok(Vec::new());
         }
-        let x = dropout(self.embed(idx, 0)?, self.dropout, train, &self.rng)?;
-        let ckpt = self.config.checkpoint_activations;
-        self.logits(&run_blocks(&self.h, x, None, train, ckpt)?)
-    }
-
-    fn as_decoder(&self) -> Option<&dyn Decoder> {
-        Some(self)
-    }
-}
-
-impl Decoder for Gpt {
-    fn context(&self) -> usize {
-        self.config.block_size
-    }
-
-    fn new_cache(&self) -> KvCache {
-        KvCache::new(self.h.len())
-    }
-
-    fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let embed = |ids: &Tensor, start| self.embed(ids, start);
-        let logits = |x: &Tensor| self.logits(x);
-        decode_step(&self.h, idx, cache, self.context(), embed, logits)
-    }
-}
-
-/// `config.json` for `c` in HF's `GPT2Config` schema, without the dtype keys or special
-/// tokens (the exporter adds those).
-pub(crate) fn hf_config(c: &GptConfig) -> Value {
-    json!({
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": c.vocab_size,
-        "n_positions": c.block_size,
-        "n_ctx": c.block_size,
-        "n_embd": c.n_embd,
-        "n_layer": c.n_layer,
-        "n_head": c.n_head,
-        "n_inner": null,
-        "activation_function": "gelu_new",
-        "resid_pdrop": c.dropout,
-        "embd_pdrop": c.dropout,
-        "attn_pdrop": 0.0,
-        "layer_norm_epsilon": LN_EPS,
-        "initializer_range": 0.02,
-        "scale_attn_weights": true,
-        "tie_word_embeddings": true,
-        "use_cache": true,
-    })
-}
-
-/// The kiln config of a GPT-2 `config.json`; anything kiln computes differently is refused,
-/// naming the key.
-pub(crate) fn config_from_hf(r: &HfReader) -> anyhow::Result<GptConfig> {
-    let n_embd = r.uint("n_embd")?;
-    if !matches!(
-        r.v["activation_function"].as_str(),
-        None | Some("gelu_new") | Some("gelu_pytorch_tanh")
-    ) {
-        return Err(r.refuse(
-            "activation_function",
-            "kiln's GPT uses GPT-2's tanh GELU (gelu_new)",
-        ));
-    }
-    if !(r.v["n_inner"].is_null() || r.v["n_inner"].as_u64() == Some(4 * n_embd as u64)) {
-        return Err(r.refuse("n_inner", "kiln's GPT has a 4 × n_embd MLP"));
-    }
-    let eps = r.float_or("layer_norm_epsilon", LN_EPS)?;
-    if (eps - LN_EPS).abs() > 1e-12 {
-        return Err(r.refuse("layer_norm_epsilon", "kiln's GPT uses 1e-5"));
-    }
-    for (k, want) in [
-        ("tie_word_embeddings", true),
-        ("scale_attn_weights", true),
-        ("add_cross_attention", false),
-        ("scale_attn_by_inverse_layer_idx", false),
-    ] {
-        if r.v[k].as_bool().is_some_and(|b| b != want) {
-            return Err(r.refuse(k, &format!("kiln's GPT needs {want}")));
-        }
-    }
-    Ok(GptConfig {
-        n_layer: r.uint("n_layer")?,
-        n_head: r.uint("n_head")?,
-        n_embd,
-        block_size: r.uint("n_positions")?,
-        vocab_size: r.uint("vocab_size")?,
-        dropout: 0.0,
-        bias: true,
-        checkpoint_activations: false,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::check_model_grads;
-    use crate::ModelConfig;
-    use candle_core::{DType, Device};
-
-    #[test]
-    fn cached_decoding_matches_the_full_forward() {
-        let cfg = GptConfig {
-            block_size: 7,
-            ..tiny()
+        let e = self.n_embd;
+        let zeros = |name: String, n: usize| -> Result<(String, Tensor)> {
+            Ok((
+                name,
+                Tensor::zeros(n, DType::F32, &candle_core::Device::Cpu)?,
+            ))
         };
-        crate::testing::check_cached_decoding(&ModelConfig::Gpt(cfg));
+        let per_layer = [
+            ("ln_1.bias", e),
+            ("attn.c_attn.bias", 3 * e),
+            ("attn.c_proj.bias", e),
+            ("ln_2.bias", e),
+            ("mlp.c_fc.bias", 4 * e),
+            ("mlp.c_proj.bias", e),
+        ];
+        let mut out = vec![zeros("transformer.ln_f.bias".into(), e)?];
+        for i in 0..self.n_layer {
+            for (name, n) in per_layer {
+                out.push(zeros(format!("transformer.h.{i}.{name}"), n)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl HfConfig for GptConfig {
+    /// `config.json` for `c` in HF's `GPT2Config` schema, without the dtype keys or special
+    /// tokens (the exporter adds those).
+    fn to_hf(&self) -> anyhow::Result<Value> {
+        let c = self;
+        Ok(json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": c.vocab_size,
+            "n_positions": c.block_size,
+            "n_ctx": c.block_size,
+            "n_embd": c.n_embd,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_inner": null,
+            "activation_function": "gelu_new",
+            "resid_pdrop": c.dropout,
+            "embd_pdrop": c.dropout,
+            "attn_pdrop": 0.0,
+            "layer_norm_epsilon": LN_EPS,
+            "initializer_range": 0.02,
+            "scale_attn_weights": true,
+            "tie_word_embeddings": true,
+            "use_cache": true,
+        }))
     }
 
-    fn tiny() -> GptConfig {
-        GptConfig {
-            n_layer: 2,
-            n_head: 2,
-            n_embd: 8,
-            block_size: 5,
-            vocab_size: 7,
+    /// The kiln config of a GPT-2 `config.json`; anything kiln computes differently is refused,
+    /// naming the key.
+    fn from_hf(r: &HfReader) -> anyhow::Result<Self> {
+        let n_embd = r.uint("n_embd")?;
+        if !matches!(
+            r.v["activation_function"].as_str(),
+            None | Some("gelu_new") | Some("gelu_pytorch_tanh")
+        ) {
+            return Err(r.refuse(
+                "activation_function",
+                "kiln's GPT uses GPT-2's tanh GELU (gelu_new)",
+            ));
+        }
+        if !(r.v["n_inner"].is_null() || r.v["n_inner"].as_u64() == Some(4 * n_embd as u64)) {
+            return Err(r.refuse("n_inner", "kiln's GPT has a 4 × n_embd MLP"));
+        }
+        let eps = r.float_or("layer_norm_epsilon", LN_EPS)?;
+        if (eps - LN_EPS).abs() > 1e-12 {
+            return Err(r.refuse("layer_norm_epsilon", "kiln's GPT uses 1e-5"));
+        }
+        for (k, want) in [
+            ("tie_word_embeddings", true),
+            ("scale_attn_weights", true),
+            ("add_cross_attention", false),
+            ("scale_attn_by_inverse_layer_idx", false),
+        ] {
+            if r.v[k].as_bool().is_some_and(|b| b != want) {
+                return Err(r.refuse(k, &format!("kiln's GPT needs {want}")));
+            }
+        }
+        Ok(GptConfig {
+            n_layer: r.uint("n_layer")?,
+            n_head: r.uint("n_head")?,
+            n_embd,
+            block_size: r.uint("n_positions")?,
+            vocab_size: r.uint("vocab_size")?,
             dropout: 0.0,
             bias: true,
             checkpoint_activations: false,
-        }
-    }
-
-    #[test]
-    fn gradients_match_finite_differences() {
-        let x = Tensor::new(&[[1u32, 2, 3, 4], [6, 5, 0, 1]], &Device::Cpu).unwrap();
-        let y = Tensor::new(&[[2u32, 3, 4, 5], [5, 0, 1, 2]], &Device::Cpu).unwrap();
-        check_model_grads(&ModelConfig::Gpt(tiny()), &x, &y);
-        crate::testing::check_mixed_precision(&ModelConfig::Gpt(tiny()), &x, &y);
-    }
-
-    #[test]
-    fn parameter_names_are_hugging_face_gpt2() {
-        let vm = candle_nn::VarMap::new();
-        let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
-        Gpt::new(&tiny(), vb, SharedRng::new(0, "dropout"), DType::F32).unwrap();
-        let data = vm.data().lock().unwrap();
-        let shape = |n: &str| {
-            data.get(n)
-                .unwrap_or_else(|| panic!("missing {n}"))
-                .dims()
-                .to_vec()
-        };
-        assert_eq!(shape("transformer.wte.weight"), [7, 8]);
-        assert_eq!(shape("transformer.wpe.weight"), [5, 8]);
-        assert_eq!(shape("transformer.h.1.attn.c_attn.weight"), [8, 24]); // Conv1D: (in, out)
-        assert_eq!(shape("transformer.h.1.mlp.c_proj.weight"), [32, 8]);
-        assert_eq!(shape("transformer.ln_f.bias"), [8]);
-        // 4 tensors outside the blocks, 12 per block, no separate head.
-        assert_eq!(data.len(), 4 + 12 * 2);
-    }
-
-    #[test]
-    fn attention_is_causal() {
-        // Changing a later token must not change earlier logits.
-        let vm = candle_nn::VarMap::new();
-        let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F64, &Device::Cpu);
-        let m = Gpt::new(&tiny(), vb, SharedRng::new(0, "dropout"), DType::F64).unwrap();
-        let a = m
-            .forward(
-                &Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap(),
-                false,
-            )
-            .unwrap();
-        let b = m
-            .forward(
-                &Tensor::new(&[[1u32, 2, 3, 6]], &Device::Cpu).unwrap(),
-                false,
-            )
-            .unwrap();
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum((0, 2))
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        assert_eq!(&diff[..3], &[0.0, 0.0, 0.0]);
-        assert!(diff[3] > 0.0);
-    }
-
-    /// Recomputing the blocks in the backward (with dropout on, so the recomputation must
-    /// replay the same masks) gives the gradients of the stored-activation run.
-    #[test]
-    fn checkpointed_activations_give_identical_gradients() {
-        let x = Tensor::new(&[[1u32, 2, 3, 4], [6, 5, 0, 1]], &Device::Cpu).unwrap();
-        let y = Tensor::new(&[[2u32, 3, 4, 5], [5, 0, 1, 2]], &Device::Cpu).unwrap();
-        let grads = |checkpoint: bool| {
-            let cfg = GptConfig {
-                dropout: 0.3,
-                checkpoint_activations: checkpoint,
-                ..tiny()
-            };
-            let vm = candle_nn::VarMap::new();
-            let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F64, &Device::Cpu);
-            let m = Gpt::new(&cfg, vb, SharedRng::new(5, "dropout"), DType::F64).unwrap();
-            let logits = m.forward(&x, true).unwrap();
-            let loss = kiln_kernels::cross_entropy(
-                &logits.reshape((8, 7)).unwrap(),
-                &y.flatten_all().unwrap(),
-            )
-            .unwrap();
-            let g = kiln_kernels::backward(&loss).unwrap();
-            let mut named: Vec<(String, Vec<f64>)> = vm
-                .data()
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(n, v)| {
-                    let g = g.get(v).unwrap_or_else(|| panic!("{n} has no gradient"));
-                    (n.clone(), g.flatten_all().unwrap().to_vec1().unwrap())
-                })
-                .collect();
-            named.sort_by(|a, b| a.0.cmp(&b.0));
-            (named, m.rng.position())
-        };
-        let (plain, plain_rng) = grads(false);
-        let (ckpt, ckpt_rng) = grads(true);
-        assert_eq!(
-            plain_rng, ckpt_rng,
-            "the recomputation must leave the generator as it was"
-        );
-        for ((name, a), (_, b)) in plain.iter().zip(&ckpt) {
-            let diff = a
-                .iter()
-                .zip(b)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f64::max);
-            assert!(diff < 1e-12, "{name}: gradients differ by {diff}");
-        }
+        })
     }
 }
+
+#[cfg(test)]
+mod tests;

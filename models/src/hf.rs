@@ -40,15 +40,11 @@ pub fn hf_config(cfg: &ModelConfig, dtype: DType, special: SpecialTokens) -> Res
         DType::F16 => "float16",
         other => bail!("cannot export weights as {other:?}"),
     };
-    let mut v = match cfg {
-        ModelConfig::Gpt(c) => crate::gpt::hf_config(c),
-        ModelConfig::Llama(c) => crate::llama::hf_config(c),
-        ModelConfig::Bert(c) => crate::bert::hf_config(c),
-        ModelConfig::Resnet(c) => crate::resnet::hf_config(c)?,
-        ModelConfig::Vit(c) => crate::vit::hf_config(c),
-        other => bail!("a {} model has no Hugging Face export yet", other.kind()),
+    let mut v = match cfg.to_hf() {
+        Some(v) => v?,
+        None => bail!("a {} model has no Hugging Face export yet", cfg.kind()),
     };
-    if matches!(cfg, ModelConfig::Resnet(_) | ModelConfig::Vit(_)) {
+    if cfg.image_classifier().is_some() {
         v["dtype"] = torch_dtype.into();
         v["torch_dtype"] = torch_dtype.into();
         return Ok(v);
@@ -63,7 +59,7 @@ pub fn hf_config(cfg: &ModelConfig, dtype: DType, special: SpecialTokens) -> Res
 }
 
 /// A `config.json` being read into a kiln config; its errors name the folder and the key.
-pub(crate) struct HfReader<'a> {
+pub struct HfReader<'a> {
     pub v: &'a Value,
     source: &'a Path,
 }
@@ -100,23 +96,7 @@ impl HfReader<'_> {
 /// The kiln config of a `config.json`; anything kiln's implementation does not compute the same
 /// way is refused, naming the key.
 pub fn from_hf_config(v: &Value, source: &Path) -> Result<ModelConfig> {
-    let r = HfReader { v, source };
-    let ctx = || r.ctx();
-    let model_type = v["model_type"].as_str().unwrap_or("");
-    match model_type {
-        "gpt2" => crate::gpt::config_from_hf(&r).map(ModelConfig::Gpt),
-        "llama" => crate::llama::config_from_hf(&r).map(ModelConfig::Llama),
-        "bert" => crate::bert::config_from_hf(v)
-            .map(ModelConfig::Bert)
-            .with_context(ctx),
-        "resnet" => crate::resnet::config_from_hf(&r).map(ModelConfig::Resnet),
-        "vit" => crate::vit::config_from_hf(&r).map(ModelConfig::Vit),
-        other => bail!(
-            "{}: model_type {other:?} is not one kiln implements (\"gpt2\", \"llama\", \"bert\", \
-             \"resnet\", \"vit\")",
-            ctx()
-        ),
-    }
+    ModelConfig::from_hf(&HfReader { v, source })
 }
 
 /// Classes of a classifier's `config.json`: `id2label`'s size, else `num_labels`, else 0.
@@ -194,26 +174,7 @@ pub fn to_hf_tensors(
     mut tensors: HashMap<String, Tensor>,
     dtype: DType,
 ) -> Result<HashMap<String, Tensor>> {
-    if let ModelConfig::Gpt(c) = cfg {
-        if !c.bias {
-            let dev = Device::Cpu;
-            let zeros = |n: usize| Tensor::zeros(n, DType::F32, &dev);
-            let e = c.n_embd;
-            for i in 0..c.n_layer {
-                for (name, n) in [
-                    ("ln_1.bias", e),
-                    ("attn.c_attn.bias", 3 * e),
-                    ("attn.c_proj.bias", e),
-                    ("ln_2.bias", e),
-                    ("mlp.c_fc.bias", 4 * e),
-                    ("mlp.c_proj.bias", e),
-                ] {
-                    tensors.insert(format!("transformer.h.{i}.{name}"), zeros(n)?);
-                }
-            }
-            tensors.insert("transformer.ln_f.bias".into(), zeros(e)?);
-        }
-    }
+    tensors.extend(cfg.spec().hf_extra_tensors()?);
     tensors
         .into_iter()
         .map(|(k, t)| {
@@ -239,45 +200,8 @@ pub fn from_hf_tensors(
     let mut out = HashMap::new();
     let mut unexpected = Vec::new();
     for (name, t) in tensors {
-        let kiln_name = match cfg {
-            ModelConfig::Gpt(_) => {
-                let base = name.strip_prefix("transformer.").unwrap_or(&name);
-                // Causal-mask buffers of older transformers versions, and the tied head.
-                if base.ends_with(".attn.bias") && !base.ends_with("c_attn.bias")
-                    || base.ends_with(".attn.masked_bias")
-                    || name == "lm_head.weight"
-                {
-                    continue;
-                }
-                format!("transformer.{base}")
-            }
-            ModelConfig::Llama(c) => {
-                if name.ends_with("rotary_emb.inv_freq")
-                    || (c.tie_word_embeddings && name == "lm_head.weight")
-                {
-                    continue;
-                }
-                name
-            }
-            ModelConfig::Bert(c) => {
-                // BertModel checkpoints (sentence-transformers) are unprefixed, task models
-                // prefix the encoder with `bert.`; older ones name LayerNorm gamma/beta.
-                let base = name.strip_prefix("bert.").unwrap_or(&name);
-                let base = base.replace("LayerNorm.gamma", "LayerNorm.weight");
-                let base = base.replace("LayerNorm.beta", "LayerNorm.bias");
-                if base == "embeddings.position_ids"
-                    || base.starts_with("cls.")
-                    || (c.num_labels == 0 && base.starts_with("classifier."))
-                {
-                    continue;
-                }
-                if c.num_labels > 0 && !base.starts_with("classifier.") {
-                    format!("bert.{base}")
-                } else {
-                    base
-                }
-            }
-            _ => name,
+        let Some(kiln_name) = cfg.spec().kiln_name_of(&name) else {
+            continue;
         };
         if expected.contains(&kiln_name) {
             out.insert(kiln_name, t);
@@ -296,10 +220,7 @@ pub fn from_hf_tensors(
         );
     }
     // A task head a pretrained encoder does not have starts from its initialisation.
-    let fresh = |n: &str| {
-        crate::lora::is_adapter(n)
-            || matches!(cfg, ModelConfig::Bert(_)) && n.starts_with("classifier.")
-    };
+    let fresh = |n: &str| crate::lora::is_adapter(n) || cfg.spec().is_task_head(n);
     let mut missing: Vec<&String> = expected
         .iter()
         .filter(|n| !out.contains_key(*n) && !fresh(n))
@@ -345,7 +266,7 @@ pub fn load_pretrained(varmap: &VarMap, cfg: &ModelConfig, folder: &Path) -> Res
             preview(&fresh)
         );
     }
-    let vision = matches!(cfg, ModelConfig::Resnet(_) | ModelConfig::Vit(_));
+    let vision = cfg.image_classifier().is_some();
     for (name, var) in data.iter() {
         let Some(w) = tensors.get(name) else {
             continue;
@@ -385,147 +306,4 @@ fn preview<S: AsRef<str>>(names: &[S]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::gpt::GptConfig;
-    use crate::llama::LlamaConfig;
-    use serde_json::json;
-
-    fn tiny_gpt(bias: bool) -> ModelConfig {
-        ModelConfig::Gpt(GptConfig {
-            n_layer: 2,
-            n_head: 2,
-            n_embd: 8,
-            block_size: 16,
-            vocab_size: 11,
-            dropout: 0.1,
-            bias,
-            checkpoint_activations: false,
-        })
-    }
-
-    #[test]
-    fn configs_round_trip_through_config_json() {
-        let llama = ModelConfig::Llama(LlamaConfig {
-            hidden_size: 16,
-            intermediate_size: 40,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            vocab_size: 11,
-            max_position_embeddings: 32,
-            rms_norm_eps: 1e-5,
-            rope_theta: 500_000.0,
-            tie_word_embeddings: false,
-            dropout: 0.0,
-            checkpoint_activations: false,
-        });
-        let gpt = tiny_gpt(true);
-        for cfg in [gpt, llama] {
-            let v = hf_config(&cfg, DType::BF16, SpecialTokens::default()).unwrap();
-            assert_eq!(v["torch_dtype"], "bfloat16");
-            let mut back = from_hf_config(&v, Path::new("config.json")).unwrap();
-            if let (ModelConfig::Gpt(b), ModelConfig::Gpt(a)) = (&mut back, &cfg) {
-                b.dropout = a.dropout; // training-only
-            }
-            assert_eq!(back, cfg);
-        }
-    }
-
-    #[test]
-    fn unsupported_configs_are_refused_by_key() {
-        let mut v = hf_config(&tiny_gpt(true), DType::F32, SpecialTokens::default()).unwrap();
-        v["activation_function"] = "relu".into();
-        let e = from_hf_config(&v, Path::new("m/config.json"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("m/config.json") && e.contains("activation_function"),
-            "{e}"
-        );
-        let e = from_hf_config(&json!({"model_type": "t5"}), Path::new("c.json"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("\"t5\""), "{e}");
-        let e = from_hf_config(&json!({"model_type": "gpt2"}), Path::new("c.json"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("`n_embd` is missing"), "{e}");
-    }
-
-    #[test]
-    fn recipe_keys_over_a_pretrained_config() {
-        let pre = tiny_gpt(true);
-        let t: toml::Table = toml::from_str("dropout = 0.2\nn_layer = 2").unwrap();
-        let m = merge_recipe_model(&pre, &t, "x").unwrap();
-        assert_eq!(m["dropout"].as_float(), Some(0.2));
-        let t: toml::Table = toml::from_str("n_layer = 3").unwrap();
-        let (k, msg) = merge_recipe_model(&pre, &t, "hub:x").unwrap_err();
-        assert_eq!(k, "model.n_layer");
-        assert!(msg.contains("differs") && msg.contains("hub:x"), "{msg}");
-        let t: toml::Table = toml::from_str("n_layers = 3").unwrap();
-        assert_eq!(
-            merge_recipe_model(&pre, &t, "x").unwrap_err().0,
-            "model.n_layers"
-        );
-    }
-
-    #[test]
-    fn gpt2_names_from_hf_checkpoints() {
-        let cfg = tiny_gpt(true);
-        let t = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
-        let expected = vec![
-            "transformer.wte.weight".to_string(),
-            "transformer.h.0.attn.c_attn.bias".into(),
-        ];
-        // openai-community/gpt2 stores names without the prefix, plus mask buffers.
-        let hf: HashMap<String, Tensor> = [
-            "wte.weight",
-            "h.0.attn.c_attn.bias",
-            "h.0.attn.bias",
-            "h.0.attn.masked_bias",
-            "lm_head.weight",
-        ]
-        .iter()
-        .map(|n| (n.to_string(), t.clone()))
-        .collect();
-        let got = from_hf_tensors(&cfg, hf.clone(), &expected, Path::new("m")).unwrap();
-        let mut names: Vec<_> = got.keys().cloned().collect();
-        names.sort();
-        assert_eq!(
-            names,
-            ["transformer.h.0.attn.c_attn.bias", "transformer.wte.weight"]
-        );
-        let mut extra = hf.clone();
-        extra.insert("h.0.mlp.gate.weight".into(), t.clone());
-        let e = from_hf_tensors(&cfg, extra, &expected, Path::new("m"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("transformer.h.0.mlp.gate.weight"), "{e}");
-        let mut short = hf;
-        short.remove("wte.weight");
-        let e = from_hf_tensors(&cfg, short, &expected, Path::new("m"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("lacks") && e.contains("transformer.wte.weight"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn bias_free_gpt_exports_zero_biases() {
-        let cfg = tiny_gpt(false);
-        let w = Tensor::ones((11, 8), DType::F32, &Device::Cpu).unwrap();
-        let out = to_hf_tensors(
-            &cfg,
-            HashMap::from([("transformer.wte.weight".to_string(), w)]),
-            DType::F16,
-        )
-        .unwrap();
-        assert_eq!(out["transformer.wte.weight"].dtype(), DType::F16);
-        assert_eq!(out["transformer.h.1.attn.c_attn.bias"].dims(), [24]);
-        assert_eq!(out["transformer.ln_f.bias"].dims(), [8]);
-        assert_eq!(out.len(), 1 + 2 * 6 + 1);
-    }
-}
+mod tests;

@@ -656,7 +656,7 @@ impl Block {
 
     /// An inference forward of new positions after those cached for layer `i` (pre-norm causal
     /// blocks); returns the output and this layer's extended keys and values.
-    fn forward_cached(
+    pub(crate) fn forward_cached(
         &self,
         x: &Tensor,
         cache: &KvCache,
@@ -689,28 +689,4 @@ pub(crate) fn run_blocks(
         };
     }
     Ok(x)
-}
-
-/// A decoder's cached step through `blocks`: `embed` gives the new positions' embeddings
-/// (after `cache.len()`), `logits` turns the last block's output into logits; the cache is
-/// extended only if every step succeeds.
-pub(crate) fn decode_step(
-    blocks: &[Block],
-    ids: &Tensor,
-    cache: &mut KvCache,
-    context: usize,
-    embed: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
-    logits: impl FnOnce(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let t = cache.check_step(ids, blocks.len(), context)?;
-    let mut x = embed(ids, cache.len())?;
-    let mut layers = Vec::with_capacity(blocks.len());
-    for (i, block) in blocks.iter().enumerate() {
-        let (y, kv) = block.forward_cached(&x, cache, i)?;
-        x = y;
-        layers.push(kv);
-    }
-    let logits = logits(&x)?;
-    cache.commit(layers, t);
-    Ok(logits)
 }

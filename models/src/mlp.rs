@@ -1,6 +1,6 @@
 //! A multilayer perceptron for flattened images: Linear → ReLU → … → Linear.
 
-use crate::{check_dropout, in_precision, ConfigError, Model};
+use crate::{check_dropout, in_precision, ConfigError, DataFacts, Model, ModelSpec};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 use kiln_core::rng::SharedRng;
@@ -18,22 +18,6 @@ pub struct MlpConfig {
     pub input_dim: usize,
     #[serde(default)]
     pub num_classes: usize,
-}
-
-impl MlpConfig {
-    pub(crate) fn resolve(
-        &mut self,
-        classes: usize,
-        input: &[usize],
-    ) -> std::result::Result<(), ConfigError> {
-        check_dropout(self.dropout, "model.dropout")?;
-        if self.hidden.contains(&0) {
-            return Err(("model.hidden", "layer widths must be at least 1".into()));
-        }
-        self.input_dim = input.iter().product();
-        self.num_classes = classes;
-        Ok(())
-    }
 }
 
 pub struct Mlp {
@@ -83,10 +67,23 @@ impl Model for Mlp {
     }
 }
 
+impl ModelSpec for MlpConfig {
+    fn resolve(&mut self, data: &DataFacts) -> std::result::Result<(), ConfigError> {
+        let (classes, input) = (data.classes, &data.input_shape[..]);
+        check_dropout(self.dropout, "model.dropout")?;
+        if self.hidden.contains(&0) {
+            return Err(("model.hidden", "layer widths must be at least 1".into()));
+        }
+        self.input_dim = input.iter().product();
+        self.num_classes = classes;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_model_grads, rand};
+    use crate::testing::{check_gradients, rand};
     use crate::ModelConfig;
 
     #[test]
@@ -99,7 +96,6 @@ mod tests {
         });
         let x = rand(&[4, 1, 2, 3], 1);
         let y = Tensor::new(&[0u32, 2, 1, 2], x.device()).unwrap();
-        check_model_grads(&cfg, &x, &y);
-        crate::testing::check_mixed_precision(&cfg, &x, &y);
+        check_gradients(&cfg, &x, &y);
     }
 }

@@ -46,7 +46,7 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
     );
     let recipe = kiln_core::Recipe::load(&recipe_path, &[])?;
     let mut cfg = ModelConfig::decode(&recipe)?;
-    let vision = matches!(cfg, ModelConfig::Resnet(_) | ModelConfig::Vit(_));
+    let vision = cfg.image_classifier().is_some();
     // Text models carry their tokenizer; image models their preprocessing instead.
     let codec = match vision {
         true => None,
@@ -84,9 +84,7 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
                 .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
                 .collect();
             kiln_models::lora::merge(&mut all, &lora)?;
-            if let ModelConfig::Bert(c) = &mut cfg {
-                c.lora = None;
-            }
+            cfg.clear_lora();
             all
         }
     };
@@ -178,12 +176,7 @@ fn write_tokenizer_files(codec: &Codec, cfg: &ModelConfig, out: &Path) -> Result
         &out.join("tokenizer.json"),
         codec.tokenizer_json()?.as_bytes(),
     )?;
-    let context = match cfg {
-        ModelConfig::Gpt(c) => c.block_size,
-        ModelConfig::Llama(c) => c.max_position_embeddings,
-        ModelConfig::Bert(c) => c.max_position_embeddings,
-        _ => 0,
-    };
+    let context = cfg.context().unwrap_or(0);
     let mut tok_cfg = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": context,
@@ -269,11 +262,7 @@ pub struct LanguageModel {
 
 impl LanguageModel {
     pub fn context(&self) -> usize {
-        match &self.cfg {
-            ModelConfig::Gpt(c) => c.block_size,
-            ModelConfig::Llama(c) => c.max_position_embeddings,
-            _ => 0,
-        }
+        self.model.as_decoder().map_or(0, |d| d.context())
     }
 }
 
@@ -286,7 +275,7 @@ pub fn load_language_model(
 ) -> Result<LanguageModel> {
     if spec.join("recipe.toml").is_file() {
         let run = load_run_at(spec, checkpoint.unwrap_or("latest"), device)?;
-        if !matches!(run.model_cfg, ModelConfig::Gpt(_) | ModelConfig::Llama(_)) {
+        if run.model.as_decoder().is_none() {
             bail!("{} is not a language-model run", spec.display());
         }
         return Ok(LanguageModel {
