@@ -65,6 +65,14 @@ pub trait ModelSpec: Send + Sync {
     /// Drops the adapters from the config, once they are merged into the weights.
     fn clear_lora(&mut self) {}
 
+    /// Training FLOPs per token of a decoder with `n_params` parameters, nanoGPT's
+    /// `estimate_mfu` (PaLM appendix B): 6·N for the matmuls of forward and backward, N
+    /// counting every weight but a position table, plus 12·L·C·T for attention scores and
+    /// values. `None` for other models.
+    fn flops_per_token(&self, _n_params: usize) -> Option<f64> {
+        None
+    }
+
     /// A parameter that a pretrained checkpoint need not hold and that starts from its
     /// initialisation: a task head (BERT's classifier). With LoRA it trains beside the adapters.
     fn is_task_head(&self, _name: &str) -> bool {

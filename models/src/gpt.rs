@@ -162,6 +162,12 @@ impl ModelSpec for GptConfig {
         Some(self.block_size)
     }
 
+    fn flops_per_token(&self, n_params: usize) -> Option<f64> {
+        let n = n_params - self.block_size * self.n_embd;
+        let attention = self.n_layer * self.n_embd * self.block_size;
+        Some(6.0 * n as f64 + 12.0 * attention as f64)
+    }
+
     /// HF's GPT-2 checkpoints may omit the `transformer.` prefix, and carry causal-mask
     /// buffers (older transformers) and the tied head.
     fn kiln_name_of(&self, name: &str) -> Option<String> {

@@ -226,6 +226,12 @@ impl ModelSpec for LlamaConfig {
         Some(self.max_position_embeddings)
     }
 
+    /// RoPE has no position table: every parameter counts.
+    fn flops_per_token(&self, n_params: usize) -> Option<f64> {
+        let attention = self.num_hidden_layers * self.hidden_size * self.max_position_embeddings;
+        Some(6.0 * n_params as f64 + 12.0 * attention as f64)
+    }
+
     /// Llama checkpoints may carry rotary `inv_freq` buffers, or a tied `lm_head`.
     fn kiln_name_of(&self, name: &str) -> Option<String> {
         let tied_head = self.tie_word_embeddings && name == "lm_head.weight";

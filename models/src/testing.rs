@@ -48,6 +48,13 @@ fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
     .unwrap()
 }
 
+/// Fresh parameters drawn from `seed`, in `dtype`, on the CPU.
+fn weights(seed: u64, dtype: DType) -> (VarMap, VarBuilder<'static>) {
+    let vm = VarMap::new();
+    let vb = kiln_core::rng::seeded_var_builder(&vm, seed, dtype, &Device::Cpu);
+    (vm, vb)
+}
+
 fn sorted_vars(vm: &VarMap) -> Vec<(String, Var)> {
     let mut vars: Vec<(String, Var)> = vm.data().lock().unwrap().clone().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -85,8 +92,7 @@ pub fn check_model_grads_with(
     check: &GradCheck,
 ) {
     let train = check.train;
-    let vm = VarMap::new();
-    let vb = kiln_core::rng::seeded_var_builder(&vm, 3, DType::F64, &Device::Cpu);
+    let (vm, vb) = weights(3, DType::F64);
     let model = cfg
         .build(vb, SharedRng::new(0, "dropout"), DType::F64)
         .unwrap();
@@ -145,8 +151,7 @@ pub fn check_model_grads_with(
 /// context errors, leaving the cache usable. `cfg`'s context must be 7.
 pub fn check_cached_decoding(cfg: &ModelConfig) {
     for (dtype, tol) in [(DType::F32, 1e-5), (DType::F64, 1e-10)] {
-        let vm = VarMap::new();
-        let vb = kiln_core::rng::seeded_var_builder(&vm, 3, dtype, &Device::Cpu);
+        let (_, vb) = weights(3, dtype);
         let model = cfg.build(vb, SharedRng::new(0, "d"), dtype).unwrap();
         let dec = model.as_decoder().expect("a decoder");
         assert_eq!(dec.context(), 7);
@@ -206,8 +211,7 @@ pub fn check_mixed_precision_with(
     check: &GradCheck,
 ) {
     let train = check.train;
-    let vm = VarMap::new();
-    let vb = kiln_core::rng::seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu);
+    let (vm, vb) = weights(3, DType::F32);
     let input = match input.dtype() {
         DType::F64 => input.to_dtype(DType::F32).unwrap(),
         _ => input.clone(),
@@ -284,8 +288,7 @@ pub fn check_checkpointing(
     targets: &Tensor,
 ) {
     let grads = |cfg: &ModelConfig| {
-        let vm = VarMap::new();
-        let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F64, &Device::Cpu);
+        let (vm, vb) = weights(0, DType::F64);
         let rng = SharedRng::new(5, "dropout");
         let m = cfg.build(vb, rng.clone(), DType::F64).unwrap();
         let logits = m.forward(input, true).unwrap();
@@ -325,7 +328,7 @@ pub fn check_table_round_trip(cfg: &ModelConfig) -> Box<dyn Model> {
     assert_eq!(table.get("kind").and_then(|k| k.as_str()), Some(cfg.kind()));
     let back: ModelConfig = toml::Value::Table(table).try_into().unwrap();
     assert_eq!(&back, cfg);
-    let vb = kiln_core::rng::seeded_var_builder(&VarMap::new(), 0, DType::F32, &Device::Cpu);
+    let (_, vb) = weights(0, DType::F32);
     cfg.build(vb, SharedRng::new(0, "d"), DType::F32).unwrap()
 }
 

@@ -128,14 +128,6 @@ clip_grad_norm = 1.0
 /// Writes IDX files shaped like Fashion-MNIST: `n` train and `m` test 8×8 images; class `c`
 /// lights row `c % 8` (plus noise), so classes are separable.
 pub fn write_image_fixture(dir: &Path, n: usize, m: usize) {
-    fn idx(dims: &[usize], data: &[u8]) -> Vec<u8> {
-        let mut out = vec![0, 0, 0x08, dims.len() as u8];
-        for &d in dims {
-            out.extend_from_slice(&(d as u32).to_be_bytes());
-        }
-        out.extend_from_slice(data);
-        out
-    }
     let mut state = 12345u32;
     let mut noise = move || {
         state = state.wrapping_mul(1664525).wrapping_add(1013904223);
@@ -152,16 +144,7 @@ pub fn write_image_fixture(dir: &Path, n: usize, m: usize) {
                 }
             }
         }
-        std::fs::write(
-            dir.join(format!("{name}-images-idx3-ubyte")),
-            idx(&[count, 8, 8], &images),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join(format!("{name}-labels-idx1-ubyte")),
-            idx(&[count], &labels),
-        )
-        .unwrap();
+        kiln::core::data::fashion_mnist::write_split(dir, name, &images, &labels, (8, 8)).unwrap();
     }
 }
 

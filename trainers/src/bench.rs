@@ -3,9 +3,8 @@
 //! by one with the device synchronized at each end, so a figure is a whole step as training
 //! runs it (data, forward, backward, clipping, AdamW).
 //!
-//! FLOPs per token follow nanoGPT's `estimate_mfu` (PaLM appendix B): 6·N for the matmuls of
-//! forward and backward, N counting every weight but the position table, plus 12·L·C·T for
-//! attention scores and values. MFU divides the achieved rate by the card's dense bf16 peak.
+//! FLOPs per token follow nanoGPT's `estimate_mfu` (each decoder's `ModelSpec::flops_per_token`).
+//! MFU divides the achieved rate by the card's dense bf16 peak.
 
 use crate::amp::{self, LossScaler};
 use crate::optim;
@@ -108,7 +107,7 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
     let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let flops_per_step = lm_flops_per_token(&cfg, n_params).map(|f| f * items_per_step as f64);
+    let flops_per_step = (cfg.spec().flops_per_token(n_params)).map(|f| f * items_per_step as f64);
     let peak = o.peak_tflops.or(match device {
         Device::Cuda(_) => Some(H100_BF16_PEAK_TFLOPS),
         _ => None,
@@ -139,26 +138,6 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
         memory_measure,
         final_loss: loss,
     })
-}
-
-/// nanoGPT's training FLOPs per token for the decoders; None for other models.
-fn lm_flops_per_token(cfg: &ModelConfig, n_params: usize) -> Option<f64> {
-    let (n, layers, width, context) = match cfg {
-        ModelConfig::Gpt(c) => (
-            n_params - c.block_size * c.n_embd,
-            c.n_layer,
-            c.n_embd,
-            c.block_size,
-        ),
-        ModelConfig::Llama(c) => (
-            n_params,
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.max_position_embeddings,
-        ),
-        _ => return None,
-    };
-    Some(6.0 * n as f64 + 12.0 * (layers * width * context) as f64)
 }
 
 /// The process's peak resident memory on the CPU; on CUDA, the most device memory in use

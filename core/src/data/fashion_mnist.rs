@@ -1,7 +1,7 @@
 //! Fashion-MNIST (Zalando, MIT): 60,000 training and 10,000 test 28×28 grey images in 10
 //! classes, read from IDX files as installed by Debian's `dataset-fashion-mnist`.
 
-use super::idx::read_idx;
+use super::idx::{encode_idx, read_idx};
 use super::vision::{ImageOptions, ImageSet};
 use super::{DataSplits, Examples, ImageInfo};
 use crate::fs::sha256_file;
@@ -154,10 +154,28 @@ pub fn load_with(
     })
 }
 
+/// Writes one split in Fashion-MNIST's file layout (`{split}-images-idx3-ubyte` and
+/// `{split}-labels-idx1-ubyte`, uncompressed): one `h`×`w` image of bytes per label.
+pub fn write_split(
+    dir: &Path,
+    split: &str,
+    images: &[u8],
+    labels: &[u8],
+    (h, w): (usize, usize),
+) -> std::io::Result<()> {
+    let n = labels.len();
+    if images.len() != n * h * w {
+        let msg = format!("{} image bytes are not {n} images of {h}×{w}", images.len());
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
+    }
+    let file = |kind: &str, dims: &str| dir.join(format!("{split}-{kind}-idx{dims}-ubyte"));
+    std::fs::write(file("images", "3"), encode_idx(&[n, h, w], images))?;
+    std::fs::write(file("labels", "1"), encode_idx(&[n], labels))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::data::idx::encode_idx;
     use crate::data::HostTensor;
 
     /// Writes a tiny Fashion-MNIST-shaped data set: `n` train and `m` test 4×4 images whose
@@ -166,16 +184,7 @@ pub(crate) mod tests {
         let write = |name: &str, count: usize| {
             let labels: Vec<u8> = (0..count).map(|i| (i % 10) as u8).collect();
             let images: Vec<u8> = labels.iter().flat_map(|&l| [l * 20; 16]).collect();
-            std::fs::write(
-                dir.join(format!("{name}-images-idx3-ubyte")),
-                encode_idx(&[count, 4, 4], &images),
-            )
-            .unwrap();
-            std::fs::write(
-                dir.join(format!("{name}-labels-idx1-ubyte")),
-                encode_idx(&[count], &labels),
-            )
-            .unwrap();
+            write_split(dir, name, &images, &labels, (4, 4)).unwrap();
         };
         write("train", n);
         write("t10k", m);

@@ -64,8 +64,8 @@ pub fn parse_idx(bytes: &[u8]) -> anyhow::Result<IdxArray> {
     })
 }
 
-#[cfg(test)]
-pub(crate) fn encode_idx(dims: &[usize], data: &[u8]) -> Vec<u8> {
+/// The IDX bytes of an unsigned-byte array of `dims` (uncompressed): what [`parse_idx`] reads.
+pub fn encode_idx(dims: &[usize], data: &[u8]) -> Vec<u8> {
     let mut out = vec![0, 0, 0x08, dims.len() as u8];
     for &d in dims {
         out.extend_from_slice(&(d as u32).to_be_bytes());
