@@ -16,9 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 // candle allocates a fresh buffer for every op; glibc hands large ones back to the kernel and
-// page-faults them in again on the next step. mimalloc keeps them.
+// page-faults them in again on the next step. mimalloc keeps them. Counted for
+// `kiln bench --profile`.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kiln::core::alloc::Counting<mimalloc::MiMalloc> =
+    kiln::core::alloc::Counting(mimalloc::MiMalloc);
 
 /// mimalloc's `mi_option_purge_delay` (option 15 of `mi_option_e` in its v2 `mimalloc.h`, which
 /// libmimalloc-sys builds; the crate has no constant for it).
@@ -187,6 +189,10 @@ enum Command {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also report where the time goes: forward, backward, update and batch per step,
+        /// autograd graph size, allocations, and each of kiln's fused ops by pass.
+        #[arg(long)]
+        profile: bool,
     },
     /// List the recipes with a one-line description.
     Recipes {
@@ -405,6 +411,7 @@ fn run(cli: Cli) -> Result<Option<usize>> {
             device,
             peak_tflops,
             json,
+            profile,
         } => {
             let recipe = Recipe::load(resolve_recipe_path(recipe), &set)?;
             let report = kiln::trainers::bench::bench(
@@ -414,6 +421,7 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                     warmup,
                     device,
                     peak_tflops,
+                    profile,
                 },
             )?;
             if json {

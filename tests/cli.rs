@@ -260,3 +260,55 @@ fn bench_reports_step_time_throughput_mfu_and_memory() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("MFU          n/a"), "{}", stdout(&o));
 }
+
+/// `kiln bench --profile` splits the step into its parts, counts the graph and the allocations,
+/// and times each fused op per pass.
+#[test]
+fn bench_profile_accounts_for_the_step() {
+    let (dir, recipe) = tiny_gpt_fixture("");
+    let args = [
+        "bench",
+        recipe.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+    ];
+    let o = kiln(&[&args[..], &["--profile", "--json"]].concat(), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let p = &r["profile"];
+    let ms = |k: &str| p[k].as_f64().unwrap();
+    for part in ["forward_ms", "backward_ms", "update_ms"] {
+        assert!(ms(part) > 0.0, "{part}: {p}");
+    }
+    // The parts are timed inside the step: together they fit in it.
+    let parts = ms("forward_ms") + ms("backward_ms") + ms("update_ms");
+    let mean = r["ms_per_step_mean"].as_f64().unwrap();
+    assert!(parts <= mean * (1.0 + 1e-9) && ms("data_ms") >= 0.0, "{parts} vs {mean}");
+    // Every step builds the same graph; the binary counts its allocations.
+    let ops = ms("graph_ops");
+    assert!(ops > 10.0 && ops.fract() == 0.0, "{ops}");
+    assert!(
+        ms("allocations") > 0.0 && ms("allocated_bytes") > 0.0,
+        "{p}"
+    );
+    // One layer: ln_1, ln_2 and ln_f, each once forward and once backward per step.
+    let op = |name: &str, pass: &str| {
+        let ops = p["fused_ops"].as_array().unwrap();
+        (ops.iter())
+            .find(|o| o["op"] == name && o["pass"] == pass)
+            .unwrap_or_else(|| panic!("{name} {pass} missing: {p}"))
+            .clone()
+    };
+    for pass in ["forward", "backward"] {
+        assert_eq!(op("kiln-layer-norm", pass)["calls"], 3.0);
+        assert_eq!(op("kiln-causal-attention", pass)["calls"], 1.0);
+    }
+    assert_eq!(op("kiln-adamw", "update")["calls"], 1.0);
+    // The text report names the parts.
+    let o = kiln(&[&args[..], &["--profile"]].concat(), dir.path());
+    let text = stdout(&o);
+    assert!(text.contains("profile      forward"), "{text}");
+    assert!(text.contains("kiln-layer-norm"), "{text}");
+}

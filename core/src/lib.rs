@@ -1,6 +1,7 @@
 //! kiln-core: recipes, data, devices, checkpoint io and metrics — everything the rest of kiln
 //! stands on that is not a model or a training loop.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod data;
 pub mod device;

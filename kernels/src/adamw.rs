@@ -55,12 +55,15 @@ pub fn adamw_step(tensors: &[AdamWTensor], hyper: &AdamWHyper) -> Result<()> {
             candle_core::bail!("adamw: weights and moments must be f32");
         }
     }
-    match tensors.first().map(|t| t.param.device()) {
-        None => Ok(()),
-        #[cfg(feature = "cuda")]
-        Some(candle_core::Device::Cuda(_)) => crate::cuda::adamw::step(tensors, hyper),
-        Some(_) => tensors.iter().try_for_each(|t| step_cpu(t, hyper)),
-    }
+    let pass = crate::profile::Pass::Update;
+    crate::profile::timed("kiln-adamw", pass, || {
+        match tensors.first().map(|t| t.param.device()) {
+            None => Ok(()),
+            #[cfg(feature = "cuda")]
+            Some(candle_core::Device::Cuda(_)) => crate::cuda::adamw::step(tensors, hyper),
+            Some(_) => tensors.iter().try_for_each(|t| step_cpu(t, hyper)),
+        }
+    })
 }
 
 /// Element-wise update of one tensor; the scalar reference the CUDA kernel mirrors.

@@ -20,6 +20,7 @@ pub mod gelu;
 pub mod layer_norm;
 pub mod max_pool;
 mod op;
+pub mod profile;
 pub mod reference;
 pub mod rms_norm;
 pub mod softmax;

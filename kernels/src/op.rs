@@ -8,6 +8,7 @@
 //! turns the inputs, the output, its gradient and the kept tensors into the inputs' gradients.
 //! [`Op::with`] makes it a candle `CustomOp1/2/3` (one generic [`Fused`] for all three).
 
+use crate::profile::{timed, Pass};
 use crate::{detached, Saved};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage,
@@ -143,16 +144,20 @@ pub(crate) struct Fused<P: 'static, S = Saved> {
 
 impl<P: Copy, S: AsRef<Saved>> Fused<P, S> {
     fn cpu(&self, args: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
-        self.saved
-            .as_ref()
-            .keep((self.op.forward.cpu)(args, self.param)?)
+        let name = self.op.forward.name;
+        let out = timed(name, Pass::Forward, || {
+            (self.op.forward.cpu)(args, self.param)
+        })?;
+        self.saved.as_ref().keep(out)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, args: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, Shape)> {
-        self.saved
-            .as_ref()
-            .keep((self.op.forward.cuda)(args, self.param)?)
+        let name = self.op.forward.name;
+        let out = timed(name, Pass::Forward, || {
+            (self.op.forward.cuda)(args, self.param)
+        })?;
+        self.saved.as_ref().keep(out)
     }
 
     fn grads<const N: usize>(
@@ -168,7 +173,8 @@ impl<P: Copy, S: AsRef<Saved>> Fused<P, S> {
             dy,
             saved: self.saved.as_ref(),
         };
-        let mut g = (self.op.backward)(grad)?.into_iter();
+        let name = self.op.forward.name;
+        let mut g = timed(name, Pass::Backward, || (self.op.backward)(grad))?.into_iter();
         Ok(std::array::from_fn(|_| g.next()))
     }
 }

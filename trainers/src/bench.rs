@@ -8,10 +8,12 @@
 
 use crate::amp::{self, LossScaler};
 use crate::optim;
+use crate::step::StepTimes;
 use crate::trainer::{params_of, train_step};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
+use kiln_core::alloc::AllocCount;
 use kiln_core::data;
 use kiln_core::recipe::Recipe;
 use kiln_models::{ModelConfig, SharedRng};
@@ -28,6 +30,8 @@ pub struct BenchOptions {
     pub device: Option<String>,
     /// Peak TFLOP/s for MFU (default: the H100/H200 bf16 peak on CUDA, none on the CPU).
     pub peak_tflops: Option<f64>,
+    /// Also report where the time goes ([`Profile`]).
+    pub profile: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +57,36 @@ pub struct BenchReport {
     pub peak_memory_bytes: Option<u64>,
     pub memory_measure: &'static str,
     pub final_loss: f64,
+    /// With `--profile`: where the timed steps' time went.
+    pub profile: Option<Profile>,
+}
+
+/// Where the timed steps' time went, per step (means over the timed steps).
+#[derive(Debug, Clone, Serialize)]
+pub struct Profile {
+    /// Forward passes and losses; backward passes and gradient accumulation; gradient norm,
+    /// clipping and the optimizer update; and the rest of the step (the batch: waiting on the
+    /// loader and copying it to the device).
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub update_ms: f64,
+    pub data_ms: f64,
+    /// Tensors in the autograd graph of a step (ops whose outputs need a gradient).
+    pub graph_ops: f64,
+    /// Heap allocations and bytes allocated per step (the `kiln` binary's counting allocator;
+    /// `None` where another allocator is installed).
+    pub allocations: Option<f64>,
+    pub allocated_bytes: Option<f64>,
+    /// kiln's fused ops, slowest first: calls and time per step in each pass.
+    pub fused_ops: Vec<OpTime>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpTime {
+    pub op: &'static str,
+    pub pass: &'static str,
+    pub calls: f64,
+    pub ms: f64,
 }
 
 pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
@@ -77,7 +111,15 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
     let mut times = Vec::with_capacity(o.steps);
     let mut loss = f64::NAN;
     let mut mem = MemoryProbe::new(&device);
+    let mut parts = StepTimes::default();
+    let mut allocs_before = None;
     for i in 0..o.warmup + o.steps {
+        if i == o.warmup && o.profile {
+            kiln_kernels::profile::take();
+            kiln_kernels::profile::enable(true);
+            kiln_core::alloc::enable(true);
+            allocs_before = kiln_core::alloc::count();
+        }
         let started = Instant::now();
         let batches = (0..grad_accum)
             .map(|_| loader.next_batch().1.to_device(&device))
@@ -100,8 +142,18 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
         mem.sample();
         if i >= o.warmup {
             times.push(started.elapsed().as_secs_f64());
+            parts.forward += out.times.forward;
+            parts.backward += out.times.backward;
+            parts.update += out.times.update;
+            parts.graph_ops += out.times.graph_ops;
         }
     }
+    let profile = o.profile.then(|| {
+        kiln_kernels::profile::enable(false);
+        kiln_core::alloc::enable(false);
+        let allocs = kiln_core::alloc::count().zip(allocs_before);
+        Profile::new(&times, &parts, allocs)
+    });
 
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -137,7 +189,79 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
         peak_memory_bytes,
         memory_measure,
         final_loss: loss,
+        profile,
     })
+}
+
+impl Profile {
+    /// From the timed steps' wall `times`, the sums of their `parts`, the allocation counts
+    /// (after, before) and the fused ops' table collected meanwhile.
+    fn new(times: &[f64], parts: &StepTimes, allocs: Option<(AllocCount, AllocCount)>) -> Self {
+        let n = times.len() as f64;
+        let per_step_ms = |s: f64| 1e3 * s / n;
+        let total: f64 = times.iter().sum();
+        let accounted = parts.forward + parts.backward + parts.update;
+        let mut fused_ops: Vec<OpTime> = kiln_kernels::profile::take()
+            .into_iter()
+            .map(|((op, pass), s)| OpTime {
+                op,
+                pass: pass.name(),
+                calls: s.calls as f64 / n,
+                ms: per_step_ms(s.seconds),
+            })
+            .collect();
+        fused_ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Profile {
+            forward_ms: per_step_ms(parts.forward),
+            backward_ms: per_step_ms(parts.backward),
+            update_ms: per_step_ms(parts.update),
+            data_ms: per_step_ms((total - accounted).max(0.0)),
+            graph_ops: parts.graph_ops as f64 / n,
+            allocations: allocs.map(|(a, b)| (a.allocations - b.allocations) as f64 / n),
+            allocated_bytes: allocs.map(|(a, b)| (a.bytes - b.bytes) as f64 / n),
+            fused_ops,
+        }
+    }
+
+    /// The report's lines: the step's parts, then kiln's fused ops against the rest.
+    fn lines(&self) -> Vec<String> {
+        let mut out = vec![format!(
+            "profile      forward {:.2} ms, backward {:.2} ms, update {:.2} ms, batch {:.2} ms",
+            self.forward_ms, self.backward_ms, self.update_ms, self.data_ms
+        )];
+        out.push(format!("graph        {:.0} ops per step", self.graph_ops));
+        if let (Some(n), Some(b)) = (self.allocations, self.allocated_bytes) {
+            out.push(format!(
+                "allocations  {n:.0} per step, {:.1} MiB",
+                b / (1024.0 * 1024.0)
+            ));
+        }
+        let in_pass = |pass: &str| -> f64 {
+            (self.fused_ops.iter())
+                .filter(|o| o.pass == pass)
+                .map(|o| o.ms)
+                .sum()
+        };
+        for (pass, total) in [("forward", self.forward_ms), ("backward", self.backward_ms)] {
+            let fused = in_pass(pass);
+            out.push(format!(
+                "{pass:<12} kiln's fused ops {fused:.2} ms, candle's ops (matmuls, \
+                 element-wise, copies, reductions) and autograd {:.2} ms",
+                (total - fused).max(0.0)
+            ));
+        }
+        out.push(format!(
+            "{:<34} {:>8} {:>8} {:>9}",
+            "fused op", "pass", "calls", "ms/step"
+        ));
+        for o in &self.fused_ops {
+            out.push(format!(
+                "{:<34} {:>8} {:>8.1} {:>9.3}",
+                o.op, o.pass, o.calls, o.ms
+            ));
+        }
+        out
+    }
 }
 
 /// The process's peak resident memory on the CPU; on CUDA, the most device memory in use
@@ -213,6 +337,9 @@ impl BenchReport {
             ),
             None => "peak memory  n/a".into(),
         });
+        if let Some(p) = &self.profile {
+            out.extend(p.lines());
+        }
         out
     }
 }

@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 use kiln_core::data::Batch;
 use kiln_models::{Model, ModelConfig};
+use std::time::Instant;
 
 /// What one optimizer step reports.
 pub struct StepOutput {
@@ -19,6 +20,23 @@ pub struct StepOutput {
     pub grad_norm: f64,
     /// `Some((what, value))` when the loss or the gradient went non-finite; no update was made.
     pub diverged: Option<(&'static str, f64)>,
+    /// Where the step's time went.
+    pub times: StepTimes,
+}
+
+/// Wall time of a step's parts, in seconds (on CUDA, of their launches unless the device was
+/// synchronized), and, while kernel profiling is on, the autograd graph's size.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTimes {
+    /// Forward passes and losses.
+    pub forward: f64,
+    /// Backward passes and gradient accumulation.
+    pub backward: f64,
+    /// Gradient checks, the global norm, clipping and the optimizer update.
+    pub update: f64,
+    /// Tensors in the autograd graphs of the step's losses (ops whose outputs need a gradient),
+    /// counted only while [`kiln_kernels::profile`] is on.
+    pub graph_ops: usize,
 }
 
 /// One optimizer update: forward and backward over `batches` (gradients summed, each loss scaled
@@ -39,6 +57,14 @@ pub fn train_step(
     let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     let mut loss_sum = 0.0;
+    let mut times = StepTimes::default();
+    let mut clock = Instant::now();
+    let out = |loss, grad_norm, diverged, times| StepOutput {
+        loss,
+        grad_norm,
+        diverged,
+        times,
+    };
     for batch in batches {
         let logits = model.forward(&batch.inputs, true)?;
         let loss = match &batch.mix {
@@ -50,16 +76,18 @@ pub fn train_step(
             }
         };
         let value = loss.to_scalar::<f32>()? as f64;
+        times.forward += lap(&mut clock);
         if !value.is_finite() {
-            return Ok(StepOutput {
-                loss: value,
-                grad_norm: f64::NAN,
-                diverged: Some(("loss", value)),
-            });
+            return Ok(out(value, f64::NAN, Some(("loss", value)), times));
+        }
+        if kiln_kernels::profile::enabled() {
+            times.graph_ops += loss.sorted_nodes().len();
+            lap(&mut clock);
         }
         loss_sum += value;
         let store = kiln_kernels::backward(&(loss * (loss_scale / batches.len() as f64))?)?;
         accumulate(&mut grads, params, &store)?;
+        times.backward += lap(&mut clock);
     }
     let loss = loss_sum / batches.len() as f64;
     if check {
@@ -80,19 +108,13 @@ pub fn train_step(
     let grad_norm = global_norm(&grads)? / loss_scale;
     if let Some(s) = scaler.as_mut() {
         if !s.update(grad_norm.is_finite()) {
-            return Ok(StepOutput {
-                loss,
-                grad_norm,
-                diverged: None,
-            });
+            times.update += lap(&mut clock);
+            return Ok(out(loss, grad_norm, None, times));
         }
     }
     if !grad_norm.is_finite() {
-        return Ok(StepOutput {
-            loss,
-            grad_norm,
-            diverged: Some(("gradient norm", grad_norm)),
-        });
+        times.update += lap(&mut clock);
+        return Ok(out(loss, grad_norm, Some(("gradient norm", grad_norm)), times));
     }
     let clip = if clip_norm > 0.0 && grad_norm > clip_norm {
         clip_norm / (grad_norm + 1e-6)
@@ -100,11 +122,16 @@ pub fn train_step(
         1.0
     };
     optimizer.step(params, &grads, lr, clip / loss_scale)?;
-    Ok(StepOutput {
-        loss,
-        grad_norm,
-        diverged: None,
-    })
+    times.update += lap(&mut clock);
+    Ok(out(loss, grad_norm, None, times))
+}
+
+/// Seconds since `clock`, which restarts.
+fn lap(clock: &mut Instant) -> f64 {
+    let now = Instant::now();
+    let dt = (now - *clock).as_secs_f64();
+    *clock = now;
+    dt
 }
 
 /// Trainable parameters (all of them, or with LoRA the adapters and the head), sorted by name
