@@ -33,8 +33,6 @@ namespace attn {
 constexpr int NT = 128;       // threads per block
 constexpr int TX = 8;         // threads sharing one row (consecutive lanes)
 constexpr int TY = NT / TX;   // 16 row groups
-constexpr float LOG2E = 1.4426950408889634f;
-constexpr float LN2 = 0.6931471805599453f;
 
 // Reductions over the 8 consecutive lanes that share a row; every lane gets the result.
 __device__ __forceinline__ float row_max(float v) {
@@ -46,6 +44,14 @@ __device__ __forceinline__ float row_sum(float v) {
 #pragma unroll
     for (int o = TX / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
+}
+
+// Sets a register tile to 0.
+template <int R, int C> __device__ __forceinline__ void zero(float (&a)[R][C]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < C; ++j) a[i][j] = 0.f;
 }
 
 // Stages rows [row0, row0+ROWS) of a [T, D] matrix as f32 into dst[ROWS][DP+1], times `mul`;
@@ -86,11 +92,8 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
     const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * BR;  // heaviest (last) query tiles first
     const size_t bh = blockIdx.x;
-    q += bh * t * d_real;
-    k += bh * t * d_real;
-    v += bh * t * d_real;
-    o += bh * t * d_real;
-    lse += bh * t;
+    advance(bh * t * d_real, q, k, v, o);
+    advance(bh * t, lse);
 
     load_tile<T, BR, DP>(sQ, q, q0, t, d_real, scale_log2);
 
@@ -111,10 +114,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
         __syncthreads();  // K (and, first time, Q) staged
 
         float s[RM][CN];
-#pragma unroll
-        for (int i = 0; i < RM; ++i)
-#pragma unroll
-            for (int j = 0; j < CN; ++j) s[i][j] = 0.f;
+        zero(s);
 #pragma unroll 4
         for (int d = 0; d < d_real; ++d) {
             float a[RM], b[CN];
@@ -229,26 +229,16 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
     const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
     const int k0 = blockIdx.y * BC;  // the first key tiles see the most query tiles: first
     const size_t bh = blockIdx.x;
-    const size_t off = bh * t * d_real;
-    q += off;
-    k += off;
-    v += off;
-    dout += off;
-    dq += off;
-    dk += off;
-    dv += off;
-    lse += bh * t;
-    delta += bh * t;
+    advance(bh * t * d_real, q, k, v, dout, dq, dk, dv);
+    advance(bh * t, lse, delta);
     const float scale_log2 = scale * LOG2E;
 
     load_tile<T, BC, DP>(sK, k, k0, t, d_real, 1.f);
     load_tile<T, BC, DP>(sV, v, k0, t, d_real, 1.f);
 
     float dk_acc[RM][DN], dv_acc[RM][DN];
-#pragma unroll
-    for (int i = 0; i < RM; ++i)
-#pragma unroll
-        for (int dn = 0; dn < DN; ++dn) dk_acc[i][dn] = dv_acc[i][dn] = 0.f;
+    zero(dk_acc);
+    zero(dv_acc);
 
     // Query rows r ≥ k0 see this key tile; earlier rows of the first query tile are masked.
     for (int q0 = (k0 / BR) * BR; q0 < t; q0 += BR) {
@@ -263,10 +253,8 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
 
         // sᵀ = K·Qᵀ and dpᵀ = V·dOᵀ on the thread's RM×CN micro-tile.
         float s[RM][CN], dp[RM][CN];
-#pragma unroll
-        for (int i = 0; i < RM; ++i)
-#pragma unroll
-            for (int j = 0; j < CN; ++j) s[i][j] = dp[i][j] = 0.f;
+        zero(s);
+        zero(dp);
 #pragma unroll 2
         for (int d = 0; d < d_real; ++d) {
             float kk[RM], vv[RM], qq[CN], oo[CN];
@@ -324,10 +312,7 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
 
         // dQ += scale·dS·K for the thread's RQ query rows, added to global memory.
         float dq_acc[RQ][DN];
-#pragma unroll
-        for (int i = 0; i < RQ; ++i)
-#pragma unroll
-            for (int dn = 0; dn < DN; ++dn) dq_acc[i][dn] = 0.f;
+        zero(dq_acc);
 #pragma unroll 2
         for (int c = 0; c < BC; ++c) {
             float ds[RQ];
@@ -383,6 +368,8 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
         const float* delta, float* dq, T* dk, T* dv, int t, int d, float scale) {             \
         attn::bwd<T, DP>(q, k, v, dout, lse, delta, dq, dk, dv, t, d, scale);                 \
     }
+// attention_dq_cast is cast_from_f32 (common.cuh) without __restrict__: with it nvcc loads
+// through the non-coherent cache (ld.global.nc), other PTX than the kernels validated so far.
 #define ATTN_ALL(T, S)                                                                         \
     ATTN_FWD(T, S, 32) ATTN_FWD(T, S, 64) ATTN_FWD(T, S, 128)                                  \
     ATTN_BWD(T, S, 32) ATTN_BWD(T, S, 64) ATTN_BWD(T, S, 128)                                  \
@@ -391,8 +378,6 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
         attn::bwd_delta<T>(o, dout, delta, rows, d);                                          \
     }                                                                                          \
     extern "C" __global__ void attention_dq_cast_##S(const float* src, T* dst, size_t n) {    \
-        for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;                 \
-             i += (size_t)gridDim.x * blockDim.x)                                             \
-            dst[i] = from_f32<T>(src[i]);                                                      \
+        for (size_t i = grid_tid(); i < n; i += grid_stride()) dst[i] = from_f32<T>(src[i]);  \
     }
 KILN_FOR_FLOATS(ATTN_ALL)

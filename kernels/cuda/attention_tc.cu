@@ -56,8 +56,6 @@ constexpr int NT = 128;  // threads per block: 4 warps
 constexpr int BM = 64;   // query rows per tile
 constexpr int BN = 64;   // key rows per tile
 constexpr int PAD = 8;   // halves of padding per shared row (16 bytes)
-constexpr float LOG2E = 1.4426950408889634f;
-constexpr float LN2 = 0.6931471805599453f;
 
 template <int DH> struct Smem {
     static constexpr int STR = DH + PAD;             // row stride of a [64][DH] tile, halves
@@ -206,6 +204,8 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
     const Lanes ln;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * BM;  // heaviest (last) query tiles first
     const size_t bh = blockIdx.x;
+    // Spelled out, not common.cuh's advance() as in attention.cu: with it nvcc emits other
+    // instructions and register use here than the PTX measured above (STATUS); also in bwd.
     q += bh * t * DH;
     k += bh * t * DH;
     v += bh * t * DH;
@@ -372,7 +372,7 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
     const Lanes ln;
     const int k0 = blockIdx.y * BN;  // the first key tiles see the most query tiles: first
     const size_t bh = blockIdx.x;
-    const size_t off = bh * t * DH;
+    const size_t off = bh * t * DH;  // no advance(): see fwd
     q += off;
     k += off;
     v += off;

@@ -28,27 +28,36 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
-// result. `scratch` holds 32 floats of shared memory.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Reduction over the whole block (blockDim.x a multiple of 32, at most 1024) with the warp
+// reduction WARP; `empty` is its identity, the value of the lanes past the last warp. Every
+// thread gets the result. `scratch` holds 32 floats of shared memory.
+template <float (*WARP)(float)>
+__device__ __forceinline__ float block_reduce(float v, float empty, float* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = WARP(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < warps ? scratch[lane] : 0.f;
-    return warp_sum(v);
+    v = lane < warps ? scratch[lane] : empty;
+    return WARP(v);
+}
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    return block_reduce<warp_sum>(v, 0.f, scratch);
 }
 
 __device__ __forceinline__ float block_max(float v, float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < warps ? scratch[lane] : -INFINITY;
-    return warp_max(v);
+    return block_reduce<warp_max>(v, -INFINITY, scratch);
 }
+
+// Adds `off` elements to each pointer, e.g. to move a kernel's [B,H,T,D] arguments to head bh:
+// advance(bh * t * d, q, k, v).
+template <typename... P> __device__ __forceinline__ void advance(size_t off, P&... p) {
+    ((p += off), ...);
+}
+
+constexpr float LOG2E = 1.4426950408889634f;  // log2(e): exp(x) = exp2(x·LOG2E)
+constexpr float LN2 = 0.6931471805599453f;    // ln(2):   log(x) = log2(x)·LN2
 
 // Instantiates `name##_f32/_bf16/_f16` extern "C" kernels from a templated `name<T>` body.
 // Usage: KILN_FOR_FLOATS(MACRO) where MACRO(T, suffix) defines one extern "C" kernel.
@@ -71,13 +80,17 @@ __device__ __forceinline__ float row_max(float v, float* scratch) {
     return blockDim.x == 32 ? warp_max(v) : block_max(v, scratch);
 }
 
+// ---- Grid-stride loops over a 1-D grid: for (i = grid_tid(); i < n; i += grid_stride()) ----
+__device__ __forceinline__ size_t grid_tid() {
+    return (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ size_t grid_stride() { return (size_t)gridDim.x * blockDim.x; }
+
 // Grid-stride f32 → T copy: the last step of kernels that accumulate with f32 atomics.
 template <typename T>
 __device__ __forceinline__ void cast_from_f32(const float* __restrict__ src, T* __restrict__ dst,
                                               size_t n) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
-        dst[i] = from_f32<T>(src[i]);
+    for (size_t i = grid_tid(); i < n; i += grid_stride()) dst[i] = from_f32<T>(src[i]);
 }
 
 // ---- Column reductions (layer_norm dw/db, rms_norm dw, bias-GELU db) ----

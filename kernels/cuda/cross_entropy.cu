@@ -160,9 +160,7 @@ __device__ void ce_rows(const T* __restrict__ logits, const uint32_t* __restrict
 template <typename T>
 __device__ void ce_scale(T* __restrict__ d, size_t n, const float* __restrict__ scale) {
     const float s = scale[0];
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
-        d[i] = from_f32<T>(to_f32(d[i]) * s);
+    for (size_t i = grid_tid(); i < n; i += grid_stride()) d[i] = from_f32<T>(to_f32(d[i]) * s);
 }
 
 #define CE_ROWS(T, suffix)                                                                    \

@@ -24,8 +24,7 @@ __device__ __forceinline__ void dropout_mask(T* __restrict__ mask, size_t n, uin
                                              uint64_t threshold, float scale) {
     const T keep = from_f32<T>(scale), drop = from_f32<T>(0.f);
     const size_t blocks = (n + 3) / 4;
-    for (size_t b = (size_t)blockIdx.x * blockDim.x + threadIdx.x; b < blocks;
-         b += (size_t)gridDim.x * blockDim.x) {
+    for (size_t b = grid_tid(); b < blocks; b += grid_stride()) {
         const uint64_t ctr = first_block + b;
         const uint4 r = philox(make_uint4((uint32_t)ctr, (uint32_t)(ctr >> 32), 0u, 0u), k0, k1);
         const uint32_t words[4] = {r.x, r.y, r.z, r.w};

@@ -33,48 +33,48 @@ template <typename T> struct alignas(16) Pack {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
 
-__device__ __forceinline__ size_t grid_tid() {
-    return (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+// Grid-stride over n elements of T: when `aligned`, packed(i) for each whole 16-byte Pack i,
+// then scalar(i) for each element after the last pack; otherwise scalar(i) for every element.
+template <typename T, typename Packed, typename Scalar>
+__device__ __forceinline__ void for_each_packed(size_t n, bool aligned, Packed packed,
+                                                Scalar scalar) {
+    constexpr int V = Pack<T>::N;
+    size_t start = 0;
+    if (aligned) {
+        size_t nv = n / V;
+        for (size_t i = grid_tid(); i < nv; i += grid_stride()) packed(i);
+        start = nv * V;
+    }
+    for (size_t i = start + grid_tid(); i < n; i += grid_stride()) scalar(i);
 }
-__device__ __forceinline__ size_t grid_stride() { return (size_t)gridDim.x * blockDim.x; }
 
 template <typename T>
 __device__ __forceinline__ void gelu_fwd(const T* __restrict__ x, T* __restrict__ y, size_t n) {
-    constexpr int V = Pack<T>::N;
-    size_t start = 0;
-    if (aligned16(x) && aligned16(y)) {
-        size_t nv = n / V;
-        for (size_t i = grid_tid(); i < nv; i += grid_stride()) {
+    for_each_packed<T>(
+        n, aligned16(x) && aligned16(y),
+        [=](size_t i) {
             Pack<T> p = reinterpret_cast<const Pack<T>*>(x)[i];
 #pragma unroll
-            for (int k = 0; k < V; k++) p.v[k] = from_f32<T>(gelu_f(to_f32(p.v[k])));
+            for (int k = 0; k < Pack<T>::N; k++) p.v[k] = from_f32<T>(gelu_f(to_f32(p.v[k])));
             reinterpret_cast<Pack<T>*>(y)[i] = p;
-        }
-        start = nv * V;
-    }
-    for (size_t i = start + grid_tid(); i < n; i += grid_stride())
-        y[i] = from_f32<T>(gelu_f(to_f32(x[i])));
+        },
+        [=](size_t i) { y[i] = from_f32<T>(gelu_f(to_f32(x[i]))); });
 }
 
 template <typename T>
 __device__ __forceinline__ void gelu_bwd(const T* __restrict__ x, const T* __restrict__ dy,
                                          T* __restrict__ dx, size_t n) {
-    constexpr int V = Pack<T>::N;
-    size_t start = 0;
-    if (aligned16(x) && aligned16(dy) && aligned16(dx)) {
-        size_t nv = n / V;
-        for (size_t i = grid_tid(); i < nv; i += grid_stride()) {
+    for_each_packed<T>(
+        n, aligned16(x) && aligned16(dy) && aligned16(dx),
+        [=](size_t i) {
             Pack<T> px = reinterpret_cast<const Pack<T>*>(x)[i];
             Pack<T> pd = reinterpret_cast<const Pack<T>*>(dy)[i];
 #pragma unroll
-            for (int k = 0; k < V; k++)
+            for (int k = 0; k < Pack<T>::N; k++)
                 pd.v[k] = from_f32<T>(to_f32(pd.v[k]) * gelu_grad(to_f32(px.v[k])));
             reinterpret_cast<Pack<T>*>(dx)[i] = pd;
-        }
-        start = nv * V;
-    }
-    for (size_t i = start + grid_tid(); i < n; i += grid_stride())
-        dx[i] = from_f32<T>(to_f32(dy[i]) * gelu_grad(to_f32(x[i])));
+        },
+        [=](size_t i) { dx[i] = from_f32<T>(to_f32(dy[i]) * gelu_grad(to_f32(x[i]))); });
 }
 
 // x, y: n = rows·C elements; b: C elements, b[i mod C] for element i.
@@ -82,10 +82,10 @@ template <typename T>
 __device__ __forceinline__ void gelu_bias_fwd(const T* __restrict__ x, const T* __restrict__ b,
                                               T* __restrict__ y, size_t n, int C) {
     constexpr int V = Pack<T>::N;
-    size_t start = 0;
-    if (aligned16(x) && aligned16(y)) {
-        size_t nv = n / V;
-        for (size_t i = grid_tid(); i < nv; i += grid_stride()) {
+    // Captures in parameter order: with [=] nvcc numbers the PTX registers differently.
+    for_each_packed<T>(
+        n, aligned16(x) && aligned16(y),
+        [x, b, y, C](size_t i) {
             Pack<T> p = reinterpret_cast<const Pack<T>*>(x)[i];
             int col = (int)((i * V) % (size_t)C);
 #pragma unroll
@@ -94,11 +94,8 @@ __device__ __forceinline__ void gelu_bias_fwd(const T* __restrict__ x, const T* 
                 if (++col == C) col = 0;
             }
             reinterpret_cast<Pack<T>*>(y)[i] = p;
-        }
-        start = nv * V;
-    }
-    for (size_t i = start + grid_tid(); i < n; i += grid_stride())
-        y[i] = from_f32<T>(gelu_f(to_f32(x[i]) + to_f32(b[i % (size_t)C])));
+        },
+        [=](size_t i) { y[i] = from_f32<T>(gelu_f(to_f32(x[i]) + to_f32(b[i % (size_t)C]))); });
 }
 
 // blockDim = (32, 8); grid = (ceil(C/32), parts) from cols_config. db_part holds parts·C floats,

@@ -125,16 +125,24 @@ fn float(shape: &[usize], seed: u64, scale: f32) -> Input {
     Input::Float(rand(shape, seed, scale))
 }
 
+/// A norm's weight of C elements, in [0.5, 1.5).
+fn norm_weight(c: usize, seed: u64) -> Input {
+    Input::Float((rand(&[c], seed, 0.5) + 1.0).unwrap())
+}
+
+/// [N, C] of the norm tests: warp rows, block rows (C > 1024), and (1000, 771) with more rows
+/// than 8·gridDim.y of the dw(/db) kernel (cols_config gives 82 block rows), so its threads go
+/// round the row loop more than once.
+const NORM_SHAPES: [(usize, usize); 4] = [(37, 75), (37, 771), (5, 4099), (1000, 771)];
+
 #[test]
 fn layer_norm() {
     let Some(gpu) = gpu() else { return };
     let mut report = Report::default();
-    // (1000, 771): more rows than 8·gridDim.y of the dw/db kernel (cols_config gives 82 block
-    // rows), so its threads go round the row loop more than once.
-    for (n, c) in [(37, 75), (37, 771), (5, 4099), (1000, 771)] {
+    for (n, c) in NORM_SHAPES {
         let inputs = [
             Input::Float((rand(&[n, c], 1, 2.0) + 0.5).unwrap()),
-            Input::Float((rand(&[c], 2, 0.5) + 1.0).unwrap()),
+            norm_weight(c, 2),
             float(&[c], 3, 0.5),
         ];
         parity(
@@ -175,12 +183,8 @@ fn layer_norm() {
 fn rms_norm() {
     let Some(gpu) = gpu() else { return };
     let mut report = Report::default();
-    // (1000, 771): the dw kernel's threads go round the row loop more than once.
-    for (n, c) in [(37, 75), (37, 771), (5, 4099), (1000, 771)] {
-        let inputs = [
-            float(&[n, c], 11, 2.0),
-            Input::Float((rand(&[c], 12, 0.5) + 1.0).unwrap()),
-        ];
+    for (n, c) in NORM_SHAPES {
+        let inputs = [float(&[n, c], 11, 2.0), norm_weight(c, 12)];
         parity(
             &mut report,
             &gpu,

@@ -11,6 +11,7 @@
 //! Setting `KILN_ATTENTION_KERNEL=fma` (read once per process) forces the FMA kernels
 //! everywhere, so the two can be compared on a device.
 
+use super::launch::{check_shape, expect_args};
 use super::{alloc, as_i32, f32_to_storage, ptx, view, with_gpu_float, zeros_f32, GpuFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -177,15 +178,24 @@ fn dims4(l: &Layout, name: &str, what: &str) -> Result<(usize, usize, usize, usi
     })
 }
 
+/// q's shape and its [B, H, T, D], checking that each of `others` (named) has that shape too.
+fn q_shape(
+    q: &Layout,
+    others: &[(&str, &Layout)],
+    name: &str,
+) -> Result<(Shape, (usize, usize, usize, usize))> {
+    let shape = q.shape().clone();
+    let dims = dims4(q, name, "q")?;
+    for (what, l) in others {
+        check_shape(l, &shape, name, what, "q")?;
+    }
+    Ok((shape, dims))
+}
+
 /// q, k, v [B, H, T, D] → o [B, H, T, D], lse [B, H, T] f32.
 pub fn forward(args: &[(&CudaStorage, &Layout)], scale: f32) -> Result<Vec<(CudaStorage, Shape)>> {
-    let [q, k, v] = args else {
-        candle_core::bail!(
-            "attention: expected 3 arguments (q, k, v), got {}",
-            args.len()
-        )
-    };
-    with_gpu_float!(q.0.dtype(), "attention", |T| fwd::<T>(*q, *k, *v, scale))
+    let [q, k, v] = expect_args(args, "attention", "q, k, v")?;
+    with_gpu_float!(q.0.dtype(), "attention", |T| fwd::<T>(q, k, v, scale))
 }
 
 fn fwd<T: GpuFloat>(
@@ -195,16 +205,7 @@ fn fwd<T: GpuFloat>(
     scale: f32,
 ) -> Result<Vec<(CudaStorage, Shape)>> {
     const NAME: &str = "attention";
-    let shape = q.1.shape().clone();
-    let (b, h, t, d) = dims4(q.1, NAME, "q")?;
-    for (what, x) in [("k", k), ("v", v)] {
-        if x.1.shape() != &shape {
-            candle_core::bail!(
-                "{NAME}: {what} {:?} does not match q {shape:?}",
-                x.1.shape()
-            )
-        }
-    }
+    let (shape, (b, h, t, d)) = q_shape(q.1, &[("k", k.1), ("v", v.1)], NAME)?;
     padded_d(d, NAME)?; // a head dim the kernels take, checked before allocating
     let kernel = choose::<T>(d, &[q.1, k.1, v.1]);
     let dev = q.0.device();
@@ -249,15 +250,11 @@ fn fwd<T: GpuFloat>(
 
 /// q, k, v, o, lse, do → dq, dk, dv (q's dtype).
 pub fn backward(args: &[(&CudaStorage, &Layout)], scale: f32) -> Result<Vec<(CudaStorage, Shape)>> {
-    let [q, k, v, o, lse, d_o] = args else {
-        candle_core::bail!(
-            "attention backward: expected 6 arguments (q, k, v, o, lse, do), got {}",
-            args.len()
-        )
-    };
-    with_gpu_float!(q.0.dtype(), "attention backward", |T| bwd::<T>(
-        [*q, *k, *v, *o, *d_o],
-        *lse,
+    const NAME: &str = "attention backward";
+    let [q, k, v, o, lse, d_o] = expect_args(args, NAME, "q, k, v, o, lse, do")?;
+    with_gpu_float!(q.0.dtype(), NAME, |T| bwd::<T>(
+        [q, k, v, o, d_o],
+        lse,
         scale
     ))
 }
@@ -268,16 +265,8 @@ fn bwd<T: GpuFloat>(
     scale: f32,
 ) -> Result<Vec<(CudaStorage, Shape)>> {
     const NAME: &str = "attention backward";
-    let shape = q.1.shape().clone();
-    let (b, h, t, d) = dims4(q.1, NAME, "q")?;
-    for (what, x) in [("k", k), ("v", v), ("o", o), ("do", d_o)] {
-        if x.1.shape() != &shape {
-            candle_core::bail!(
-                "{NAME}: {what} {:?} does not match q {shape:?}",
-                x.1.shape()
-            )
-        }
-    }
+    let others = [("k", k.1), ("v", v.1), ("o", o.1), ("do", d_o.1)];
+    let (shape, (b, h, t, d)) = q_shape(q.1, &others, NAME)?;
     let bh = b * h;
     if lse.1.shape().elem_count() != bh * t {
         candle_core::bail!(

@@ -222,10 +222,23 @@ pub(crate) fn check_param(l: &Layout, c: usize, op: &str, what: &str) -> Result<
     Ok(())
 }
 
+/// An argument of op `op` (`what`) must have the shape of another (`of`, whose shape is `shape`).
+pub(crate) fn check_shape(l: &Layout, shape: &Shape, op: &str, what: &str, of: &str) -> Result<()> {
+    if l.shape() != shape {
+        candle_core::bail!("{op}: {what} {:?} does not match {of} {shape:?}", l.shape())
+    }
+    Ok(())
+}
+
 /// An upstream gradient must have the shape of the tensor it is the gradient of (`what`).
 pub(crate) fn check_dy(dy: &Layout, shape: &Shape, op: &str, what: &str) -> Result<()> {
-    if dy.shape() != shape {
-        candle_core::bail!("{op}: dy {:?} does not match {what} {shape:?}", dy.shape())
+    check_shape(dy, shape, op, "dy", what)
+}
+
+/// Saved per-row statistics of op `op` (`what`: mean, rstd) must hold one value per row.
+pub(crate) fn check_per_row(l: &Layout, rows: usize, op: &str, what: &str) -> Result<()> {
+    if l.shape().elem_count() != rows {
+        candle_core::bail!("{op}: {what} must hold one value per row ({rows})")
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! per-block partials, then a fixed-order sum and cast: bitwise reproducible, no atomics).
 //! All launches on the device's stream, no host sync.
 
-use super::launch::{check_dy, check_param, expect_args};
+use super::launch::{check_dy, check_param, check_per_row, expect_args};
 use super::{ptx, Arg, Grid, Module};
 use crate::rows_cols;
 use candle_core::{CudaStorage, Layout, Result, Shape};
@@ -40,9 +40,7 @@ pub fn backward(args: &[(&CudaStorage, &Layout)]) -> Result<Vec<(CudaStorage, Sh
     let shape = x.1.shape().clone();
     let (n, c) = rows_cols(&shape)?;
     check_param(w.1, c, NAME, "w")?;
-    if rstd.1.shape().elem_count() != n {
-        candle_core::bail!("{NAME}: rstd must hold one value per row ({n})")
-    }
+    check_per_row(rstd.1, n, NAME, "rstd")?;
     check_dy(dy.1, &shape, NAME, "x")?;
     let dx = [
         Arg::X(x),
