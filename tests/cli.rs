@@ -285,7 +285,10 @@ fn bench_profile_accounts_for_the_step() {
     // The parts are timed inside the step: together they fit in it.
     let parts = ms("forward_ms") + ms("backward_ms") + ms("update_ms");
     let mean = r["ms_per_step_mean"].as_f64().unwrap();
-    assert!(parts <= mean * (1.0 + 1e-9) && ms("data_ms") >= 0.0, "{parts} vs {mean}");
+    assert!(
+        parts <= mean * (1.0 + 1e-9) && ms("data_ms") >= 0.0,
+        "{parts} vs {mean}"
+    );
     // Every step builds the same graph; the binary counts its allocations.
     let ops = ms("graph_ops");
     assert!(ops > 10.0 && ops.fract() == 0.0, "{ops}");

@@ -114,7 +114,12 @@ pub fn train_step(
     }
     if !grad_norm.is_finite() {
         times.update += lap(&mut clock);
-        return Ok(out(loss, grad_norm, Some(("gradient norm", grad_norm)), times));
+        return Ok(out(
+            loss,
+            grad_norm,
+            Some(("gradient norm", grad_norm)),
+            times,
+        ));
     }
     let clip = if clip_norm > 0.0 && grad_norm > clip_norm {
         clip_norm / (grad_norm + 1e-6)
