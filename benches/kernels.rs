@@ -5,7 +5,7 @@
 //!     cargo bench --bench kernels              # all ops
 //!     cargo bench --bench kernels -- layer_norm
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kiln::kernels::{self as k, reference as r, AdamWHyper, AdamWTensor};
 use rand::{Rng, SeedableRng};
@@ -39,12 +39,7 @@ fn pair(
     fused: Op,
     composed: Op,
 ) {
-    let vars: Vec<Var> = inputs[..n_vars]
-        .iter()
-        .map(|t| Var::from_tensor(t).unwrap())
-        .collect();
-    let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    args.extend(inputs[n_vars..].iter().cloned());
+    let (vars, args) = kiln_kernels::compare::vars_and_args(&inputs, n_vars);
     let probe = fused(&args).unwrap().ones_like().unwrap();
     let mut group = c.benchmark_group(name);
     group.sample_size(10);
@@ -52,12 +47,7 @@ fn pair(
         group.bench_function(BenchmarkId::from_parameter(label), |b| {
             b.iter(|| {
                 let out = op(&args).unwrap();
-                let grads = (out * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let grads = kiln_kernels::compare::probe_grads(&out, &probe).unwrap();
                 assert!(grads.get(vars[0].as_tensor()).is_some());
             })
         });

@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const MINILM: &str = "../shared/data/all-MiniLM-L6-v2";
 
@@ -241,14 +240,7 @@ print(json.dumps({"class": type(model).__name__,
                   "labels": [model.config.id2label[int(i)] for i in probs.argmax(-1)],
                   "probs": probs.tolist()}))
 "#;
-    let o = Command::new(&py)
-        .args(["-c", script])
-        .arg(folder)
-        .arg(dev)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let hf: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let hf = python_json(&py, &[&"-c", &script, &folder, &dev]);
     assert_eq!(hf["class"], "BertForSequenceClassification");
     let mut max_diff = 0f64;
     for (i, k) in kiln_preds.iter().enumerate() {
@@ -498,16 +490,8 @@ with torch.no_grad():
     preds = [int(model(**tok(r["text"], return_tensors="pt")).logits.argmax(-1)) for r in rows]
 print(json.dumps(preds))
 "#;
-    let o = Command::new(&py)
-        .args(["-c", script])
-        .arg(&folder)
-        .arg(&adapter)
-        .arg(&dev)
-        .arg("77")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let peft: Vec<usize> = serde_json::from_slice(&o.stdout).unwrap();
+    let out = python_json(&py, &[&"-c", &script, &folder, &adapter, &dev, &"77"]);
+    let peft: Vec<usize> = serde_json::from_value(out).unwrap();
     let names: Vec<String> = serde_json::from_value(read_json(&run.join("labels.json"))).unwrap();
     let peft_labels: Vec<String> = peft.iter().map(|&i| names[i].clone()).collect();
     assert_eq!(

@@ -17,7 +17,6 @@ use kiln::trainers::infer::{predict, PredictOptions};
 use kiln::trainers::trainer::resume;
 use kiln::trainers::{train, TrainOptions};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -305,14 +304,10 @@ fn transformers_agrees(
     let Some(py) = python_with("transformers, torch, PIL") else {
         return;
     };
-    let o = Command::new(&py)
-        .arg(repo().join("tests/python/hf_image_classifier.py"))
-        .arg(folder)
-        .args(files)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let hf: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let script = repo().join("tests/python/hf_image_classifier.py");
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&script, &folder];
+    args.extend(files.iter().map(|f| f as &dyn AsRef<std::ffi::OsStr>));
+    let hf = python_json(&py, &args);
     assert_eq!(hf["architecture"], class);
     let kiln::core::data::HostTensor::F32(pixels, _) = &batch.inputs else {
         panic!("image batches are f32");

@@ -1,10 +1,29 @@
 //! Comparing a tensor with a reference, for tests and benches: the two measures every kiln
-//! test uses. Both read the tensors on any device and in any dtype (they are copied to the CPU
+//! test uses, and [`vars_and_args`] and [`probe_grads`] for differentiating a function of
+//! several inputs. Both read the tensors on any device and in any dtype (they are copied to the CPU
 //! in f64), panic when the tensors differ in size or cannot be read, and return infinity when
 //! either tensor holds a NaN or an infinity, so that a broken kernel can never pass a
 //! `measure <= tolerance` check.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+
+/// The arguments of a function whose first `n_vars` inputs are differentiated: those as
+/// variables, and every input as an argument (the variables' tensors, then the rest).
+pub fn vars_and_args(inputs: &[Tensor], n_vars: usize) -> (Vec<Var>, Vec<Tensor>) {
+    let vars: Vec<Var> = (inputs[..n_vars].iter())
+        .map(|t| Var::from_tensor(t).expect("a float tensor"))
+        .collect();
+    let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    args.extend(inputs[n_vars..].iter().cloned());
+    (vars, args)
+}
+
+/// The gradients of `sum(out · probe)`: a fixed probe turns any output into a scalar whose
+/// gradient reaches every element of it.
+pub fn probe_grads(out: &Tensor, probe: &Tensor) -> candle_core::Result<GradStore> {
+    (out * probe)?.sum_all()?.backward()
+}
 
 /// The elements of `t`, on the CPU, in f64.
 fn f64s(t: &Tensor) -> Vec<f64> {

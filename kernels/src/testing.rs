@@ -26,12 +26,7 @@ pub fn check_grad(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) {
             .to_scalar::<f64>()
             .unwrap()
     };
-    let grads = (out * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = crate::compare::probe_grads(&out, &probe).unwrap();
     let g: Vec<f64> = grads
         .get(&var)
         .expect("x has a gradient")
@@ -90,20 +85,10 @@ pub fn check_parity(
             .collect();
         // The gradient of sum(out · probe), with the probe rounded to `dtype` for both runs.
         let run = |ts: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
-            let vars: Vec<Var> = ts[..n_grads]
-                .iter()
-                .map(|t| Var::from_tensor(t).unwrap())
-                .collect();
-            let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-            args.extend(ts[n_grads..].iter().cloned());
+            let (vars, args) = crate::compare::vars_and_args(ts, n_grads);
             let out = f(&args).unwrap();
             let probe = cast(&cast(&rand(out.dims(), 77), dtype), out.dtype());
-            let grads = (&out * probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = crate::compare::probe_grads(&out, &probe).unwrap();
             let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v).unwrap().clone()).collect();
             (out, g)
         };

@@ -26,7 +26,7 @@
 
 use crate::hf::HfReader;
 use crate::layers::{
-    run_blocks, Activation, Attention, Block, Embedding, FeedForward, Linear, Norm, NormPlace,
+    run_blocks, Activation, Attention, Block, Embedding, FeedForward, Linear, Norm, Residual,
 };
 use crate::lora::LoraConfig;
 use crate::{
@@ -272,10 +272,7 @@ fn layer(cfg: &BertConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Re
             Activation::GeluErf,
         ),
         norm_2: ln(o.pp("LayerNorm"))?,
-        place: NormPlace::Post,
-        p_drop: cfg.hidden_dropout_prob,
-        rng,
-        compute,
+        residual: Residual::post(cfg.hidden_dropout_prob, &rng, compute),
     })
 }
 
@@ -511,4 +508,4 @@ impl HfConfig for BertConfig {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

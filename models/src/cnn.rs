@@ -148,24 +148,3 @@ impl ModelSpec for CnnConfig {
         Ok(())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::{check_gradients, rand};
-    use crate::ModelConfig;
-
-    #[test]
-    fn gradients_match_finite_differences() {
-        let cfg = ModelConfig::Cnn(CnnConfig {
-            channels: vec![2, 3],
-            hidden: 5,
-            dropout: 0.0,
-            input_shape: vec![1, 6, 6],
-            num_classes: 3,
-        });
-        let x = rand(&[2, 1, 6, 6], 1);
-        let y = Tensor::new(&[0u32, 2], x.device()).unwrap();
-        check_gradients(&cfg, &x, &y);
-    }
-}

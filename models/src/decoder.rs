@@ -124,16 +124,19 @@ pub(crate) fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Ten
     p.matmul(&va)?.to_dtype(q.dtype())
 }
 
-/// A decoder-only transformer: embeddings, a stack of causal [`Block`]s, a final norm and a
-/// head. Implementing it makes a model a [`Model`] and a [`Decoder`].
-pub(crate) trait CausalLm: Send + Sync {
-    fn blocks(&self) -> &[Block];
-
-    /// The longest context, and the config key that sets it (for errors).
-    fn context_setting(&self) -> (&'static str, usize);
-
+/// The causal blocks of a decoder-only transformer and how they run.
+pub(crate) struct DecoderStack {
+    pub blocks: Vec<Block>,
+    /// The config key that sets the longest context (for errors), and its value.
+    pub context: (&'static str, usize),
     /// Whether each block's activations are recomputed in the backward.
-    fn checkpoint_activations(&self) -> bool;
+    pub checkpoint: bool,
+}
+
+/// A decoder-only transformer: embeddings, a [`DecoderStack`], a final norm and a head.
+/// Implementing it makes a model a [`Model`] and a [`Decoder`].
+pub(crate) trait CausalLm: Send + Sync {
+    fn stack(&self) -> &DecoderStack;
 
     /// Embeddings of `ids` (B, T) at positions `start`…, with dropout when `train`.
     fn embed(&self, ids: &Tensor, start: usize, train: bool) -> Result<Tensor>;
@@ -146,13 +149,19 @@ impl<M: CausalLm> Model for M {
     /// Token ids (B, T) → logits (B, T, vocab).
     fn forward(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        let (key, context) = self.context_setting();
+        let stack = self.stack();
+        let (key, context) = stack.context;
         if t > context {
             candle_core::bail!("sequence of {t} tokens is longer than {key} {context}");
         }
         let x = self.embed(ids, 0, train)?;
-        let ckpt = self.checkpoint_activations();
-        self.logits(&run_blocks(self.blocks(), x, None, train, ckpt)?)
+        self.logits(&run_blocks(
+            &stack.blocks,
+            x,
+            None,
+            train,
+            stack.checkpoint,
+        )?)
     }
 
     fn as_decoder(&self) -> Option<&dyn Decoder> {
@@ -162,16 +171,16 @@ impl<M: CausalLm> Model for M {
 
 impl<M: CausalLm> Decoder for M {
     fn context(&self) -> usize {
-        self.context_setting().1
+        self.stack().context.1
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::new(self.blocks().len())
+        KvCache::new(self.stack().blocks.len())
     }
 
     /// The cache is extended only if every block's step succeeds.
     fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let blocks = self.blocks();
+        let blocks = &self.stack().blocks;
         let t = cache.check_step(ids, blocks.len(), self.context())?;
         let mut x = self.embed(ids, cache.len(), false)?;
         let mut layers = Vec::with_capacity(blocks.len());

@@ -14,11 +14,11 @@
 
 use crate::hf::HfReader;
 use crate::layers::{
-    lm_head, Activation, Attention, Block, Embedding, FeedForward, Linear, Norm, NormPlace, Qkv,
+    lm_head, Activation, Attention, Block, Embedding, FeedForward, Linear, Norm, Qkv, Residual,
 };
 use crate::{
     check_divisible, check_dropout, check_positive, dropout, resolve_context, resolve_vocab,
-    CausalLm, ConfigError, DataFacts, HfConfig, ModelSpec,
+    CausalLm, ConfigError, DataFacts, DecoderStack, HfConfig, ModelSpec,
 };
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -58,7 +58,7 @@ fn yes() -> bool {
 pub struct Gpt {
     wte: Embedding,
     wpe: Embedding,
-    h: Vec<Block>,
+    stack: DecoderStack,
     ln_f: Norm,
     dropout: f64,
     rng: SharedRng,
@@ -95,17 +95,18 @@ impl Gpt {
                         Linear::conv1d(4 * c, c, proj_std, bias, m.pp("c_proj"))?,
                         Activation::GeluTanh,
                     ),
-                    place: NormPlace::Pre,
-                    p_drop: cfg.dropout,
-                    rng: rng.clone(),
-                    compute,
+                    residual: Residual::pre(cfg.dropout, &rng, compute),
                 })
             })
             .collect::<Result<_>>()?;
         Ok(Gpt {
             wte: Embedding::new(cfg.vocab_size, c, std, vb.pp("wte"))?,
             wpe: Embedding::new(cfg.block_size, c, std, vb.pp("wpe"))?,
-            h,
+            stack: DecoderStack {
+                blocks: h,
+                context: ("block_size", cfg.block_size),
+                checkpoint: cfg.checkpoint_activations,
+            },
             ln_f: ln(vb.pp("ln_f"))?,
             dropout: cfg.dropout,
             rng,
@@ -116,16 +117,8 @@ impl Gpt {
 }
 
 impl CausalLm for Gpt {
-    fn blocks(&self) -> &[Block] {
-        &self.h
-    }
-
-    fn context_setting(&self) -> (&'static str, usize) {
-        ("block_size", self.config.block_size)
-    }
-
-    fn checkpoint_activations(&self) -> bool {
-        self.config.checkpoint_activations
+    fn stack(&self) -> &DecoderStack {
+        &self.stack
     }
 
     /// Token plus position embeddings.
@@ -278,4 +271,4 @@ impl HfConfig for GptConfig {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -595,26 +595,55 @@ pub(crate) enum NormPlace {
     Post,
 }
 
-/// A transformer layer: attention then feed-forward, each a residual branch with dropout
-/// (`p_drop`) on its output, normalized before or after; with what it needs to run alone (for
-/// recomputation).
+/// How a block's residual branches run: where they normalize, the dropout on their outputs
+/// (rate and mask generator) and the dtype of their matmuls.
 #[derive(Clone)]
-pub(crate) struct Block {
-    pub norm_1: Norm,
-    pub attn: Attention,
-    pub norm_2: Norm,
-    pub mlp: FeedForward,
+pub(crate) struct Residual {
     pub place: NormPlace,
     pub p_drop: f64,
     pub rng: SharedRng,
     pub compute: DType,
 }
 
+impl Residual {
+    /// x + f(norm(x)), dropout `p_drop` on f's output.
+    pub fn pre(p_drop: f64, rng: &SharedRng, compute: DType) -> Self {
+        let (place, rng) = (NormPlace::Pre, rng.clone());
+        Residual {
+            place,
+            p_drop,
+            rng,
+            compute,
+        }
+    }
+
+    /// norm(x + f(x)), dropout `p_drop` on f's output.
+    pub fn post(p_drop: f64, rng: &SharedRng, compute: DType) -> Self {
+        let place = NormPlace::Post;
+        Residual {
+            place,
+            ..Residual::pre(p_drop, rng, compute)
+        }
+    }
+}
+
+/// A transformer layer: attention then feed-forward, each a residual branch, with what it
+/// needs to run alone (for recomputation).
+#[derive(Clone)]
+pub(crate) struct Block {
+    pub norm_1: Norm,
+    pub attn: Attention,
+    pub norm_2: Norm,
+    pub mlp: FeedForward,
+    pub residual: Residual,
+}
+
 impl Block {
     /// A training (`train`) or evaluation forward; `mask` as in [`Attention::forward`].
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let (p, rng, compute) = (self.p_drop, &self.rng, self.compute);
-        match self.place {
+        let r = &self.residual;
+        let (p, rng, compute) = (r.p_drop, &r.rng, r.compute);
+        match r.place {
             NormPlace::Pre => {
                 let a = (self.attn).forward(&self.norm_1.forward(x)?, mask, train, rng, compute)?;
                 let x = (x + dropout(a, p, train, rng)?)?;
@@ -640,7 +669,7 @@ impl Block {
             self.norm_2.params(),
             self.mlp.params(),
         );
-        match self.place {
+        match self.residual.place {
             NormPlace::Pre => [n1, a, n2, m].concat(),
             NormPlace::Post => [a, n1, m, n2].concat(),
         }
@@ -649,7 +678,7 @@ impl Block {
     /// A training forward with the block's activations recomputed during the backward.
     pub fn forward_checkpointed(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (block, mask) = (self.clone(), mask.cloned());
-        checkpointed(x, self.params(), &self.rng, move |x| {
+        checkpointed(x, self.params(), &self.residual.rng, move |x| {
             block.forward(x, mask.as_ref(), true)
         })
     }
@@ -662,12 +691,16 @@ impl Block {
         cache: &KvCache,
         i: usize,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let (a, kv) =
-            (self.attn).forward_cached(&self.norm_1.forward(x)?, cache, i, self.compute)?;
+        let (a, kv) = (self.attn).forward_cached(
+            &self.norm_1.forward(x)?,
+            cache,
+            i,
+            self.residual.compute,
+        )?;
         let x = (x + a)?;
         let m = self
             .mlp
-            .forward(&self.norm_2.forward(&x)?, self.compute, false)?;
+            .forward(&self.norm_2.forward(&x)?, self.residual.compute, false)?;
         Ok(((x + m)?, kv))
     }
 }

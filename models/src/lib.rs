@@ -22,7 +22,7 @@ pub(crate) use config::{
     check_positive_f64, resolve_context, resolve_vocab,
 };
 pub use config::{ConfigError, DataFacts, HfConfig, ModelSpec};
-pub(crate) use decoder::{cached_attention, CausalLm};
+pub(crate) use decoder::{cached_attention, CausalLm, DecoderStack};
 pub use decoder::{Decoder, KvCache};
 use kiln_core::recipe::{Recipe, RecipeError, RecipeSource};
 pub use kiln_core::rng::SharedRng;
@@ -329,3 +329,5 @@ pub(crate) fn checkpointed(
 
 #[cfg(test)]
 pub(crate) mod testing;
+#[cfg(test)]
+mod tests;

@@ -18,11 +18,11 @@
 
 use crate::hf::HfReader;
 use crate::layers::{
-    lm_head, normal, Attention, Block, Embedding, FeedForward, Linear, Norm, NormPlace, Qkv, Rope,
+    lm_head, normal, Attention, Block, Embedding, FeedForward, Linear, Norm, Qkv, Residual, Rope,
 };
 use crate::{
     check_divisible, check_dropout, check_positive, check_positive_f64, resolve_context,
-    resolve_vocab, CausalLm, ConfigError, DataFacts, HfConfig, ModelSpec,
+    resolve_vocab, CausalLm, ConfigError, DataFacts, DecoderStack, HfConfig, ModelSpec,
 };
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -87,7 +87,7 @@ impl LlamaConfig {
 
 pub struct Llama {
     embed_tokens: Embedding,
-    layers: Vec<Block>,
+    stack: DecoderStack,
     norm: Norm,
     /// None when tied to `embed_tokens`.
     lm_head: Option<Tensor>,
@@ -134,10 +134,7 @@ impl Llama {
                         linear(c, ff, std, f.pp("up_proj"))?,
                         linear(ff, c, proj_std, f.pp("down_proj"))?,
                     ),
-                    place: NormPlace::Pre,
-                    p_drop: cfg.dropout,
-                    rng: rng.clone(),
-                    compute,
+                    residual: Residual::pre(cfg.dropout, &rng, compute),
                 })
             })
             .collect::<Result<_>>()?;
@@ -146,7 +143,11 @@ impl Llama {
             .transpose()?;
         Ok(Llama {
             embed_tokens: Embedding::new(cfg.vocab_size, c, std, m.pp("embed_tokens"))?,
-            layers,
+            stack: DecoderStack {
+                blocks: layers,
+                context: ("max_position_embeddings", cfg.max_position_embeddings),
+                checkpoint: cfg.checkpoint_activations,
+            },
             norm: Norm::rms_norm(c, eps, m.pp("norm"))?,
             lm_head,
             compute,
@@ -156,19 +157,8 @@ impl Llama {
 }
 
 impl CausalLm for Llama {
-    fn blocks(&self) -> &[Block] {
-        &self.layers
-    }
-
-    fn context_setting(&self) -> (&'static str, usize) {
-        (
-            "max_position_embeddings",
-            self.config.max_position_embeddings,
-        )
-    }
-
-    fn checkpoint_activations(&self) -> bool {
-        self.config.checkpoint_activations
+    fn stack(&self) -> &DecoderStack {
+        &self.stack
     }
 
     /// Token embeddings (positions enter through RoPE, in the attention).
@@ -310,4 +300,4 @@ impl HfConfig for LlamaConfig {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

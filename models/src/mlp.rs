@@ -79,23 +79,3 @@ impl ModelSpec for MlpConfig {
         Ok(())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::{check_gradients, rand};
-    use crate::ModelConfig;
-
-    #[test]
-    fn gradients_match_finite_differences() {
-        let cfg = ModelConfig::Mlp(MlpConfig {
-            hidden: vec![5, 4],
-            dropout: 0.0,
-            input_dim: 6,
-            num_classes: 3,
-        });
-        let x = rand(&[4, 1, 2, 3], 1);
-        let y = Tensor::new(&[0u32, 2, 1, 2], x.device()).unwrap();
-        check_gradients(&cfg, &x, &y);
-    }
-}

@@ -70,78 +70,142 @@ pub fn rand(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-/// Both gradient checks with their defaults: finite differences ([`check_model_grads`]) and
-/// bf16/f16 against f32 ([`check_mixed_precision`]).
+/// Both gradient checks with their defaults: finite differences and bf16/f16 against f32.
 pub fn check_gradients(cfg: &ModelConfig, input: &Tensor, targets: &Tensor) {
-    check_model_grads(cfg, input, targets);
-    check_mixed_precision(cfg, input, targets);
+    let check = GradCheck::default();
+    check.finite_differences(cfg, input, targets);
+    check.mixed_precision(cfg, input, targets);
 }
 
-pub fn check_model_grads(cfg: &ModelConfig, input: &Tensor, targets: &Tensor) {
-    check_model_grads_with(cfg, input, targets, &GradCheck::default())
-}
-
-/// Every trained parameter's autograd gradient against central finite differences at three
-/// coordinates. Buffers (BatchNorm's running statistics) and frozen weights are not trained:
-/// they must get no gradient. A model with buffers is evaluated after one training forward,
-/// so that its running statistics are not the trivial initial ones.
-pub fn check_model_grads_with(
-    cfg: &ModelConfig,
-    input: &Tensor,
-    targets: &Tensor,
-    check: &GradCheck,
-) {
-    let train = check.train;
-    let (vm, vb) = weights(3, DType::F64);
-    let model = cfg
-        .build(vb, SharedRng::new(0, "dropout"), DType::F64)
-        .unwrap();
-    let has_buffers = vm.data().lock().unwrap().keys().any(|n| cfg.is_buffer(n));
-    if !train && has_buffers {
-        model.forward(input, true).unwrap();
-    }
-    let loss_of = |m: &dyn Model| loss(&m.forward(input, train).unwrap(), targets);
-    let grads = loss_of(model.as_ref()).backward().unwrap();
-    let mut vars = sorted_vars(&vm);
-    // Buffers, frozen weights (LoRA's base) and what the loss does not reach get no
-    // gradient: not even computed.
-    for (name, var) in &vars {
-        if !cfg.trainable(name) || (check.unused)(name) {
-            assert!(grads.get(var).is_none(), "{name} has a gradient");
-        }
-    }
-    vars.retain(|(name, _)| cfg.trainable(name) && !(check.unused)(name));
-    assert!(!vars.is_empty());
-    let h = 1e-6;
-    for (name, var) in &vars {
-        let g: Vec<f64> = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("{name} has no gradient"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
+impl GradCheck<'_> {
+    /// Every trained parameter's autograd gradient against central finite differences at three
+    /// coordinates. Buffers (BatchNorm's running statistics) and frozen weights are not trained:
+    /// they must get no gradient. A model with buffers is evaluated after one training forward,
+    /// so that its running statistics are not the trivial initial ones.
+    pub fn finite_differences(&self, cfg: &ModelConfig, input: &Tensor, targets: &Tensor) {
+        let train = self.train;
+        let (vm, vb) = weights(3, DType::F64);
+        let model = cfg
+            .build(vb, SharedRng::new(0, "dropout"), DType::F64)
             .unwrap();
-        if (check.zero_gradient)(name).is_some() {
-            assert!(g.iter().all(|g| g.abs() < 1e-12), "{name}: {g:?}");
+        let has_buffers = vm.data().lock().unwrap().keys().any(|n| cfg.is_buffer(n));
+        if !train && has_buffers {
+            model.forward(input, true).unwrap();
         }
-        let orig = var.as_tensor().copy().unwrap();
-        let flat: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
-        // Probe a few coordinates of each parameter: the first, the last, and one between.
-        for i in [0, flat.len() / 2, flat.len() - 1] {
-            let eval = |delta: f64| -> f64 {
-                let mut p = flat.clone();
-                p[i] += delta;
-                var.set(&Tensor::from_vec(p, orig.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss_of(model.as_ref()).to_scalar::<f64>().unwrap()
+        let loss_of = |m: &dyn Model| loss(&m.forward(input, train).unwrap(), targets);
+        let grads = loss_of(model.as_ref()).backward().unwrap();
+        let mut vars = sorted_vars(&vm);
+        // Buffers, frozen weights (LoRA's base) and what the loss does not reach get no
+        // gradient: not even computed.
+        for (name, var) in &vars {
+            if !cfg.trainable(name) || (self.unused)(name) {
+                assert!(grads.get(var).is_none(), "{name} has a gradient");
+            }
+        }
+        vars.retain(|(name, _)| cfg.trainable(name) && !(self.unused)(name));
+        assert!(!vars.is_empty());
+        let h = 1e-6;
+        for (name, var) in &vars {
+            let g: Vec<f64> = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name} has no gradient"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            if (self.zero_gradient)(name).is_some() {
+                assert!(g.iter().all(|g| g.abs() < 1e-12), "{name}: {g:?}");
+            }
+            let orig = var.as_tensor().copy().unwrap();
+            let flat: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
+            // Probe a few coordinates of each parameter: the first, the last, and one between.
+            for i in [0, flat.len() / 2, flat.len() - 1] {
+                let eval = |delta: f64| -> f64 {
+                    let mut p = flat.clone();
+                    p[i] += delta;
+                    var.set(&Tensor::from_vec(p, orig.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    loss_of(model.as_ref()).to_scalar::<f64>().unwrap()
+                };
+                let fd = (eval(h) - eval(-h)) / (2.0 * h);
+                var.set(&orig).unwrap();
+                assert!(
+                    (fd - g[i]).abs() <= 1e-5 * (1.0 + fd.abs()),
+                    "{name}[{i}]: autograd {} vs finite differences {fd}",
+                    g[i]
+                );
+            }
+        }
+    }
+
+    /// The model with bf16 and f16 matmuls against itself in f32, on the same f32 weights.
+    /// Buffers and unused parameters are skipped (a model with buffers is evaluated after one
+    /// f32 training forward).
+    pub fn mixed_precision(&self, cfg: &ModelConfig, input: &Tensor, targets: &Tensor) {
+        let train = self.train;
+        let (vm, vb) = weights(3, DType::F32);
+        let input = match input.dtype() {
+            DType::F64 => input.to_dtype(DType::F32).unwrap(),
+            _ => input.clone(),
+        };
+        let run = |compute: DType| {
+            let model = cfg
+                .build(vb.clone(), SharedRng::new(0, "d"), compute)
+                .unwrap();
+            let logits = model.forward(&input, train).unwrap();
+            let scale = match compute {
+                DType::F16 => self.f16_loss_scale,
+                _ => 1.0,
             };
-            let fd = (eval(h) - eval(-h)) / (2.0 * h);
-            var.set(&orig).unwrap();
+            let grads = (loss(&logits, targets) * scale)
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut vars = sorted_vars(&vm);
+            vars.retain(|(n, _)| !cfg.is_buffer(n) && !(self.unused)(n));
+            let g: HashMap<String, Tensor> = vars
+                .iter()
+                .map(|(n, v)| {
+                    let g = grads.get(v).unwrap_or_else(|| panic!("{n}: no gradient"));
+                    (n.clone(), (g / scale).unwrap())
+                })
+                .collect();
+            (logits, g)
+        };
+        let f32_model = cfg
+            .build(vb.clone(), SharedRng::new(0, "d"), DType::F32)
+            .unwrap();
+        if !train && vm.data().lock().unwrap().keys().any(|n| cfg.is_buffer(n)) {
+            f32_model.forward(&input, true).unwrap();
+        }
+        let (want, want_g) = run(DType::F32);
+        let norm = |t: &Tensor| {
+            let t = t.to_dtype(DType::F64).unwrap();
+            let sq = t.sqr().unwrap().sum_all().unwrap();
+            sq.to_scalar::<f64>().unwrap().sqrt()
+        };
+        for compute in [DType::BF16, DType::F16] {
+            let (got, got_g) = run(compute);
+            assert_eq!(got.dtype(), DType::F32);
+            let e = rel_err(&got, &want);
+            assert!(e < 2e-2, "{compute:?} logits: relative error {e}");
             assert!(
-                (fd - g[i]).abs() <= 1e-5 * (1.0 + fd.abs()),
-                "{name}[{i}]: autograd {} vs finite differences {fd}",
-                g[i]
+                e > 0.0,
+                "identical logits: the matmuls did not run in {compute:?}"
             );
+            assert_eq!(got_g.len(), want_g.len());
+            for (name, g) in &got_g {
+                let w = &want_g[name];
+                assert_eq!(g.dtype(), DType::F32, "{name}");
+                let e = match (self.zero_gradient)(name) {
+                    Some(scale_by) => norm(&(g - w).unwrap()) / norm(&want_g[&scale_by]),
+                    None => rel_err(g, w),
+                };
+                assert!(
+                    e < self.grad_tol,
+                    "{compute:?} gradient of {name}: relative error {e}"
+                );
+            }
         }
     }
 }
@@ -195,98 +259,15 @@ pub fn check_cached_decoding(cfg: &ModelConfig) {
     }
 }
 
-/// The model with bf16 and f16 matmuls against itself in f32, on the same f32 weights:
-/// logits come back in f32 and stay close, and every weight gets a close f32 gradient.
-pub fn check_mixed_precision(cfg: &ModelConfig, input: &Tensor, targets: &Tensor) {
-    check_mixed_precision_with(cfg, input, targets, &GradCheck::default())
-}
-
-/// The model with bf16 and f16 matmuls against itself in f32, on the same f32 weights.
-/// Buffers and unused parameters are skipped (a model with buffers is evaluated after one
-/// f32 training forward).
-pub fn check_mixed_precision_with(
-    cfg: &ModelConfig,
-    input: &Tensor,
-    targets: &Tensor,
-    check: &GradCheck,
-) {
-    let train = check.train;
-    let (vm, vb) = weights(3, DType::F32);
-    let input = match input.dtype() {
-        DType::F64 => input.to_dtype(DType::F32).unwrap(),
-        _ => input.clone(),
-    };
-    let run = |compute: DType| {
-        let model = cfg
-            .build(vb.clone(), SharedRng::new(0, "d"), compute)
-            .unwrap();
-        let logits = model.forward(&input, train).unwrap();
-        let scale = match compute {
-            DType::F16 => check.f16_loss_scale,
-            _ => 1.0,
-        };
-        let grads = (loss(&logits, targets) * scale)
-            .unwrap()
-            .backward()
-            .unwrap();
-        let mut vars = sorted_vars(&vm);
-        vars.retain(|(n, _)| !cfg.is_buffer(n) && !(check.unused)(n));
-        let g: HashMap<String, Tensor> = vars
-            .iter()
-            .map(|(n, v)| {
-                let g = grads.get(v).unwrap_or_else(|| panic!("{n}: no gradient"));
-                (n.clone(), (g / scale).unwrap())
-            })
-            .collect();
-        (logits, g)
-    };
-    let f32_model = cfg
-        .build(vb.clone(), SharedRng::new(0, "d"), DType::F32)
-        .unwrap();
-    if !train && vm.data().lock().unwrap().keys().any(|n| cfg.is_buffer(n)) {
-        f32_model.forward(&input, true).unwrap();
-    }
-    let (want, want_g) = run(DType::F32);
-    let norm = |t: &Tensor| {
-        let t = t.to_dtype(DType::F64).unwrap();
-        let sq = t.sqr().unwrap().sum_all().unwrap();
-        sq.to_scalar::<f64>().unwrap().sqrt()
-    };
-    for compute in [DType::BF16, DType::F16] {
-        let (got, got_g) = run(compute);
-        assert_eq!(got.dtype(), DType::F32);
-        let e = rel_err(&got, &want);
-        assert!(e < 2e-2, "{compute:?} logits: relative error {e}");
-        assert!(
-            e > 0.0,
-            "identical logits: the matmuls did not run in {compute:?}"
-        );
-        assert_eq!(got_g.len(), want_g.len());
-        for (name, g) in &got_g {
-            let w = &want_g[name];
-            assert_eq!(g.dtype(), DType::F32, "{name}");
-            let e = match (check.zero_gradient)(name) {
-                Some(scale_by) => norm(&(g - w).unwrap()) / norm(&want_g[&scale_by]),
-                None => rel_err(g, w),
-            };
-            assert!(
-                e < check.grad_tol,
-                "{compute:?} gradient of {name}: relative error {e}"
-            );
-        }
-    }
-}
-
 /// Recomputing the layers in the backward (with dropout on, so the recomputation must
 /// replay the same masks) gives the stored-activation run's logits and gradients, and leaves
-/// the dropout generator where that run leaves it. `plain` and `checkpointed` are one config
-/// with dropout, without and with `checkpoint_activations`.
-pub fn check_checkpointing(
-    plain: &ModelConfig,
-    checkpointed: &ModelConfig,
-    input: &Tensor,
-    targets: &Tensor,
-) {
+/// the dropout generator where that run leaves it. `plain` has dropout and stores its
+/// activations; the same config with `checkpoint_activations = true` is the other run.
+pub fn check_checkpointing(plain: &ModelConfig, input: &Tensor, targets: &Tensor) {
+    let mut table = plain.to_table();
+    table.insert("checkpoint_activations".into(), true.into());
+    let checkpointed: ModelConfig = toml::Value::Table(table).try_into().unwrap();
+    assert_ne!(&checkpointed, plain);
     let grads = |cfg: &ModelConfig| {
         let (vm, vb) = weights(0, DType::F64);
         let rng = SharedRng::new(5, "dropout");
@@ -304,7 +285,7 @@ pub fn check_checkpointing(
         (named, position, logits, eval)
     };
     let (plain, plain_rng, plain_logits, eval) = grads(plain);
-    let (ckpt, ckpt_rng, ckpt_logits, _) = grads(checkpointed);
+    let (ckpt, ckpt_rng, ckpt_logits, _) = grads(&checkpointed);
     // Dropout did something: the training forward differs from the inference one.
     assert!(max_abs_diff(&plain_logits, &eval) > 1e-6);
     assert_eq!(

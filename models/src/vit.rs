@@ -28,7 +28,7 @@
 
 use crate::hf::HfReader;
 use crate::layers::{
-    run_blocks, Activation, Attention, Block, FeedForward, Linear, Norm, NormPlace,
+    run_blocks, Activation, Attention, Block, FeedForward, Linear, Norm, Residual,
 };
 use crate::{
     check_encoder, check_labels_cover, dropout, in_precision, ConfigError, DataFacts, HfConfig,
@@ -217,10 +217,7 @@ fn layer(cfg: &ViTConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Res
             linear(ff, c, true, vb.pp("output.dense"))?,
             Activation::GeluErf,
         ),
-        place: NormPlace::Pre,
-        p_drop: cfg.hidden_dropout_prob,
-        rng,
-        compute,
+        residual: Residual::pre(cfg.hidden_dropout_prob, &rng, compute),
     })
 }
 
@@ -461,4 +458,4 @@ impl HfConfig for ViTConfig {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -254,3 +254,14 @@ pub fn python_with(modules: &str) -> Option<String> {
         None
     }
 }
+
+/// Runs `py` with `args` (a script path, or `-c` and the script's text, then its arguments)
+/// and reads the one JSON value it prints; a failure shows the script's stderr.
+pub fn python_json(py: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> serde_json::Value {
+    let o = Command::new(py)
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}

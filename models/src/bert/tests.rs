@@ -1,14 +1,12 @@
 use super::*;
-use crate::testing::{
-    check_mixed_precision_with, check_model_grads, check_model_grads_with, max_abs_diff, GradCheck,
-};
+use crate::testing::{max_abs_diff, GradCheck};
 use crate::ModelConfig;
 use candle_core::Device;
 use candle_nn::VarMap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-fn tiny(num_labels: usize) -> BertConfig {
+pub(crate) fn tiny(num_labels: usize) -> BertConfig {
     BertConfig {
         vocab_size: 11,
         hidden_size: 8,
@@ -130,7 +128,7 @@ fn lora_gradients_match_finite_differences() {
     let cfg = crate::ModelConfig::Bert(with_lora(3));
     let x = lora_input();
     let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
-    crate::testing::check_model_grads(&cfg, &x, &y);
+    GradCheck::default().finite_differences(&cfg, &x, &y);
 }
 
 fn build(cfg: &BertConfig, dtype: DType) -> (VarMap, Bert) {
@@ -141,7 +139,7 @@ fn build(cfg: &BertConfig, dtype: DType) -> (VarMap, Bert) {
 }
 
 /// Two sequences of 5 positions, the second with 2 padded ones.
-fn padded_batch(pad_id: u32) -> Tensor {
+pub(crate) fn padded_batch(pad_id: u32) -> Tensor {
     let ids = Tensor::new(
         &[[1u32, 2, 3, 4, 5], [6, 5, 10, pad_id, pad_id]],
         &Device::Cpu,
@@ -170,8 +168,8 @@ fn check_gradients(cfg: &BertConfig, input: &Tensor, targets: &Tensor) {
         ..GradCheck::default()
     };
     let cfg = ModelConfig::Bert(cfg.clone());
-    check_model_grads_with(&cfg, input, targets, &check);
-    check_mixed_precision_with(&cfg, input, targets, &check);
+    check.finite_differences(&cfg, input, targets);
+    check.mixed_precision(&cfg, input, targets);
 }
 
 #[test]
@@ -179,7 +177,7 @@ fn gradients_match_finite_differences() {
     let input = padded_batch(0);
     // With a head: the shared check, then BERT's (which adds mixed precision).
     let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
-    check_model_grads(&ModelConfig::Bert(tiny(3)), &input, &y);
+    GradCheck::default().finite_differences(&ModelConfig::Bert(tiny(3)), &input, &y);
     check_gradients(&tiny(3), &input, &y);
     // The encoder alone: a target feature per position.
     let y = Tensor::new(&[[1u32, 7, 3, 0, 5], [2, 2, 6, 4, 1]], &Device::Cpu).unwrap();
@@ -254,22 +252,6 @@ fn parameter_names_are_hugging_face_bert() {
     }
     assert_eq!(cls["classifier.weight"], [3, 8]);
     assert_eq!(cls["classifier.bias"], [3]);
-}
-
-/// Recomputing the layers in the backward (with dropout on) gives the stored-activation run's
-/// gradients.
-#[test]
-fn checkpointed_activations_give_identical_gradients() {
-    let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
-    let cfg = |checkpoint_activations| {
-        ModelConfig::Bert(BertConfig {
-            hidden_dropout_prob: 0.3,
-            attention_probs_dropout_prob: 0.2,
-            checkpoint_activations,
-            ..tiny(3)
-        })
-    };
-    crate::testing::check_checkpointing(&cfg(false), &cfg(true), &padded_batch(0), &y);
 }
 
 #[test]

@@ -12,7 +12,7 @@ fn cached_decoding_matches_the_full_forward() {
     crate::testing::check_cached_decoding(&ModelConfig::Gpt(cfg));
 }
 
-fn tiny() -> GptConfig {
+pub(crate) fn tiny() -> GptConfig {
     GptConfig {
         n_layer: 2,
         n_head: 2,
@@ -60,20 +60,4 @@ fn attention_is_causal() {
     let vb = kiln_core::rng::seeded_var_builder(&vm, 0, DType::F64, &Device::Cpu);
     let m = Gpt::new(&tiny(), vb, SharedRng::new(0, "dropout"), DType::F64).unwrap();
     crate::testing::check_causal(&m);
-}
-
-/// Recomputing the blocks in the backward (with dropout on) gives the stored-activation run's
-/// gradients.
-#[test]
-fn checkpointed_activations_give_identical_gradients() {
-    let x = Tensor::new(&[[1u32, 2, 3, 4], [6, 5, 0, 1]], &Device::Cpu).unwrap();
-    let y = Tensor::new(&[[2u32, 3, 4, 5], [5, 0, 1, 2]], &Device::Cpu).unwrap();
-    let cfg = |checkpoint_activations| {
-        ModelConfig::Gpt(GptConfig {
-            dropout: 0.3,
-            checkpoint_activations,
-            ..tiny()
-        })
-    };
-    crate::testing::check_checkpointing(&cfg(false), &cfg(true), &x, &y);
 }

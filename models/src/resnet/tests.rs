@@ -1,5 +1,5 @@
 use super::*;
-use crate::testing::{check_mixed_precision_with, check_model_grads_with, rand, GradCheck};
+use crate::testing::{rand, GradCheck};
 use crate::ModelConfig;
 use candle_core::{Device, Shape};
 use candle_nn::VarMap;
@@ -74,7 +74,7 @@ fn gradients_match_finite_differences() {
                 train,
                 ..GradCheck::default()
             };
-            check_model_grads_with(&cfg, &x, &y, &check);
+            check.finite_differences(&cfg, &x, &y);
         }
     }
 }
@@ -111,7 +111,7 @@ fn mixed_precision_matches_f32() {
             grad_tol,
             ..GradCheck::default()
         };
-        check_mixed_precision_with(&cfg, &x, &y, &check);
+        check.mixed_precision(&cfg, &x, &y);
     }
 }
 
@@ -141,12 +141,7 @@ fn conv_layer_mixed_precision() {
         let run = |compute: DType| {
             let y = layer.forward(x.as_tensor(), train, compute).unwrap();
             assert_eq!(y.dtype(), DType::F32);
-            let grads = (&y * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = kiln_kernels::compare::probe_grads(&y, &probe).unwrap();
             let mut g = vec![grads.get(&x).unwrap().clone()];
             for n in [
                 "l.convolution.weight",

@@ -1,5 +1,5 @@
 use super::*;
-use crate::testing::{check_mixed_precision, check_model_grads, max_abs_diff, rand};
+use crate::testing::{max_abs_diff, rand, GradCheck};
 use crate::ModelConfig;
 use candle_core::{Device, Shape};
 use candle_nn::VarMap;
@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// 4×4 images of 2 channels in 2×2 patches (4 patches + CLS = 5 tokens).
-fn tiny() -> ViTConfig {
+pub(crate) fn tiny() -> ViTConfig {
     ViTConfig {
         image_size: 4,
         patch_size: 2,
@@ -39,7 +39,7 @@ fn gradients_match_finite_differences() {
     let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
     for qkv_bias in [true, false] {
         let cfg = ModelConfig::Vit(ViTConfig { qkv_bias, ..tiny() });
-        check_model_grads(&cfg, &x, &y);
+        GradCheck::default().finite_differences(&cfg, &x, &y);
     }
 }
 
@@ -55,7 +55,7 @@ fn mixed_precision_matches_f32() {
     });
     let x = rand(&[2, 2, 4, 4], 1);
     let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
-    check_mixed_precision(&cfg, &x, &y);
+    GradCheck::default().mixed_precision(&cfg, &x, &y);
 }
 
 /// The patch projection against the convolution with kernel = stride = P written out as
@@ -256,23 +256,6 @@ fn vit_base_patch16_224_has_86_567_656_parameters() {
         shape("vit.embeddings.patch_embeddings.projection.weight"),
         [768, 3, 16, 16]
     );
-}
-
-/// Recomputing the layers in the backward (with dropout on) gives the stored-activation run's
-/// gradients.
-#[test]
-fn checkpointed_activations_give_identical_gradients() {
-    let x = rand(&[2, 2, 4, 4], 1);
-    let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
-    let cfg = |checkpoint_activations| {
-        ModelConfig::Vit(ViTConfig {
-            hidden_dropout_prob: 0.3,
-            attention_probs_dropout_prob: 0.2,
-            checkpoint_activations,
-            ..tiny()
-        })
-    };
-    crate::testing::check_checkpointing(&cfg(false), &cfg(true), &x, &y);
 }
 
 #[test]
