@@ -37,6 +37,19 @@ fn keep_freed_memory() {
     }
 }
 
+/// candle runs element-wise ops over 64K+ elements on its own worker pool, whose workers spin
+/// 25,000 times after each op before they sleep. With as many workers as cores, that spin takes
+/// a core from the next op (a matmul, a rayon kernel) for about as long as a small op lasts:
+/// `perf` put 31% of a Fashion-MNIST MLP step's samples in the spinning worker. Sleeping after
+/// 2,000 spins made the MLP and shakespeare-char steps 15–25% faster (benches/RESULTS.md);
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` still wins.
+fn short_worker_spin() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Before any thread starts: candle reads it when its pool first runs.
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000");
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
@@ -216,6 +229,7 @@ enum Split {
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    short_worker_spin();
     match run(Cli::parse()) {
         Ok(Some(signal)) => ExitCode::from(128 + signal as u8),
         Ok(None) => ExitCode::SUCCESS,
