@@ -2,7 +2,8 @@
 //! is resolved against ([`DataFacts`]), and the checks the configs share.
 //!
 //! A model kind is one file (its config, its network, its `config.json` mapping) plus one line
-//! in the registry in `lib.rs`; nothing else in kiln matches on the kind.
+//! in the registry in `lib.rs`; nothing else in kiln lists the kinds (only pipelines made for
+//! one model, like BERT's text classifier in `infer.rs`, name that model).
 
 use crate::hf::HfReader;
 use crate::lora::LoraConfig;
