@@ -10,7 +10,7 @@
 //! convolutions. Here the statistics are one pass per channel and y, dx one pass per plane.
 //! Each channel's sums run in a fixed order, so results do not depend on scheduling.
 
-use crate::{k, out, slice, slices, with_float, Elem, Kernel, Op, Saved};
+use crate::{k, out, slice, slices, sum_by, sum_pairs_by, with_float, Elem, Kernel, Op, Saved};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::Zero;
 use rayon::prelude::*;
@@ -107,13 +107,16 @@ fn forward(args: &[(&CpuStorage, &Layout)], eps: f64) -> Result<Vec<(CpuStorage,
         let stats: Vec<(A, A)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let sum = |f: &dyn Fn(A) -> A| -> A {
-                    planes(x, ch, c, hw)
-                        .map(|p| p.iter().map(|v| f(v.acc())).sum::<A>())
-                        .sum::<A>()
-                };
-                let mean = sum(&|v| v) / m;
-                (mean, sum(&|v| (v - mean).powi(2)) / m)
+                let total = |s: A, v: A| s + v;
+                let planes = || planes(x, ch, c, hw);
+                let mean = planes()
+                    .map(|p| sum_by(p, |v| v.acc()))
+                    .fold(A::zero(), total)
+                    / m;
+                let var = planes()
+                    .map(|p| sum_by(p, |v| (v.acc() - mean).powi(2)))
+                    .fold(A::zero(), total);
+                (mean, var / m)
             })
             .collect();
         let mean: Vec<A> = stats.iter().map(|s| s.0).collect();
@@ -153,16 +156,18 @@ fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>>
         let sums: Vec<(A, A)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let (mu, r) = (mean[ch], rstd[ch]);
-                planes(x, ch, c, hw).zip(planes(dy, ch, c, hw)).fold(
+                let mu = mean[ch];
+                let (s, sx) = planes(x, ch, c, hw).zip(planes(dy, ch, c, hw)).fold(
                     (A::zero(), A::zero()),
                     |(s, sx), (x, dy)| {
-                        x.iter().zip(dy).fold((s, sx), |(s, sx), (x, dy)| {
+                        let (a, b) = sum_pairs_by(x, dy, |x, dy| {
                             let g = dy.acc();
-                            (s + g, sx + g * (x.acc() - mu) * r)
-                        })
+                            (g, g * (x.acc() - mu))
+                        });
+                        (s + a, sx + b)
                     },
-                )
+                );
+                (s, sx * rstd[ch])
             })
             .collect();
         let mut dx = crate::zeros::<T>(x.len());

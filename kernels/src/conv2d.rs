@@ -13,9 +13,18 @@
 //! reference and the path on other devices ([`unfold_composed`]) builds the same columns from
 //! k² narrowed views of the padded input stacked together; autograd then runs the backward of
 //! every narrow as a zero-padded copy of the whole input, 2·k² full-size copies per layer.
+//!
+//! In f32 and f64 on the CPU the whole convolution is one op ([`CONV`]) instead: per image,
+//! unfold into a (C·k², Ho·Wo) buffer and one matmul written straight into the output's
+//! (Cout, Ho·Wo) plane; the backward unfolds again (the columns are cheaper to recompute than
+//! to keep: 9× the input for a 3×3 kernel), accumulates dW = dY·colsᵀ and folds Wᵀ·dY into dx,
+//! image by image. No batch-sized column buffer, no transpose copy, and one graph node whose
+//! backward hands autograd two gradients, instead of a matmul, reshapes and a copy, each of
+//! whose gradients candle zero-fills and adds.
 
-use crate::{out, slice, with_float};
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use crate::{out, slice, slices, with_float, Kernel, Op};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// `x` (B, C, H, W), `w` (Cout, C, k, k), optional `b` (Cout) → (B, Cout, H + 2p − k + 1, …).
@@ -33,7 +42,7 @@ pub fn conv2d_strided(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let (bsz, c, h, wd) = x.dims4()?;
+    let (_, c, h, wd) = x.dims4()?;
     let (cout, cin, k, k2) = w.dims4()?;
     if cin != c || k != k2 {
         candle_core::bail!("conv2d: input has {c} channels, kernel is {:?}", w.dims());
@@ -55,10 +64,27 @@ pub fn conv2d_strided(
         ho,
         wo,
     };
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        let y = x
+            .contiguous()?
+            .apply_op2(&w.to_dtype(x.dtype())?.contiguous()?, CONV.with(geometry))?;
+        return match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    conv2d_unfolded(x, w, b, geometry)
+}
+
+/// The convolution as an unfold, a matmul over the whole batch and a transpose, each a node of
+/// the graph (other devices, other dtypes, and the fused op's reference).
+pub fn conv2d_unfolded(x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: Unfold) -> Result<Tensor> {
+    let (bsz, c, _, _) = x.dims4()?;
+    let (cout, _, k, _) = w.dims4()?;
     let cols = if x.device().is_cpu() {
-        unfold(x, geometry)?
+        unfold(x, g)?
     } else {
-        unfold_composed(x, geometry)?
+        unfold_composed(x, g)?
     };
     // The column order (c, i, j) matches w's layout: (Cout, C·k²) · (C·k², B·Ho·Wo).
     let y = w.reshape((cout, c * k * k))?.matmul(&cols)?;
@@ -67,7 +93,7 @@ pub fn conv2d_strided(
         None => y,
     };
     // (Cout, B, Ho, Wo) → (B, Cout, Ho, Wo), laid out for the next layer.
-    y.reshape((cout, bsz, ho, wo))?
+    y.reshape((cout, bsz, g.ho, g.wo))?
         .transpose(0, 1)?
         .contiguous()
 }
@@ -114,7 +140,18 @@ impl Unfold {
             .filter(|&v| v < len)
     }
 
-    /// Tap (i, j) of one channel of one image: `src` (H, W) → `dst` (Ho·Wo).
+    /// The outputs `lo..hi` of a row of `n` whose tap `j` reads inside an input row of `len`
+    /// (the others read padding), and the input column output `lo` reads.
+    #[inline(always)]
+    fn inside(&self, j: usize, len: usize, n: usize) -> (usize, usize, usize) {
+        let (s, p) = (self.stride, self.padding);
+        let lo = p.saturating_sub(j).div_ceil(s).min(n);
+        let hi = (len + p).saturating_sub(j).div_ceil(s).clamp(lo, n);
+        (lo, hi, lo * s + j - p.min(lo * s + j))
+    }
+
+    /// Tap (i, j) of one channel of one image: `src` (H, W) → `dst` (Ho·Wo). Each output row
+    /// is zeros, a (strided) run of one input row, zeros: a plain copy when the stride is 1.
     fn unfold_tap<T: Copy + Default>(
         &self,
         src: &[T],
@@ -122,22 +159,31 @@ impl Unfold {
         (i, j): (usize, usize),
         dst: &mut [T],
     ) {
-        let wo = self.wo;
-        for (oy, row) in dst.chunks_exact_mut(wo).enumerate() {
+        let (lo, hi, x0) = self.inside(j, w, self.wo);
+        for (oy, row) in dst.chunks_exact_mut(self.wo).enumerate() {
             let Some(y) = self.source(oy, i, h) else {
                 row.fill(T::default());
                 continue;
             };
-            for (ox, d) in row.iter_mut().enumerate() {
-                *d = self
-                    .source(ox, j, w)
-                    .map_or(T::default(), |x| src[y * w + x]);
+            row[..lo].fill(T::default());
+            row[hi..].fill(T::default());
+            if lo == hi {
+                continue;
+            }
+            let src = &src[y * w + x0..];
+            if self.stride == 1 {
+                row[lo..hi].copy_from_slice(&src[..hi - lo]);
+            } else {
+                for (d, v) in row[lo..hi].iter_mut().zip(src.iter().step_by(self.stride)) {
+                    *d = *v;
+                }
             }
         }
     }
 
     /// The adjoint of [`Self::unfold_tap`] over all k² taps of one channel of one image:
-    /// `tap(i, j)` is that tap's Ho·Wo columns; every entry is added to the pixel it read.
+    /// `tap(i, j)` is that tap's Ho·Wo columns; every entry is added to the pixel it read, in
+    /// tap order, so each pixel's sum runs in a fixed order.
     fn fold_plane<'a, T: Copy + std::ops::AddAssign + Default + 'a>(
         &self,
         tap: impl Fn(usize, usize) -> &'a [T],
@@ -148,14 +194,17 @@ impl Unfold {
         dst.fill(T::default());
         for i in 0..k {
             for j in 0..k {
+                let (lo, hi, x0) = self.inside(j, w, wo);
+                if lo == hi {
+                    continue;
+                }
                 for (oy, row) in tap(i, j).chunks_exact(wo).enumerate() {
                     let Some(y) = self.source(oy, i, h) else {
                         continue;
                     };
-                    for (ox, v) in row.iter().enumerate() {
-                        if let Some(x) = self.source(ox, j, w) {
-                            dst[y * w + x] += *v;
-                        }
+                    let pixels = dst[y * w + x0..].iter_mut().step_by(self.stride);
+                    for (d, v) in pixels.zip(&row[lo..hi]) {
+                        *d += *v;
                     }
                 }
             }
@@ -233,6 +282,215 @@ impl CustomOp1 for Fold {
             Ok(out(dx, (b, c, h, w)))
         })
     }
+}
+
+/// x (B, C, H, W), w (Cout, C, k, k) → y (B, Cout, Ho, Wo); backward: dx and dw.
+static CONV: Op<Unfold> = Op {
+    forward: Kernel {
+        name: "kiln-conv2d",
+        cpu: conv_forward,
+        #[cfg(feature = "cuda")]
+        cuda: crate::op::cpu_only,
+    },
+    backward: |g| CONV_BACKWARD.run(g.param, &[g.inputs[0], g.inputs[1], g.dy]),
+};
+
+static CONV_BACKWARD: Kernel<Unfold> = Kernel {
+    name: "kiln-conv2d-backward",
+    cpu: conv_backward,
+    #[cfg(feature = "cuda")]
+    cuda: crate::op::cpu_only,
+};
+
+/// The element types the CPU matmul ([`gemm`]) takes here.
+trait GemmElem: Copy + Default + std::ops::AddAssign + Send + Sync + 'static {
+    const ONE: Self;
+}
+impl GemmElem for f32 {
+    const ONE: f32 = 1.0;
+}
+impl GemmElem for f64 {
+    const ONE: f64 = 1.0;
+}
+
+/// A row-major view of an `m × n` matrix, or (`t`) of the transpose of one stored `n × m`.
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    t: bool,
+}
+
+impl<'a, T> Mat<'a, T> {
+    fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
+        assert!(
+            data.len() >= rows * cols,
+            "matrix of {rows}×{cols} over {}",
+            data.len()
+        );
+        Mat {
+            data,
+            rows,
+            cols,
+            t: false,
+        }
+    }
+    fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            t: !self.t,
+            ..self
+        }
+    }
+    /// (row stride, column stride) in elements.
+    fn strides(&self) -> (isize, isize) {
+        if self.t {
+            (1, self.rows as isize)
+        } else {
+            (self.cols as isize, 1)
+        }
+    }
+}
+
+/// `dst` (a.rows × b.cols, row-major) = a·b, or += a·b when `accumulate`.
+fn matmul<T: GemmElem>(dst: &mut [T], accumulate: bool, a: Mat<T>, b: Mat<T>, par: Parallelism) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && dst.len() >= m * n,
+        "matmul: {m}×{k} · {}×{n}",
+        b.rows
+    );
+    let ((a_rs, a_cs), (b_rs, b_cs)) = (a.strides(), b.strides());
+    // SAFETY: the asserts above and in `Mat::new` keep every index gemm forms (row·rs + col·cs
+    // over the shapes given) inside the three slices; dst is borrowed mutably, alone.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// How to spread `b` images over the threads: one task per image, each matmul on one thread;
+/// or, with fewer images than threads, images in turn with each matmul on all of them.
+fn image_parallelism(b: usize) -> (usize, Parallelism) {
+    let threads = rayon::current_num_threads();
+    if b >= threads {
+        (1, Parallelism::None)
+    } else {
+        (b.max(1), Parallelism::Rayon(threads))
+    }
+}
+
+/// The fixed number of images each backward task sums dW over: the partial sums (and so the
+/// bits of dW) do not depend on the thread count.
+const IMAGES_PER_DW_PARTIAL: usize = 8;
+
+impl Unfold {
+    /// One image `x` (C, H, W) → `cols` (C·k², Ho·Wo).
+    fn unfold_image<T: Copy + Default>(&self, x: &[T], (h, w): (usize, usize), cols: &mut [T]) {
+        let (k, window) = (self.k, self.ho * self.wo);
+        for (row, dst) in cols.chunks_exact_mut(window).enumerate() {
+            let (ch, i, j) = (row / (k * k), row / k % k, row % k);
+            self.unfold_tap(&x[ch * h * w..][..h * w], (h, w), (i, j), dst);
+        }
+    }
+}
+
+/// x, w → y: per image, unfold then y_b = W·cols.
+fn conv_forward(args: &[(&CpuStorage, &Layout)], g: Unfold) -> Result<Vec<(CpuStorage, Shape)>> {
+    let (b, c, h, wd) = args[0].1.shape().dims4()?;
+    let cout = args[1].1.shape().dims()[0];
+    let (kk, window) = (c * g.k * g.k, g.ho * g.wo);
+    crate::match_dtype!(candle_core::backend::BackendStorage::dtype(args[0].0),
+        [F32 => f32, F64 => f64],
+        |T| {
+            let [x, w] = slices::<T, 2>(args)?;
+            let w = Mat::new(w, cout, kk);
+            let mut y = crate::zeros::<T>(b * cout * window);
+            let (per_task, par) = image_parallelism(b);
+            y.par_chunks_mut(per_task * cout * window)
+                .zip(x.par_chunks(per_task * c * h * wd))
+                .for_each(|(y, x)| {
+                    let mut cols = vec![T::default(); kk * window];
+                    for (y, x) in y.chunks_mut(cout * window).zip(x.chunks(c * h * wd)) {
+                        g.unfold_image(x, (h, wd), &mut cols);
+                        matmul(y, false, w, Mat::new(&cols, kk, window), par);
+                    }
+                });
+            Ok(vec![out(y, (b, cout, g.ho, g.wo))])
+        },
+        other => candle_core::bail!("kiln-conv2d: unsupported dtype {other:?}")
+    )
+}
+
+/// x, w, dy → dx, dw: per image, dW += dY_b·colsᵀ and dx_b = fold(Wᵀ·dY_b).
+fn conv_backward(args: &[(&CpuStorage, &Layout)], g: Unfold) -> Result<Vec<(CpuStorage, Shape)>> {
+    let (b, c, h, wd) = args[0].1.shape().dims4()?;
+    let w_shape = args[1].1.shape().clone();
+    let cout = w_shape.dims()[0];
+    let (k, kk, window) = (g.k, c * g.k * g.k, g.ho * g.wo);
+    crate::match_dtype!(candle_core::backend::BackendStorage::dtype(args[0].0),
+        [F32 => f32, F64 => f64],
+        |T| {
+            let [x, w, dy] = slices::<T, 3>(args)?;
+            let w = Mat::new(w, cout, kk);
+            let mut dx = crate::zeros::<T>(x.len());
+            let (_, par) = image_parallelism(b);
+            let per_task = IMAGES_PER_DW_PARTIAL;
+            let partials: Vec<Vec<T>> = dx
+                .par_chunks_mut(per_task * c * h * wd)
+                .zip(x.par_chunks(per_task * c * h * wd))
+                .zip(dy.par_chunks(per_task * cout * window))
+                .map(|((dx, x), dy)| {
+                    let mut cols = vec![T::default(); kk * window];
+                    let mut dw = vec![T::default(); cout * kk];
+                    let images = dx.chunks_mut(c * h * wd).zip(x.chunks(c * h * wd));
+                    for (n, ((dx, x), dy)) in images.zip(dy.chunks(cout * window)).enumerate() {
+                        let dy = Mat::new(dy, cout, window);
+                        g.unfold_image(x, (h, wd), &mut cols);
+                        matmul(&mut dw, n > 0, dy, Mat::new(&cols, kk, window).t(), par);
+                        // The columns' gradient reuses their buffer, then folds into dx.
+                        matmul(&mut cols, false, w.t(), dy, par);
+                        for (ch, plane) in dx.chunks_mut(h * wd).enumerate() {
+                            let tap = |i: usize, j: usize| {
+                                &cols[((ch * k + i) * k + j) * window..][..window]
+                            };
+                            g.fold_plane(tap, (h, wd), plane);
+                        }
+                    }
+                    dw
+                })
+                .collect();
+            let mut dw = partials[0].clone();
+            for p in &partials[1..] {
+                for (a, v) in dw.iter_mut().zip(p) {
+                    *a += *v;
+                }
+            }
+            Ok(vec![out(dx, (b, c, h, wd)), out(dw, w_shape)])
+        },
+        other => candle_core::bail!("kiln-conv2d backward: unsupported dtype {other:?}")
+    )
 }
 
 /// The k² views (B, C, Ho, Wo) of `x` (B, C, H, W, already padded) that a k×k window with

@@ -22,6 +22,7 @@ pub mod max_pool;
 mod op;
 pub mod profile;
 pub mod reference;
+pub mod relu;
 pub mod rms_norm;
 pub mod softmax;
 
@@ -39,6 +40,7 @@ pub use frozen::frozen_matmul;
 pub use gelu::{bias_gelu, gelu};
 pub use layer_norm::layer_norm;
 pub use max_pool::{max_pool2d, max_pool2d_strided};
+pub use relu::{add_relu, relu};
 pub use rms_norm::rms_norm;
 pub use softmax::softmax;
 
@@ -286,6 +288,37 @@ pub(crate) fn dot<A: num_traits::Float>(a: &[A], b: &[A]) -> A {
         s = s + *x * *y;
     }
     acc.iter().fold(s, |s, &v| s + v)
+}
+
+/// Σ f(x_i) with eight independent accumulators (a fixed order, so the compiler vectorizes it
+/// and the result does not depend on scheduling).
+#[inline]
+pub(crate) fn sum_by<T: Copy, A: num_traits::Float>(x: &[T], f: impl Fn(T) -> A) -> A {
+    sum_pairs_by(x, x, |v, _| (f(v), A::zero())).0
+}
+
+/// (Σ f(a_i, b_i).0, Σ f(a_i, b_i).1), eight accumulators each, as [`sum_by`].
+#[inline]
+pub(crate) fn sum_pairs_by<T: Copy, U: Copy, A: num_traits::Float>(
+    a: &[T],
+    b: &[U],
+    f: impl Fn(T, U) -> (A, A),
+) -> (A, A) {
+    let mut acc = [(A::zero(), A::zero()); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            let (u, v) = f(x[i], y[i]);
+            acc[i] = (acc[i].0 + u, acc[i].1 + v);
+        }
+    }
+    let mut s = (A::zero(), A::zero());
+    for (&x, &y) in ra.iter().zip(rb) {
+        let (u, v) = f(x, y);
+        s = (s.0 + u, s.1 + v);
+    }
+    acc.iter().fold(s, |s, v| (s.0 + v.0, s.1 + v.1))
 }
 
 /// y += a·x

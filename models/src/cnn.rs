@@ -102,9 +102,12 @@ impl Model for Cnn {
     fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = xs.clone();
         for conv in &self.convs {
-            x = kiln_kernels::max_pool2d(&conv.forward(&x, self.compute)?.relu()?, 2)?;
+            x = kiln_kernels::max_pool2d(
+                &kiln_kernels::relu(&conv.forward(&x, self.compute)?)?,
+                2,
+            )?;
         }
-        let mut x = linear_in(&self.fc1, &x.flatten_from(1)?, self.compute)?.relu()?;
+        let mut x = kiln_kernels::relu(&linear_in(&self.fc1, &x.flatten_from(1)?, self.compute)?)?;
         if train {
             x = kiln_kernels::dropout(&x, self.dropout, &self.rng)?;
         }

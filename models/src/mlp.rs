@@ -57,7 +57,7 @@ impl Model for Mlp {
                 x = x.broadcast_add(b)?;
             }
             if i < last {
-                x = x.relu()?;
+                x = kiln_kernels::relu(&x)?;
                 if train {
                     x = kiln_kernels::dropout(&x, self.dropout, &self.rng)?;
                 }

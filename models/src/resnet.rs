@@ -207,7 +207,7 @@ impl ConvLayer {
         };
         let y = self.norm.forward(&y, train)?;
         if self.relu {
-            y.relu()
+            kiln_kernels::relu(&y)
         } else {
             Ok(y)
         }
@@ -274,7 +274,7 @@ impl ResidualLayer {
             Some(s) => s.forward(x, train, compute)?,
             None => x.clone(),
         };
-        (y + residual)?.relu()
+        kiln_kernels::add_relu(&y, &residual)
     }
 }
 

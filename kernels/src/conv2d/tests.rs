@@ -106,3 +106,44 @@ fn strided_matches_candle_conv2d_and_gradients() {
         check_grad(&w, |w| conv2d_strided(&x, w, None, s, p));
     }
 }
+
+/// The fused op (f32 and f64 on the CPU) against the unfold + batch matmul graph: values and
+/// both gradients, with more images than one dW partial holds, fewer images than threads, and
+/// a stride.
+#[test]
+fn fused_matches_the_unfolded_graph() {
+    use candle_core::{DType, Var};
+    for (b, k, s, p) in [(19, 3, 1, 1), (1, 3, 2, 1), (10, 1, 2, 0)] {
+        let x = rand(&[b, 3, 7, 6], 21);
+        let w = rand(&[5, 3, k, k], 22);
+        let (ho, wo) = ((7 + 2 * p - k) / s + 1, (6 + 2 * p - k) / s + 1);
+        let g = Unfold {
+            k,
+            stride: s,
+            padding: p,
+            ho,
+            wo,
+        };
+        let up = rand(&[b, 5, ho, wo], 23);
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+            let wv = Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap();
+            let up = up.to_dtype(dtype).unwrap();
+            let run = |y: Tensor| {
+                let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                let dx = grads.get(xv.as_tensor()).unwrap().clone();
+                (y, dx, grads.get(wv.as_tensor()).unwrap().clone())
+            };
+            let fused = run(conv2d_strided(xv.as_tensor(), wv.as_tensor(), None, s, p).unwrap());
+            let graph = run(conv2d_unfolded(xv.as_tensor(), wv.as_tensor(), None, g).unwrap());
+            for (what, a, b_) in [
+                ("y", &fused.0, &graph.0),
+                ("dx", &fused.1, &graph.1),
+                ("dw", &fused.2, &graph.2),
+            ] {
+                let e = max_abs_diff(a, b_);
+                assert!(e < tol, "{what} b {b} k {k} s {s} {dtype:?}: {e}");
+            }
+        }
+    }
+}
