@@ -31,7 +31,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = logits.contiguous()?;
     let targets = targets.to_dtype(candle_core::DType::U32)?.contiguous()?;
     if !logits.track_op() {
-        return Ok(LOSS_ONLY.run(false, &[&logits, &targets])?.remove(0));
+        return Ok(CROSS_ENTROPY_ROWS
+            .run(false, &[&logits, &targets])?
+            .remove(0));
     }
     logits.apply_op2(&targets, CROSS_ENTROPY.with(true))
 }
@@ -63,8 +65,8 @@ static CROSS_ENTROPY: Op<bool> = Op {
     },
 };
 
-/// The loss without its gradient (`grad` false), outside autograd.
-static LOSS_ONLY: Kernel<bool> = Kernel {
+/// The kernel outside autograd: the mean loss, and with `grad` also p − onehot and 1/count.
+pub(crate) static CROSS_ENTROPY_ROWS: Kernel<bool> = Kernel {
     name: "cross_entropy",
     cpu: forward,
     #[cfg(feature = "cuda")]

@@ -18,6 +18,7 @@ pub mod embedding;
 pub mod frozen;
 pub mod gelu;
 pub mod layer_norm;
+pub mod linear_cross_entropy;
 pub mod max_pool;
 mod op;
 pub mod profile;
@@ -31,7 +32,7 @@ pub(crate) mod cuda;
 
 pub use adamw::{adamw_step, AdamWHyper, AdamWTensor};
 pub use attention::causal_self_attention;
-pub use checkpoint::{backward, checkpoint};
+pub use checkpoint::{backward, checkpoint, segment};
 pub use conv2d::{conv2d, conv2d_strided};
 pub use cross_entropy::{cross_entropy, IGNORE_INDEX};
 pub use dropout::dropout;
@@ -39,6 +40,7 @@ pub use embedding::embedding;
 pub use frozen::frozen_matmul;
 pub use gelu::{bias_gelu, gelu};
 pub use layer_norm::layer_norm;
+pub use linear_cross_entropy::linear_cross_entropy;
 pub use max_pool::{max_pool2d, max_pool2d_strided};
 pub use relu::{add_relu, relu};
 pub use rms_norm::rms_norm;
@@ -151,22 +153,35 @@ pub fn stats_dtype(dtype: DType) -> DType {
     }
 }
 
-/// `y`, computed from `x` outside the graph (checkpointed blocks, frozen matmuls), entered into
-/// the graph as the output of the custom op `name` on `x`, whose backward is `bwd(x, dy)`.
+/// `y`, computed from `x` outside the graph (checkpointed blocks, backward segments, frozen
+/// matmuls), entered into the graph as the output of the custom op `name` on `x`, whose backward
+/// is `bwd(x, dy)`.
 pub(crate) fn precomputed<B>(x: &Tensor, y: &Tensor, name: &'static str, bwd: B) -> Result<Tensor>
 where
     B: Fn(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync + 'static,
 {
     // Its own storage, starting at 0, so the op can hand over a plain clone.
     let y = y.contiguous()?.copy()?.detach();
-    x.apply_op1(Precomputed { name, y, bwd })
+    x.apply_op1(Precomputed {
+        name,
+        y: std::sync::Mutex::new(Some(y)),
+        bwd,
+    })
 }
 
 /// The op of [`precomputed`].
 struct Precomputed<B> {
     name: &'static str,
-    y: Tensor,
+    /// The output until the forward hands it over (the graph then holds the only copy).
+    y: std::sync::Mutex<Option<Tensor>>,
     bwd: B,
+}
+
+impl<B> Precomputed<B> {
+    fn output(&self) -> Result<Tensor> {
+        (self.y.lock().unwrap().take())
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward run twice", self.name)))
+    }
 }
 
 impl<B> candle_core::CustomOp1 for Precomputed<B>
@@ -180,7 +195,8 @@ where
     /// Hands the precomputed output to the graph (a copy: an op returns fresh storage).
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let (storage, layout) = self.y.storage_and_layout();
+        let y = self.output()?;
+        let (storage, layout) = y.storage_and_layout();
         match &*storage {
             Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
             _ => candle_core::bail!("{}: output on another device", self.name),
@@ -190,7 +206,8 @@ where
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let (storage, layout) = self.y.storage_and_layout();
+        let y = self.output()?;
+        let (storage, layout) = y.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
             _ => candle_core::bail!("{}: output on another device", self.name),

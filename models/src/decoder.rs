@@ -2,9 +2,9 @@
 //! generation with a KV cache, and [`CausalLm`], the shape both models share (embeddings, causal
 //! blocks, a norm and a head), which gives them their training forward and their decoding.
 
-use crate::layers::{run_blocks, Block};
+use crate::layers::{lm_head, run_blocks, Block};
 use crate::Model;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// A causal language model that decodes incrementally, reusing the keys and values of the
 /// positions it has already seen.
@@ -141,13 +141,18 @@ pub(crate) trait CausalLm: Send + Sync {
     /// Embeddings of `ids` (B, T) at positions `start`…, with dropout when `train`.
     fn embed(&self, ids: &Tensor, start: usize, train: bool) -> Result<Tensor>;
 
-    /// The final norm and the head: hidden states → logits.
-    fn logits(&self, x: &Tensor) -> Result<Tensor>;
-}
+    /// The final norm of the hidden states, the head's weight (vocab, C) and the dtype its
+    /// matmul runs in.
+    fn head(&self, x: &Tensor) -> Result<(Tensor, &Tensor, DType)>;
 
-impl<M: CausalLm> Model for M {
-    /// Token ids (B, T) → logits (B, T, vocab).
-    fn forward(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+    /// The final norm and the head: hidden states → logits.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let (x, weight, compute) = self.head(x)?;
+        lm_head(&x, weight, compute)
+    }
+
+    /// Token ids (B, T) → the last blocks' hidden states (B, T, C).
+    fn hidden(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let stack = self.stack();
         let (key, context) = stack.context;
@@ -155,13 +160,22 @@ impl<M: CausalLm> Model for M {
             candle_core::bail!("sequence of {t} tokens is longer than {key} {context}");
         }
         let x = self.embed(ids, 0, train)?;
-        self.logits(&run_blocks(
-            &stack.blocks,
-            x,
-            None,
-            train,
-            stack.checkpoint,
-        )?)
+        run_blocks(&stack.blocks, x, None, train, stack.checkpoint)
+    }
+}
+
+impl<M: CausalLm> Model for M {
+    /// Token ids (B, T) → logits (B, T, vocab).
+    fn forward(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        self.logits(&self.hidden(ids, train)?)
+    }
+
+    /// The head fused into the loss ([`kiln_kernels::linear_cross_entropy`]).
+    fn loss(&self, ids: &Tensor, targets: &Tensor, train: bool) -> Result<Tensor> {
+        let (x, weight, compute) = self.head(&self.hidden(ids, train)?)?;
+        let c = x.dim(candle_core::D::Minus1)?;
+        let x = x.reshape(((), c))?;
+        kiln_kernels::linear_cross_entropy(&x, weight, &targets.flatten_all()?, compute)
     }
 
     fn as_decoder(&self) -> Option<&dyn Decoder> {

@@ -14,7 +14,7 @@
 
 use crate::hf::HfReader;
 use crate::layers::{
-    lm_head, Activation, Attention, Block, Embedding, FeedForward, Linear, Norm, Qkv, Residual,
+    Activation, Attention, Block, Embedding, FeedForward, Linear, Norm, Qkv, Residual,
 };
 use crate::{
     check_divisible, check_dropout, check_positive, dropout, resolve_context, resolve_vocab,
@@ -131,8 +131,8 @@ impl CausalLm for Gpt {
 
     /// The final LayerNorm and the head, which shares the token embedding (HF's
     /// `lm_head.weight` is `transformer.wte.weight`).
-    fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        lm_head(&self.ln_f.forward(x)?, self.wte.table(), self.compute)
+    fn head(&self, x: &Tensor) -> Result<(Tensor, &Tensor, DType)> {
+        Ok((self.ln_f.forward(x)?, self.wte.table(), self.compute))
     }
 }
 

@@ -683,6 +683,12 @@ impl Block {
         })
     }
 
+    /// A training forward as a backward segment of its own: the block's activations are freed
+    /// as soon as the backward is through the block, not when it has gone through the model.
+    pub fn forward_segmented(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        kiln_kernels::segment(x, self.params(), |x| self.forward(x, mask, true))
+    }
+
     /// An inference forward of new positions after those cached for layer `i` (pre-norm causal
     /// blocks); returns the output and this layer's extended keys and values.
     pub(crate) fn forward_cached(
@@ -705,8 +711,8 @@ impl Block {
     }
 }
 
-/// `x` through `blocks` in order, each recomputed in the backward when `checkpoint` (and
-/// training).
+/// `x` through `blocks` in order; in training, each a backward segment of its own, or
+/// recomputed in the backward with `checkpoint`.
 pub(crate) fn run_blocks(
     blocks: &[Block],
     mut x: Tensor,
@@ -715,10 +721,10 @@ pub(crate) fn run_blocks(
     checkpoint: bool,
 ) -> Result<Tensor> {
     for block in blocks {
-        x = if train && checkpoint {
-            block.forward_checkpointed(&x, mask)?
-        } else {
-            block.forward(&x, mask, train)?
+        x = match (train, checkpoint) {
+            (true, true) => block.forward_checkpointed(&x, mask)?,
+            (true, false) => block.forward_segmented(&x, mask)?,
+            (false, _) => block.forward(&x, mask, false)?,
         };
     }
     Ok(x)

@@ -33,6 +33,15 @@ pub trait Model: Send + Sync {
     /// `train` turns dropout on, and BatchNorm to batch statistics (updating its running ones).
     fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor>;
 
+    /// Mean cross-entropy of the logits for `xs` against `targets` (one class id per logit
+    /// row; [`kiln_kernels::IGNORE_INDEX`] rows are left out). Language models override it
+    /// with a head fused into the loss, which never holds all the logits at once.
+    fn loss(&self, xs: &Tensor, targets: &Tensor, train: bool) -> Result<Tensor> {
+        let logits = self.forward(xs, train)?;
+        let classes = logits.dim(candle_core::D::Minus1)?;
+        kiln_kernels::cross_entropy(&logits.reshape(((), classes))?, &targets.flatten_all()?)
+    }
+
     /// The model as an incremental decoder, if it is one (GPT, Llama).
     fn as_decoder(&self) -> Option<&dyn Decoder> {
         None

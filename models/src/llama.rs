@@ -18,7 +18,7 @@
 
 use crate::hf::HfReader;
 use crate::layers::{
-    lm_head, normal, Attention, Block, Embedding, FeedForward, Linear, Norm, Qkv, Residual, Rope,
+    normal, Attention, Block, Embedding, FeedForward, Linear, Norm, Qkv, Residual, Rope,
 };
 use crate::{
     check_divisible, check_dropout, check_positive, check_positive_f64, resolve_context,
@@ -166,10 +166,10 @@ impl CausalLm for Llama {
         self.embed_tokens.forward(ids)
     }
 
-    /// The final RMSNorm and the head.
-    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+    /// The final RMSNorm and the head (its own weight, or the token embedding when tied).
+    fn head(&self, x: &Tensor) -> Result<(Tensor, &Tensor, DType)> {
         let head = (self.lm_head.as_ref()).unwrap_or(self.embed_tokens.table());
-        lm_head(&self.norm.forward(x)?, head, self.compute)
+        Ok((self.norm.forward(x)?, head, self.compute))
     }
 }
 

@@ -77,6 +77,11 @@ pub struct Profile {
     /// `None` where another allocator is installed).
     pub allocations: Option<f64>,
     pub allocated_bytes: Option<f64>,
+    /// The heap's highest point above its size at a step's start, in the forward passes, the
+    /// backward passes and the update (bytes, the most over the timed steps; same allocator).
+    pub heap_peak_forward_bytes: Option<i64>,
+    pub heap_peak_backward_bytes: Option<i64>,
+    pub heap_peak_update_bytes: Option<i64>,
     /// kiln's fused ops, slowest first: calls and time per step in each pass.
     pub fused_ops: Vec<OpTime>,
 }
@@ -146,6 +151,9 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
             parts.backward += out.times.backward;
             parts.update += out.times.update;
             parts.graph_ops += out.times.graph_ops;
+            for (peak, step) in parts.heap_peak.iter_mut().zip(out.times.heap_peak) {
+                *peak = (*peak).max(step);
+            }
         }
     }
     let profile = o.profile.then(|| {
@@ -219,6 +227,9 @@ impl Profile {
             graph_ops: parts.graph_ops as f64 / n,
             allocations: allocs.map(|(a, b)| (a.allocations - b.allocations) as f64 / n),
             allocated_bytes: allocs.map(|(a, b)| (a.bytes - b.bytes) as f64 / n),
+            heap_peak_forward_bytes: allocs.map(|_| parts.heap_peak[0]),
+            heap_peak_backward_bytes: allocs.map(|_| parts.heap_peak[1]),
+            heap_peak_update_bytes: allocs.map(|_| parts.heap_peak[2]),
             fused_ops,
         }
     }
@@ -234,6 +245,20 @@ impl Profile {
             out.push(format!(
                 "allocations  {n:.0} per step, {:.1} MiB",
                 b / (1024.0 * 1024.0)
+            ));
+        }
+        if let (Some(f), Some(b), Some(u)) = (
+            self.heap_peak_forward_bytes,
+            self.heap_peak_backward_bytes,
+            self.heap_peak_update_bytes,
+        ) {
+            let mib = |x: i64| x as f64 / (1024.0 * 1024.0);
+            out.push(format!(
+                "heap peak    above the step's start: forward {:+.1} MiB, backward {:+.1} MiB, \
+                 update {:+.1} MiB",
+                mib(f),
+                mib(b),
+                mib(u)
             ));
         }
         let in_pass = |pass: &str| -> f64 {

@@ -37,6 +37,26 @@ pub struct StepTimes {
     /// Tensors in the autograd graphs of the step's losses (ops whose outputs need a gradient),
     /// counted only while [`kiln_kernels::profile`] is on.
     pub graph_ops: usize,
+    /// The heap's peak above its size at the step's start in the forward passes, the backward
+    /// passes and the update, in bytes (while the counting allocator counts; 0 otherwise).
+    pub heap_peak: [i64; 3],
+}
+
+/// The heap's peaks per part of a step, relative to the step's start.
+struct HeapWatch(Option<i64>);
+
+impl HeapWatch {
+    fn start() -> Self {
+        kiln_core::alloc::take_peak();
+        HeapWatch(kiln_core::alloc::live())
+    }
+
+    /// Raises `peak` to the heap's peak since the last call, above the step's start.
+    fn note(&self, peak: &mut i64) {
+        if let (Some(base), Some(p)) = (self.0, kiln_core::alloc::take_peak()) {
+            *peak = (*peak).max(p - base);
+        }
+    }
 }
 
 /// One optimizer update: forward and backward over `batches` (gradients summed, each loss scaled
@@ -59,6 +79,7 @@ pub fn train_step(
     let mut loss_sum = 0.0;
     let mut times = StepTimes::default();
     let mut clock = Instant::now();
+    let heap = HeapWatch::start();
     let out = |loss, grad_norm, diverged, times| StepOutput {
         loss,
         grad_norm,
@@ -66,17 +87,18 @@ pub fn train_step(
         times,
     };
     for batch in batches {
-        let logits = model.forward(&batch.inputs, true)?;
         let loss = match &batch.mix {
-            None => task::loss(&logits, &batch.targets)?,
+            None => model.loss(&batch.inputs, &batch.targets, true)?,
             // Mixup/CutMix: the images are blended, so is the loss over both label sets.
             Some((partner, lambda)) => {
+                let logits = model.forward(&batch.inputs, true)?;
                 let first = (task::loss(&logits, &batch.targets)? * *lambda)?;
                 (first + (task::loss(&logits, partner)? * (1.0 - lambda))?)?
             }
         };
         let value = loss.to_scalar::<f32>()? as f64;
         times.forward += lap(&mut clock);
+        heap.note(&mut times.heap_peak[0]);
         if !value.is_finite() {
             return Ok(out(value, f64::NAN, Some(("loss", value)), times));
         }
@@ -88,6 +110,7 @@ pub fn train_step(
         let store = kiln_kernels::backward(&(loss * (loss_scale / batches.len() as f64))?)?;
         accumulate(&mut grads, params, &store)?;
         times.backward += lap(&mut clock);
+        heap.note(&mut times.heap_peak[1]);
     }
     let loss = loss_sum / batches.len() as f64;
     if check {
@@ -128,6 +151,7 @@ pub fn train_step(
     };
     optimizer.step(params, &grads, lr, clip / loss_scale)?;
     times.update += lap(&mut clock);
+    heap.note(&mut times.heap_peak[2]);
     Ok(out(loss, grad_norm, None, times))
 }
 

@@ -28,13 +28,16 @@ pub fn evaluate(
     let (mut preds, mut truth) = (Vec::new(), Vec::new());
     for host in eval_batches(examples, batch_size, max_batches) {
         let batch = host.to_device(device)?;
-        let logits = model.forward(&batch.inputs, false)?;
         let n = host.targets.len() as u64;
-        loss_sum += loss(&logits, &batch.targets)?.to_scalar::<f32>()? as f64 * n as f64;
-        if task == Task::Classification {
+        let batch_loss = if task == Task::Classification {
+            let logits = model.forward(&batch.inputs, false)?;
             preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
             truth.extend_from_slice(&host.targets);
-        }
+            loss(&logits, &batch.targets)?
+        } else {
+            model.loss(&batch.inputs, &batch.targets, false)?
+        };
+        loss_sum += batch_loss.to_scalar::<f32>()? as f64 * n as f64;
         count += n;
     }
     anyhow::ensure!(count > 0, "the {prefix} split is empty");
