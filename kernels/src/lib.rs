@@ -15,9 +15,9 @@ pub mod conv2d;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
-pub mod frozen;
 pub mod gelu;
 pub mod layer_norm;
+pub mod linear;
 pub mod linear_cross_entropy;
 pub mod max_pool;
 mod op;
@@ -37,9 +37,9 @@ pub use conv2d::{conv2d, conv2d_strided};
 pub use cross_entropy::{cross_entropy, IGNORE_INDEX};
 pub use dropout::dropout;
 pub use embedding::embedding;
-pub use frozen::frozen_matmul;
 pub use gelu::{bias_gelu, gelu};
 pub use layer_norm::layer_norm;
+pub use linear::{linear, WeightLayout};
 pub use linear_cross_entropy::linear_cross_entropy;
 pub use max_pool::{max_pool2d, max_pool2d_strided};
 pub use relu::{add_relu, relu};
@@ -153,9 +153,8 @@ pub fn stats_dtype(dtype: DType) -> DType {
     }
 }
 
-/// `y`, computed from `x` outside the graph (checkpointed blocks, backward segments, frozen
-/// matmuls), entered into the graph as the output of the custom op `name` on `x`, whose backward
-/// is `bwd(x, dy)`.
+/// `y`, computed from `x` outside the graph (checkpointed blocks, backward segments), entered
+/// into the graph as the output of the custom op `name` on `x`, whose backward is `bwd(x, dy)`.
 pub(crate) fn precomputed<B>(x: &Tensor, y: &Tensor, name: &'static str, bwd: B) -> Result<Tensor>
 where
     B: Fn(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync + 'static,

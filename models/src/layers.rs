@@ -16,7 +16,7 @@ use crate::{cached_attention, checkpointed, dropout, in_precision, KvCache, Shar
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use kiln_kernels::{bias_gelu, causal_self_attention, embedding, gelu, layer_norm, rms_norm};
-use kiln_kernels::{softmax, stats_dtype};
+use kiln_kernels::{softmax, stats_dtype, WeightLayout as Layout};
 
 /// N(0, std²), the transformers' weight initialization.
 pub(crate) fn normal(std: f64) -> Init {
@@ -26,17 +26,8 @@ pub(crate) fn normal(std: f64) -> Init {
     }
 }
 
-/// How a projection's weight is stored.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Layout {
-    /// `nn.Linear`: (out, in), so the matmul takes Wᵀ.
-    OutIn,
-    /// GPT-2's `Conv1D`: (in, out), so `x · W` needs no transpose.
-    InOut,
-}
-
-/// A projection y = x · W (+ b) (+ a LoRA adapter's update), the matmul in the `compute` dtype
-/// and the result in x's dtype. Weights are N(0, std²), biases 0.
+/// A projection y = x · W (+ b) (+ a LoRA adapter's update) on kiln's fused linear op, the
+/// matmul in the `compute` dtype and the result in x's dtype. Weights are N(0, std²), biases 0.
 #[derive(Clone)]
 pub(crate) struct Linear {
     weight: Tensor,
@@ -44,8 +35,6 @@ pub(crate) struct Linear {
     layout: Layout,
     /// A LoRA adapter, when the recipe targets this layer.
     lora: Option<Adapter>,
-    /// The pretrained weight stays fixed (LoRA): no gradient is computed for it.
-    frozen: bool,
 }
 
 impl Linear {
@@ -76,7 +65,6 @@ impl Linear {
             bias,
             layout,
             lora: None,
-            frozen: false,
         })
     }
 
@@ -106,7 +94,6 @@ impl Linear {
         Linear {
             weight: self.weight.detach(),
             bias: self.bias.as_ref().map(Tensor::detach),
-            frozen: true,
             ..self
         }
     }
@@ -115,22 +102,10 @@ impl Linear {
         self.bias.as_ref()
     }
 
-    /// W as (in, out).
-    fn w(&self) -> Result<Tensor> {
-        match self.layout {
-            Layout::OutIn => self.weight.t(),
-            Layout::InOut => Ok(self.weight.clone()),
-        }
-    }
-
-    /// x (…, in) · W on all positions at once, as a 2-D (positions, out) tensor: cheaper
-    /// forward and backward than a batched matmul.
-    fn matmul_2d(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        if self.frozen {
-            kiln_kernels::frozen_matmul(x, &self.w()?, compute)
-        } else {
-            in_precision(x, &self.w()?, compute)
-        }
+    /// x (positions, in) · W (+ b) on all positions at once: cheaper forward and backward
+    /// than a batched matmul. A frozen weight is a constant, so it gets no gradient.
+    fn project(&self, x: &Tensor, bias: Option<&Tensor>, compute: DType) -> Result<Tensor> {
+        kiln_kernels::linear(x, &self.weight, bias, self.layout, compute)
     }
 
     /// The output dimensions for an input of `x`'s and the input as a 2-D tensor.
@@ -147,17 +122,14 @@ impl Linear {
     /// x · W without the bias (nor an adapter), in x's dtype.
     pub fn matmul(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
         let (out_dims, x) = self.flat(x)?;
-        self.matmul_2d(&x, compute)?.reshape(out_dims)
+        self.project(&x, None, compute)?.reshape(out_dims)
     }
 
     /// x · W + b (+ the adapter's update) with the matmuls in `compute`, returned in x's
     /// dtype; `train` turns the adapter's dropout on.
     pub fn forward(&self, x: &Tensor, compute: DType, train: bool) -> Result<Tensor> {
         let (out_dims, x) = self.flat(x)?;
-        let mut y = self.matmul_2d(&x, compute)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let mut y = self.project(&x, self.bias.as_ref(), compute)?;
         if let Some(lora) = &self.lora {
             y = (y + lora.forward(&x, compute, train)?)?;
         }
