@@ -192,30 +192,43 @@ where
         self.name
     }
 
-    /// Hands the precomputed output to the graph (a copy: an op returns fresh storage).
+    /// Hands the precomputed output to the graph.
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = self.output()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("{}: output on another device", self.name),
-        }
+        hand_over::cpu(&self.output()?, self.name)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = self.output()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("{}: output on another device", self.name),
-        }
+        hand_over::cuda(&self.output()?, self.name)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         (self.bwd)(x, dy)
+    }
+}
+
+/// A tensor computed outside the graph, handed to a custom op's forward as its output: a copy
+/// of its storage (an op returns fresh storage), which must be its own from offset 0
+/// (`contiguous()?.copy()?` makes it so; a fresh op output is).
+mod hand_over {
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CpuStorage, Result, Shape, Storage, Tensor};
+
+    pub fn cpu(t: &Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{op}: output on another device"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn cuda(t: &Tensor, op: &str) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{op}: output on another device"),
+        }
     }
 }
 

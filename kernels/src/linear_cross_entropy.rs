@@ -133,13 +133,7 @@ impl CustomOp2 for Head {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let loss = self.loss()?;
-        let (storage, layout) = loss.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) => Ok((s.try_clone(layout)?, Shape::from(()))),
-            _ => candle_core::bail!("linear_cross_entropy: loss on another device"),
-        }
+        crate::hand_over::cpu(&self.loss()?, self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -150,13 +144,7 @@ impl CustomOp2 for Head {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let loss = self.loss()?;
-        let (storage, layout) = loss.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, Shape::from(()))),
-            _ => candle_core::bail!("linear_cross_entropy: loss on another device"),
-        }
+        crate::hand_over::cuda(&self.loss()?, self.name())
     }
 
     fn bwd(
@@ -185,7 +173,7 @@ impl CustomOp2 for Head {
 mod tests {
     use super::*;
     use crate::testing::{max_abs_diff, rand};
-    use crate::{cross_entropy, IGNORE_INDEX};
+    use crate::{compare::rel_err, cross_entropy, IGNORE_INDEX};
     use candle_core::{Device, Var};
 
     /// The unfused head: logits = x·Wᵀ in `compute`, then kiln's cross-entropy.
@@ -249,19 +237,9 @@ mod tests {
         for (compute, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
             let fused = run(|x, w| linear_cross_entropy(x, w, &t, compute), &x, &w);
             let plain = run(|x, w| unfused(x, w, &t, compute), &x, &w);
-            let rel = |a: &Tensor, b: &Tensor| {
-                let scale = b
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                max_abs_diff(a, b) / scale as f64
-            };
-            assert!(rel(&fused.0, &plain.0) < tol, "{compute:?} loss");
-            assert!(rel(&fused.1, &plain.1) < tol, "{compute:?} dx");
-            assert!(rel(&fused.2, &plain.2) < tol, "{compute:?} dw");
+            assert!(rel_err(&fused.0, &plain.0) < tol, "{compute:?} loss");
+            assert!(rel_err(&fused.1, &plain.1) < tol, "{compute:?} dx");
+            assert!(rel_err(&fused.2, &plain.2) < tol, "{compute:?} dw");
         }
     }
 
