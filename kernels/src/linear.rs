@@ -136,9 +136,14 @@ impl Linear {
                     .to_dtype(w.dtype())
                 })
                 .transpose()?;
+            // Σ over rows as a (1, N)·dy product: candle's `sum(0)` walks the rows with a
+            // strided index and took 2.6 ms on a (2048, 384) gradient, the product 0.1 ms.
             let db = b
                 .filter(|b| b.track_op())
-                .map(|b| dy.sum(0)?.to_dtype(b.dtype()))
+                .map(|b| {
+                    let ones = Tensor::ones((1, dy.dim(0)?), dy.dtype(), dy.device())?;
+                    ones.matmul(&dy)?.squeeze(0)?.to_dtype(b.dtype())
+                })
                 .transpose()?;
             Ok([dx, dw, db])
         })
