@@ -4,9 +4,10 @@
 //! building its parts under HF's module paths; gpt.rs, llama.rs, bert.rs and vit.rs only say
 //! which parts, in which order, under which names.
 //!
-//! Every op on a training path is one of kiln's fused kernels (embedding, layer/RMS norm, causal
-//! attention, softmax, bias+GELU, dropout, activation checkpointing), each with its own
-//! backward, or a candle op that has one (matmul, casts, reshapes, `gelu_erf`, `silu`). Under
+//! Every op on a training path is one of kiln's fused kernels (projections, embedding, layer/RMS
+//! norm, causal attention, softmax, bias+GELU, erf GELU, dropout, activation checkpointing,
+//! backward segments), each with its own backward, or a candle op that has one (matmul, casts,
+//! reshapes, `silu`). Under
 //! mixed precision the matmuls run in the `compute` dtype (bf16/f16) through differentiable
 //! casts ([`in_precision`]) while the residual stream, the norms and softmax statistics stay in
 //! the weights' dtype.
@@ -15,7 +16,8 @@ use crate::lora::{Adapter, LoraConfig};
 use crate::{cached_attention, checkpointed, dropout, in_precision, KvCache, SharedRng};
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
-use kiln_kernels::{bias_gelu, causal_self_attention, embedding, gelu, layer_norm, rms_norm};
+use kiln_kernels::rms_norm;
+use kiln_kernels::{bias_gelu, causal_self_attention, embedding, gelu, gelu_erf, layer_norm};
 use kiln_kernels::{softmax, stats_dtype, WeightLayout as Layout};
 
 /// N(0, std²), the transformers' weight initialization.
@@ -495,7 +497,7 @@ impl Attention {
 pub(crate) enum Activation {
     /// GPT-2's tanh-approximated GELU (HF's "gelu_new"), fused with the bias (kiln's kernel).
     GeluTanh,
-    /// The exact erf GELU (HF's "gelu"), candle's `gelu_erf` (which has a backward).
+    /// The exact erf GELU (HF's "gelu"), kiln's `gelu_erf` (candle's on other devices).
     GeluErf,
     /// SwiGLU: silu(gate(x)) · up(x), candle's `silu` (which has a backward).
     SwiGlu,
@@ -540,7 +542,7 @@ impl FeedForward {
                     None => gelu(&h)?,
                 }
             }
-            (Activation::GeluErf, _) => self.up.forward(x, compute, train)?.gelu_erf()?,
+            (Activation::GeluErf, _) => gelu_erf(&self.up.forward(x, compute, train)?)?,
             (Activation::SwiGlu, Some(gate)) => {
                 let g = gate.forward(x, compute, train)?.silu()?;
                 (g * self.up.forward(x, compute, train)?)?
