@@ -297,6 +297,7 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                 None,
                 &device,
                 prefix,
+                None,
             )?;
             let mut out = serde_json::Map::new();
             out.insert(

@@ -169,6 +169,85 @@ fn resume_refuses_what_it_cannot_continue() {
     );
 }
 
+/// `checkpoints/latest` of a run.
+fn latest_name(run: &Path) -> String {
+    std::fs::read_to_string(run.join("checkpoints/latest")).unwrap()
+}
+
+#[test]
+fn a_stop_at_the_last_step_or_during_an_evaluation_loses_no_step() {
+    let dir = tempfile::tempdir().unwrap();
+    // At the last step: it is checkpointed before the final evaluation, which `--resume` then
+    // runs alone.
+    let r = Recipe::load(recipe(dir.path(), 1, 5), &[]).unwrap();
+    let full = train(&r, &opts(dir.path().join("full"))).unwrap().run_dir;
+    let stop = Arc::new(AtomicUsize::new(15));
+    let mut o = opts(dir.path().join("last"));
+    o.stop = Some(stop.clone());
+    let out = train(&r, &o).unwrap();
+    assert_eq!(out.interrupted, Some(15));
+    let run = out.run_dir;
+    assert_eq!(latest_name(&run), "step-1");
+    assert!(!run.join("summary.json").exists());
+    stop.store(0, Ordering::SeqCst);
+    assert_eq!(resume(&run, &[], &o).unwrap().interrupted, None);
+    assert_eq!(final_weights(&run), final_weights(&full));
+    assert_eq!(
+        metrics_without_throughput(&run),
+        metrics_without_throughput(&full)
+    );
+    assert_eq!(
+        summary(&run)["final"]["eval/loss"],
+        summary(&full)["final"]["eval/loss"]
+    );
+
+    // During a periodic evaluation (every step here): it gives up at the next batch, and the
+    // step is checkpointed.
+    let r = Recipe::load(
+        recipe(dir.path(), 4, 5),
+        &["trainer.eval_every=1".to_string()],
+    )
+    .unwrap();
+    stop.store(15, Ordering::SeqCst);
+    let mut o = opts(dir.path().join("eval"));
+    o.stop = Some(stop);
+    let out = train(&r, &o).unwrap();
+    assert_eq!(out.interrupted, Some(15));
+    assert_eq!(latest_name(&out.run_dir), "step-1");
+    let evals = metrics(&out.run_dir)
+        .iter()
+        .filter(|m| m.get("eval/loss").is_some())
+        .count();
+    assert_eq!(evals, 0, "the interrupted evaluation was recorded");
+}
+
+#[test]
+fn resume_of_a_run_stopped_before_its_first_checkpoint_trains_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Recipe::load(recipe(dir.path(), 12, 5), &[]).unwrap();
+    let full = train(&r, &opts(dir.path().join("full"))).unwrap().run_dir;
+    // What a kill at step 3 leaves: the resolved recipe, an empty checkpoints folder, and
+    // metrics up to step 3.
+    let killed = dir.path().join("killed");
+    copy_dir(&full, &killed);
+    std::fs::remove_dir_all(killed.join("checkpoints")).unwrap();
+    std::fs::create_dir(killed.join("checkpoints")).unwrap();
+    std::fs::remove_file(killed.join("summary.json")).unwrap();
+    let early: String = std::fs::read_to_string(killed.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"] == 1)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(killed.join("metrics.jsonl"), early).unwrap();
+    resume(&killed, &[], &opts(killed.clone())).unwrap();
+    assert_eq!(final_weights(&killed), final_weights(&full));
+    assert_eq!(
+        metrics_without_throughput(&killed),
+        metrics_without_throughput(&full)
+    );
+}
+
 /// A CUDA device, or None (with the reason printed) when this kiln was built without the
 /// `cuda` feature or no GPU is present.
 fn cuda_device() -> Option<candle_core::Device> {

@@ -116,6 +116,11 @@ pub fn newest_valid(checkpoints: &Path) -> anyhow::Result<(PathBuf, Vec<String>)
     )
 }
 
+/// Whether `checkpoints` holds any `step-N` folder, intact or not.
+pub fn any(checkpoints: &Path) -> bool {
+    step_dirs(checkpoints).is_ok_and(|dirs| !dirs.is_empty())
+}
+
 /// The `step-N` folders, newest first (temporary `.step-N.tmp` folders are not among them).
 fn step_dirs(checkpoints: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
     let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(checkpoints)?

@@ -5,6 +5,7 @@ use kiln_core::data::{eval_batches, Examples};
 use kiln_core::recipe::Task;
 use kiln_models::Model;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Mean cross-entropy of logits (…, C) against targets (…).
 pub fn loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -12,9 +13,25 @@ pub fn loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     kiln_kernels::cross_entropy(&logits.reshape(((), c))?, &targets.flatten_all()?)
 }
 
+/// An evaluation given up between two batches because a signal asked the process to stop.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: usize,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "evaluation stopped by signal {}", self.signal)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// Evaluates `model` on a split: `{prefix}/loss` plus `{prefix}/accuracy` and `{prefix}/f1`
 /// (macro-averaged, classification) or `{prefix}/perplexity` (language models). Metrics are
-/// averaged over targets, not batches.
+/// averaged over targets, not batches. When `stop` holds a signal number (set by a handler),
+/// the evaluation ends before the next batch with an [`Interrupted`] error.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &dyn Model,
     task: Task,
@@ -23,10 +40,14 @@ pub fn evaluate(
     max_batches: Option<usize>,
     device: &candle_core::Device,
     prefix: &str,
+    stop: Option<&AtomicUsize>,
 ) -> anyhow::Result<BTreeMap<String, f64>> {
     let (mut loss_sum, mut count) = (0.0f64, 0u64);
     let (mut preds, mut truth) = (Vec::new(), Vec::new());
     for host in eval_batches(examples, batch_size, max_batches) {
+        if let Some(signal) = stop.map(|s| s.load(Ordering::SeqCst)).filter(|&s| s != 0) {
+            return Err(Interrupted { signal }.into());
+        }
         let batch = host.to_device(device)?;
         let n = host.targets.len() as u64;
         let batch_loss = if task == Task::Classification {

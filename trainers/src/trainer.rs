@@ -96,7 +96,18 @@ pub fn resume(run_dir: &Path, sets: &[String], opts: &TrainOptions) -> Result<Tr
         run_dir.display(),
         changed.join(", ")
     );
-    let (checkpoint, warnings) = checkpoint::newest_valid(&run_dir.join("checkpoints"))?;
+    let checkpoints = run_dir.join("checkpoints");
+    if !checkpoint::any(&checkpoints) {
+        // Killed before its first checkpoint: nothing to continue from, and the same recipe and
+        // seed make a fresh start the same run.
+        eprintln!(
+            "note: {} has no checkpoint (it stopped before its first); training it again from \
+             step 0",
+            run_dir.display()
+        );
+        return run_loop(&recipe, RunDir::reopen(run_dir, 0)?, None, opts);
+    }
+    let (checkpoint, warnings) = checkpoint::newest_valid(&checkpoints)?;
     for w in warnings {
         eprintln!("warning: {w}");
     }
@@ -143,11 +154,12 @@ fn run_loop(
         if t.eval_every > 0 && step % t.eval_every == 0 && step < total_steps {
             tr.evaluate_periodic(step)?;
         }
-        let stop = opts.stop.as_ref().map_or(0, |s| s.load(Ordering::SeqCst));
+        // The last step is checkpointed by `finish`, before the final evaluation.
         if step < total_steps {
-            tr.checkpoint_if_due(step, stop != 0)?;
-            if stop != 0 {
-                return Ok(tr.interrupted(step, stop));
+            let stop = tr.stop_signal();
+            tr.checkpoint_if_due(step, stop.is_some())?;
+            if let Some(signal) = stop {
+                return Ok(tr.interrupted(step, signal));
             }
         }
     }
@@ -170,6 +182,10 @@ struct Training<'a> {
     state: TrainerState,
     /// The newest checkpoint written (or resumed from), named when training diverges.
     last_checkpoint: Option<PathBuf>,
+    /// The step the run started from (0, or the resumed checkpoint's).
+    started_at: usize,
+    /// Holds a signal's number once SIGINT/SIGTERM asks the run to stop.
+    stop: Option<Arc<AtomicUsize>>,
     loader: Loader,
     total_steps: usize,
     schedule: Schedule,
@@ -266,8 +282,10 @@ impl<'a> Training<'a> {
             n_params,
             optimizer,
             dropout_rng,
+            started_at: state.step,
             state,
             last_checkpoint,
+            stop: opts.stop.clone(),
             loader,
             total_steps,
             schedule,
@@ -292,8 +310,16 @@ impl<'a> Training<'a> {
             format!("{n_params} parameters, {n_trainable} trainable")
         };
         let (total_steps, path) = (self.total_steps, &self.run.path);
-        if self.state.step >= total_steps {
+        let (step, evaluated) = (self.state.step, path.join("summary.json").exists());
+        if step > total_steps || (step == total_steps && evaluated) {
             bail!("the run in {} already finished its {total_steps} steps; to train longer, resume with --set trainer.max_steps=N", path.display());
+        }
+        if step == total_steps {
+            self.progress.line(&format!(
+                "{} stopped after its last step, before the final evaluation: running it now",
+                path.display()
+            ));
+            return Ok(());
         }
         self.progress.line(&format!(
             "training {} ({param_note}) on {} for {total_steps} steps → {}",
@@ -378,11 +404,21 @@ impl<'a> Training<'a> {
     }
 
     /// A periodic evaluation on (up to `trainer.eval_batches` batches of) the validation split.
+    /// A signal during it ends it unrecorded; the loop then checkpoints the step and stops.
     fn evaluate_periodic(&mut self, step: usize) -> Result<()> {
         let t = &self.recipe.trainer;
         let eval_batches = (t.eval_batches > 0).then_some(t.eval_batches);
-        let values = self.evaluate(&self.data.val, eval_batches, "eval")?;
-        self.record(step, &values)
+        match self.evaluate(&self.data.val, eval_batches, "eval") {
+            Ok(values) => self.record(step, &values),
+            Err(e) if e.is::<task::Interrupted>() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The signal that asked the run to stop, if one has.
+    fn stop_signal(&self) -> Option<usize> {
+        let signal = self.stop.as_ref()?.load(Ordering::SeqCst);
+        (signal != 0).then_some(signal)
     }
 
     fn evaluate(
@@ -400,6 +436,7 @@ impl<'a> Training<'a> {
             max_batches,
             &self.device,
             prefix,
+            self.stop.as_deref(),
         )
     }
 
@@ -451,8 +488,13 @@ impl<'a> Training<'a> {
     /// The run stopped by signal `stop` after `step` (its checkpoint is written).
     fn interrupted(self, step: usize, stop: usize) -> TrainOutcome {
         self.progress.finish();
+        let rest = match step == self.total_steps {
+            true => "before the final evaluation; run it with",
+            false => "continue with",
+        };
         self.progress.line(&format!(
-            "stopped by signal {stop} after step {step}; continue with `kiln train --resume {}`",
+            "stopped by signal {stop} after step {step} (checkpointed), {rest} `kiln train \
+             --resume {}`",
             self.run.path.display()
         ));
         TrainOutcome {
@@ -462,16 +504,31 @@ impl<'a> Training<'a> {
         }
     }
 
-    /// The final evaluation on the whole validation split (and the test split, when there is
-    /// one), the final checkpoint, and `summary.json`.
+    /// The final checkpoint, the final evaluation on the whole validation split (and the test
+    /// split, when there is one), and `summary.json`. The checkpoint comes first: a signal or a
+    /// crash during the evaluation (minutes on a large split) then loses no training, and
+    /// `--resume` runs the evaluation alone.
     fn finish(mut self) -> Result<TrainOutcome> {
         let total_steps = self.total_steps;
-        let mut values = self.evaluate(&self.data.val, None, "eval")?;
-        if let Some(test) = &self.data.test {
-            values.extend(self.evaluate(test, None, "test")?);
+        let final_checkpoint = match (&self.last_checkpoint, self.started_at == total_steps) {
+            (Some(resumed), true) => resumed.clone(),
+            _ => self.save_checkpoint(total_steps)?,
+        };
+        self.last_checkpoint = Some(final_checkpoint.clone());
+        if let Some(signal) = self.stop_signal() {
+            return Ok(self.interrupted(total_steps, signal));
         }
+        let values = match self.final_evaluation() {
+            Err(e) => match e.downcast_ref::<task::Interrupted>() {
+                Some(i) => return Ok(self.interrupted(total_steps, i.signal)),
+                None => return Err(e),
+            },
+            Ok(values) => values,
+        };
         self.record(total_steps, &values)?;
-        let final_checkpoint = self.save_checkpoint(total_steps)?;
+        if self.is_best(total_steps) {
+            checkpoint::mark_best(&self.run.path.join("checkpoints"), total_steps)?;
+        }
         self.progress.finish();
 
         let summary = self.summary(&final_checkpoint);
@@ -490,6 +547,14 @@ impl<'a> Training<'a> {
             run_dir: self.run.path,
             summary,
         })
+    }
+
+    fn final_evaluation(&self) -> Result<BTreeMap<String, f64>> {
+        let mut values = self.evaluate(&self.data.val, None, "eval")?;
+        if let Some(test) = &self.data.test {
+            values.extend(self.evaluate(test, None, "test")?);
+        }
+        Ok(values)
     }
 
     fn summary(&self, final_checkpoint: &Path) -> serde_json::Value {
@@ -578,6 +643,7 @@ pub fn evaluate(
     max_batches: Option<usize>,
     device: &Device,
     prefix: &str,
+    stop: Option<&AtomicUsize>,
 ) -> Result<BTreeMap<String, f64>> {
     let compute = amp::compute_dtype(recipe.precision);
     let model = detached_model(varmap, model_cfg, device, compute)?;
@@ -589,6 +655,7 @@ pub fn evaluate(
         max_batches,
         device,
         prefix,
+        stop,
     )
 }
 
