@@ -7,7 +7,7 @@ use kiln::core::data::codec::StreamDecoder;
 use kiln::core::recipe::{list_recipes, Recipe};
 use kiln::trainers::export::{export, load_language_model, ExportOptions};
 use kiln::trainers::generate::{generate, Sampling};
-use kiln::trainers::run::load_run;
+use kiln::trainers::run::load_run_at;
 use kiln::trainers::{train, TrainOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -92,6 +92,9 @@ enum Command {
         run_dir: PathBuf,
         #[arg(long, value_enum, default_value_t = Split::Val)]
         split: Split,
+        /// The run's checkpoint: latest, best or step-N.
+        #[arg(long, default_value = "latest")]
+        checkpoint: String,
         #[arg(long)]
         device: Option<String>,
     },
@@ -276,10 +279,11 @@ fn run(cli: Cli) -> Result<Option<usize>> {
         Command::Eval {
             run_dir,
             split,
+            checkpoint,
             device,
         } => {
             let device = kiln::core::device::open_device(device.as_deref().unwrap_or("auto"))?;
-            let run = load_run(&run_dir, &device)?;
+            let run = load_run_at(&run_dir, &checkpoint, &device)?;
             let data = kiln::core::data::load(&run.recipe)?;
             let (examples, prefix) = match split {
                 Split::Val => (data.val, "eval"),

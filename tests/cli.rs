@@ -179,10 +179,100 @@ fn corrupt_checkpoint_is_named_and_refused() {
     let o = kiln(&["eval", run.to_str().unwrap()], dir.path());
     assert!(!o.status.success());
     assert!(
+        stderr(&o).contains("step-5/model.safetensors") && stderr(&o).contains("sha256"),
+        "{}",
+        stderr(&o)
+    );
+    // Past the integrity check (a manifest made for the broken file), the parse names it too.
+    reseal(&run.join("checkpoints/step-5"));
+    let o = kiln(&["eval", run.to_str().unwrap()], dir.path());
+    assert!(
         stderr(&o).contains("step-5/model.safetensors") && stderr(&o).contains("corrupt"),
         "{}",
         stderr(&o)
     );
+}
+
+/// Rewrites a checkpoint's sha256 manifest for its files as they are now: a checkpoint that is
+/// intact as a file set but wrong in content (another recipe's, or edited and resealed).
+fn reseal(checkpoint: &std::path::Path) {
+    let manifest = checkpoint.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    for (name, sha) in m["sha256"].as_object_mut().unwrap() {
+        let f = checkpoint.join(name);
+        *sha = kiln::core::fs::sha256_file(&f).unwrap().into();
+    }
+    std::fs::write(&manifest, m.to_string()).unwrap();
+}
+
+#[test]
+fn damaged_checkpoints_and_overwriting_outputs_are_refused() {
+    let (dir, run) = trained_tiny_gpt(5);
+    let r = run.to_str().unwrap();
+    let fails = |args: &[&str], want: &[&str]| {
+        let o = kiln(args, dir.path());
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{args:?}: expected {w:?} in {err}");
+        }
+    };
+    let model = run.join("checkpoints/step-5/model.safetensors");
+    let intact = std::fs::read(&model).unwrap();
+
+    // Exports into the run's checkpoints or over the run directory, --force or not.
+    let inside = run.join("checkpoints/step-5");
+    let inside = inside.to_str().unwrap();
+    fails(
+        &["export", r, "--out", inside, "--force"],
+        &["inside the checkpoints", "pick a folder outside"],
+    );
+    fails(&["export", r, "--out", r, "--force"], &["the directory"]);
+    assert_eq!(std::fs::read(&model).unwrap(), intact);
+
+    // predict never writes over its input, whatever the path says.
+    let rows = dir.path().join("rows.csv");
+    std::fs::write(&rows, "text,label\nhello,0\n").unwrap();
+    let same = dir.path().join("sub/../rows.csv");
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    fails(
+        &[
+            "predict",
+            r,
+            "--input",
+            rows.to_str().unwrap(),
+            "--output",
+            same.to_str().unwrap(),
+        ],
+        &["--output", "is the input itself"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(&rows).unwrap(),
+        "text,label\nhello,0\n"
+    );
+
+    // A `latest` that points out of the checkpoints folder.
+    let latest = run.join("checkpoints/latest");
+    std::fs::write(&latest, "../../sub").unwrap();
+    fails(&["eval", r], &["not a checkpoint folder (step-N)"]);
+    std::fs::write(&latest, "step-5").unwrap();
+
+    // One flipped bit in the weights: every command that reads them refuses, naming the file.
+    let mut flipped = intact.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x10;
+    std::fs::write(&model, flipped).unwrap();
+    let out = dir.path().join("exported");
+    for args in [
+        vec!["eval", r],
+        vec!["eval", r, "--checkpoint", "step-5"],
+        vec!["generate", r, "--prompt", "hi", "--max-new-tokens", "2"],
+        vec!["export", r, "--out", out.to_str().unwrap()],
+    ] {
+        fails(&args, &["step-5", "failed its integrity check", "sha256"]);
+    }
+    assert!(!out.exists(), "a refused export left {}", out.display());
 }
 
 #[test]
@@ -195,6 +285,7 @@ fn misshapen_weights_are_named_with_both_shapes() {
             .unwrap();
     weights.insert("transformer.wpe.weight".to_string(), bad);
     candle_core::safetensors::save(&weights, &path).unwrap();
+    reseal(&run.join("checkpoints/step-3"));
     let o = kiln(&["eval", run.to_str().unwrap()], dir.path());
     let err = stderr(&o);
     assert!(!o.status.success());
@@ -296,6 +387,10 @@ fn bench_profile_accounts_for_the_step() {
         ms("allocations") > 0.0 && ms("allocated_bytes") > 0.0,
         "{p}"
     );
+    // The forward keeps activations and the backward makes gradients: both grow the heap.
+    for part in ["heap_peak_forward_bytes", "heap_peak_backward_bytes"] {
+        assert!(ms(part) > 0.0, "{part}: {p}");
+    }
     // One layer: ln_1, ln_2 and ln_f, each once forward and once backward per step.
     let op = |name: &str, pass: &str| {
         let ops = p["fused_ops"].as_array().unwrap();

@@ -178,9 +178,18 @@ pub fn latest(checkpoints: &Path) -> anyhow::Result<PathBuf> {
     named_dir(checkpoints, &p, &name)
 }
 
-/// The checkpoint folder `name` that the pointer file `p` (`latest`, `best`) holds.
+/// The checkpoint folder `name` that the pointer file `p` (`latest`, `best`) holds: a `step-N`
+/// folder of `checkpoints`, never a path elsewhere.
 fn named_dir(checkpoints: &Path, p: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let dir = checkpoints.join(name.trim());
+    let name = name.trim();
+    anyhow::ensure!(
+        name.strip_prefix("step-")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        "{} names '{name}', which is not a checkpoint folder (step-N) of {}",
+        p.display(),
+        checkpoints.display()
+    );
+    let dir = checkpoints.join(name);
     anyhow::ensure!(
         dir.is_dir(),
         "{} names {}, which does not exist",
@@ -190,16 +199,35 @@ fn named_dir(checkpoints: &Path, p: &Path, name: &str) -> anyhow::Result<PathBuf
     Ok(dir)
 }
 
-/// The checkpoint a user names: `latest`, `best` (kept by `trainer.keep_best`) or `step-N`.
+/// The checkpoint a user names: `latest`, `best` (kept by `trainer.keep_best`) or `step-N`,
+/// after checking its files against its sha256 manifest (eval, generate, predict and export
+/// read nothing damaged).
 pub fn by_name(checkpoints: &Path, which: &str) -> anyhow::Result<PathBuf> {
-    let available = || {
-        let names: Vec<String> = step_dirs(checkpoints)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(_, d)| d.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
-        names.join(", ")
-    };
+    let dir = find(checkpoints, which)?;
+    verify(&dir).map_err(|e| {
+        anyhow::anyhow!(
+            "checkpoint {} failed its integrity check: {e:#}; name an intact one with \
+             --checkpoint (available: latest, {})",
+            dir.display(),
+            available(checkpoints)
+        )
+    })?;
+    Ok(dir)
+}
+
+/// The `step-N` folders by name, newest first, comma-separated.
+fn available(checkpoints: &Path) -> String {
+    let names: Vec<String> = step_dirs(checkpoints)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, d)| d.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.join(", ")
+}
+
+/// The folder [`by_name`] names, unverified.
+fn find(checkpoints: &Path, which: &str) -> anyhow::Result<PathBuf> {
+    let available = || available(checkpoints);
     match which {
         "latest" => latest(checkpoints),
         "best" => {
@@ -223,7 +251,7 @@ pub fn by_name(checkpoints: &Path, which: &str) -> anyhow::Result<PathBuf> {
             Ok(dir)
         }
         other => anyhow::bail!(
-            "--checkpoint {other:?}: use latest, best or step-N (available: {})",
+            "--checkpoint '{other}': use latest, best or step-N (available: {})",
             available()
         ),
     }

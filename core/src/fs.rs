@@ -1,5 +1,5 @@
-//! File helpers shared by data loading, checkpoints and run directories: atomic writes and
-//! content hashes.
+//! File helpers shared by data loading, checkpoints and run directories: atomic writes, content
+//! hashes, and where a path really points (so that no output overwrites an input).
 
 use std::path::Path;
 
@@ -25,4 +25,39 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 /// Lower-case hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `path` made absolute with symbolic links and `..` resolved as far as it exists (the rest
+/// appended as written): where a file would be written, to compare with other paths before
+/// anything is created.
+pub fn resolved(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    let absolute = std::path::absolute(path)?;
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => break,
+        }
+    }
+    let mut out = existing.canonicalize()?;
+    out.extend(rest.into_iter().rev());
+    Ok(out)
+}
+
+/// Refuses to write `output` where it would overwrite `input` (the same file, through any
+/// path); `what` names the options in the message.
+pub fn ensure_not_same_file(input: &Path, output: &Path, what: &str) -> anyhow::Result<()> {
+    let resolve =
+        |p: &Path| resolved(p).map_err(|e| anyhow::anyhow!("cannot resolve {}: {e}", p.display()));
+    anyhow::ensure!(
+        resolve(input)? != resolve(output)?,
+        "{what}: {} is the input itself; writing it would destroy the input. Pick another \
+         output path",
+        output.display()
+    );
+    Ok(())
 }

@@ -30,8 +30,32 @@ pub struct ExportOptions {
     pub adapter: bool,
 }
 
+/// An export into the run directory itself (its tokenizer files) or into its checkpoints would
+/// overwrite what it was made from, `--force` or not.
+fn refuse_inside_run(run_dir: &Path, out: &Path) -> Result<()> {
+    let resolve = |p: &Path| {
+        kiln_core::fs::resolved(p).with_context(|| format!("cannot resolve {}", p.display()))
+    };
+    let (run, out_abs) = (resolve(run_dir)?, resolve(out)?);
+    let checkpoints = run.join("checkpoints");
+    if out_abs == run || out_abs.starts_with(&checkpoints) {
+        bail!(
+            "--out {} is {} of the run being exported: writing there would overwrite it; pick a \
+             folder outside {}",
+            out.display(),
+            match out_abs == run {
+                true => "the directory",
+                false => "inside the checkpoints",
+            },
+            checkpoints.display()
+        );
+    }
+    Ok(())
+}
+
 /// Writes the HF folder for `run_dir`'s checkpoint into `out`.
 pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
+    refuse_inside_run(run_dir, out)?;
     if out.exists() && std::fs::read_dir(out)?.next().is_some() && !o.force {
         bail!(
             "{} exists and is not empty; pick another --out, or pass --force to write over it",

@@ -210,6 +210,7 @@ pub fn predict(
     o: &PredictOptions,
     device: &Device,
 ) -> Result<PredictSummary> {
+    kiln_core::fs::ensure_not_same_file(input, output, "--output")?;
     if let Some(clf) = load_image_classifier(spec, device)? {
         return predict_images(&clf, input, output, o, device);
     }

@@ -421,18 +421,21 @@ impl<'a> Training<'a> {
         (signal != 0).then_some(signal)
     }
 
+    /// Evaluates the current weights without building an autograd graph: the model is rebuilt
+    /// on detached views of the parameters (no copy), so no op records its inputs.
     fn evaluate(
         &self,
         examples: &Arc<dyn data::Examples>,
         max_batches: Option<usize>,
         prefix: &str,
     ) -> Result<BTreeMap<String, f64>> {
-        let (varmap, cfg) = (&self.varmap, &self.model_cfg);
-        evaluate(
-            varmap,
-            cfg,
-            self.recipe,
-            examples,
+        let compute = amp::compute_dtype(self.recipe.precision);
+        let model = detached_model(&self.varmap, &self.model_cfg, &self.device, compute)?;
+        task::evaluate(
+            model.as_ref(),
+            self.recipe.task,
+            examples.as_ref(),
+            self.recipe.data.batch_size,
             max_batches,
             &self.device,
             prefix,
@@ -630,32 +633,6 @@ fn diverged(step: usize, what: &str, value: f64, last: &Option<PathBuf>) -> Stri
         "training diverged at step {step}: the {what} is {value}. Nothing was saved from this \
          step; {kept}. Try a lower optim.lr, trainer.clip_grad_norm = 1.0, or a longer \
          schedule.warmup_steps"
-    )
-}
-
-/// Evaluates the current weights without building an autograd graph: the model is rebuilt on
-/// detached views of the parameters (no copy), so no op records its inputs.
-pub fn evaluate(
-    varmap: &VarMap,
-    model_cfg: &ModelConfig,
-    recipe: &Recipe,
-    examples: &std::sync::Arc<dyn data::Examples>,
-    max_batches: Option<usize>,
-    device: &Device,
-    prefix: &str,
-    stop: Option<&AtomicUsize>,
-) -> Result<BTreeMap<String, f64>> {
-    let compute = amp::compute_dtype(recipe.precision);
-    let model = detached_model(varmap, model_cfg, device, compute)?;
-    task::evaluate(
-        model.as_ref(),
-        recipe.task,
-        examples.as_ref(),
-        recipe.data.batch_size,
-        max_batches,
-        device,
-        prefix,
-        stop,
     )
 }
 
