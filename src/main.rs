@@ -338,6 +338,12 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                 seed,
                 stop: lm.codec.end_of_text(),
             };
+            // Every option is checked before the prompt is echoed: an error prints nothing.
+            sampling.check()?;
+            anyhow::ensure!(
+                !ids.is_empty(),
+                "--prompt is empty: give at least one character"
+            );
             let mut out = std::io::stdout().lock();
             write!(out, "{prompt}")?;
             out.flush()?;

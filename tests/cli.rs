@@ -207,6 +207,41 @@ fn reseal(checkpoint: &std::path::Path) {
 }
 
 #[test]
+fn options_are_checked_before_anything_is_written() {
+    let (dir, run) = trained_tiny_gpt(3);
+    let r = run.to_str().unwrap();
+    // generate echoes its prompt only once every option is known to be usable.
+    for (option, want) in [
+        ("--top-p=2", "--top-p must be in (0, 1]"),
+        ("--temperature=-1", "--temperature must be ≥ 0"),
+    ] {
+        let o = kiln(&["generate", r, "--prompt", "hi", option], dir.path());
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{}", stderr(&o));
+        assert_eq!(stdout(&o), "", "printed before the error");
+    }
+    // A warmup longer than the run is trained, with a warning.
+    let (dir, recipe) = tiny_gpt_fixture("");
+    let o = train_in(
+        &recipe,
+        &dir.path().join("warm"),
+        &[
+            "--set",
+            "trainer.max_steps=3",
+            "--set",
+            "schedule.warmup_steps=50",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warmup_steps = 50 covers the whole run of 3 steps"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn damaged_checkpoints_and_overwriting_outputs_are_refused() {
     let (dir, run) = trained_tiny_gpt(5);
     let r = run.to_str().unwrap();

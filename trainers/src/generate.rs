@@ -23,7 +23,8 @@ pub struct Sampling {
 }
 
 impl Sampling {
-    fn check(&self) -> Result<()> {
+    /// Refuses settings that cannot sample (a negative temperature, top-p outside (0, 1]).
+    pub fn check(&self) -> Result<()> {
         anyhow::ensure!(
             self.temperature >= 0.0 && self.temperature.is_finite(),
             "--temperature must be ≥ 0 (0 = greedy), got {}",

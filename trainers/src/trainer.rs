@@ -321,6 +321,13 @@ impl<'a> Training<'a> {
             ));
             return Ok(());
         }
+        let warmup = self.recipe.schedule.warmup_steps;
+        if warmup >= total_steps {
+            eprintln!(
+                "warning: schedule.warmup_steps = {warmup} covers the whole run of \
+                 {total_steps} steps: the learning rate never reaches optim.lr"
+            );
+        }
         self.progress.line(&format!(
             "training {} ({param_note}) on {} for {total_steps} steps → {}",
             self.recipe.name,
@@ -536,10 +543,11 @@ impl<'a> Training<'a> {
 
         let summary = self.summary(&final_checkpoint);
         let path = &self.run.path;
-        std::fs::write(
-            path.join("summary.json"),
-            serde_json::to_string_pretty(&summary)? + "\n",
-        )?;
+        // Atomic: a summary.json marks the run finished, so a kill must not leave half of one.
+        let text = serde_json::to_string_pretty(&summary)? + "\n";
+        let file = path.join("summary.json");
+        kiln_core::fs::write_atomic(&file, text.as_bytes())
+            .with_context(|| format!("writing {}", file.display()))?;
         self.progress.line(&format!(
             "done in {:.1}s → {}",
             self.run.started.elapsed().as_secs_f64(),
