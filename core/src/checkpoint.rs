@@ -220,7 +220,7 @@ fn available(checkpoints: &Path) -> String {
     let names: Vec<String> = step_dirs(checkpoints)
         .unwrap_or_default()
         .into_iter()
-        .map(|(_, d)| d.file_name().unwrap().to_string_lossy().into_owned())
+        .filter_map(|(_, d)| Some(d.file_name()?.to_string_lossy().into_owned()))
         .collect();
     names.join(", ")
 }

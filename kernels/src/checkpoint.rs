@@ -61,7 +61,7 @@ pub fn segment(
     let y = f(input.as_tensor())?;
     let graph = Mutex::new(Some(y.clone()));
     crate::precomputed(x, &y, "kiln-segment", move |_x, dy| {
-        let y = (graph.lock().unwrap().take()).ok_or_else(|| {
+        let y = (crate::locked(&graph).take()).ok_or_else(|| {
             candle_core::Error::Msg("kiln-segment: a second backward through one forward".into())
         })?;
         through(&y, dy, input.as_tensor(), &params)

@@ -181,7 +181,7 @@ struct Precomputed<B> {
 
 impl<B> Precomputed<B> {
     fn output(&self) -> Result<Tensor> {
-        (self.y.lock().unwrap().take())
+        (locked(&self.y).take())
             .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward run twice", self.name)))
     }
 }
@@ -234,6 +234,12 @@ mod hand_over {
     }
 }
 
+/// `m` locked. A lock is only poisoned by a panic while it was held, and the values kept here
+/// (tensors handed from a forward to its backward) are whole either way, so it is taken as is.
+pub(crate) fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A new tensor (outside any graph) over `storage`.
 pub(crate) fn detached(storage: Storage, shape: Shape) -> Tensor {
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
@@ -252,17 +258,17 @@ impl Saved {
         let first = outs
             .next()
             .ok_or_else(|| candle_core::Error::Msg("kernel returned no output".into()))?;
-        *self.0.lock().unwrap() = outs.map(|(s, sh)| detached(s.into_storage(), sh)).collect();
+        *locked(&self.0) = outs.map(|(s, sh)| detached(s.into_storage(), sh)).collect();
         Ok(first)
     }
 
     pub fn get(&self) -> Vec<Tensor> {
-        self.0.lock().unwrap().clone()
+        locked(&self.0).clone()
     }
 
     /// The kept tensors, leaving none: for a backward that reuses them in place.
     pub fn take(&self) -> Vec<Tensor> {
-        std::mem::take(&mut *self.0.lock().unwrap())
+        std::mem::take(&mut *locked(&self.0))
     }
 }
 

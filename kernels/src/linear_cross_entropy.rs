@@ -115,7 +115,7 @@ struct Head {
 
 impl Head {
     fn loss(&self) -> Result<Tensor> {
-        (self.loss.lock().unwrap().take()).ok_or_else(|| {
+        (crate::locked(&self.loss).take()).ok_or_else(|| {
             candle_core::Error::Msg("linear_cross_entropy: forward run twice".into())
         })
     }
@@ -154,7 +154,7 @@ impl CustomOp2 for Head {
         _loss: &Tensor,
         dloss: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.grads.lock().unwrap().take().ok_or_else(|| {
+        let (dx, dw) = crate::locked(&self.grads).take().ok_or_else(|| {
             candle_core::Error::Msg(
                 "linear_cross_entropy: a second backward through one forward".into(),
             )
