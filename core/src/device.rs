@@ -75,3 +75,23 @@ pub fn device_name(d: &Device) -> String {
         other => format!("{other:?}").to_lowercase(),
     }
 }
+
+/// Memory a new allocation on `d` can count on, in bytes: `MemAvailable` of /proc/meminfo on
+/// the CPU, the driver's free memory on a GPU. `None` where it cannot be read.
+pub fn available_memory(d: &Device) -> Option<u64> {
+    match d {
+        Device::Cpu => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(c) => {
+            let (free, _total) = c.cuda_stream().context().mem_get_info().ok()?;
+            Some(free as u64)
+        }
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}

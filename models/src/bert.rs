@@ -389,6 +389,22 @@ impl Model for Bert {
 }
 
 impl ModelSpec for BertConfig {
+    fn activations_per_example(&self, input_shape: &[usize]) -> Option<u128> {
+        let seq = input_shape
+            .first()
+            .copied()
+            .unwrap_or(self.max_position_embeddings);
+        Some(crate::transformer_activations(
+            self.num_hidden_layers,
+            seq,
+            self.hidden_size,
+            self.intermediate_size,
+            2,
+            self.num_attention_heads,
+            self.checkpoint_activations,
+        ))
+    }
+
     /// Checks the config against the data: `num_classes` labels (a head, when there is one,
     /// must have an output for each), sequences of `seq_len` tokens.
     fn resolve(&mut self, data: &DataFacts) -> std::result::Result<(), ConfigError> {

@@ -116,6 +116,21 @@ impl Model for Cnn {
 }
 
 impl ModelSpec for CnnConfig {
+    /// Each stage keeps its convolution output and ReLU at full size and the pooled map.
+    fn activations_per_example(&self, input_shape: &[usize]) -> Option<u128> {
+        let (&[c, h, w], mut total) = (input_shape, 0u128) else {
+            return None;
+        };
+        let (mut h, mut w) = (h as u128, w as u128);
+        total += c as u128 * h * w;
+        for &ch in &self.channels {
+            total += 2 * ch as u128 * h * w;
+            (h, w) = (h / 2, w / 2);
+            total += ch as u128 * h * w;
+        }
+        Some(total + 3 * self.hidden as u128 + self.num_classes as u128)
+    }
+
     fn resolve(&mut self, data: &DataFacts) -> std::result::Result<(), ConfigError> {
         let (classes, input) = (data.classes, &data.input_shape[..]);
         check_dropout(self.dropout, "model.dropout")?;

@@ -137,6 +137,19 @@ impl CausalLm for Gpt {
 }
 
 impl ModelSpec for GptConfig {
+    fn activations_per_example(&self, input_shape: &[usize]) -> Option<u128> {
+        let seq = input_shape.first().copied().unwrap_or(self.block_size);
+        Some(crate::transformer_activations(
+            self.n_layer,
+            seq,
+            self.n_embd,
+            4 * self.n_embd,
+            2,
+            self.n_head,
+            self.checkpoint_activations,
+        ))
+    }
+
     fn resolve(&mut self, data: &DataFacts) -> std::result::Result<(), ConfigError> {
         let (vocab, seq_len) = (data.classes, data.seq_len);
         check_dropout(self.dropout, "model.dropout")?;

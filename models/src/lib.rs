@@ -6,6 +6,7 @@ pub mod bert;
 pub mod cnn;
 mod config;
 mod decoder;
+pub mod footprint;
 pub mod gpt;
 pub mod hf;
 mod layers;
@@ -19,7 +20,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 pub(crate) use config::{
     check_divisible, check_dropout, check_encoder, check_labels_cover, check_positive,
-    check_positive_f64, resolve_context, resolve_vocab,
+    check_positive_f64, resolve_context, resolve_vocab, transformer_activations,
 };
 pub use config::{ConfigError, DataFacts, HfConfig, ModelSpec};
 pub(crate) use decoder::{cached_attention, CausalLm, DecoderStack};

@@ -174,6 +174,23 @@ impl CausalLm for Llama {
 }
 
 impl ModelSpec for LlamaConfig {
+    /// SwiGLU keeps four MLP-wide tensors (gate, up, activation, product).
+    fn activations_per_example(&self, input_shape: &[usize]) -> Option<u128> {
+        let seq = input_shape
+            .first()
+            .copied()
+            .unwrap_or(self.max_position_embeddings);
+        Some(crate::transformer_activations(
+            self.num_hidden_layers,
+            seq,
+            self.hidden_size,
+            self.intermediate_size,
+            4,
+            self.num_attention_heads,
+            self.checkpoint_activations,
+        ))
+    }
+
     fn resolve(&mut self, data: &DataFacts) -> std::result::Result<(), ConfigError> {
         let (vocab, seq_len) = (data.classes, data.seq_len);
         check_dropout(self.dropout, "model.dropout")?;

@@ -68,6 +68,12 @@ impl Model for Mlp {
 }
 
 impl ModelSpec for MlpConfig {
+    /// Each layer keeps its output and activation (and a dropout mask).
+    fn activations_per_example(&self, _input_shape: &[usize]) -> Option<u128> {
+        let widths = self.hidden.iter().map(|&w| 3 * w as u128).sum::<u128>();
+        Some(self.input_dim as u128 + widths + self.num_classes as u128)
+    }
+
     fn resolve(&mut self, data: &DataFacts) -> std::result::Result<(), ConfigError> {
         let (classes, input) = (data.classes, &data.input_shape[..]);
         check_dropout(self.dropout, "model.dropout")?;

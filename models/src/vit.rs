@@ -313,6 +313,20 @@ impl Model for ViT {
 }
 
 impl ModelSpec for ViTConfig {
+    /// One token per patch plus the class token.
+    fn activations_per_example(&self, _input_shape: &[usize]) -> Option<u128> {
+        let side = self.image_size / self.patch_size.max(1);
+        Some(crate::transformer_activations(
+            self.num_hidden_layers,
+            side * side + 1,
+            self.hidden_size,
+            self.intermediate_size,
+            2,
+            self.num_attention_heads,
+            self.checkpoint_activations,
+        ))
+    }
+
     /// Checks the config against the data (`num_classes` classes, examples of `input` shape
     /// (C, H, W)) and fills in what the data decides: `image_size`, `num_channels`,
     /// `num_labels`.

@@ -100,6 +100,7 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
     let data = data::load(recipe)?;
     let input_shape = crate::trainer::input_shape(&data);
     let cfg = ModelConfig::from_recipe(recipe, data.num_classes, &input_shape)?;
+    crate::memory::check_fits(recipe, &cfg, &input_shape, &device)?;
     let varmap = VarMap::new();
     let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, &device);
     let compute = amp::compute_dtype(recipe.precision);
@@ -109,7 +110,7 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
     let mut optimizer = optim::build(&recipe.optim);
     let mut scaler = LossScaler::for_precision(recipe.precision);
     let d = &recipe.data;
-    let loader = crate::trainer::loader(recipe, &data, 0);
+    let loader = crate::trainer::loader(recipe, &data, 0)?;
     let grad_accum = recipe.trainer.grad_accum;
     let items_per_step = d.batch_size * grad_accum * data.train.items_per_example();
 
@@ -127,8 +128,8 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
         }
         let started = Instant::now();
         let batches = (0..grad_accum)
-            .map(|_| loader.next_batch().1.to_device(&device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|_| Ok(loader.next_batch()?.1.to_device(&device)?))
+            .collect::<Result<Vec<_>>>()?;
         let out = train_step(
             model.as_ref(),
             &params,

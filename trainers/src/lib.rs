@@ -5,6 +5,7 @@ pub mod bench;
 pub mod export;
 pub mod generate;
 pub mod infer;
+pub mod memory;
 pub mod optim;
 pub mod progress;
 pub mod run;
