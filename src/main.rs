@@ -12,7 +12,7 @@ use kiln::trainers::{train, TrainOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 // candle allocates a fresh buffer for every op; glibc hands large ones back to the kernel and
@@ -155,7 +155,7 @@ enum Command {
         /// The texts to embed.
         #[arg(required = true)]
         texts: Vec<String>,
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = positive)]
         batch_size: usize,
         #[arg(long)]
         device: Option<String>,
@@ -176,7 +176,7 @@ enum Command {
         /// When the input has it, accuracy is printed. Default: the run's data.label_column.
         #[arg(long)]
         label_column: Option<String>,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = positive)]
         batch_size: usize,
         #[arg(long)]
         device: Option<String>,
@@ -192,7 +192,7 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Timed steps.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = positive)]
         steps: usize,
         /// Untimed steps first (allocation, kernel loading, caches).
         #[arg(long, default_value_t = 3)]
@@ -215,6 +215,15 @@ enum Command {
         #[arg(long, default_value = "recipes")]
         dir: PathBuf,
     },
+}
+
+/// A count that must be at least 1 (a batch size, a number of steps).
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e} (a whole number of at least 1)")),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -344,12 +353,16 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                 !ids.is_empty(),
                 "--prompt is empty: give at least one character"
             );
+            anyhow::ensure!(
+                lm.context() > 0,
+                "this model has a context of 0 tokens: it cannot generate"
+            );
             let mut out = std::io::stdout().lock();
             write!(out, "{prompt}")?;
             out.flush()?;
             let mut stream = StreamDecoder::new(&ids);
             let mut failed = None;
-            generate(
+            let generated = generate(
                 lm.model.as_ref(),
                 &ids,
                 lm.context(),
@@ -362,8 +375,10 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                     }
                     Err(e) => failed = Some(e),
                 },
-            )?;
+            );
+            // The text so far ends its line either way, so an error starts on its own.
             writeln!(out)?;
+            generated?;
             failed.map_or(Ok(None), Err)
         }
         Command::Export {
@@ -426,6 +441,13 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                 Some(a) => eprintln!("{} rows → {} (accuracy {a:.4})", s.rows, output.display()),
                 None => eprintln!("{} rows → {}", s.rows, output.display()),
             }
+            if let Some(first) = &s.first_unknown {
+                eprintln!(
+                    "warning: {} rows have a label the model does not know (first: {first:?}); \
+                     they are predicted but left out of the accuracy",
+                    s.unknown_labels
+                );
+            }
             Ok(None)
         }
         Command::Bench {
@@ -472,15 +494,33 @@ fn run(cli: Cli) -> Result<Option<usize>> {
 
 /// The first SIGINT or SIGTERM sets the returned flag to its number (the trainer checkpoints and
 /// stops after the current step); a second one exits at once with the conventional 128 + signal.
+/// A thread takes the signals, so each can say what happens next.
 fn stop_on_signals() -> Result<Arc<AtomicUsize>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let stop = Arc::new(AtomicUsize::new(0));
-    let armed = Arc::new(AtomicBool::new(false));
-    for sig in [SIGINT, SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, armed.clone())?;
-        signal_hook::flag::register(sig, armed.clone())?;
-        signal_hook::flag::register_usize(sig, stop.clone(), sig as usize)?;
-    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("cannot install the SIGINT/SIGTERM handlers")?;
+    let flag = stop.clone();
+    std::thread::Builder::new()
+        .name("kiln-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                if flag.swap(sig as usize, Ordering::SeqCst) == 0 {
+                    eprintln!(
+                        "\n{name}: finishing this step and writing a checkpoint, then stopping \
+                         (a second signal exits at once)"
+                    );
+                } else {
+                    eprintln!(
+                        "\n{name} again: exiting now; the steps since the newest checkpoint are \
+                         lost (`kiln train --resume RUN_DIR` continues from it)"
+                    );
+                    std::process::exit(128 + sig);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
     Ok(stop)
 }
 

@@ -186,6 +186,45 @@ fn train_eval_predict_export_a_bert_classifier() {
     assert!((total - 1.0).abs() < 1e-5);
     assert!(String::from_utf8_lossy(&o.stderr).contains("accuracy"));
 
+    // Rows whose label the model never saw are predicted, named once, and left out of the
+    // accuracy (counting them wrong would understate it without a word).
+    let unknown = d.join("unknown.tsv");
+    let dev = std::fs::read_to_string(d.join("dev.tsv")).unwrap();
+    std::fs::write(&unknown, format!("{dev}so so\tneutral\nmeh\tneutral\n")).unwrap();
+    let predict_unknown = |batch: &str| {
+        kiln(
+            &[
+                "predict",
+                run.to_str().unwrap(),
+                "--input",
+                unknown.to_str().unwrap(),
+                "--output",
+                d.join("unknown.jsonl").to_str().unwrap(),
+                "--batch-size",
+                batch,
+            ],
+            d,
+        )
+    };
+    let o = predict_unknown("2");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    ok(&o);
+    let accuracy = eval["eval/accuracy"].as_f64().unwrap();
+    assert!(
+        err.contains("6 rows")
+            && err.contains(&format!("(accuracy {accuracy:.4})"))
+            && err.contains("2 rows have a label the model does not know (first: \"neutral\")"),
+        "{err}"
+    );
+    // A batch of no rows is refused by the option parser, before anything runs.
+    let o = predict_unknown("0");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("must be at least 1"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
     // The exported folder predicts the same labels with the same probabilities.
     let out = d.join("hf");
     ok(&kiln(

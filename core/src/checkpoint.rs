@@ -3,7 +3,7 @@
 //! then `checkpoints/latest` is rewritten the same way, so a crash leaves the previous
 //! checkpoint whole.
 
-use crate::fs::{sha256_file, write_atomic};
+use crate::fs::{at, sha256_file, write_atomic};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,23 +27,26 @@ pub fn write_checkpoint(
     step: usize,
     fill: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(checkpoints)?;
+    std::fs::create_dir_all(checkpoints).map_err(at(checkpoints))?;
     let name = step_dir_name(step);
     let tmp = checkpoints.join(format!(".{name}.tmp"));
     let dst = checkpoints.join(&name);
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+        std::fs::remove_dir_all(&tmp).map_err(at(&tmp))?;
     }
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&tmp).map_err(at(&tmp))?;
     fill(&tmp)?;
     write_manifest(&tmp)?;
-    for entry in std::fs::read_dir(&tmp)? {
-        std::fs::File::open(entry?.path())?.sync_all()?;
+    for entry in std::fs::read_dir(&tmp).map_err(at(&tmp))? {
+        let p = entry.map_err(at(&tmp))?.path();
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(at(&p))?;
     }
     if dst.exists() {
-        std::fs::remove_dir_all(&dst)?;
+        std::fs::remove_dir_all(&dst).map_err(at(&dst))?;
     }
-    std::fs::rename(&tmp, &dst)?;
+    std::fs::rename(&tmp, &dst).map_err(at(&dst))?;
     write_atomic(&checkpoints.join(LATEST), name.as_bytes())?;
     Ok(dst)
 }
@@ -51,9 +54,10 @@ pub fn write_checkpoint(
 /// Records the sha256 of every file in `dir` in `dir/manifest.json`.
 fn write_manifest(dir: &Path) -> anyhow::Result<()> {
     let mut files = std::collections::BTreeMap::new();
-    for entry in std::fs::read_dir(dir)? {
-        let p = entry?.path();
-        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+    for entry in std::fs::read_dir(dir).map_err(at(dir))? {
+        let entry = entry.map_err(at(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let p = entry.path();
         if name != MANIFEST_FILE {
             files.insert(name, sha256_file(&p)?);
         }
@@ -123,7 +127,8 @@ pub fn any(checkpoints: &Path) -> bool {
 
 /// The `step-N` folders, newest first (temporary `.step-N.tmp` folders are not among them).
 fn step_dirs(checkpoints: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
-    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(checkpoints)?
+    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(checkpoints)
+        .map_err(at(checkpoints))?
         .filter_map(|e| {
             let p = e.ok()?.path();
             let step = p
@@ -156,10 +161,9 @@ pub fn prune(checkpoints: &Path, keep_last: usize) -> anyhow::Result<Vec<PathBuf
         .map(|s| s.trim().to_string())
         .collect();
     let mut removed = Vec::new();
-    for (_, dir) in step_dirs(checkpoints)?.into_iter().skip(keep_last) {
-        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        if !named.contains(&name) {
-            std::fs::remove_dir_all(&dir)?;
+    for (step, dir) in step_dirs(checkpoints)?.into_iter().skip(keep_last) {
+        if !named.contains(&step_dir_name(step)) {
+            std::fs::remove_dir_all(&dir).map_err(at(&dir))?;
             removed.push(dir);
         }
     }

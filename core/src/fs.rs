@@ -3,22 +3,28 @@
 
 use std::path::Path;
 
+/// Puts `path` in an io error's message: "Not a directory (os error 20)" alone names nothing.
+/// For `.map_err(at(path))`.
+pub fn at(path: &Path) -> impl Fn(std::io::Error) -> std::io::Error + '_ {
+    move |e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
 /// Replaces `path` with `bytes` via a synced temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        let mut f = std::fs::File::create(&tmp).map_err(at(&tmp))?;
+        f.write_all(bytes).map_err(at(&tmp))?;
+        f.sync_all().map_err(at(&tmp))?;
     }
-    std::fs::rename(tmp, path)
+    std::fs::rename(&tmp, path).map_err(at(path))
 }
 
 /// Hex sha256 of a file's bytes.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path)?;
+    let bytes = std::fs::read(path).map_err(at(path))?;
     Ok(hex(&Sha256::digest(&bytes)))
 }
 

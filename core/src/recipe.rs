@@ -395,16 +395,20 @@ pub struct RecipeListing {
 /// Lists `*.toml` recipes in `dir`, sorted by name.
 pub fn list_recipes(dir: &Path) -> std::io::Result<Vec<RecipeListing>> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
+    for entry in std::fs::read_dir(dir).map_err(crate::fs::at(dir))? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let text = std::fs::read_to_string(&path)?;
+            let text = std::fs::read_to_string(&path).map_err(crate::fs::at(&path))?;
             let description = toml::from_str::<toml::Table>(&text)
                 .ok()
                 .and_then(|t| t.get("description")?.as_str().map(str::to_string))
                 .unwrap_or_else(|| "(unreadable recipe)".into());
             out.push(RecipeListing {
-                name: path.file_stem().unwrap().to_string_lossy().into_owned(),
+                name: path
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
                 path,
                 description,
             });

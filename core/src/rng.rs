@@ -118,7 +118,7 @@ fn sample(init: Init, shape: &Shape, rng: &mut ChaCha8Rng) -> Vec<f32> {
 
 impl SimpleBackend for SeededInit {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let mut vars = self.varmap.data().lock().unwrap();
+        let mut vars = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = vars.get(name) {
             if v.shape() != &s {
                 candle_core::bail!(
@@ -136,14 +136,18 @@ impl SimpleBackend for SeededInit {
     }
 
     fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
-        let vars = self.varmap.data().lock().unwrap();
+        let vars = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
         vars.get(name)
             .map(|v| v.as_tensor().clone())
             .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.into() })
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap.data().lock().unwrap().contains_key(name)
+        self.varmap
+            .data()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name)
     }
 }
 

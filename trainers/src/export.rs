@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use kiln_core::checkpoint;
 use kiln_core::data::codec::{Codec, END_OF_TEXT};
-use kiln_core::fs::write_atomic;
+use kiln_core::fs::{at, write_atomic};
 use kiln_models::hf::{self, SpecialTokens};
 use kiln_models::{Model, ModelConfig};
 use serde_json::json;
@@ -56,7 +56,13 @@ fn refuse_inside_run(run_dir: &Path, out: &Path) -> Result<()> {
 /// Writes the HF folder for `run_dir`'s checkpoint into `out`.
 pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
     refuse_inside_run(run_dir, out)?;
-    if out.exists() && std::fs::read_dir(out)?.next().is_some() && !o.force {
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "--out {} is a file, not a folder; pick a folder path",
+            out.display()
+        );
+    }
+    if out.exists() && std::fs::read_dir(out).map_err(at(out))?.next().is_some() && !o.force {
         bail!(
             "{} exists and is not empty; pick another --out, or pass --force to write over it",
             out.display()
@@ -78,40 +84,36 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
     };
     let ckpt = checkpoint::by_name(&run_dir.join("checkpoints"), &o.checkpoint)?;
     let checkpoint_file = ckpt.join(checkpoint::MODEL_FILE);
-    let weights = match cfg.lora().cloned() {
-        None => {
-            anyhow::ensure!(!o.adapter, "--adapter applies to LoRA runs only");
-            checkpoint::load_tensors(&checkpoint_file, &Device::Cpu)?
-        }
-        Some(lora) if o.adapter => {
-            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-            write_peft_adapter(&recipe, &lora, &checkpoint_file, out)?;
-            write_tokenizer_files(
-                codec.as_ref().expect("LoRA models are text models"),
-                &cfg,
-                out,
-            )?;
-            return Ok(());
-        }
-        Some(lora) => {
-            // The frozen base from init_from plus the checkpoint's adapters, merged.
-            let from = Weights::Checkpoint {
-                recipe: &recipe,
-                file: &checkpoint_file,
-            };
-            let varmap = weights::load(&cfg, from, 0, DType::F32, &Device::Cpu)?;
-            let mut all: HashMap<String, candle_core::Tensor> = varmap
-                .data()
-                .lock()
-                .expect("the varmap lock is not poisoned")
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-                .collect();
-            kiln_models::lora::merge(&mut all, &lora)?;
-            cfg.clear_lora();
-            all
-        }
+    if let Some(lora) = cfg.lora().filter(|_| o.adapter) {
+        std::fs::create_dir_all(out).map_err(at(out))?;
+        write_peft_adapter(&recipe, lora, &checkpoint_file, out)?;
+        let codec = codec
+            .as_ref()
+            .context("a LoRA run is a text model: it has a tokenizer")?;
+        write_tokenizer_files(codec, &cfg, out)?;
+        return Ok(());
+    }
+    anyhow::ensure!(!o.adapter, "--adapter applies to LoRA runs only");
+    // Through the model, not straight from the file: every tensor is checked against it (name,
+    // shape, dtype, finite values, nothing extra), so a damaged or foreign checkpoint is refused
+    // here rather than written as a folder that fails in the serving stack. A LoRA run's frozen
+    // base comes from init_from and its adapters are merged in.
+    let from = Weights::Checkpoint {
+        recipe: &recipe,
+        file: &checkpoint_file,
     };
+    let varmap = weights::load(&cfg, from, 0, DType::F32, &Device::Cpu)?;
+    let mut weights: HashMap<String, candle_core::Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    if let Some(lora) = cfg.lora().cloned() {
+        kiln_models::lora::merge(&mut weights, &lora)?;
+        cfg.clear_lora();
+    }
     let end_of_text = codec.as_ref().and_then(Codec::end_of_text);
     let special = SpecialTokens {
         bos: end_of_text,
@@ -121,8 +123,9 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
     // A classifier's label names (`labels.json`), as transformers' pipelines print them.
     let labels_file = run_dir.join("labels.json");
     if labels_file.is_file() {
-        let labels: Vec<String> = serde_json::from_str(&std::fs::read_to_string(&labels_file)?)
-            .with_context(|| format!("{} is corrupt", labels_file.display()))?;
+        let labels: Vec<String> =
+            serde_json::from_str(&std::fs::read_to_string(&labels_file).map_err(at(&labels_file))?)
+                .with_context(|| format!("{} is corrupt", labels_file.display()))?;
         let pairs = || labels.iter().enumerate();
         let id2label: serde_json::Map<_, _> =
             pairs().map(|(i, l)| (i.to_string(), json!(l))).collect();

@@ -198,7 +198,12 @@ pub struct PredictOptions<'a> {
 /// What `predict` saw: rows written, and the accuracy when the input had labels.
 pub struct PredictSummary {
     pub rows: usize,
+    /// Over the rows whose true label is one the model knows.
     pub accuracy: Option<f64>,
+    /// Rows whose true label is not among the model's labels (left out of the accuracy), and
+    /// the first such label.
+    pub unknown_labels: usize,
+    pub first_unknown: Option<String>,
 }
 
 /// Classifies every row of `input` (TSV/CSV with a header) and writes one JSON object per line
@@ -244,7 +249,8 @@ pub fn predict(
     let mut w = Predictions::create(output)?;
     let bar = progress_bar(rows.len(), o.progress);
     let pad = pad_id(&clf.tokenizer);
-    let (mut correct, mut known) = (0usize, 0usize);
+    let (mut correct, mut known, mut unknown) = (0usize, 0usize, 0usize);
+    let mut first_unknown = None;
     for chunk in rows.chunks(o.batch_size.max(1)) {
         let texts: Vec<&str> = chunk.iter().map(|r| r.1.as_str()).collect();
         let (ids, mask) = batch_inputs(&clf.tokenizer, &texts, clf.max_len, pad, device)?;
@@ -254,9 +260,14 @@ pub fn predict(
         for ((_, text, truth), p) in chunk.iter().zip(&probs) {
             let (best, score) = top1(p);
             let label = &clf.labels[best];
-            if has_labels {
+            if has_labels && clf.labels.contains(truth) {
                 known += 1;
                 correct += usize::from(label == truth);
+            } else if has_labels {
+                // A label the model never saw (or an empty cell) cannot be predicted right:
+                // counting it as wrong would understate the accuracy without saying why.
+                unknown += 1;
+                first_unknown.get_or_insert_with(|| truth.clone());
             }
             w.write("text", text, label, *score, &clf.labels, p)?;
         }
@@ -266,7 +277,9 @@ pub fn predict(
     w.finish()?;
     Ok(PredictSummary {
         rows: rows.len(),
-        accuracy: has_labels.then(|| correct as f64 / known.max(1) as f64),
+        accuracy: (has_labels && known > 0).then(|| correct as f64 / known as f64),
+        unknown_labels: unknown,
+        first_unknown,
     })
 }
 
@@ -326,7 +339,7 @@ impl Predictions {
             .into_inner()
             .map_err(|e| e.into_error())?
             .sync_all()?;
-        std::fs::rename(&self.tmp, &self.output)?;
+        std::fs::rename(&self.tmp, &self.output).map_err(kiln_core::fs::at(&self.output))?;
         Ok(())
     }
 }
@@ -469,5 +482,7 @@ fn predict_images(
     Ok(PredictSummary {
         rows: files.len(),
         accuracy: has_labels.then(|| correct as f64 / files.len() as f64),
+        unknown_labels: 0,
+        first_unknown: None,
     })
 }

@@ -60,6 +60,33 @@ pub fn build(cfg: &OptimConfig) -> Box<dyn Optimizer> {
     }
 }
 
+/// Checks saved optimizer state against the parameters it will update: every tensor
+/// `<param>.<kind>` must belong to a trainable parameter of the same shape. A checkpoint from
+/// another model (or a damaged one) is refused by name instead of failing mid-step or, worse,
+/// training on with moments that belong elsewhere.
+pub fn check_state(state: &HashMap<String, Tensor>, params: &[Param]) -> anyhow::Result<()> {
+    let shapes: HashMap<&str, &[usize]> = params
+        .iter()
+        .map(|p| (p.name.as_str(), p.var.dims()))
+        .collect();
+    let mut names: Vec<&String> = state.keys().collect();
+    names.sort();
+    for k in names {
+        let param = k.rsplit_once('.').map_or(k.as_str(), |(p, _)| p);
+        let Some(&want) = shapes.get(param) else {
+            anyhow::bail!(
+                "optimizer state `{k}` belongs to no trainable parameter `{param}` of this model"
+            );
+        };
+        let got = state[k].dims();
+        anyhow::ensure!(
+            got == want,
+            "optimizer state `{k}` has shape {got:?} but parameter `{param}` has {want:?}"
+        );
+    }
+    Ok(())
+}
+
 /// Adam with decoupled weight decay (Loshchilov & Hutter), PyTorch's `AdamW` semantics:
 /// θ ← θ·(1 − lr·λ); m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
 /// θ ← θ − lr · m̂ / (√v̂ + ε) with bias-corrected m̂, v̂.

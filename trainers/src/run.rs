@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use kiln_core::checkpoint;
 use kiln_core::data::DataSplits;
-use kiln_core::fs::write_atomic;
+use kiln_core::fs::{at, write_atomic};
 use kiln_core::recipe::Recipe;
 use kiln_models::{Model, ModelConfig};
 use std::path::{Path, PathBuf};
@@ -22,6 +22,64 @@ pub const GIT_COMMIT: &str = env!("KILN_GIT_COMMIT");
 pub struct RunDir {
     pub path: PathBuf,
     pub started: Instant,
+    /// Made by this process (`create_for`), not reopened: a failed start may clear it.
+    fresh: Option<Created>,
+    /// An exclusive lock on `RUN/.lock` while this process writes the run: a second `kiln train
+    /// --resume` of the same run would interleave checkpoints and metric lines.
+    _lock: std::fs::File,
+}
+
+/// A new run that fails before it starts (bad data, a model that does not fit, a missing
+/// `init_from`) leaves nothing behind: otherwise its `recipe.toml` would make the same
+/// `--run-dir` refuse a corrected retry, and `--resume` could only fail the same way again.
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        // Best effort, and silent: the error that stopped the start is what the user needs.
+        match self.fresh {
+            None => {}
+            Some(Created::Directory) => {
+                let _ = std::fs::remove_dir_all(&self.path);
+            }
+            Some(Created::Contents) => {
+                for entry in std::fs::read_dir(&self.path)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let p = entry.path();
+                    let _ = match p.is_dir() {
+                        true => std::fs::remove_dir_all(p),
+                        false => std::fs::remove_file(p),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// What `create_for` made: the directory itself, or only its contents (it existed, empty).
+#[derive(Clone, Copy)]
+enum Created {
+    Directory,
+    Contents,
+}
+
+/// The lock file's name inside a run directory.
+const LOCK_FILE: &str = ".lock";
+
+fn lock(run: &Path) -> Result<std::fs::File> {
+    let p = run.join(LOCK_FILE);
+    let f = std::fs::File::create(&p).map_err(at(&p))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{} is in use by another kiln process (it holds {}); wait for it to finish or stop \
+             it first",
+            run.display(),
+            p.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(at(&p)(e).into()),
+    }
 }
 
 impl RunDir {
@@ -34,7 +92,13 @@ impl RunDir {
     ) -> Result<Self> {
         let path = match run_dir {
             Some(p) => {
-                if p.exists() && std::fs::read_dir(p)?.next().is_some() {
+                if p.exists() && !p.is_dir() {
+                    bail!(
+                        "--run-dir {} is a file, not a directory; pick a directory path",
+                        p.display()
+                    );
+                }
+                if p.exists() && std::fs::read_dir(p).map_err(at(p))?.next().is_some() {
                     bail!(
                         "run directory {} already exists and is not empty; pick another --run-dir, \
                          or continue it with --resume (nothing was overwritten)",
@@ -56,20 +120,34 @@ impl RunDir {
                 p
             }
         };
+        let created = if path.exists() {
+            Created::Contents
+        } else {
+            Created::Directory
+        };
         std::fs::create_dir_all(&path)
             .with_context(|| format!("creating the run directory {}", path.display()))?;
         Ok(RunDir {
+            _lock: lock(&path)?,
             path,
             started: Instant::now(),
+            fresh: Some(created),
         })
+    }
+
+    /// The run has started (its first step may run): from here on a failure keeps the
+    /// directory, whose checkpoints and metrics are worth keeping.
+    pub fn keep(&mut self) {
+        self.fresh = None;
     }
 
     /// Reopens a run to resume it after `step`: metric lines written after that step (by the
     /// attempt that did not reach its next checkpoint) are dropped, as they will be written again.
     pub fn reopen(path: &Path, step: usize) -> Result<Self> {
+        let lock = lock(path)?;
         let metrics = path.join("metrics.jsonl");
         if metrics.exists() {
-            let text = std::fs::read_to_string(&metrics)?;
+            let text = std::fs::read_to_string(&metrics).map_err(at(&metrics))?;
             let kept: String = text
                 .lines()
                 .filter(|l| {
@@ -85,6 +163,8 @@ impl RunDir {
         Ok(RunDir {
             path: path.to_path_buf(),
             started: Instant::now(),
+            fresh: None,
+            _lock: lock,
         })
     }
 
@@ -101,7 +181,10 @@ impl RunDir {
         )?;
         if let Some(vocab) = &data.vocab {
             let chars: Vec<String> = vocab.iter().map(|c| c.to_string()).collect();
-            std::fs::write(self.path.join("vocab.json"), serde_json::to_string(&chars)?)?;
+            write_atomic(
+                &self.path.join("vocab.json"),
+                serde_json::to_string(&chars)?.as_bytes(),
+            )?;
         }
         if let Some(labels) = &data.labels {
             write_atomic(

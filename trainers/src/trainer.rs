@@ -113,7 +113,7 @@ pub fn resume(run_dir: &Path, sets: &[String], opts: &TrainOptions) -> Result<Tr
     }
     let state: TrainerState = {
         let p = checkpoint.join(checkpoint::STATE_FILE);
-        serde_json::from_str(&std::fs::read_to_string(&p)?)
+        serde_json::from_str(&std::fs::read_to_string(&p).map_err(kiln_core::fs::at(&p))?)
             .with_context(|| format!("{} is corrupt", p.display()))?
     };
     run_loop(
@@ -207,6 +207,7 @@ impl<'a> Training<'a> {
             kiln_core::device::open_device(opts.device.as_deref().unwrap_or(&recipe.device))?;
         let data = data::load(recipe)?;
         let model_cfg = model_config(recipe, &data, resumed.is_some())?;
+        crate::memory::check_fits(recipe, &model_cfg, &input_shape(&data), &device)?;
         run.write_recipe(recipe, &model_cfg, &data)?;
 
         let varmap = VarMap::new();
@@ -246,8 +247,10 @@ impl<'a> Training<'a> {
                     &dir.join(checkpoint::MODEL_FILE),
                     &device,
                 )?;
-                let moments =
-                    checkpoint::load_tensors(&dir.join(checkpoint::OPTIMIZER_FILE), &device)?;
+                let file = dir.join(checkpoint::OPTIMIZER_FILE);
+                let moments = checkpoint::load_tensors(&file, &device)?;
+                optim::check_state(&moments, &params)
+                    .with_context(|| format!("{} does not fit the model", file.display()))?;
                 optimizer.load_state(moments, state.optimizer_steps)?;
                 dropout_rng.set_position(
                     state
@@ -260,7 +263,7 @@ impl<'a> Training<'a> {
         };
 
         let t = &recipe.trainer;
-        let loader = loader(recipe, &data, state.batches_consumed);
+        let loader = loader(recipe, &data, state.batches_consumed)?;
         let total_steps = match (t.max_steps, t.epochs) {
             (Some(n), _) => n,
             (None, Some(e)) => (e * loader.batches_per_epoch / t.grad_accum).max(1),
@@ -270,7 +273,7 @@ impl<'a> Training<'a> {
         let items_per_example = data.train.items_per_example();
         let log = MetricsLog::create(&run.path.join("metrics.jsonl"))?;
         let progress = Progress::new(total_steps, opts.quiet);
-        let training = Training {
+        let mut training = Training {
             recipe,
             run,
             device,
@@ -294,6 +297,7 @@ impl<'a> Training<'a> {
             progress,
         };
         training.announce()?;
+        training.run.keep();
         Ok(training)
     }
 
@@ -350,7 +354,7 @@ impl<'a> Training<'a> {
         let grad_accum = self.recipe.trainer.grad_accum;
         let mut batches = Vec::with_capacity(grad_accum);
         for _ in 0..grad_accum {
-            let (batch_epoch, host) = self.loader.next_batch();
+            let (batch_epoch, host) = self.loader.next_batch()?;
             let items = host.len() * self.items_per_example;
             self.state.epoch = batch_epoch;
             self.state.batches_consumed += 1;
@@ -372,11 +376,32 @@ impl<'a> Training<'a> {
             self.recipe.trainer.clip_grad_norm,
             step == 1,
             self.state.loss_scaler.as_mut(),
-        )?;
+        )
+        .map_err(|e| self.out_of_memory(step, e))?;
         if let Some((what, value)) = out.diverged {
             bail!(diverged(step, what, value, &self.last_checkpoint));
         }
         Ok(out)
+    }
+
+    /// A device allocation that failed mid-step (CUDA reports it as an error; the CPU's kernel
+    /// kills the process instead), said as what it is and what to change. Checkpoints are
+    /// written only between steps, so every one on disk is intact.
+    fn out_of_memory(&self, step: usize, e: anyhow::Error) -> anyhow::Error {
+        let text = format!("{e:#}");
+        if !(text.contains("OUT_OF_MEMORY") || text.to_lowercase().contains("out of memory")) {
+            return e;
+        }
+        let kept = match &self.last_checkpoint {
+            Some(c) => format!("the newest checkpoint, {}, is intact", c.display()),
+            None => "no checkpoint had been written yet".into(),
+        };
+        anyhow::anyhow!(
+            "{} ran out of memory at step {step} ({text}); lower data.batch_size (raise \
+             trainer.grad_accum to keep the effective batch), or set \
+             model.checkpoint_activations = true on a transformer; {kept}",
+            kiln_core::device::device_name(&self.device)
+        )
     }
 
     /// Counts the step done: its time, its loss into the log window, the progress bar.
@@ -508,7 +533,7 @@ impl<'a> Training<'a> {
             self.run.path.display()
         ));
         TrainOutcome {
-            run_dir: self.run.path,
+            run_dir: self.run.path.clone(),
             summary: serde_json::Value::Null,
             interrupted: Some(stop),
         }
@@ -555,7 +580,7 @@ impl<'a> Training<'a> {
         ));
         Ok(TrainOutcome {
             interrupted: None,
-            run_dir: self.run.path,
+            run_dir: self.run.path.clone(),
             summary,
         })
     }
@@ -612,7 +637,7 @@ fn model_config(recipe: &Recipe, data: &DataSplits, resuming: bool) -> Result<Mo
 }
 
 /// The training data stream, from batch `start` on.
-pub(crate) fn loader(recipe: &Recipe, data: &DataSplits, start: u64) -> Loader {
+pub(crate) fn loader(recipe: &Recipe, data: &DataSplits, start: u64) -> Result<Loader> {
     let d = &recipe.data;
     let (batch_size, shuffle, prefetch) = (d.batch_size, d.shuffle, d.prefetch);
     Loader::new(

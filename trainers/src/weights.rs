@@ -91,7 +91,21 @@ pub fn load_weights(
     needed: impl Fn(&str) -> bool,
 ) -> Result<()> {
     let weights = checkpoint::load_tensors(path, device)?;
-    for (name, var) in varmap.data().lock().unwrap().iter() {
+    let vars = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut extra: Vec<&String> = weights
+        .keys()
+        .filter(|n| !(vars.contains_key(*n) && needed(n)))
+        .collect();
+    extra.sort();
+    if let Some(first) = extra.first() {
+        anyhow::bail!(
+            "{} has {} tensor(s) this model does not (first: {first}); it belongs to another \
+             model or recipe",
+            path.display(),
+            extra.len()
+        );
+    }
+    for (name, var) in vars.iter() {
         if !needed(name) {
             continue;
         }
@@ -110,7 +124,28 @@ pub fn load_weights(
             var.dtype(),
             var.dims()
         );
+        ensure_finite(w, name, path)?;
         var.set(w)?;
     }
+    Ok(())
+}
+
+/// Refuses a tensor holding NaN or ±inf: a model with one evaluates to `null` metrics and
+/// generates garbage, which says nothing about where it came from.
+fn ensure_finite(w: &candle_core::Tensor, name: &str, path: &Path) -> Result<()> {
+    // x·0 is 0 for every finite x and NaN for NaN and ±inf, so the sum is finite exactly when
+    // every element is.
+    let probe = w
+        .to_dtype(DType::F32)?
+        .affine(0.0, 0.0)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    anyhow::ensure!(
+        probe.is_finite(),
+        "{}: tensor {name} holds NaN or infinite values (the run had diverged when it was \
+         saved); use an earlier checkpoint (--checkpoint step-N) or retrain with a lower \
+         optim.lr",
+        path.display()
+    );
     Ok(())
 }

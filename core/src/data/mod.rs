@@ -175,7 +175,8 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Starts the stream at global batch index `start`.
+    /// Starts the stream at global batch index `start`. Fails when the training split holds
+    /// less than one batch.
     pub fn new(
         examples: Arc<dyn Examples>,
         batch_size: usize,
@@ -183,12 +184,15 @@ impl Loader {
         seed: u64,
         prefetch: usize,
         start: u64,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let per_epoch = batches_per_epoch(examples.as_ref(), batch_size, seed);
-        assert!(
-            per_epoch > 0,
-            "the training split is smaller than one batch"
-        );
+        if per_epoch == 0 {
+            let n = examples.train_order(&mut epoch_rng(seed, 0), false).len();
+            anyhow::bail!(
+                "data.batch_size = {batch_size} is larger than the training split ({n} \
+                 examples): lower data.batch_size to at most {n}, or give the run more data"
+            );
+        }
         let (tx, rx) = sync_channel(prefetch);
         std::thread::Builder::new()
             .name("kiln-data".into())
@@ -208,18 +212,18 @@ impl Loader {
                     }
                 }
             })
-            .expect("spawning the data thread");
-        Loader {
+            .map_err(|e| anyhow::anyhow!("cannot start the data thread: {e}"))?;
+        Ok(Loader {
             rx,
             batches_per_epoch: per_epoch,
-        }
+        })
     }
 
     /// The next batch and the epoch it belongs to.
-    pub fn next_batch(&self) -> (u64, HostBatch) {
-        self.rx
-            .recv()
-            .expect("the data thread stopped unexpectedly")
+    pub fn next_batch(&self) -> anyhow::Result<(u64, HostBatch)> {
+        self.rx.recv().map_err(|_| {
+            anyhow::anyhow!("the data thread stopped: a batch could not be prepared (see above)")
+        })
     }
 }
 
@@ -349,7 +353,7 @@ mod tests {
     fn take(l: &Loader, n: usize) -> Vec<(u64, Vec<u32>)> {
         (0..n)
             .map(|_| {
-                let (e, b) = l.next_batch();
+                let (e, b) = l.next_batch().unwrap();
                 (e, b.targets)
             })
             .collect()
@@ -358,8 +362,8 @@ mod tests {
     #[test]
     fn epochs_are_permutations_and_reproducible() {
         let ex: Arc<dyn Examples> = Arc::new(Ids(10));
-        let a = take(&Loader::new(ex.clone(), 3, true, 7, 2, 0), 6);
-        let b = take(&Loader::new(ex.clone(), 3, true, 7, 2, 0), 6);
+        let a = take(&Loader::new(ex.clone(), 3, true, 7, 2, 0).unwrap(), 6);
+        let b = take(&Loader::new(ex.clone(), 3, true, 7, 2, 0).unwrap(), 6);
         assert_eq!(a, b, "same seed, same batches");
         // 10 examples / batch 3 → 3 batches per epoch, the 10th example dropped.
         assert_eq!(
@@ -371,15 +375,15 @@ mod tests {
         first.dedup();
         assert_eq!(first.len(), 9, "no example repeats within an epoch");
         assert_ne!(a[..3], a[3..6], "each epoch is shuffled anew");
-        let c = take(&Loader::new(ex.clone(), 3, true, 8, 2, 0), 3);
+        let c = take(&Loader::new(ex.clone(), 3, true, 8, 2, 0).unwrap(), 3);
         assert_ne!(a[..3], c[..], "another seed, another order");
     }
 
     #[test]
     fn stream_restarts_at_any_batch() {
         let ex: Arc<dyn Examples> = Arc::new(Ids(10));
-        let all = take(&Loader::new(ex.clone(), 3, true, 7, 2, 0), 7);
-        let tail = take(&Loader::new(ex, 3, true, 7, 2, 4), 3);
+        let all = take(&Loader::new(ex.clone(), 3, true, 7, 2, 0).unwrap(), 7);
+        let tail = take(&Loader::new(ex, 3, true, 7, 2, 4).unwrap(), 3);
         assert_eq!(all[4..], tail[..]);
     }
 

@@ -267,15 +267,18 @@ fn mix_prob_and_the_choice_between_mixup_and_cutmix() {
 fn loader_restarts_exactly_with_augmentation() {
     let ex: Arc<dyn Examples> = Arc::new(set(10, 6, 6, all_on()));
     let take = |start: u64, n: usize| -> Vec<(u64, HostBatch)> {
-        let l = Loader::new(ex.clone(), 3, true, 21, 2, start);
-        (0..n).map(|_| l.next_batch()).collect()
+        let l = Loader::new(ex.clone(), 3, true, 21, 2, start).unwrap();
+        (0..n).map(|_| l.next_batch().unwrap()).collect()
     };
     let all = take(0, 8);
     assert_eq!(all[4..], take(4, 4)[..]);
     assert_eq!(all[..], take(0, 8)[..]);
     assert!(all.iter().any(|(_, b)| b.mix.is_some()));
     assert!(all.iter().any(|(_, b)| b.mix.is_none()));
-    let other = Loader::new(ex.clone(), 3, true, 22, 2, 0).next_batch();
+    let other = Loader::new(ex.clone(), 3, true, 22, 2, 0)
+        .unwrap()
+        .next_batch()
+        .unwrap();
     assert_ne!(other, all[0]);
 }
 
