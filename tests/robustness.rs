@@ -58,6 +58,33 @@ fn hostile_inputs_are_refused_before_anything_is_built() {
         &["a-file", "is a file, not a directory"],
     );
     assert_eq!(std::fs::read_to_string(&a_file).unwrap(), "not a directory");
+    // A pretrained config that asks for the impossible: refused before its weights are read.
+    let hf = dir.path().join("huge-gpt2");
+    std::fs::create_dir(&hf).unwrap();
+    let config = r#"{"model_type": "gpt2", "n_embd": 1000000000, "n_layer": 1, "n_head": 2,
+        "vocab_size": 50257, "n_positions": 1024, "layer_norm_epsilon": 1e-5}"#;
+    write_file(&hf, "config.json", config);
+    let header = br#"{"__metadata__":{"format":"pt"}}"#;
+    let mut empty = (header.len() as u64).to_le_bytes().to_vec();
+    empty.extend_from_slice(header);
+    write_file(&hf, "model.safetensors", empty);
+    let tokenizer = repo().join("data/gpt2-tokenizer/tokenizer.json");
+    let pretrained = write_file(
+        dir.path(),
+        "huge.toml",
+        format!(
+            "description = \"init_from a huge config\"\ntask = \"language-model\"\n\
+             init_from = \"{}\"\n[model]\nkind = \"gpt\"\n[data]\ndataset = \"text-bpe\"\n\
+             path = \"tiny.txt\"\ntokenizer = \"{}\"\nseq_len = 16\nbatch_size = 2\n\
+             [optim]\nname = \"adamw\"\nlr = 1e-4\n[trainer]\nmax_steps = 2\n",
+            hf.display(),
+            tokenizer.display()
+        ),
+    );
+    let o = train_in(&pretrained, &run, &[], dir.path());
+    refused(&o, "huge init_from", &["parameters", "smaller init_from"]);
+    assert!(!run.exists());
+
     // Counts of zero are refused by the option parser (exit 2), naming the option.
     for args in [
         &["bench", r, "--steps", "0"][..],

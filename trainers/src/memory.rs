@@ -47,7 +47,7 @@ pub fn check_fits(
         bail!(
             "the model has more than {} parameters: their f32 weights alone need more than the \
              {} available on {where_}; make the [model] smaller (its width, depth or \
-             vocabulary)",
+             vocabulary), or start from a smaller init_from",
             available / 4,
             human(available)
         );
