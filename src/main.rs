@@ -260,6 +260,7 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                 device,
                 quiet,
                 stop: Some(stop_on_signals()?),
+                ..Default::default()
             };
             let outcome = match (resume, recipe) {
                 (Some(dir), _) => kiln::trainers::trainer::resume(&dir, &set, &opts)?,
