@@ -12,6 +12,7 @@ pub mod schedule;
 pub mod step;
 pub mod task;
 pub mod trainer;
+pub mod verify;
 pub mod weights;
 
 pub use trainer::{train, TrainOptions, TrainOutcome};
