@@ -215,6 +215,22 @@ enum Command {
         #[arg(long, default_value = "recipes")]
         dir: PathBuf,
     },
+    /// Re-run a run's recipe from scratch in a temporary directory ($TMPDIR) up to one of its
+    /// checkpoints, and compare the weights, optimizer state and metrics (throughput aside) with
+    /// the recorded ones; also reports data files whose sha256 changed since the run, a changed
+    /// recipe.toml, and kiln version/commit and device differences. Exits 0 only when identical
+    /// (on the CPU a run verifies byte-identical). Relative data paths resolve against the
+    /// current directory, as in training.
+    Verify {
+        run_dir: PathBuf,
+        /// Verify at the run's last checkpoint at or before step N (the re-run trains that far;
+        /// the schedule keeps the recorded max_steps). Default: its first checkpoint.
+        #[arg(long, value_name = "N")]
+        steps: Option<usize>,
+        /// Re-run on this device (default: the one the run trained on).
+        #[arg(long)]
+        device: Option<String>,
+    },
 }
 
 /// A count that must be at least 1 (a batch size, a number of steps).
@@ -269,6 +285,7 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                 device,
                 quiet,
                 stop: Some(stop_on_signals()?),
+                ..Default::default()
             };
             let outcome = match (resume, recipe) {
                 (Some(dir), _) => kiln::trainers::trainer::resume(&dir, &set, &opts)?,
@@ -487,6 +504,30 @@ fn run(cli: Cli) -> Result<Option<usize>> {
             for r in recipes {
                 println!("{:width$}  {}", r.name, r.description);
             }
+            Ok(None)
+        }
+        Command::Verify {
+            run_dir,
+            steps,
+            device,
+        } => {
+            let opts = kiln::trainers::verify::VerifyOptions { steps, device };
+            let report = kiln::trainers::verify::verify(&run_dir, &opts)?;
+            for check in &report.checks {
+                println!("{check}");
+            }
+            anyhow::ensure!(
+                report.verified(),
+                "{} did not verify at step {}: {} (see above)",
+                run_dir.display(),
+                report.step,
+                report.failed()
+            );
+            println!(
+                "verified: {} reproduces at step {}",
+                run_dir.display(),
+                report.step
+            );
             Ok(None)
         }
     }

@@ -125,8 +125,9 @@ pub fn any(checkpoints: &Path) -> bool {
     step_dirs(checkpoints).is_ok_and(|dirs| !dirs.is_empty())
 }
 
-/// The `step-N` folders, newest first (temporary `.step-N.tmp` folders are not among them).
-fn step_dirs(checkpoints: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
+/// The `step-N` folders with their steps, newest first, intact or not (temporary `.step-N.tmp`
+/// folders are not among them).
+pub fn step_dirs(checkpoints: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
     let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(checkpoints)
         .map_err(at(checkpoints))?
         .filter_map(|e| {

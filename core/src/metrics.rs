@@ -16,7 +16,8 @@ impl MetricsLog {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(path)?;
+            .open(path)
+            .map_err(crate::fs::at(path))?;
         Ok(MetricsLog {
             file: std::io::BufWriter::new(file),
         })

@@ -13,6 +13,7 @@ pub mod schedule;
 pub mod step;
 pub mod task;
 pub mod trainer;
+pub mod verify;
 pub mod weights;
 
 pub use trainer::{train, TrainOptions, TrainOutcome};

@@ -34,13 +34,15 @@ impl Window {
 /// with `--quiet`.
 pub(crate) struct Progress {
     bar: Option<ProgressBar>,
+    silent: bool,
 }
 
 impl Progress {
-    pub(crate) fn new(total: usize, quiet: bool) -> Self {
+    /// `silent`: no bar and no lines at all.
+    pub(crate) fn new(total: usize, quiet: bool, silent: bool) -> Self {
         use std::io::IsTerminal;
-        if quiet || !std::io::stderr().is_terminal() {
-            return Progress { bar: None };
+        if silent || quiet || !std::io::stderr().is_terminal() {
+            return Progress { bar: None, silent };
         }
         let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
         bar.set_style(
@@ -50,7 +52,10 @@ impl Progress {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        Progress { bar: Some(bar) }
+        Progress {
+            bar: Some(bar),
+            silent: false,
+        }
     }
 
     pub(crate) fn step(&self, loss: f64, lr: f64, rate: f64) {
@@ -63,6 +68,7 @@ impl Progress {
     pub(crate) fn line(&self, s: &str) {
         match &self.bar {
             Some(bar) => bar.println(s),
+            None if self.silent => {}
             None => println!("{s}"),
         }
     }

@@ -1,6 +1,6 @@
-//! The run directory: `recipe.toml` (resolved), `metrics.jsonl`, `summary.json`,
-//! `checkpoints/step-<N>/`, and `vocab.json` for character-level models. Also reopens a finished
-//! run for `kiln eval` and `kiln generate`.
+//! The run directory: `recipe.toml` (resolved), `run.json` (what the run started from),
+//! `metrics.jsonl`, `summary.json`, `checkpoints/step-<N>/`, and `vocab.json` for
+//! character-level models. Also reopens a finished run for `kiln eval` and `kiln generate`.
 
 use crate::weights::{self, Weights};
 use anyhow::{bail, Context, Result};
@@ -18,6 +18,48 @@ pub const IMAGE_FILE: &str = "image.json";
 
 /// The commit kiln was built from.
 pub const GIT_COMMIT: &str = env!("KILN_GIT_COMMIT");
+
+/// What a run started from, written when it starts (`summary.json` comes only at the end).
+pub const RECORD_FILE: &str = "run.json";
+
+/// `run.json`: the kiln, device, seed, recipe and data a run started from, for `kiln verify`.
+/// `summary.json` has the same fields but `recipe_sha256`, so it parses as one too (older runs).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunRecord {
+    pub kiln_version: String,
+    pub git_commit: String,
+    pub device: String,
+    pub seed: u64,
+    /// sha256 of `recipe.toml` as the run wrote it.
+    #[serde(default)]
+    pub recipe_sha256: Option<String>,
+    pub data_files: Vec<DataFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DataFile {
+    pub path: String,
+    pub sha256: String,
+}
+
+impl RunRecord {
+    /// Reads `run_dir/run.json`; `Ok(None)` when the run has none.
+    pub fn read(run_dir: &Path) -> Result<Option<RunRecord>> {
+        read_record(&run_dir.join(RECORD_FILE))
+    }
+}
+
+/// A [`RunRecord`] from `path` (`run.json`, or `summary.json`); `Ok(None)` when it is absent.
+pub fn read_record(path: &Path) -> Result<Option<RunRecord>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => bail!("cannot read {}: {e}", path.display()),
+    };
+    let record =
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+    Ok(Some(record))
+}
 
 pub struct RunDir {
     pub path: PathBuf,
@@ -168,6 +210,35 @@ impl RunDir {
         })
     }
 
+    /// Writes `run.json` for a run that starts from step 0 (after [`Self::write_recipe`]).
+    pub fn write_record(&self, recipe: &Recipe, device: &Device, data: &DataSplits) -> Result<()> {
+        let recipe_file = self.path.join("recipe.toml");
+        let record = RunRecord {
+            kiln_version: kiln_core::VERSION.into(),
+            git_commit: GIT_COMMIT.into(),
+            device: kiln_core::device::device_name(device),
+            seed: recipe.seed,
+            recipe_sha256: Some(
+                kiln_core::fs::sha256_file(&recipe_file)
+                    .with_context(|| format!("cannot read {}", recipe_file.display()))?,
+            ),
+            data_files: data
+                .files
+                .iter()
+                .map(|(path, sha256)| DataFile {
+                    path: path.clone(),
+                    sha256: sha256.clone(),
+                })
+                .collect(),
+        };
+        let file = self.path.join(RECORD_FILE);
+        write_atomic(
+            &file,
+            (serde_json::to_string_pretty(&record)? + "\n").as_bytes(),
+        )
+        .with_context(|| format!("writing {}", file.display()))
+    }
+
     /// Writes the resolved recipe (and the vocabulary of a character-level model).
     pub fn write_recipe(
         &self,
@@ -212,6 +283,19 @@ impl RunDir {
 
 /// Keys outside `[trainer]` whose values differ between two recipes (e.g. `optim.lr`).
 pub fn changed_sections(a: &Recipe, b: &Recipe) -> Vec<String> {
+    let table = |r: &Recipe| -> toml::Value {
+        let mut t: toml::Table =
+            toml::from_str(&r.to_toml(&r.model)).expect("a resolved recipe parses");
+        t.remove("trainer");
+        t.remove("description");
+        t.remove("device");
+        toml::Value::Table(t)
+    };
+    changed_keys(&table(a), &table(b))
+}
+
+/// The dotted keys whose values differ between two TOML documents (present in one only, too).
+pub fn changed_keys(a: &toml::Value, b: &toml::Value) -> Vec<String> {
     fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
         match (a, b) {
             (toml::Value::Table(x), toml::Value::Table(y)) => {
@@ -232,16 +316,8 @@ pub fn changed_sections(a: &Recipe, b: &Recipe) -> Vec<String> {
             _ => {}
         }
     }
-    let table = |r: &Recipe| -> toml::Value {
-        let mut t: toml::Table =
-            toml::from_str(&r.to_toml(&r.model)).expect("a resolved recipe parses");
-        t.remove("trainer");
-        t.remove("description");
-        t.remove("device");
-        toml::Value::Table(t)
-    };
     let mut out = Vec::new();
-    diff("", &table(a), &table(b), &mut out);
+    diff("", a, b, &mut out);
     out
 }
 

@@ -46,12 +46,17 @@ pub struct TrainOptions {
     /// Set to a signal number (e.g. by a SIGTERM handler) to stop after the current step with a
     /// checkpoint.
     pub stop: Option<Arc<AtomicUsize>>,
+    /// End the run after this step with a checkpoint, as a signal does (`kiln verify`'s re-run):
+    /// `max_steps` and with it the schedule stay as recorded. At the last step it changes nothing.
+    pub stop_after: Option<usize>,
+    /// Print nothing (no progress bar, no log lines).
+    pub silent: bool,
 }
 
 /// What a run leaves behind.
 pub struct TrainOutcome {
     pub run_dir: PathBuf,
-    /// `summary.json`; `Null` when the run was interrupted.
+    /// `summary.json`; `Null` when the run stopped early (a signal, `stop_after`).
     pub summary: serde_json::Value,
     /// The signal that stopped the run early, after writing a checkpoint.
     pub interrupted: Option<usize>,
@@ -157,9 +162,13 @@ fn run_loop(
         // The last step is checkpointed by `finish`, before the final evaluation.
         if step < total_steps {
             let stop = tr.stop_signal();
-            tr.checkpoint_if_due(step, stop.is_some())?;
+            let stop_here = opts.stop_after == Some(step);
+            tr.checkpoint_if_due(step, stop.is_some() || stop_here)?;
             if let Some(signal) = stop {
                 return Ok(tr.interrupted(step, signal));
+            }
+            if stop_here {
+                return Ok(tr.stopped_after());
             }
         }
     }
@@ -209,6 +218,11 @@ impl<'a> Training<'a> {
         let model_cfg = model_config(recipe, &data, resumed.is_some())?;
         crate::memory::check_fits(recipe, &model_cfg, &input_shape(&data), &device)?;
         run.write_recipe(recipe, &model_cfg, &data)?;
+        // A run that starts from step 0 (also one restarted before its first checkpoint) records
+        // what `kiln verify` needs; a resumed one keeps its record.
+        if resumed.is_none() {
+            run.write_record(recipe, &device, &data)?;
+        }
 
         let varmap = VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, &device);
@@ -272,7 +286,7 @@ impl<'a> Training<'a> {
         let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr, total_steps);
         let items_per_example = data.train.items_per_example();
         let log = MetricsLog::create(&run.path.join("metrics.jsonl"))?;
-        let progress = Progress::new(total_steps, opts.quiet);
+        let progress = Progress::new(total_steps, opts.quiet, opts.silent);
         let mut training = Training {
             recipe,
             run,
@@ -338,11 +352,15 @@ impl<'a> Training<'a> {
             kiln_core::device::device_name(&self.device),
             path.display()
         ));
-        if self.state.step > 0 {
+        if let Some(from) = self
+            .last_checkpoint
+            .as_ref()
+            .filter(|_| self.state.step > 0)
+        {
             self.progress.line(&format!(
                 "resuming at step {} from {}",
                 self.state.step,
-                self.last_checkpoint.as_ref().unwrap().display()
+                from.display()
             ));
         }
         Ok(())
@@ -539,6 +557,16 @@ impl<'a> Training<'a> {
         }
     }
 
+    /// The run stopped by `TrainOptions::stop_after` (its checkpoint is written).
+    fn stopped_after(self) -> TrainOutcome {
+        self.progress.finish();
+        TrainOutcome {
+            run_dir: self.run.path.clone(),
+            summary: serde_json::Value::Null,
+            interrupted: None,
+        }
+    }
+
     /// The final checkpoint, the final evaluation on the whole validation split (and the test
     /// split, when there is one), and `summary.json`. The checkpoint comes first: a signal or a
     /// crash during the evaluation (minutes on a large split) then loses no training, and
@@ -681,7 +709,7 @@ fn save_checkpoint(
     let weights: HashMap<String, Tensor> = varmap
         .data()
         .lock()
-        .unwrap()
+        .unwrap_or_else(|e| e.into_inner())
         .iter()
         .filter(|(k, _)| cfg.saved(k))
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
