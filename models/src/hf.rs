@@ -273,6 +273,7 @@ pub fn read_pretrained(cfg: &ModelConfig, folder: &Path) -> Result<Pretrained> {
 /// supply (beyond a fresh head or adapters) is refused before any is allocated.
 pub fn parse_pretrained(cfg: &ModelConfig, bytes: &[u8], source: &Path) -> Result<Pretrained> {
     let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+        let e = crate::without_backtrace(e);
         anyhow::anyhow!(
             "cannot load {}: {e}; the file is corrupt or not safetensors (sharded checkpoints \
              are not supported)",

@@ -308,7 +308,7 @@ impl ModelConfig {
         let backend = ShapeRecorder(shapes.clone());
         let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, candle_core::Device::Cpu);
         self.build(vb, SharedRng::new(0, "unused: shapes only"), DType::F32)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(without_backtrace)?;
         let log = shapes.lock().unwrap_or_else(|e| e.into_inner());
         Ok(log.shapes.clone())
     }
@@ -319,6 +319,15 @@ impl ModelConfig {
             toml::Value::Table(t) => t,
             _ => unreachable!("a config is a table"),
         }
+    }
+}
+
+/// A candle error as its message alone: under `RUST_BACKTRACE` candle attaches a backtrace,
+/// which would bury the message of an error shown to a user.
+pub(crate) fn without_backtrace(e: candle_core::Error) -> anyhow::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => anyhow::anyhow!("{inner}"),
+        e => anyhow::anyhow!("{e}"),
     }
 }
 
@@ -364,13 +373,15 @@ impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
                     {
                         log.elements = t;
                     }
-                    _ => candle_core::bail!(
-                        "the model needs more than {} values in {} tensors (stopped at {name}, \
-                         shape {:?})",
-                        log.budget.elements,
-                        log.budget.tensors,
-                        s.dims()
-                    ),
+                    _ => {
+                        return Err(candle_core::Error::Msg(format!(
+                            "the model needs more than {} values in {} tensors (stopped at \
+                             {name}, shape {:?})",
+                            log.budget.elements,
+                            log.budget.tensors,
+                            s.dims()
+                        )))
+                    }
                 }
                 log.shapes.insert(name.to_string(), s.dims().to_vec());
             }
