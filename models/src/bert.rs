@@ -482,6 +482,16 @@ impl ModelSpec for BertConfig {
 }
 
 impl HfConfig for BertConfig {
+    fn own_facts(&self) -> DataFacts {
+        let t = self.max_position_embeddings;
+        DataFacts {
+            classes: self.num_labels,
+            input_shape: vec![t],
+            seq_len: t,
+            task: kiln_core::recipe::Task::Classification,
+        }
+    }
+
     /// `config.json` for `c` in HF's `BertConfig` schema, without the dtype keys, special tokens
     /// or label names (the exporter adds those).
     fn to_hf(&self) -> anyhow::Result<Value> {

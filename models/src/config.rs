@@ -87,6 +87,12 @@ pub trait ModelSpec: Send + Sync {
         false
     }
 
+    /// Values of the tables the model computes when it is built (not parameters): RoPE's cos
+    /// and sin.
+    fn table_elements(&self) -> usize {
+        0
+    }
+
     /// An image classifier with a Hugging Face counterpart: (input channels, classes). Its
     /// export writes a preprocessor config instead of tokenizer files.
     fn image_classifier(&self) -> Option<(usize, usize)> {
@@ -115,6 +121,22 @@ pub trait HfConfig: Sized {
     /// The kiln config of a `config.json`; anything kiln computes differently is refused,
     /// naming the key.
     fn from_hf(r: &HfReader) -> anyhow::Result<Self>;
+
+    /// The data the config describes itself (its vocabulary and context, its images and
+    /// classes): what a `config.json` is checked against on its own.
+    fn own_facts(&self) -> DataFacts;
+}
+
+/// The checks a recipe's config gets ([`ModelSpec::resolve`]), for a config read from
+/// `config.json`, against the data it describes itself. On a copy: nothing is filled in.
+/// Refused: what would make building the model fail or divide by zero (no heads, heads that do
+/// not divide the width, a patch larger than the image, ...), naming the key.
+pub(crate) fn check_hf<C: HfConfig + ModelSpec + Clone>(c: &C, r: &HfReader) -> anyhow::Result<()> {
+    let mut probe = c.clone();
+    probe.resolve(&c.own_facts()).map_err(|(key, msg)| {
+        let key = key.strip_prefix("model.").unwrap_or(key);
+        anyhow::anyhow!("{}: `{key}` {msg}", r.ctx())
+    })
 }
 
 /// A validation failure: (key path, message).

@@ -214,6 +214,10 @@ impl ModelSpec for GptConfig {
 }
 
 impl HfConfig for GptConfig {
+    fn own_facts(&self) -> DataFacts {
+        DataFacts::text(self.vocab_size, self.block_size)
+    }
+
     /// `config.json` for `c` in HF's `GPT2Config` schema, without the dtype keys or special
     /// tokens (the exporter adds those).
     fn to_hf(&self) -> anyhow::Result<Value> {
@@ -253,7 +257,8 @@ impl HfConfig for GptConfig {
                 "kiln's GPT uses GPT-2's tanh GELU (gelu_new)",
             ));
         }
-        if !(r.v["n_inner"].is_null() || r.v["n_inner"].as_u64() == Some(4 * n_embd as u64)) {
+        let four_wide = |n: u64| Some(n) == (n_embd as u64).checked_mul(4);
+        if !(r.v["n_inner"].is_null() || r.v["n_inner"].as_u64().is_some_and(four_wide)) {
             return Err(r.refuse("n_inner", "kiln's GPT has a 4 × n_embd MLP"));
         }
         let eps = r.float_or("layer_norm_epsilon", LN_EPS)?;

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Recipe keys that only affect training: a fine-tuning recipe may set them over a pretrained
 /// model's config.
@@ -112,9 +112,14 @@ pub fn read_hf_config(folder: &Path) -> Result<ModelConfig> {
     let p = folder.join("config.json");
     let text =
         std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    parse_hf_config(&text, &p)
+}
+
+/// [`read_hf_config`] on the text of `config.json` (`source` names it in errors).
+pub fn parse_hf_config(text: &str, source: &Path) -> Result<ModelConfig> {
     let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
-    from_hf_config(&v, &p)
+        serde_json::from_str(text).with_context(|| format!("{} is not JSON", source.display()))?;
+    from_hf_config(&v, source)
 }
 
 /// A recipe's `[model]` table laid over a pretrained config: training-only keys may change;
@@ -237,23 +242,85 @@ pub fn from_hf_tensors(
     Ok(out)
 }
 
-/// Sets every parameter in `varmap` from the pretrained `model.safetensors` in `folder`
-/// (any dtype; converted to the parameters'), checking names and shapes.
-pub fn load_pretrained(varmap: &VarMap, cfg: &ModelConfig, folder: &Path) -> Result<()> {
+/// Parameters a pretrained model may have beyond the tensors its file holds (a fresh task head,
+/// LoRA adapters, RoPE tables), in elements, on top of as many as the file holds.
+const FRESH_ELEMENTS: usize = 1 << 20;
+
+/// A pretrained `model.safetensors`, read and checked against the model config before the
+/// model is built: [`set_pretrained`] fills the built model's parameters from it.
+pub struct Pretrained {
+    /// The file's tensors under kiln's names, in the file's dtypes.
+    tensors: HashMap<String, Tensor>,
+    source: PathBuf,
+}
+
+/// Reads `folder/model.safetensors` for `cfg`: names, shapes and the model's size are checked
+/// against the file before anything is built (see [`parse_pretrained`]).
+pub fn read_pretrained(cfg: &ModelConfig, folder: &Path) -> Result<Pretrained> {
     let file = folder.join("model.safetensors");
-    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot load {}: {e}; the file is missing or corrupt (sharded checkpoints are not \
+    let bytes = std::fs::read(&file).with_context(|| {
+        format!(
+            "cannot read {}; the folder needs the model's weights (sharded checkpoints are not \
              supported)",
             file.display()
         )
     })?;
-    let data = varmap
-        .data()
-        .lock()
-        .expect("the varmap lock is not poisoned");
-    let expected: Vec<String> = data.keys().cloned().collect();
-    let tensors = from_hf_tensors(cfg, tensors, &expected, &file)?;
+    parse_pretrained(cfg, &bytes, &file)
+}
+
+/// [`read_pretrained`] on the bytes of the file `source`: its tensors under kiln's names, each
+/// the shape `cfg`'s model gives it. A config asking for more parameters than the file can
+/// supply (beyond a fresh head or adapters) is refused before any is allocated.
+pub fn parse_pretrained(cfg: &ModelConfig, bytes: &[u8], source: &Path) -> Result<Pretrained> {
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+        let e = crate::without_backtrace(e);
+        anyhow::anyhow!(
+            "cannot load {}: {e}; the file is corrupt or not safetensors (sharded checkpoints \
+             are not supported)",
+            source.display()
+        )
+    })?;
+    let present: usize = tensors.values().map(Tensor::elem_count).sum();
+    let budget = crate::Budget {
+        elements: present.saturating_mul(2).saturating_add(FRESH_ELEMENTS),
+        tensors: tensors.len().saturating_mul(2).saturating_add(4096),
+    };
+    let shapes = cfg.parameter_shapes(budget).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: the {} model of config.json does not fit these weights ({present} values in \
+             {} tensors): {e}; is config.json the one these weights were saved with?",
+            source.display(),
+            cfg.kind(),
+            tensors.len()
+        )
+    })?;
+    let expected: Vec<String> = shapes.keys().cloned().collect();
+    let tensors = from_hf_tensors(cfg, tensors, &expected, source)?;
+    let vision = cfg.image_classifier().is_some();
+    for (name, w) in &tensors {
+        let Some(want) = shapes.get(name) else {
+            continue;
+        };
+        if w.dims() != want.as_slice() && !(vision && name.starts_with("classifier.")) {
+            bail!(
+                "{}: {name} has shape {:?}, the model from config.json expects {want:?}",
+                source.display(),
+                w.dims()
+            );
+        }
+    }
+    Ok(Pretrained {
+        tensors,
+        source: source.to_path_buf(),
+    })
+}
+
+/// Sets every parameter in `varmap` (the model of `cfg`, built) from the pretrained tensors
+/// (any dtype; converted to the parameters'), checking names and shapes.
+pub fn set_pretrained(varmap: &VarMap, cfg: &ModelConfig, pretrained: Pretrained) -> Result<()> {
+    let Pretrained { tensors, source } = pretrained;
+    let file = source.as_path();
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
     // LoRA adapters always start fresh; only name the other tensors the file lacks (a head).
     let mut fresh: Vec<&String> = (data.keys())
         .filter(|n| !tensors.contains_key(*n) && !crate::lora::is_adapter(n))
@@ -293,6 +360,14 @@ pub fn load_pretrained(varmap: &VarMap, cfg: &ModelConfig, folder: &Path) -> Res
         var.set(&w.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     Ok(())
+}
+
+/// Sets every parameter in `varmap` (the model of `cfg`, built) from the pretrained
+/// `model.safetensors` in `folder`: [`read_pretrained`], then [`set_pretrained`]. A caller that
+/// has not built the model yet reads first, so a config too large for its weights is refused
+/// before the model is allocated.
+pub fn load_pretrained(varmap: &VarMap, cfg: &ModelConfig, folder: &Path) -> Result<()> {
+    set_pretrained(varmap, cfg, read_pretrained(cfg, folder)?)
 }
 
 fn preview<S: AsRef<str>>(names: &[S]) -> String {

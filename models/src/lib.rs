@@ -127,7 +127,10 @@ macro_rules! registry {
             /// one kiln does not implement.
             fn from_hf_type(model_type: &str, r: &hf::HfReader) -> Option<anyhow::Result<Self>> {
                 match model_type {
-                    $($($hf => Some(<$cfg as HfConfig>::from_hf(r).map(ModelConfig::$variant)),)?)*
+                    $($($hf => Some(<$cfg as HfConfig>::from_hf(r).and_then(|c| {
+                        config::check_hf(&c, r)?;
+                        Ok(ModelConfig::$variant(c))
+                    })),)?)*
                     _ => None,
                 }
             }
@@ -284,12 +287,116 @@ impl ModelConfig {
         })
     }
 
+    /// The name and shape of every parameter of the model, found by building it on
+    /// placeholders that allocate nothing. A model larger than `budget` (its parameters plus
+    /// the tables it computes, like RoPE's) is refused as soon as it is known to be.
+    pub fn parameter_shapes(
+        &self,
+        budget: Budget,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, Vec<usize>>> {
+        let tables = self.spec().table_elements();
+        anyhow::ensure!(
+            tables <= budget.elements,
+            "its tables (RoPE's cos and sin) alone would hold {tables} values, more than the \
+             {} allowed",
+            budget.elements
+        );
+        let shapes = std::sync::Arc::new(std::sync::Mutex::new(ShapeLog {
+            shapes: Default::default(),
+            elements: tables,
+            budget,
+        }));
+        let backend = ShapeRecorder(shapes.clone());
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, candle_core::Device::Cpu);
+        self.build(vb, SharedRng::new(0, "unused: shapes only"), DType::F32)
+            .map_err(without_backtrace)?;
+        let log = shapes.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(log.shapes.clone())
+    }
+
     /// The resolved config as a TOML table (for the run's `recipe.toml`).
     pub fn to_table(&self) -> toml::Table {
         match toml::Value::try_from(self).expect("configs serialize") {
             toml::Value::Table(t) => t,
             _ => unreachable!("a config is a table"),
         }
+    }
+}
+
+/// A candle error as its message alone: under `RUST_BACKTRACE` candle attaches a backtrace,
+/// which would bury the message of an error shown to a user.
+pub(crate) fn without_backtrace(e: candle_core::Error) -> anyhow::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => anyhow::anyhow!("{inner}"),
+        e => anyhow::anyhow!("{e}"),
+    }
+}
+
+/// The most a model may hold: parameters plus computed tables, in values, and parameter
+/// tensors (see [`ModelConfig::parameter_shapes`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub elements: usize,
+    pub tensors: usize,
+}
+
+struct ShapeLog {
+    shapes: std::collections::BTreeMap<String, Vec<usize>>,
+    elements: usize,
+    budget: Budget,
+}
+
+/// A VarBuilder backend that records each parameter's shape and hands out a broadcast scalar
+/// in its place (no storage of the parameter's size).
+struct ShapeRecorder(std::sync::Arc<std::sync::Mutex<ShapeLog>>);
+
+impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let mut log = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match log.shapes.get(name) {
+            Some(d) if d.as_slice() == s.dims() => {}
+            Some(d) => candle_core::bail!(
+                "parameter {name} requested with shape {s:?} but exists as {d:?}"
+            ),
+            None => {
+                let n = s.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                let total = n.and_then(|n| n.checked_add(log.elements));
+                match total {
+                    Some(t)
+                        if t <= log.budget.elements && log.shapes.len() < log.budget.tensors =>
+                    {
+                        log.elements = t;
+                    }
+                    _ => {
+                        return Err(candle_core::Error::Msg(format!(
+                            "the model needs more than {} values in {} tensors (stopped at \
+                             {name}, shape {:?})",
+                            log.budget.elements,
+                            log.budget.tensors,
+                            s.dims()
+                        )))
+                    }
+                }
+                log.shapes.insert(name.to_string(), s.dims().to_vec());
+            }
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &candle_core::Device) -> Result<Tensor> {
+        Err(candle_core::Error::CannotFindTensor { path: name.into() })
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        let log = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        log.shapes.contains_key(name)
     }
 }
 

@@ -71,9 +71,11 @@ fn default_rope_theta() -> f64 {
 }
 
 impl LlamaConfig {
-    /// Size of one attention head.
+    /// Size of one attention head (0 without heads, which `resolve` refuses).
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.hidden_size
+            .checked_div(self.num_attention_heads)
+            .unwrap_or(0)
     }
 
     /// Key/value heads (num_attention_heads when left at 0).
@@ -191,6 +193,13 @@ impl ModelSpec for LlamaConfig {
         ))
     }
 
+    /// RoPE's angles, cos and sin: one value per position and head feature each.
+    fn table_elements(&self) -> usize {
+        (self.max_position_embeddings)
+            .saturating_mul(self.head_dim())
+            .saturating_mul(3)
+    }
+
     fn resolve(&mut self, data: &DataFacts) -> std::result::Result<(), ConfigError> {
         let (vocab, seq_len) = (data.classes, data.seq_len);
         check_dropout(self.dropout, "model.dropout")?;
@@ -247,6 +256,10 @@ impl ModelSpec for LlamaConfig {
 }
 
 impl HfConfig for LlamaConfig {
+    fn own_facts(&self) -> DataFacts {
+        DataFacts::text(self.vocab_size, self.max_position_embeddings)
+    }
+
     /// `config.json` for `c` in HF's `LlamaConfig` schema, without the dtype keys or special
     /// tokens (the exporter adds those).
     fn to_hf(&self) -> anyhow::Result<Value> {

@@ -458,6 +458,15 @@ impl ModelSpec for ResNetConfig {
 }
 
 impl HfConfig for ResNetConfig {
+    /// Images of any size (a ResNet pools them), and at least two classes (a config without
+    /// labels gets its head from the recipe's data).
+    fn own_facts(&self) -> DataFacts {
+        DataFacts::images(
+            self.num_labels.max(2),
+            &[self.num_channels.max(1), 224, 224],
+        )
+    }
+
     /// HF `ResNetConfig` of a resolved kiln ResNet; the small-image stem has no counterpart there.
     fn to_hf(&self) -> anyhow::Result<Value> {
         let c = self;

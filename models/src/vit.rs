@@ -421,6 +421,13 @@ impl ModelSpec for ViTConfig {
 }
 
 impl HfConfig for ViTConfig {
+    /// Its images, and at least two classes (a config without labels gets its head from the
+    /// recipe's data).
+    fn own_facts(&self) -> DataFacts {
+        let (c, s) = (self.num_channels, self.image_size);
+        DataFacts::images(self.num_labels.max(2), &[c, s, s])
+    }
+
     /// `config.json` for `c` in HF's `ViTConfig` schema, without the dtype keys (the exporter
     /// adds those).
     fn to_hf(&self) -> anyhow::Result<Value> {

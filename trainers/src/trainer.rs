@@ -224,6 +224,15 @@ impl<'a> Training<'a> {
             run.write_record(recipe, &device, &data)?;
         }
 
+        // Pretrained weights are read and checked before the model is built, so a config.json
+        // larger than its weights is refused before anything is allocated.
+        let pretrained = match (&recipe.init_from, &resumed) {
+            (Some(from), None) => Some(kiln_models::hf::read_pretrained(
+                &model_cfg,
+                &kiln_core::hub::resolve(from)?,
+            )?),
+            _ => None,
+        };
         let varmap = VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, &device);
         let dropout_rng = SharedRng::new(recipe.seed, "dropout");
@@ -243,9 +252,8 @@ impl<'a> Training<'a> {
         let mut optimizer = optim::build(&recipe.optim);
         let (state, last_checkpoint) = match resumed {
             None => {
-                if let Some(from) = &recipe.init_from {
-                    let folder = kiln_core::hub::resolve(from)?;
-                    kiln_models::hf::load_pretrained(&varmap, &model_cfg, &folder)?;
+                if let Some(p) = pretrained {
+                    kiln_models::hf::set_pretrained(&varmap, &model_cfg, p)?;
                 }
                 let state = TrainerState {
                     loss_scaler: LossScaler::for_precision(recipe.precision),

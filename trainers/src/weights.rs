@@ -27,14 +27,20 @@ pub fn load(
     compute: DType,
     device: &Device,
 ) -> Result<VarMap> {
+    // Pretrained weights are read and checked against the config before the model is built,
+    // so a config.json larger than its weights is refused before anything is allocated.
+    let pretrained = match from {
+        Weights::Pretrained(folder) => Some(kiln_models::hf::read_pretrained(cfg, folder)?),
+        Weights::Checkpoint { .. } => None,
+    };
     let varmap = VarMap::new();
     let vb = kiln_core::rng::seeded_var_builder(&varmap, seed, DType::F32, device);
     cfg.build(vb, SharedRng::new(seed, "dropout"), compute)?;
-    match from {
-        Weights::Checkpoint { recipe, file } => {
-            restore_weights(&varmap, cfg, recipe, file, device)?
-        }
-        Weights::Pretrained(folder) => kiln_models::hf::load_pretrained(&varmap, cfg, folder)?,
+    if let Weights::Checkpoint { recipe, file } = from {
+        restore_weights(&varmap, cfg, recipe, file, device)?;
+    }
+    if let Some(p) = pretrained {
+        kiln_models::hf::set_pretrained(&varmap, cfg, p)?;
     }
     Ok(varmap)
 }

@@ -108,18 +108,29 @@ pub fn read_rows(
     text_column: &str,
     label_column: &str,
 ) -> Result<Vec<(u64, String, String)>> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "cannot read {}; check data.path and the file names",
+            path.display()
+        )
+    })?;
+    parse_rows(&bytes, path, text_column, label_column)
+}
+
+/// [`read_rows`] on the file's contents: `path` names the file in errors and, by its extension,
+/// picks the format (`.tsv`: tab-separated, unquoted; anything else: CSV).
+pub fn parse_rows(
+    bytes: &[u8],
+    path: &Path,
+    text_column: &str,
+    label_column: &str,
+) -> Result<Vec<(u64, String, String)>> {
     let tab = path.extension().is_some_and(|e| e == "tsv");
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(if tab { b'\t' } else { b',' })
         // SST-2's TSV has unbalanced quotes inside sentences: only CSV quotes fields.
         .quoting(!tab)
-        .from_path(path)
-        .with_context(|| {
-            format!(
-                "cannot read {}; check data.path and the file names",
-                path.display()
-            )
-        })?;
+        .from_reader(bytes);
     let headers = reader
         .headers()
         .with_context(|| format!("{}: no header row", path.display()))?
@@ -195,11 +206,12 @@ fn encode(
                 .encode(text.as_str(), true)
                 .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", file.display()))?;
             let mut ids = e.get_ids().to_vec();
-            if ids.len() > max_length {
+            if let (true, Some(&last)) = (ids.len() > max_length, ids.last()) {
                 // Keep the closing special token ([SEP]) of a truncated sequence.
-                let last = *ids.last().expect("non-empty");
                 ids.truncate(max_length);
-                ids[max_length - 1] = last;
+                if let Some(end) = ids.last_mut() {
+                    *end = last;
+                }
             }
             Ok(ids)
         })

@@ -140,3 +140,113 @@ fn bias_free_gpt_exports_zero_biases() {
     assert_eq!(out["transformer.ln_f.bias"].dims(), [8]);
     assert_eq!(out.len(), 1 + 2 * 6 + 1);
 }
+
+/// `cfg`'s parameters (seeded by `seed`), saved as a `model.safetensors`: its bytes.
+fn weights_of(cfg: &ModelConfig, seed: u64) -> (VarMap, Vec<u8>) {
+    let varmap = VarMap::new();
+    let vb = kiln_core::rng::seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu);
+    cfg.build(vb, crate::SharedRng::new(seed, "dropout"), DType::F32)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.safetensors");
+    varmap.save(&file).unwrap();
+    (varmap, std::fs::read(file).unwrap())
+}
+
+#[test]
+fn pretrained_weights_are_checked_before_the_model_is_built() {
+    let text = hf_config(&tiny_gpt(true), DType::F32, SpecialTokens::default())
+        .unwrap()
+        .to_string();
+    let cfg = parse_hf_config(&text, Path::new("m/config.json")).unwrap();
+    let (saved, bytes) = weights_of(&cfg, 1);
+    let file = Path::new("m/model.safetensors");
+    let pretrained = parse_pretrained(&cfg, &bytes, file).unwrap();
+    let (varmap, _) = weights_of(&cfg, 2);
+    set_pretrained(&varmap, &cfg, pretrained).unwrap();
+    let name = "transformer.h.1.mlp.c_fc.weight";
+    let value = |vm: &VarMap| {
+        let data = vm.data().lock().unwrap();
+        data[name].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    assert_eq!(value(&varmap), value(&saved));
+
+    // A config asking for a billion-wide model over these few weights is refused before any
+    // parameter is allocated.
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    v["n_embd"] = 1_000_000_000u64.into();
+    let huge = parse_hf_config(&v.to_string(), Path::new("m/config.json")).unwrap();
+    let e = parse_pretrained(&huge, &bytes, file)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("m/model.safetensors") && e.contains("does not fit these weights"),
+        "{e}"
+    );
+    // A longer context than the weights have: the tensor is named with both shapes.
+    v["n_embd"] = 8.into();
+    v["n_positions"] = 32.into();
+    let longer = parse_hf_config(&v.to_string(), Path::new("m/config.json")).unwrap();
+    let e = parse_pretrained(&longer, &bytes, file)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("transformer.wpe.weight has shape [16, 8]") && e.contains("[32, 8]"),
+        "{e}"
+    );
+    // Not safetensors at all.
+    let e = parse_pretrained(&cfg, b"{}", file)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("cannot load m/model.safetensors"), "{e}");
+}
+
+#[test]
+fn rope_tables_count_against_the_weights() {
+    let text = json!({
+        "model_type": "llama", "hidden_size": 8, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 5,
+        "max_position_embeddings": 4,
+    });
+    let cfg = parse_hf_config(&text.to_string(), Path::new("config.json")).unwrap();
+    let (_, bytes) = weights_of(&cfg, 1);
+    parse_pretrained(&cfg, &bytes, Path::new("model.safetensors")).unwrap();
+    let mut v = text;
+    v["max_position_embeddings"] = 1_000_000_000_000u64.into();
+    let long = parse_hf_config(&v.to_string(), Path::new("config.json")).unwrap();
+    let e = parse_pretrained(&long, &bytes, Path::new("model.safetensors"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("RoPE"), "{e}");
+}
+
+/// The fuzz target's seeds: valid GPT-2, Llama and BERT folders load; the billion-wide GPT-2
+/// is refused with its message alone (no backtrace, even under `RUST_BACKTRACE`).
+#[test]
+fn fuzz_seed_folders() {
+    for name in ["gpt2", "llama", "bert", "bert-encoder", "gpt2-huge"] {
+        let path = format!(
+            "{}/../fuzz/corpus/hf_folder/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let data = std::fs::read(path).unwrap();
+        let (config, weights) = data.split_at(data.iter().position(|&b| b == 0).unwrap());
+        let cfg = parse_hf_config(std::str::from_utf8(config).unwrap(), Path::new("c")).unwrap();
+        let loaded = parse_pretrained(&cfg, &weights[1..], Path::new("m"));
+        match loaded {
+            Err(e) if name == "gpt2-huge" => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("does not fit") && !e.contains("backtrace"),
+                    "{e}"
+                );
+                assert!(e.lines().count() == 1, "{e}");
+            }
+            r => assert!(r.is_ok(), "{name}: {:?}", r.err()),
+        }
+    }
+}

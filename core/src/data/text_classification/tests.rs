@@ -146,3 +146,41 @@ fn unknown_labels_are_named_with_their_line() {
     let e = load(&s, 4).err().unwrap().to_string();
     assert!(e.contains("only 1 label"), "{e}");
 }
+
+#[test]
+fn parse_rows_quotes_empty_fields_and_bad_bytes() {
+    let csv = Path::new("d/train.csv");
+    let rows = parse_rows(
+        b"text,label\n\"good, \"\"really\"\"\",pos\n,\n",
+        csv,
+        "text",
+        "label",
+    )
+    .unwrap();
+    assert_eq!(rows[0].1, "good, \"really\"");
+    assert_eq!((rows[1].1.as_str(), rows[1].2.as_str()), ("", ""));
+    let tsv = Path::new("d/train.tsv");
+    let rows = parse_rows(
+        b"sentence\tlabel\nit 's \"x\t pos \n",
+        tsv,
+        "sentence",
+        "label",
+    );
+    assert_eq!(rows.unwrap()[0].2, "pos");
+    let err = |bytes: &[u8], path| {
+        parse_rows(bytes, path, "text", "label")
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(b"text,label\nonly-one\n", csv);
+    assert!(
+        e.contains("d/train.csv") && e.contains("malformed row"),
+        "{e}"
+    );
+    let e = err(b"text\tlabel\ncaf\xe9\tpos\n", tsv);
+    assert!(e.contains("d/train.tsv: malformed row"), "{e}");
+    let e = err(b"", csv);
+    assert!(e.contains("d/train.csv has no column \"text\""), "{e}");
+    let e = err(b"text,label\n", csv);
+    assert!(e.contains("d/train.csv has no examples"), "{e}");
+}
