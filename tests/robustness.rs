@@ -116,21 +116,34 @@ fn a_run_that_fails_to_start_can_be_retried_in_the_same_directory() {
     }
 }
 
-#[test]
-fn one_run_has_one_writer() {
-    let (dir, recipe) = tiny_gpt_fixture("");
-    let run = dir.path().join("run");
-    let mut first = kiln_train(&recipe, &run)
-        .args(["--set", "trainer.max_steps=100000"])
-        .current_dir(dir.path())
+/// `kiln train` of `recipe` into `run` for (nearly) ever, returned once it has started writing
+/// the run (its metrics file exists).
+fn training(recipe: &Path, run: &Path, extra: &[&str], stderr: Stdio) -> std::process::Child {
+    let child = kiln_train(recipe, run)
+        .args([
+            "--set",
+            "trainer.max_steps=100000",
+            "--set",
+            "data.batch_size=64",
+        ])
+        .args(extra)
+        .current_dir(recipe.parent().unwrap())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let t = Instant::now();
     while !run.join("metrics.jsonl").exists() && t.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    child
+}
+
+#[test]
+fn one_run_has_one_writer() {
+    let (dir, recipe) = tiny_gpt_fixture("");
+    let run = dir.path().join("run");
+    let mut first = training(&recipe, &run, &[], Stdio::null());
     let o = kiln(&["train", "--resume", run.to_str().unwrap()], dir.path());
     first.kill().unwrap();
     first.wait().unwrap();
@@ -159,23 +172,8 @@ fn a_second_signal_exits_at_once_and_says_so() {
     let (dir, recipe) = tiny_gpt_fixture("");
     let run = dir.path().join("run");
     // Steps of about a second, so that both signals land within one.
-    let child = kiln_train(&recipe, &run)
-        .args([
-            "--set",
-            "trainer.max_steps=100000",
-            "--set",
-            "model.n_embd=512",
-        ])
-        .args(["--set", "model.n_layer=6", "--set", "data.batch_size=64"])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !run.join("metrics.jsonl").exists() && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let slow = ["--set", "model.n_embd=512", "--set", "model.n_layer=6"];
+    let child = training(&recipe, &run, &slow, Stdio::piped());
     let pid = child.id() as i32;
     // SAFETY: signals a child this test spawned and has not reaped.
     unsafe { libc::kill(pid, libc::SIGINT) };
