@@ -18,7 +18,8 @@
 #   unpack 60 [5-10 s] · nvidia-smi 20 [1] · parity: test-cuda_parity 150, other test-* 90 each
 #   [30-90] · memcheck: test-cuda_parity per op, then test-cuda_attention_tc's tensor-core
 #   test, one run each (45 s at most), 120 s in all [40-120] ·
-#   attention timing (test-cuda_attention_tc --ignored) 90 [10-30] · kiln bench char-gpu 60,
+#   attention timing (test-cuda_attention_tc --ignored) 90 [10-30] · memory estimate refusal 30
+#   [1-5] · kiln bench char-gpu 60,
 #   gpt2-124m 90 [30-60] · PyTorch eager 90 [20-40] · 200-step char run f32 90 + bf16 90 vs the
 #   CPU reference [20-40] · table 20. Global deadline 490 s (KILN_GPU_BUDGET), so the script
 #   always ends and checks $OUT inside timeout_s=540; expected total 4-6 minutes.
@@ -336,6 +337,12 @@ else
   TO=$SCRATCH/attn.txt stage attention-timing 90 "$attn" --ignored --nocapture --test-threads=1 "$timing"
   cat "$SCRATCH/attn.txt" >> "$LOG"
 fi
+
+# 4b. issue 21 on the device: a batch no GPU holds is refused from the estimate against the
+#     driver's free memory (expect exit 1 and "available on cuda:0"), before anything is built.
+stage "memory estimate (expect exit 1)" 30 "$KILN" train recipes/shakespeare-char-gpu.toml \
+  --quiet --device "$DEV" --run-dir "$SCRATCH/runs/too-big" --set data.batch_size=10000000
+grep -a 'this recipe needs about' "$LOG" | tail -n 1 | sed 's/^/   /'
 
 # 5. kiln bench of both GPU recipes (dropout 0, like the PyTorch twin); one JSON for both.
 for r in $BENCH_RECIPES; do
