@@ -167,3 +167,36 @@ fn a_tampered_recipe_is_named() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a_run_extended_by_resume_still_verifies() {
+    let (dir, run) = trained();
+    // `--resume --set trainer.max_steps=28` rewrites recipe.toml; the re-run to step 8 must
+    // follow the schedule of the 20 steps in force then (the checkpoint's copy), or every weight
+    // would differ.
+    let o = kiln(
+        &[
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            "trainer.max_steps=28",
+        ],
+        dir.path(),
+    );
+    ok(&o);
+    let out = ok(&verify(&run, &[], dir.path()));
+    assert!(out.contains("weights: identical at step 8 ("), "{out}");
+    assert!(
+        out.contains("in [trainer] only, as a --resume may; changed from checkpoint step-8's copy: trainer.max_steps"),
+        "{out}"
+    );
+    // A key outside [trainer] still fails, even beside a legitimate change.
+    let recipe = run.join("recipe.toml");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(&recipe, text.replace("lr = 0.003\n", "lr = 0.002\n")).unwrap();
+    let o = verify(&run, &[], dir.path());
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("optim.lr"), "{}", stdout(&o));
+}

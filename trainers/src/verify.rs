@@ -111,7 +111,7 @@ pub fn verify(run_dir: &Path, opts: &VerifyOptions) -> Result<Report> {
         recipe_file.display(),
         rerun_dir.display()
     );
-    let rerun = rerun(&recipe_file, &rerun_dir, step, device);
+    let rerun = rerun(&recipe_file, &recorded_ck, &rerun_dir, step, device);
     // The re-run's own record: its device and the data files as they are now.
     let now = RunRecord::read(&rerun_dir).ok().flatten();
 
@@ -197,9 +197,21 @@ fn pick_checkpoint(run_dir: &Path, steps: Option<usize>) -> Result<(usize, PathB
 }
 
 /// Trains `recipe_file` from scratch into `dir`, stopping after `step` with a checkpoint; returns
-/// that checkpoint.
-fn rerun(recipe_file: &Path, dir: &Path, step: usize, device: Option<String>) -> Result<PathBuf> {
-    let recipe = Recipe::load(recipe_file, &[])?;
+/// that checkpoint. The `[trainer]` table comes from the recorded checkpoint's copy of the recipe
+/// when it has one: `--resume --set trainer.max_steps=N` rewrites the run's recipe.toml, and the
+/// schedule up to `step` followed the steps in force then.
+fn rerun(
+    recipe_file: &Path,
+    recorded_ck: &Path,
+    dir: &Path,
+    step: usize,
+    device: Option<String>,
+) -> Result<PathBuf> {
+    let mut recipe = Recipe::load(recipe_file, &[])?;
+    let copy = recorded_ck.join("recipe.toml");
+    if copy.is_file() {
+        recipe.trainer = Recipe::load(&copy, &[])?.trainer;
+    }
     let opts = TrainOptions {
         run_dir: Some(dir.to_path_buf()),
         device,
@@ -508,7 +520,11 @@ fn check_recipe(
         }
     };
     let copy = recorded_ck.join("recipe.toml");
-    let keys = changed_keys(&copy, recipe_file)
+    let changed = changed_keys(&copy, recipe_file);
+    let trainer_only = changed
+        .as_ref()
+        .is_some_and(|k| !k.is_empty() && k.iter().all(|k| k.starts_with("trainer.")));
+    let keys = changed
         .filter(|k| !k.is_empty())
         .map(|k| {
             format!(
@@ -521,6 +537,11 @@ fn check_recipe(
         Some(h) if h == current => {
             Check::pass("recipe", "recipe.toml unchanged since the run started")
         }
+        // A resume may change [trainer] keys (a longer max_steps): explained, not failed.
+        Some(_) if trainer_only => Check::pass(
+            "recipe",
+            format!("recipe.toml changed since the run started in [trainer] only, as a --resume may{keys}"),
+        ),
         Some(h) => Check::fail(
             "recipe",
             format!(
@@ -533,6 +554,10 @@ fn check_recipe(
             Ok(h) if h == current => Check::pass(
                 "recipe",
                 format!("recipe.toml is checkpoint step-{step}'s copy (the run has no run.json)"),
+            ),
+            Ok(_) if trainer_only => Check::pass(
+                "recipe",
+                format!("recipe.toml differs from checkpoint step-{step}'s copy in [trainer] only, as a --resume may{keys}"),
             ),
             Ok(_) => Check::fail(
                 "recipe",
