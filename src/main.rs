@@ -231,6 +231,46 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Plot runs' metrics: one chart per metric, the runs overlaid with a legend.
+    Plot {
+        /// Run directories.
+        #[arg(required = true, value_name = "RUN_DIR")]
+        runs: Vec<PathBuf>,
+        /// Metrics to chart, comma-separated (default: train/loss and every eval metric).
+        #[arg(long, value_delimiter = ',')]
+        metric: Vec<String>,
+        /// Output file: .png or .svg (default: plot.png, or RUN/plots/plot.png for one run).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Exponential-moving-average weight in [0, 1), as TensorBoard's slider (0 = raw).
+        #[arg(long, default_value_t = 0.0)]
+        smooth: f64,
+        /// Horizontal axis: step, tokens (examples for a classifier) or seconds of training.
+        #[arg(long, default_value = "step", value_parser = kiln::trainers::history::XAxis::parse)]
+        x: kiln::trainers::history::XAxis,
+        /// Logarithmic vertical axis.
+        #[arg(long)]
+        log_y: bool,
+    },
+    /// List runs: status (running / finished / stopped / crashed), progress, the final and best
+    /// value of the recipe's best_metric, time, device and throughput.
+    Runs {
+        /// A folder of run directories.
+        #[arg(default_value = "runs")]
+        dir: PathBuf,
+        /// Order by this metric's final value, best first.
+        #[arg(long, value_name = "METRIC")]
+        sort: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Compare two runs: the recipe keys that differ and the metric deltas.
+        #[arg(long, num_args = 2, value_names = ["RUN_A", "RUN_B"], conflicts_with_all = ["sort", "json"])]
+        diff: Option<Vec<PathBuf>>,
+    },
+    /// (Re)write a run's plots/ and report.html from its files (a finished run gets both when it
+    /// ends; this one also works on a running, stopped or crashed run).
+    Report { run_dir: PathBuf },
 }
 
 /// A count that must be at least 1 (a batch size, a number of steps).
@@ -504,6 +544,75 @@ fn run(cli: Cli) -> Result<Option<usize>> {
             for r in recipes {
                 println!("{:width$}  {}", r.name, r.description);
             }
+            Ok(None)
+        }
+        Command::Plot {
+            runs,
+            metric,
+            out,
+            smooth,
+            x,
+            log_y,
+        } => {
+            use kiln::trainers::{history::History, plot};
+            let histories = runs
+                .iter()
+                .map(|r| History::read(r))
+                .collect::<Result<Vec<_>>>()?;
+            let opts = plot::PlotOptions {
+                metrics: metric,
+                smooth,
+                x,
+                log_y,
+            };
+            let charts = plot::charts(&histories, &opts)?;
+            let out = out.unwrap_or_else(|| match runs.as_slice() {
+                [one] => one.join(kiln::trainers::report::PLOTS_DIR).join("plot.png"),
+                _ => PathBuf::from("plot.png"),
+            });
+            if let Some(dir) = out.parent().filter(|d| d.ends_with("plots")) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            plot::write(&charts, &opts, &out)?;
+            println!("wrote {}", out.display());
+            Ok(None)
+        }
+        Command::Runs {
+            dir,
+            sort,
+            json,
+            diff,
+        } => {
+            use kiln::trainers::runs;
+            if let Some([a, b]) = diff.as_deref() {
+                print!("{}", runs::diff(a, b)?);
+                return Ok(None);
+            }
+            let mut list = runs::list(&dir)?;
+            if let Some(m) = sort {
+                runs::sort(&mut list, &m)?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs::to_json(&list))?);
+            } else if list.is_empty() {
+                println!("no runs in {}", dir.display());
+            } else {
+                print!("{}", runs::table(&list));
+            }
+            Ok(None)
+        }
+        Command::Report { run_dir } => {
+            use kiln::trainers::report;
+            kiln::trainers::history::History::read(&run_dir)?;
+            let plots = report::write_plots(&run_dir)?;
+            let file = report::write_report(&run_dir)?;
+            println!(
+                "wrote {} and {} plot files in {}",
+                file.display(),
+                plots.len(),
+                run_dir.join(report::PLOTS_DIR).display()
+            );
             Ok(None)
         }
         Command::Verify {

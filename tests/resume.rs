@@ -40,16 +40,6 @@ fn final_weights(run: &Path) -> Vec<u8> {
     std::fs::read(latest.join("model.safetensors")).unwrap()
 }
 
-fn metrics_without_throughput(run: &Path) -> Vec<serde_json::Value> {
-    metrics(run)
-        .into_iter()
-        .map(|mut m| {
-            m.as_object_mut().unwrap().remove("throughput");
-            m
-        })
-        .collect()
-}
-
 fn opts(run: PathBuf) -> TrainOptions {
     TrainOptions {
         run_dir: Some(run),
@@ -78,8 +68,8 @@ fn resume_after_a_stop_or_a_crash_is_exact() {
     resume(&out.run_dir, &[], &o).unwrap();
     assert_eq!(final_weights(&out.run_dir), final_weights(&full));
     assert_eq!(
-        metrics_without_throughput(&out.run_dir),
-        metrics_without_throughput(&full)
+        metrics_without_timing(&out.run_dir),
+        metrics_without_timing(&full)
     );
 
     // A crash after step 17: the newest checkpoint is step-15 and two steps' metrics were
@@ -105,8 +95,8 @@ fn resume_after_a_stop_or_a_crash_is_exact() {
     resume(&crashed, &[], &opts(crashed.clone())).unwrap();
     assert_eq!(final_weights(&crashed), final_weights(&full));
     assert_eq!(
-        metrics_without_throughput(&crashed),
-        metrics_without_throughput(&full)
+        metrics_without_timing(&crashed),
+        metrics_without_timing(&full)
     );
     assert_eq!(
         summary(&crashed)["final"]["eval/loss"],
@@ -192,10 +182,7 @@ fn a_stop_at_the_last_step_or_during_an_evaluation_loses_no_step() {
     stop.store(0, Ordering::SeqCst);
     assert_eq!(resume(&run, &[], &o).unwrap().interrupted, None);
     assert_eq!(final_weights(&run), final_weights(&full));
-    assert_eq!(
-        metrics_without_throughput(&run),
-        metrics_without_throughput(&full)
-    );
+    assert_eq!(metrics_without_timing(&run), metrics_without_timing(&full));
     assert_eq!(
         summary(&run)["final"]["eval/loss"],
         summary(&full)["final"]["eval/loss"]
@@ -243,8 +230,8 @@ fn resume_of_a_run_stopped_before_its_first_checkpoint_trains_it_again() {
     resume(&killed, &[], &opts(killed.clone())).unwrap();
     assert_eq!(final_weights(&killed), final_weights(&full));
     assert_eq!(
-        metrics_without_throughput(&killed),
-        metrics_without_throughput(&full)
+        metrics_without_timing(&killed),
+        metrics_without_timing(&full)
     );
 }
 
@@ -407,10 +394,7 @@ fn kill_and_resume(dir: &Path, recipe: &Path, seed: u32) {
             final_weights(&full),
             "after {kills} SIGKILLs"
         );
-        assert_eq!(
-            metrics_without_throughput(&run),
-            metrics_without_throughput(&full)
-        );
+        assert_eq!(metrics_without_timing(&run), metrics_without_timing(&full));
         return;
     }
     panic!("in five attempts the run always finished before the first kill");

@@ -104,16 +104,8 @@ fn same_seed_same_run_other_seed_other_run() {
     other.push("seed=8");
     let c = run(&recipe, dir.path(), "c", &other).unwrap();
 
-    // Everything but wall-clock throughput must match exactly.
-    let strip = |run: &Path| -> Vec<serde_json::Value> {
-        metrics(run)
-            .into_iter()
-            .map(|mut m| {
-                m.as_object_mut().unwrap().remove("throughput");
-                m
-            })
-            .collect()
-    };
+    // Everything but wall-clock timing must match exactly.
+    let strip = metrics_without_timing;
     assert_eq!(strip(&a), strip(&b));
     let weights =
         |run: &Path| std::fs::read(run.join("checkpoints/step-20/model.safetensors")).unwrap();

@@ -36,6 +36,10 @@ impl MetricsLog {
     }
 }
 
+/// Metrics that measure the machine, not the training: they differ between two runs of one
+/// recipe, so exactness checks (resume, `kiln verify`) leave them aside.
+pub const TIMING_KEYS: &[&str] = &["throughput", "seconds"];
+
 /// JSON has no NaN or infinity: write those as null.
 pub fn json_number(v: f64) -> Value {
     serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)

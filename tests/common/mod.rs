@@ -232,6 +232,21 @@ pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// metrics.jsonl without the keys that time the machine (throughput, seconds): what two runs
+/// of one recipe must agree on exactly.
+#[allow(dead_code)]
+pub fn metrics_without_timing(run: &Path) -> Vec<serde_json::Value> {
+    metrics(run)
+        .into_iter()
+        .map(|mut m| {
+            for k in kiln::core::metrics::TIMING_KEYS {
+                m.as_object_mut().unwrap().remove(*k);
+            }
+            m
+        })
+        .collect()
+}
+
 pub fn summary(run: &Path) -> serde_json::Value {
     read_json(&run.join("summary.json"))
 }

@@ -1,6 +1,6 @@
 //! The run directory: `recipe.toml` (resolved), `run.json` (what the run started from),
-//! `metrics.jsonl`, `summary.json`, `checkpoints/step-<N>/`, and `vocab.json` for
-//! character-level models. Also reopens a finished run for `kiln eval` and `kiln generate`.
+//! `metrics.jsonl`, `summary.json`, `checkpoints/step-<N>/`, `tb/` (TensorBoard), `plots/`,
+//! `report.html`, and `vocab.json` for character-level models. Also reopens a finished run for `kiln eval` and `kiln generate`.
 
 use crate::weights::{self, Weights};
 use anyhow::{bail, Context, Result};
@@ -109,11 +109,30 @@ enum Created {
 /// The lock file's name inside a run directory.
 const LOCK_FILE: &str = ".lock";
 
+/// `stopped.json`: the run ended early and cleanly (a signal, `stop_after`), with a checkpoint
+/// to resume from; removed when it resumes. With `summary.json` (finished) and the lock (running)
+/// it says a run's status without guessing: none of the three means the process died.
+pub const STOPPED_FILE: &str = "stopped.json";
+
 fn lock(run: &Path) -> Result<std::fs::File> {
+    use std::io::Write;
     let p = run.join(LOCK_FILE);
-    let f = std::fs::File::create(&p).map_err(at(&p))?;
+    // Not truncated before the lock is ours: the holder's pid is in it.
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .read(true)
+        .open(&p)
+        .map_err(at(&p))?;
     match f.try_lock() {
-        Ok(()) => Ok(f),
+        Ok(()) => {
+            // The pid, for `kiln runs`: which process is training the run.
+            f.set_len(0)
+                .and_then(|()| writeln!(f, "{}", std::process::id()))
+                .map_err(at(&p))?;
+            Ok(f)
+        }
         Err(std::fs::TryLockError::WouldBlock) => bail!(
             "{} is in use by another kiln process (it holds {}); wait for it to finish or stop \
              it first",
@@ -121,6 +140,21 @@ fn lock(run: &Path) -> Result<std::fs::File> {
             p.display()
         ),
         Err(std::fs::TryLockError::Error(e)) => Err(at(&p)(e).into()),
+    }
+}
+
+/// The pid of the kiln process writing the run now (`Some(None)` if its pid is unreadable), or
+/// `None` when no process holds the run's lock. Probed with a shared lock, released at once.
+pub fn lock_holder(run: &Path) -> Option<Option<u32>> {
+    let p = run.join(LOCK_FILE);
+    let f = std::fs::File::open(&p).ok()?;
+    match f.try_lock_shared() {
+        Ok(()) => None,
+        Err(_) => Some(
+            std::fs::read_to_string(&p)
+                .ok()
+                .and_then(|t| t.trim().parse().ok()),
+        ),
     }
 }
 
@@ -187,6 +221,10 @@ impl RunDir {
     /// attempt that did not reach its next checkpoint) are dropped, as they will be written again.
     pub fn reopen(path: &Path, step: usize) -> Result<Self> {
         let lock = lock(path)?;
+        let stopped = path.join(STOPPED_FILE);
+        if stopped.exists() {
+            std::fs::remove_file(&stopped).map_err(at(&stopped))?;
+        }
         let metrics = path.join("metrics.jsonl");
         if metrics.exists() {
             let text = std::fs::read_to_string(&metrics).map_err(at(&metrics))?;
@@ -208,6 +246,13 @@ impl RunDir {
             fresh: None,
             _lock: lock,
         })
+    }
+
+    /// Marks the run stopped after `step` with a checkpoint (by `signal`, or by `stop_after`).
+    pub fn mark_stopped(&self, step: usize, signal: Option<usize>) -> Result<()> {
+        let file = self.path.join(STOPPED_FILE);
+        let text = serde_json::json!({ "step": step, "signal": signal }).to_string() + "\n";
+        write_atomic(&file, text.as_bytes()).with_context(|| format!("writing {}", file.display()))
     }
 
     /// Writes `run.json` for a run that starts from step 0 (after [`Self::write_recipe`]).

@@ -42,6 +42,45 @@ pub fn evaluate(
     prefix: &str,
     stop: Option<&AtomicUsize>,
 ) -> anyhow::Result<BTreeMap<String, f64>> {
+    let split = Split {
+        examples,
+        batch_size,
+        max_batches,
+        prefix,
+    };
+    Ok(evaluate_split(model, task, &split, device, stop)?.metrics)
+}
+
+/// The split [`evaluate_split`] reads: `max_batches` of `batch_size` examples (all with `None`),
+/// its metrics named `{prefix}/…`.
+pub struct Split<'a> {
+    pub examples: &'a dyn Examples,
+    pub batch_size: usize,
+    pub max_batches: Option<usize>,
+    pub prefix: &'a str,
+}
+
+/// An evaluation's metrics and, for a classifier, its confusion matrix.
+pub struct Evaluation {
+    pub metrics: BTreeMap<String, f64>,
+    /// `confusion[target][prediction]`: how many examples of each class went to each class.
+    pub confusion: Option<Vec<Vec<u64>>>,
+}
+
+/// [`evaluate`], with the classifier's confusion matrix.
+pub fn evaluate_split(
+    model: &dyn Model,
+    task: Task,
+    split: &Split,
+    device: &candle_core::Device,
+    stop: Option<&AtomicUsize>,
+) -> anyhow::Result<Evaluation> {
+    let Split {
+        examples,
+        batch_size,
+        max_batches,
+        prefix,
+    } = *split;
     let (mut loss_sum, mut count) = (0.0f64, 0u64);
     let (mut preds, mut truth) = (Vec::new(), Vec::new());
     for host in eval_batches(examples, batch_size, max_batches) {
@@ -64,17 +103,36 @@ pub fn evaluate(
     anyhow::ensure!(count > 0, "the {prefix} split is empty");
     let mean = loss_sum / count as f64;
     let mut out = BTreeMap::from([(format!("{prefix}/loss"), mean)]);
+    let mut matrix = None;
     match task {
         Task::Classification => {
             let correct = preds.iter().zip(&truth).filter(|(p, t)| p == t).count();
             out.insert(format!("{prefix}/accuracy"), correct as f64 / count as f64);
             out.insert(format!("{prefix}/f1"), macro_f1(&preds, &truth));
+            matrix = Some(confusion(&preds, &truth));
         }
         Task::LanguageModel => {
             out.insert(format!("{prefix}/perplexity"), mean.exp());
         }
     }
-    Ok(out)
+    Ok(Evaluation {
+        metrics: out,
+        confusion: matrix,
+    })
+}
+
+/// `m[target][prediction]` counts, square over the classes up to the largest seen.
+pub fn confusion(preds: &[u32], targets: &[u32]) -> Vec<Vec<u64>> {
+    let n = preds
+        .iter()
+        .chain(targets)
+        .max()
+        .map_or(0, |&m| m as usize + 1);
+    let mut m = vec![vec![0u64; n]; n];
+    for (&p, &t) in preds.iter().zip(targets) {
+        m[t as usize][p as usize] += 1;
+    }
+    m
 }
 
 /// F1 averaged over the classes that occur among the targets or the predictions (as
@@ -105,6 +163,14 @@ pub fn macro_f1(preds: &[u32], targets: &[u32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn confusion_counts_targets_by_prediction() {
+        let m = confusion(&[0, 0, 1, 0, 1], &[0, 0, 1, 1, 2]);
+        assert_eq!(m, vec![vec![2, 0, 0], vec![1, 1, 0], vec![0, 1, 0]]);
+        let total: u64 = m.iter().flatten().sum();
+        assert_eq!(total, 5);
+    }
 
     #[test]
     fn macro_f1_by_hand() {

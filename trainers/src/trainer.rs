@@ -11,6 +11,7 @@ use crate::amp::{self, LossScaler};
 use crate::optim::{self, Optimizer, Param};
 use crate::progress::Progress;
 pub use crate::progress::Window;
+use crate::report;
 use crate::run::{self, RunDir};
 use crate::schedule::Schedule;
 pub use crate::step::{check_gradients, params_of, params_where, train_step, StepOutput};
@@ -199,6 +200,8 @@ struct Training<'a> {
     total_steps: usize,
     schedule: Schedule,
     items_per_example: usize,
+    /// What the run counts: `tokens` (language models) or `examples` (classifiers).
+    items: &'static str,
     log: MetricsLog,
     progress: Progress,
 }
@@ -294,7 +297,8 @@ impl<'a> Training<'a> {
         let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr, total_steps);
         let items_per_example = data.train.items_per_example();
         let log = MetricsLog::create(&run.path.join("metrics.jsonl"))?;
-        let progress = Progress::new(total_steps, opts.quiet, opts.silent);
+        let items = items_noun(recipe.task);
+        let progress = Progress::new(total_steps, opts.quiet, opts.silent, items);
         let mut training = Training {
             recipe,
             run,
@@ -315,6 +319,7 @@ impl<'a> Training<'a> {
             total_steps,
             schedule,
             items_per_example,
+            items,
             log,
             progress,
         };
@@ -446,6 +451,9 @@ impl<'a> Training<'a> {
             ("lr".to_string(), lr),
             ("grad_norm".to_string(), grad_norm),
             ("throughput".to_string(), state.window.rate()),
+            // How far the run has come, for curves over tokens or time (`kiln plot --x`).
+            (self.items.to_string(), state.items_seen as f64),
+            ("seconds".to_string(), state.train_seconds),
             // Fractional, as in "2.5 epochs done": the integer epoch read 0.0000 for a whole epoch.
             (
                 "epoch".to_string(),
@@ -549,6 +557,7 @@ impl<'a> Training<'a> {
     /// The run stopped by signal `stop` after `step` (its checkpoint is written).
     fn interrupted(self, step: usize, stop: usize) -> TrainOutcome {
         self.progress.finish();
+        self.mark_stopped(step, Some(stop));
         let rest = match step == self.total_steps {
             true => "before the final evaluation; run it with",
             false => "continue with",
@@ -565,9 +574,18 @@ impl<'a> Training<'a> {
         }
     }
 
+    /// `stopped.json`, so `kiln runs` says "stopped", not "crashed". The checkpoint is what
+    /// matters: failing to write the marker is only worth a warning.
+    fn mark_stopped(&self, step: usize, signal: Option<usize>) {
+        if let Err(e) = self.run.mark_stopped(step, signal) {
+            eprintln!("warning: {e:#}");
+        }
+    }
+
     /// The run stopped by `TrainOptions::stop_after` (its checkpoint is written).
     fn stopped_after(self) -> TrainOutcome {
         self.progress.finish();
+        self.mark_stopped(self.state.step, None);
         TrainOutcome {
             run_dir: self.run.path.clone(),
             summary: serde_json::Value::Null,
@@ -610,10 +628,11 @@ impl<'a> Training<'a> {
         kiln_core::fs::write_atomic(&file, text.as_bytes())
             .with_context(|| format!("writing {}", file.display()))?;
         self.progress.line(&format!(
-            "done in {:.1}s → {}",
-            self.run.started.elapsed().as_secs_f64(),
+            "done in {} → {}",
+            crate::progress::duration(self.run.started.elapsed().as_secs_f64()),
             path.display()
         ));
+        self.write_artifacts();
         Ok(TrainOutcome {
             interrupted: None,
             run_dir: self.run.path.clone(),
@@ -621,12 +640,155 @@ impl<'a> Training<'a> {
         })
     }
 
+    /// Metrics of the whole validation (and test) split; a classifier's confusion matrices go
+    /// to `confusion.json` for the report.
     fn final_evaluation(&self) -> Result<BTreeMap<String, f64>> {
-        let mut values = self.evaluate(&self.data.val, None, "eval")?;
-        if let Some(test) = &self.data.test {
-            values.extend(self.evaluate(test, None, "test")?);
+        let compute = amp::compute_dtype(self.recipe.precision);
+        let model = detached_model(&self.varmap, &self.model_cfg, &self.device, compute)?;
+        let mut values = BTreeMap::new();
+        let mut matrices = Vec::new();
+        let splits = [
+            ("eval", Some(&self.data.val)),
+            ("test", self.data.test.as_ref()),
+        ];
+        for (prefix, examples) in splits {
+            let Some(examples) = examples else { continue };
+            let split = task::Split {
+                examples: examples.as_ref(),
+                batch_size: self.recipe.data.batch_size,
+                max_batches: None,
+                prefix,
+            };
+            let e = task::evaluate_split(
+                model.as_ref(),
+                self.recipe.task,
+                &split,
+                &self.device,
+                self.stop.as_deref(),
+            )?;
+            values.extend(e.metrics);
+            if let Some(matrix) = e.confusion {
+                matrices.push(report::Confusion {
+                    split: prefix.into(),
+                    labels: self.data.labels.clone().unwrap_or_default(),
+                    matrix,
+                });
+            }
+        }
+        if !matrices.is_empty() {
+            let file = self.run.path.join(report::CONFUSION_FILE);
+            kiln_core::fs::write_atomic(&file, serde_json::to_string(&matrices)?.as_bytes())
+                .with_context(|| format!("writing {}", file.display()))?;
         }
         Ok(values)
+    }
+
+    /// A language model's continuations of a few prompts from the validation split, for the
+    /// report (seeded: the same run draws the same samples).
+    fn samples(&self) -> Result<Vec<report::Sample>> {
+        use kiln_core::data::codec::Codec;
+        if self.recipe.task != kiln_core::recipe::Task::LanguageModel {
+            return Ok(Vec::new());
+        }
+        let codec = Codec::from_dir(&self.run.path)?;
+        let compute = amp::compute_dtype(self.recipe.precision);
+        let model = detached_model(&self.varmap, &self.model_cfg, &self.device, compute)?;
+        let context = self.model_cfg.context().unwrap_or(64);
+        let order = self.data.val.eval_order();
+        let mut out = Vec::new();
+        for i in 0..SAMPLES.min(order.len()) {
+            let id = order[i * order.len() / SAMPLES];
+            let data::HostTensor::U32(tokens, _) = self.data.val.collate(&[id]).inputs else {
+                continue;
+            };
+            let prompt = &tokens[..(tokens.len() / 2).clamp(1, 32)];
+            let sampling = crate::generate::Sampling {
+                max_new_tokens: 64,
+                temperature: 0.8,
+                top_k: Some(40),
+                top_p: None,
+                seed: self.recipe.seed.wrapping_add(i as u64),
+                stop: codec.end_of_text(),
+            };
+            let all = crate::generate::generate(
+                model.as_ref(),
+                prompt,
+                context,
+                &sampling,
+                &self.device,
+                |_| {},
+            )?;
+            out.push(report::Sample {
+                prompt: codec.decode(prompt)?,
+                continuation: codec.decode(&all[prompt.len()..])?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// After `summary.json`: samples (language models), `plots/` and `report.html`, then where
+    /// they are and the commands that fit the run. The run is finished whatever happens here: a
+    /// failure is a warning that says how to retry.
+    fn write_artifacts(&self) {
+        let path = &self.run.path;
+        let warn = |what: &str, e: anyhow::Error| {
+            eprintln!(
+                "warning: could not write {what} ({e:#}); the run itself is complete. Retry with                  `kiln report {}`",
+                path.display()
+            )
+        };
+        match self.samples() {
+            Ok(samples) if !samples.is_empty() => {
+                let file = path.join(report::SAMPLES_FILE);
+                let text = serde_json::to_string_pretty(&samples).unwrap_or_default();
+                if let Err(e) = kiln_core::fs::write_atomic(&file, text.as_bytes()) {
+                    warn("the samples", e.into());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn("the samples", e),
+        }
+        let plots = report::write_plots(path).map_err(|e| warn("the plots", e));
+        let report = report::write_report(path).map_err(|e| warn("report.html", e));
+        let p = &self.progress;
+        let last = &self.state.tracker.last;
+        let finals: Vec<String> = last
+            .iter()
+            .filter(|(k, _)| k.starts_with("eval/") || k.starts_with("test/"))
+            .map(|(k, v)| crate::progress::metric(k, *v, self.items))
+            .collect();
+        p.line(&format!("final: {}", finals.join(" | ")));
+        if let Ok(file) = report {
+            p.line(&format!("report: {}", file.display()));
+        }
+        if plots.is_ok() {
+            p.line(&format!(
+                "plots:  {}/",
+                path.join(report::PLOTS_DIR).display()
+            ));
+        }
+        let run = path.display();
+        let mut next = Vec::new();
+        match self.recipe.task {
+            kiln_core::recipe::Task::LanguageModel => {
+                next.push(format!("kiln generate {run} --prompt \"...\""));
+            }
+            kiln_core::recipe::Task::Classification => {
+                next.push(format!(
+                    "kiln predict {run} --input FILE --output predictions.csv"
+                ));
+                if self.data.test.is_some() {
+                    next.push(format!("kiln eval {run} --split test"));
+                }
+            }
+        }
+        next.push(format!("kiln export {run} --out {run}/hf"));
+        next.push(format!("kiln plot {run}"));
+        next.push(format!("tensorboard --logdir {run}/tb"));
+        p.line("next:");
+        for n in next {
+            p.line(&format!("  {n}"));
+        }
     }
 
     fn summary(&self, final_checkpoint: &Path) -> serde_json::Value {
@@ -657,6 +819,17 @@ impl<'a> Training<'a> {
             "checkpoint": final_checkpoint.strip_prefix(&run.path).unwrap_or(final_checkpoint),
             "data_files": self.data.files.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
         })
+    }
+}
+
+/// How many prompts a language model's report shows continued.
+const SAMPLES: usize = 3;
+
+/// What a run counts for throughput and progress: tokens or examples.
+fn items_noun(task: kiln_core::recipe::Task) -> &'static str {
+    match task {
+        kiln_core::recipe::Task::LanguageModel => "tokens",
+        kiln_core::recipe::Task::Classification => "examples",
     }
 }
 

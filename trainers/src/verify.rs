@@ -15,7 +15,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Metrics that measure time, not training: never compared.
-const TIMING_KEYS: &[&str] = &["throughput"];
+use kiln_core::metrics::TIMING_KEYS;
 
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
