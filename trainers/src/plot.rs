@@ -264,6 +264,9 @@ fn draw_chart<DB: DrawingBackend>(
     if x0 > x1 {
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
+    // Every chart starts at the origin (step 0, no tokens, no time): charts line up, and a
+    // single evaluation sits where it happened.
+    x0 = x0.min(0.0);
     if x1 - x0 < 1e-12 {
         (x0, x1) = (x0 - 1.0, x1 + 1.0);
     }
