@@ -1,6 +1,6 @@
 //! The `kiln` command line: train, eval, generate, export, recipes.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln::core::data::codec::StreamDecoder;
@@ -319,21 +319,37 @@ fn run(cli: Cli) -> Result<Option<usize>> {
             device,
             quiet,
         } => {
+            // Under mpirun (or srun) this process is one rank of a data-parallel job.
+            let world = std::rc::Rc::new(kiln::trainers::distributed::World::from_launcher()?);
             let opts = TrainOptions {
                 run_dir,
                 runs_root: None,
                 device,
                 quiet,
                 stop: Some(stop_on_signals()?),
+                world: Some(world.clone()),
                 ..Default::default()
             };
             let outcome = match (resume, recipe) {
-                (Some(dir), _) => kiln::trainers::trainer::resume(&dir, &set, &opts)?,
-                (None, Some(recipe)) => {
-                    train(&Recipe::load(resolve_recipe_path(recipe), &set)?, &opts)?
-                }
-                (None, None) => bail!("give a recipe, or --resume RUN_DIR"),
+                (Some(dir), _) => kiln::trainers::trainer::resume(&dir, &set, &opts),
+                (None, Some(recipe)) => Recipe::load(resolve_recipe_path(recipe), &set)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| train(&r, &opts)),
+                (None, None) => Err(anyhow::anyhow!("give a recipe, or --resume RUN_DIR")),
             };
+            let outcome = match outcome {
+                Ok(o) => o,
+                // The other ranks would wait for this one forever: end the job, error first.
+                Err(e) if world.size() > 1 => {
+                    eprintln!("error: rank {} of {}: {e:#}", world.rank(), world.size());
+                    world.abort(1);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            if !world.is_main() {
+                return Ok(outcome.interrupted);
+            }
             if outcome.interrupted.is_none() {
                 println!(
                     "{}",

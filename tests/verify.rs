@@ -58,7 +58,7 @@ fn a_fresh_run_verifies_identical() {
     for line in [
         "weights: identical at step 8 (",
         "optimizer: identical at step 8 (",
-        "metrics: identical up to step 8 (3 lines, throughput, seconds aside)",
+        "metrics: identical up to step 8 (3 lines, throughput, seconds, all_reduce_ms aside)",
         "data: 1 file unchanged since the run",
         "recipe: recipe.toml unchanged since the run started",
         "kiln: same version ",

@@ -38,7 +38,7 @@ impl MetricsLog {
 
 /// Metrics that measure the machine, not the training: they differ between two runs of one
 /// recipe, so exactness checks (resume, `kiln verify`) leave them aside.
-pub const TIMING_KEYS: &[&str] = &["throughput", "seconds"];
+pub const TIMING_KEYS: &[&str] = &["throughput", "seconds", "all_reduce_ms"];
 
 /// JSON has no NaN or infinity: write those as null.
 pub fn json_number(v: f64) -> Value {

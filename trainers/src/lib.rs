@@ -2,6 +2,7 @@
 
 pub mod amp;
 pub mod bench;
+pub mod distributed;
 pub mod export;
 pub mod generate;
 pub mod history;

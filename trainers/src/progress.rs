@@ -78,7 +78,7 @@ pub fn metric(key: &str, v: f64, items: &str) -> String {
         "tokens" | "examples" | "loss_scale" | "skipped_steps" => thousands(v),
         "seconds" => duration(v),
         "accuracy" => format!("{:.2}%", v * 100.0),
-        "perplexity" | "epoch" => format!("{v:.2}"),
+        "perplexity" | "epoch" | "all_reduce_ms" => format!("{v:.2}"),
         "grad_norm" => format!("{v:.3}"),
         _ => format!("{v:.4}"),
     };

@@ -67,8 +67,9 @@ pub struct RunDir {
     /// Made by this process (`create_for`), not reopened: a failed start may clear it.
     fresh: Option<Created>,
     /// An exclusive lock on `RUN/.lock` while this process writes the run: a second `kiln train
-    /// --resume` of the same run would interleave checkpoints and metric lines.
-    _lock: std::fs::File,
+    /// --resume` of the same run would interleave checkpoints and metric lines. `None` on a
+    /// data-parallel rank other than 0, which writes nothing.
+    _lock: Option<std::fs::File>,
 }
 
 /// A new run that fails before it starts (bad data, a model that does not fit, a missing
@@ -204,7 +205,7 @@ impl RunDir {
         std::fs::create_dir_all(&path)
             .with_context(|| format!("creating the run directory {}", path.display()))?;
         Ok(RunDir {
-            _lock: lock(&path)?,
+            _lock: Some(lock(&path)?),
             path,
             started: Instant::now(),
             fresh: Some(created),
@@ -244,8 +245,19 @@ impl RunDir {
             path: path.to_path_buf(),
             started: Instant::now(),
             fresh: None,
-            _lock: lock,
+            _lock: Some(lock),
         })
+    }
+
+    /// The run directory as a data-parallel rank other than 0 sees it: read, never written (rank
+    /// 0 made or reopened it, and holds its lock).
+    pub fn follower(path: &Path) -> Self {
+        RunDir {
+            path: path.to_path_buf(),
+            started: Instant::now(),
+            fresh: None,
+            _lock: None,
+        }
     }
 
     /// Marks the run stopped after `step` with a checkpoint (by `signal`, or by `stop_after`).

@@ -2,6 +2,7 @@
 //! checks, global-norm clipping, the update) and the parameters it trains.
 
 use crate::amp::LossScaler;
+use crate::distributed::World;
 use crate::optim::{Optimizer, Param};
 use crate::task;
 use anyhow::{bail, Context, Result};
@@ -34,6 +35,8 @@ pub struct StepTimes {
     pub backward: f64,
     /// Gradient checks, the global norm, clipping and the optimizer update.
     pub update: f64,
+    /// Summing the gradients over the ranks of a data-parallel job (included in `backward`).
+    pub all_reduce: f64,
     /// Tensors in the autograd graphs of the step's losses (ops whose outputs need a gradient),
     /// counted only while [`kiln_kernels::profile`] is on.
     pub graph_ops: usize,
@@ -72,7 +75,36 @@ pub fn train_step(
     lr: f64,
     clip_norm: f64,
     check: bool,
+    scaler: Option<&mut LossScaler>,
+) -> Result<StepOutput> {
+    train_step_sharded(
+        model, params, optimizer, batches, lr, clip_norm, check, scaler, None,
+    )
+}
+
+/// A data-parallel rank's part in a step: its share of each micro-batch's examples.
+pub struct Shard<'a> {
+    pub world: &'a World,
+    /// This rank's examples over the global micro-batch's, per micro-batch (they sum to 1 over
+    /// the ranks). Each rank's loss is a mean over its examples, so weighting by the share makes
+    /// the summed gradient the global batch's mean, also when the shares differ.
+    pub shares: &'a [f64],
+}
+
+/// [`train_step`] on one rank's slices of the global micro-batches: the gradients (and the loss)
+/// are summed over the ranks after the last micro-batch (not per micro-batch), then checked,
+/// clipped by the global norm and applied on every rank alike.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_sharded(
+    model: &dyn Model,
+    params: &[Param],
+    optimizer: &mut dyn Optimizer,
+    batches: &[Batch],
+    lr: f64,
+    clip_norm: f64,
+    check: bool,
     mut scaler: Option<&mut LossScaler>,
+    shard: Option<Shard>,
 ) -> Result<StepOutput> {
     let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
@@ -86,7 +118,7 @@ pub fn train_step(
         diverged,
         times,
     };
-    for batch in batches {
+    for (i, batch) in batches.iter().enumerate() {
         let loss = match &batch.mix {
             None => model.loss(&batch.inputs, &batch.targets, true)?,
             // Mixup/CutMix: the images are blended, so is the loss over both label sets.
@@ -99,18 +131,40 @@ pub fn train_step(
         let value = loss.to_scalar::<f32>()? as f64;
         times.forward += lap(&mut clock);
         heap.note(&mut times.heap_peak[0]);
-        if !value.is_finite() {
+        // A rank alone must not leave the step: the others would wait for it in the all-reduce,
+        // where the non-finite loss reaches every rank.
+        if !value.is_finite() && shard.is_none() {
             return Ok(out(value, f64::NAN, Some(("loss", value)), times));
         }
         if kiln_kernels::profile::enabled() {
             times.graph_ops += loss.sorted_nodes().len();
             lap(&mut clock);
         }
-        loss_sum += value;
-        let store = kiln_kernels::backward(&(loss * (loss_scale / batches.len() as f64))?)?;
+        let weight = match &shard {
+            None => loss_scale / batches.len() as f64,
+            Some(s) => loss_scale * s.shares[i] / batches.len() as f64,
+        };
+        loss_sum += match &shard {
+            None => value,
+            Some(s) => value * s.shares[i],
+        };
+        let store = kiln_kernels::backward(&(loss * weight)?)?;
         accumulate(&mut grads, params, &store)?;
         times.backward += lap(&mut clock);
         heap.note(&mut times.heap_peak[1]);
+    }
+    if let Some(s) = &shard {
+        check_missing(params, &grads)?;
+        let mut total = [loss_sum];
+        s.world.sum_f64(&mut total)?;
+        loss_sum = total[0];
+        all_reduce(s.world, &mut grads)?;
+        times.all_reduce = clock.elapsed().as_secs_f64();
+        times.backward += lap(&mut clock);
+        if !loss_sum.is_finite() {
+            let loss = loss_sum / batches.len() as f64;
+            return Ok(out(loss, f64::NAN, Some(("loss", loss)), times));
+        }
     }
     let loss = loss_sum / batches.len() as f64;
     if check {
@@ -153,6 +207,46 @@ pub fn train_step(
     times.update += lap(&mut clock);
     heap.note(&mut times.heap_peak[2]);
     Ok(out(loss, grad_norm, None, times))
+}
+
+/// Elements per all-reduce: large enough to amortize each call, small enough to bound the copy.
+const BUCKET: usize = 1 << 22;
+
+/// Sums the gradients over the ranks, in buckets of whole parameters in the parameters' (sorted)
+/// order, in f32 (MPI has no bf16).
+fn all_reduce(world: &World, grads: &mut [Option<Tensor>]) -> Result<()> {
+    if world.size() == 1 {
+        return Ok(());
+    }
+    let mut start = 0;
+    while start < grads.len() {
+        // Parameters start..end, at least one, up to BUCKET elements.
+        let mut end = start;
+        let mut n = 0;
+        while end < grads.len() {
+            let len = grads[end].as_ref().map_or(0, Tensor::elem_count);
+            if end > start && n + len > BUCKET {
+                break;
+            }
+            n += len;
+            end += 1;
+        }
+        let mut flat = Vec::with_capacity(n);
+        for g in grads[start..end].iter().flatten() {
+            flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        world.sum_f32(&mut flat)?;
+        let mut offset = 0;
+        for g in grads[start..end].iter_mut().flatten() {
+            let len = g.elem_count();
+            let summed = Tensor::from_slice(&flat[offset..offset + len], g.shape(), g.device())?
+                .to_dtype(g.dtype())?;
+            *g = summed;
+            offset += len;
+        }
+        start = end;
+    }
+    Ok(())
 }
 
 /// Seconds since `clock`, which restarts.

@@ -1,7 +1,8 @@
 //! Tasks: how logits and targets become a loss and metrics.
 
+use crate::distributed::World;
 use candle_core::{Result, Tensor, D};
-use kiln_core::data::{eval_batches, Examples};
+use kiln_core::data::{eval_shard, Examples};
 use kiln_core::recipe::Task;
 use kiln_models::Model;
 use std::collections::BTreeMap;
@@ -48,7 +49,7 @@ pub fn evaluate(
         max_batches,
         prefix,
     };
-    Ok(evaluate_split(model, task, &split, device, stop)?.metrics)
+    Ok(evaluate_split(model, task, &split, device, stop, &World::single())?.metrics)
 }
 
 /// The split [`evaluate_split`] reads: `max_batches` of `batch_size` examples (all with `None`),
@@ -67,13 +68,16 @@ pub struct Evaluation {
     pub confusion: Option<Vec<Vec<u64>>>,
 }
 
-/// [`evaluate`], with the classifier's confusion matrix.
+/// [`evaluate`], with the classifier's confusion matrix. In a data-parallel job each rank
+/// evaluates every `size`-th batch and the sums (loss, count, confusion matrix) are added up over
+/// the ranks, so every rank returns the same metrics.
 pub fn evaluate_split(
     model: &dyn Model,
     task: Task,
     split: &Split,
     device: &candle_core::Device,
     stop: Option<&AtomicUsize>,
+    world: &World,
 ) -> anyhow::Result<Evaluation> {
     let Split {
         examples,
@@ -83,7 +87,14 @@ pub fn evaluate_split(
     } = *split;
     let (mut loss_sum, mut count) = (0.0f64, 0u64);
     let (mut preds, mut truth) = (Vec::new(), Vec::new());
-    for host in eval_batches(examples, batch_size, max_batches) {
+    let shard = eval_shard(
+        examples,
+        batch_size,
+        max_batches,
+        world.rank(),
+        world.size(),
+    );
+    for host in shard {
         if let Some(signal) = stop.map(|s| s.load(Ordering::SeqCst)).filter(|&s| s != 0) {
             return Err(Interrupted { signal }.into());
         }
@@ -100,16 +111,20 @@ pub fn evaluate_split(
         loss_sum += batch_loss.to_scalar::<f32>()? as f64 * n as f64;
         count += n;
     }
+    let mut sums = [loss_sum, count as f64];
+    world.sum_f64(&mut sums)?;
+    let (loss_sum, count) = (sums[0], sums[1] as u64);
     anyhow::ensure!(count > 0, "the {prefix} split is empty");
     let mean = loss_sum / count as f64;
     let mut out = BTreeMap::from([(format!("{prefix}/loss"), mean)]);
     let mut matrix = None;
     match task {
         Task::Classification => {
-            let correct = preds.iter().zip(&truth).filter(|(p, t)| p == t).count();
+            let m = reduce_confusion(world, confusion(&preds, &truth))?;
+            let correct: u64 = (0..m.len()).map(|c| m[c][c]).sum();
             out.insert(format!("{prefix}/accuracy"), correct as f64 / count as f64);
-            out.insert(format!("{prefix}/f1"), macro_f1(&preds, &truth));
-            matrix = Some(confusion(&preds, &truth));
+            out.insert(format!("{prefix}/f1"), confusion_f1(&m));
+            matrix = Some(m);
         }
         Task::LanguageModel => {
             out.insert(format!("{prefix}/perplexity"), mean.exp());
@@ -119,6 +134,41 @@ pub fn evaluate_split(
         metrics: out,
         confusion: matrix,
     })
+}
+
+/// The confusion matrices of every rank, added up (padded to the largest).
+fn reduce_confusion(world: &World, m: Vec<Vec<u64>>) -> anyhow::Result<Vec<Vec<u64>>> {
+    if world.size() == 1 {
+        return Ok(m);
+    }
+    let mut n = [m.len() as u64];
+    world.max_u64(&mut n)?;
+    let n = n[0] as usize;
+    let mut flat = vec![0f64; n * n];
+    for (t, row) in m.iter().enumerate() {
+        for (p, &v) in row.iter().enumerate() {
+            flat[t * n + p] = v as f64;
+        }
+    }
+    world.sum_f64(&mut flat)?;
+    Ok(flat
+        .chunks(n)
+        .map(|r| r.iter().map(|&v| v as u64).collect())
+        .collect())
+}
+
+/// [`macro_f1`] from a confusion matrix.
+pub fn confusion_f1(m: &[Vec<u64>]) -> f64 {
+    let n = m.len();
+    let tp = |c: usize| m[c][c];
+    let fp = |c: usize| (0..n).map(|t| m[t][c]).sum::<u64>() - tp(c);
+    let fneg = |c: usize| m[c].iter().sum::<u64>() - tp(c);
+    let classes: Vec<usize> = (0..n).filter(|&c| tp(c) + fp(c) + fneg(c) > 0).collect();
+    if classes.is_empty() {
+        return 0.0;
+    }
+    let f1 = |c: usize| 2.0 * tp(c) as f64 / (2 * tp(c) + fp(c) + fneg(c)) as f64;
+    classes.iter().map(|&c| f1(c)).sum::<f64>() / classes.len() as f64
 }
 
 /// `m[target][prediction]` counts, square over the classes up to the largest seen.
@@ -170,6 +220,8 @@ mod tests {
         assert_eq!(m, vec![vec![2, 0, 0], vec![1, 1, 0], vec![0, 1, 0]]);
         let total: u64 = m.iter().flatten().sum();
         assert_eq!(total, 5);
+        let (p, t) = ([0, 0, 1, 0, 1, 3, 3], [0, 0, 1, 1, 2, 3, 0]);
+        assert_eq!(confusion_f1(&confusion(&p, &t)), macro_f1(&p, &t));
     }
 
     #[test]

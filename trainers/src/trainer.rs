@@ -8,6 +8,7 @@
 //! from it continues exactly as if it had never stopped.
 
 use crate::amp::{self, LossScaler};
+use crate::distributed::World;
 use crate::optim::{self, Optimizer, Param};
 use crate::progress::Progress;
 pub use crate::progress::Window;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -52,6 +54,8 @@ pub struct TrainOptions {
     pub stop_after: Option<usize>,
     /// Print nothing (no progress bar, no log lines).
     pub silent: bool,
+    /// The data-parallel job this process is a rank of (`None`: training alone).
+    pub world: Option<Rc<World>>,
 }
 
 /// What a run leaves behind.
@@ -111,10 +115,10 @@ pub fn resume(run_dir: &Path, sets: &[String], opts: &TrainOptions) -> Result<Tr
              step 0",
             run_dir.display()
         );
-        return run_loop(&recipe, RunDir::reopen(run_dir, 0)?, None, opts);
+        return run_loop(&recipe, reopen(run_dir, 0, opts)?, None, opts);
     }
     let (checkpoint, warnings) = checkpoint::newest_valid(&checkpoints)?;
-    for w in warnings {
+    for w in warnings.iter().filter(|_| world_of(opts).is_main()) {
         eprintln!("warning: {w}");
     }
     let state: TrainerState = {
@@ -124,15 +128,43 @@ pub fn resume(run_dir: &Path, sets: &[String], opts: &TrainOptions) -> Result<Tr
     };
     run_loop(
         &recipe,
-        RunDir::reopen(run_dir, state.step)?,
+        reopen(run_dir, state.step, opts)?,
         Some((checkpoint, state)),
         opts,
     )
 }
 
 pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainOutcome> {
-    let run = RunDir::create_for(recipe, opts.run_dir.as_deref(), opts.runs_root.as_deref())?;
+    let world = world_of(opts);
+    // Rank 0 makes the directory (its default name has the time in it) and tells the others.
+    let run = match world.is_main() {
+        true => RunDir::create_for(recipe, opts.run_dir.as_deref(), opts.runs_root.as_deref())?,
+        false => RunDir::follower(Path::new("")),
+    };
+    let mut path = run.path.to_string_lossy().into_owned().into_bytes();
+    world.broadcast_bytes(&mut path)?;
+    let run = match world.is_main() {
+        true => run,
+        false => RunDir::follower(Path::new(&String::from_utf8_lossy(&path).into_owned())),
+    };
     run_loop(recipe, run, None, opts)
+}
+
+/// The job `opts` trains in: its world, or this process alone.
+fn world_of(opts: &TrainOptions) -> Rc<World> {
+    opts.world
+        .clone()
+        .unwrap_or_else(|| Rc::new(World::single()))
+}
+
+/// Rank 0 reopens (locks, trims the metrics); the other ranks only read the run.
+fn reopen(run_dir: &Path, step: usize, opts: &TrainOptions) -> Result<RunDir> {
+    let world = world_of(opts);
+    let run = match world.is_main() {
+        true => RunDir::reopen(run_dir, step)?,
+        false => RunDir::follower(run_dir),
+    };
+    Ok(run)
 }
 
 /// The loop, as nanoGPT's train.py reads: set up, then per step draw the batches, make one
@@ -150,8 +182,9 @@ fn run_loop(
     for step in tr.state.step + 1..=total_steps {
         let started = Instant::now();
         let lr = tr.schedule.lr(step - 1);
-        let batches = tr.next_batches()?;
-        let out = tr.optimizer_step(step, &batches, lr)?;
+        let (batches, shares) = tr.next_batches()?;
+        let out = tr.optimizer_step(step, &batches, &shares, lr)?;
+        tr.all_reduce = (tr.all_reduce.0 + out.times.all_reduce, tr.all_reduce.1 + 1);
         tr.finish_step(step, out.loss, lr, started.elapsed().as_secs_f64());
 
         if step % t.log_every == 0 || step == total_steps {
@@ -202,8 +235,13 @@ struct Training<'a> {
     items_per_example: usize,
     /// What the run counts: `tokens` (language models) or `examples` (classifiers).
     items: &'static str,
-    log: MetricsLog,
+    /// `None` on a data-parallel rank other than 0: rank 0 alone writes the run directory.
+    log: Option<MetricsLog>,
     progress: Progress,
+    /// The data-parallel job (one process alone: a world of one).
+    world: Rc<World>,
+    /// Seconds spent summing gradients over the ranks, and steps, since the last log line.
+    all_reduce: (f64, usize),
 }
 
 impl<'a> Training<'a> {
@@ -217,14 +255,18 @@ impl<'a> Training<'a> {
     ) -> Result<Self> {
         let device =
             kiln_core::device::open_device(opts.device.as_deref().unwrap_or(&recipe.device))?;
+        let world = world_of(opts);
         let data = data::load(recipe)?;
+        same_data_on_every_rank(&world, &data)?;
         let model_cfg = model_config(recipe, &data, resumed.is_some())?;
         crate::memory::check_fits(recipe, &model_cfg, &input_shape(&data), &device)?;
-        run.write_recipe(recipe, &model_cfg, &data)?;
-        // A run that starts from step 0 (also one restarted before its first checkpoint) records
-        // what `kiln verify` needs; a resumed one keeps its record.
-        if resumed.is_none() {
-            run.write_record(recipe, &device, &data)?;
+        if world.is_main() {
+            run.write_recipe(recipe, &model_cfg, &data)?;
+            // A run that starts from step 0 (also one restarted before its first checkpoint)
+            // records what `kiln verify` needs; a resumed one keeps its record.
+            if resumed.is_none() {
+                run.write_record(recipe, &device, &data)?;
+            }
         }
 
         // Pretrained weights are read and checked before the model is built, so a config.json
@@ -238,7 +280,11 @@ impl<'a> Training<'a> {
         };
         let varmap = VarMap::new();
         let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, &device);
-        let dropout_rng = SharedRng::new(recipe.seed, "dropout");
+        // Each rank masks its own examples: its own stream (rank 0's is the single process's).
+        let dropout_rng = match world.rank() {
+            0 => SharedRng::new(recipe.seed, "dropout"),
+            r => SharedRng::new(recipe.seed, &format!("dropout-rank{r}")),
+        };
         let compute = amp::compute_dtype(recipe.precision);
         let model = model_cfg.build(vb, dropout_rng.clone(), compute)?;
         if model_cfg.lora().is_some() && recipe.init_from.is_none() {
@@ -287,7 +333,16 @@ impl<'a> Training<'a> {
             }
         };
 
+        same_weights_on_every_rank(&world, &varmap)?;
+
         let t = &recipe.trainer;
+        anyhow::ensure!(
+            recipe.data.batch_size >= world.size(),
+            "data.batch_size = {} is smaller than the {} processes of the job: each takes a slice \
+             of every batch; raise data.batch_size or start fewer processes",
+            recipe.data.batch_size,
+            world.size()
+        );
         let loader = loader(recipe, &data, state.batches_consumed)?;
         let total_steps = match (t.max_steps, t.epochs) {
             (Some(n), _) => n,
@@ -296,9 +351,13 @@ impl<'a> Training<'a> {
         };
         let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr, total_steps);
         let items_per_example = data.train.items_per_example();
-        let log = MetricsLog::create(&run.path.join("metrics.jsonl"))?;
+        let log = match world.is_main() {
+            true => Some(MetricsLog::create(&run.path.join("metrics.jsonl"))?),
+            false => None,
+        };
         let items = items_noun(recipe.task);
-        let progress = Progress::new(total_steps, opts.quiet, opts.silent, items);
+        let silent = opts.silent || !world.is_main();
+        let progress = Progress::new(total_steps, opts.quiet, silent, items);
         let mut training = Training {
             recipe,
             run,
@@ -322,6 +381,8 @@ impl<'a> Training<'a> {
             items,
             log,
             progress,
+            world,
+            all_reduce: (0.0, 0),
         };
         training.announce()?;
         training.run.keep();
@@ -353,14 +414,18 @@ impl<'a> Training<'a> {
             return Ok(());
         }
         let warmup = self.recipe.schedule.warmup_steps;
-        if warmup >= total_steps {
+        if warmup >= total_steps && self.world.is_main() {
             eprintln!(
                 "warning: schedule.warmup_steps = {warmup} covers the whole run of \
                  {total_steps} steps: the learning rate never reaches optim.lr"
             );
         }
+        let ranks = match self.world.size() {
+            1 => String::new(),
+            n => format!(" × {n} processes (MPI)"),
+        };
         self.progress.line(&format!(
-            "training {} ({param_note}) on {} for {total_steps} steps → {}",
+            "training {} ({param_note}) on {}{ranks} for {total_steps} steps → {}",
             self.recipe.name,
             kiln_core::device::device_name(&self.device),
             path.display()
@@ -381,24 +446,45 @@ impl<'a> Training<'a> {
 
     /// This step's micro-batches, on the device: gradients are summed over them before one
     /// update.
-    fn next_batches(&mut self) -> Result<Vec<Batch>> {
+    /// In a data-parallel job, this rank's slice of each, and its share of the examples.
+    fn next_batches(&mut self) -> Result<(Vec<Batch>, Vec<f64>)> {
         let grad_accum = self.recipe.trainer.grad_accum;
         let mut batches = Vec::with_capacity(grad_accum);
+        let mut shares = Vec::with_capacity(grad_accum);
         for _ in 0..grad_accum {
             let (batch_epoch, host) = self.loader.next_batch()?;
+            // Counted for the whole job: the loop state is the same on every rank.
             let items = host.len() * self.items_per_example;
             self.state.epoch = batch_epoch;
             self.state.batches_consumed += 1;
             self.state.items_seen += items;
             self.state.window.items += items;
+            let host = match self.world.size() {
+                1 => host,
+                _ => {
+                    let (start, end) = self.world.slice(host.len());
+                    shares.push((end - start) as f64 / host.len() as f64);
+                    host.rows(start, end)
+                }
+            };
             batches.push(host.to_device(&self.device)?);
         }
-        Ok(batches)
+        Ok((batches, shares))
     }
 
     /// One optimizer update ([`train_step`]); a non-finite loss or gradient stops the run.
-    fn optimizer_step(&mut self, step: usize, batches: &[Batch], lr: f64) -> Result<StepOutput> {
-        let out = train_step(
+    fn optimizer_step(
+        &mut self,
+        step: usize,
+        batches: &[Batch],
+        shares: &[f64],
+        lr: f64,
+    ) -> Result<StepOutput> {
+        let shard = (self.world.size() > 1).then(|| crate::step::Shard {
+            world: &self.world,
+            shares,
+        });
+        let out = crate::step::train_step_sharded(
             self.model.as_ref(),
             &self.params,
             self.optimizer.as_mut(),
@@ -407,6 +493,7 @@ impl<'a> Training<'a> {
             self.recipe.trainer.clip_grad_norm,
             step == 1,
             self.state.loss_scaler.as_mut(),
+            shard,
         )
         .map_err(|e| self.out_of_memory(step, e))?;
         if let Some((what, value)) = out.diverged {
@@ -464,6 +551,11 @@ impl<'a> Training<'a> {
             values.insert("loss_scale".into(), s.scale);
             values.insert("skipped_steps".into(), s.skipped_steps as f64);
         }
+        if self.world.size() > 1 {
+            // Rank 0's wait in the gradient all-reduce, per step: the job's communication cost.
+            let (seconds, steps) = std::mem::take(&mut self.all_reduce);
+            values.insert("all_reduce_ms".into(), 1e3 * seconds / steps.max(1) as f64);
+        }
         self.record(step, &values)?;
         self.state.window = Window::default();
         Ok(())
@@ -483,8 +575,13 @@ impl<'a> Training<'a> {
 
     /// The signal that asked the run to stop, if one has.
     fn stop_signal(&self) -> Option<usize> {
-        let signal = self.stop.as_ref()?.load(Ordering::SeqCst);
-        (signal != 0).then_some(signal)
+        let mut signal = [self.stop.as_ref().map_or(0, |s| s.load(Ordering::SeqCst)) as u64];
+        // Every rank stops after the same step (each may have seen the signal at another one);
+        // a failed exchange means another rank is gone, and the job ends anyway.
+        if self.world.max_u64(&mut signal).is_err() {
+            return None;
+        }
+        (signal[0] != 0).then_some(signal[0] as usize)
     }
 
     /// Evaluates the current weights without building an autograd graph: the model is rebuilt
@@ -497,21 +594,35 @@ impl<'a> Training<'a> {
     ) -> Result<BTreeMap<String, f64>> {
         let compute = amp::compute_dtype(self.recipe.precision);
         let model = detached_model(&self.varmap, &self.model_cfg, &self.device, compute)?;
-        task::evaluate(
+        let split = task::Split {
+            examples: examples.as_ref(),
+            batch_size: self.recipe.data.batch_size,
+            max_batches,
+            prefix,
+        };
+        let e = task::evaluate_split(
             model.as_ref(),
             self.recipe.task,
-            examples.as_ref(),
-            self.recipe.data.batch_size,
-            max_batches,
+            &split,
             &self.device,
-            prefix,
-            self.stop.as_deref(),
-        )
+            self.eval_stop(),
+            &self.world,
+        )?;
+        Ok(e.metrics)
+    }
+
+    /// What may interrupt an evaluation: a signal, when training alone. In a data-parallel job
+    /// the ranks could see it at different batches, so they finish the evaluation and stop
+    /// after the step, together.
+    fn eval_stop(&self) -> Option<&AtomicUsize> {
+        self.stop.as_deref().filter(|_| self.world.size() == 1)
     }
 
     /// One set of metrics: into metrics.jsonl, the best/last tracker, and the display.
     fn record(&mut self, step: usize, values: &BTreeMap<String, f64>) -> Result<()> {
-        self.log.write(step, values)?;
+        if let Some(log) = self.log.as_mut() {
+            log.write(step, values)?;
+        }
         self.state.tracker.update(step, values);
         self.progress.log(step, self.total_steps, values);
         Ok(())
@@ -539,6 +650,11 @@ impl<'a> Training<'a> {
     fn save_checkpoint(&mut self, step: usize) -> Result<PathBuf> {
         self.state.optimizer_steps = self.optimizer.steps();
         self.state.dropout_rng_position = self.dropout_rng.position().to_string();
+        if !self.world.is_main() {
+            // Rank 0 writes it; the others name it in messages.
+            let name = checkpoint::step_dir_name(step);
+            return Ok(self.run.path.join("checkpoints").join(name));
+        }
         let dir = save_checkpoint(
             &self.run.path,
             &self.varmap,
@@ -577,6 +693,9 @@ impl<'a> Training<'a> {
     /// `stopped.json`, so `kiln runs` says "stopped", not "crashed". The checkpoint is what
     /// matters: failing to write the marker is only worth a warning.
     fn mark_stopped(&self, step: usize, signal: Option<usize>) {
+        if !self.world.is_main() {
+            return;
+        }
         if let Err(e) = self.run.mark_stopped(step, signal) {
             eprintln!("warning: {e:#}");
         }
@@ -615,10 +734,17 @@ impl<'a> Training<'a> {
             Ok(values) => values,
         };
         self.record(total_steps, &values)?;
-        if self.is_best(total_steps) {
+        if self.is_best(total_steps) && self.world.is_main() {
             checkpoint::mark_best(&self.run.path.join("checkpoints"), total_steps)?;
         }
         self.progress.finish();
+        if !self.world.is_main() {
+            return Ok(TrainOutcome {
+                interrupted: None,
+                run_dir: self.run.path.clone(),
+                summary: serde_json::Value::Null,
+            });
+        }
 
         let summary = self.summary(&final_checkpoint);
         let path = &self.run.path;
@@ -664,7 +790,8 @@ impl<'a> Training<'a> {
                 self.recipe.task,
                 &split,
                 &self.device,
-                self.stop.as_deref(),
+                self.eval_stop(),
+                &self.world,
             )?;
             values.extend(e.metrics);
             if let Some(matrix) = e.confusion {
@@ -675,7 +802,7 @@ impl<'a> Training<'a> {
                 });
             }
         }
-        if !matrices.is_empty() {
+        if !matrices.is_empty() && self.world.is_main() {
             let file = self.run.path.join(report::CONFUSION_FILE);
             kiln_core::fs::write_atomic(&file, serde_json::to_string(&matrices)?.as_bytes())
                 .with_context(|| format!("writing {}", file.display()))?;
@@ -820,6 +947,58 @@ impl<'a> Training<'a> {
             "data_files": self.data.files.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
         })
     }
+}
+
+/// Refuses a job whose ranks read different data (a file changed between their starts, another
+/// machine's copy): their gradients would average two data sets. Each rank says what it read.
+fn same_data_on_every_rank(world: &World, data: &DataSplits) -> Result<()> {
+    if world.size() == 1 {
+        return Ok(());
+    }
+    let sum = crate::distributed::checksum(
+        data.files
+            .iter()
+            .flat_map(|(p, h)| [p.as_bytes(), h.as_bytes()]),
+    );
+    eprintln!(
+        "rank {}/{}: data sha256 {:016x} ({} files)",
+        world.rank(),
+        world.size(),
+        sum,
+        data.files.len()
+    );
+    anyhow::ensure!(
+        world.agree(sum)?,
+        "the processes of the job read different data (rank {} has {sum:016x}; see each rank's \
+         line above): give every rank the same files, then start the job again",
+        world.rank()
+    );
+    Ok(())
+}
+
+/// Rank 0's weights on every rank (initialization is seeded, but a checkpoint or a pretrained
+/// folder could be read differently), confirmed by a checksum.
+fn same_weights_on_every_rank(world: &World, varmap: &VarMap) -> Result<()> {
+    if world.size() == 1 {
+        return Ok(());
+    }
+    let vars = params_where(varmap, |_| true);
+    let mut bytes = Vec::new();
+    for p in &vars {
+        let t = p.var.as_tensor();
+        let mut v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        world.broadcast_f32(&mut v)?;
+        let received = Tensor::from_slice(&v, t.shape(), t.device())?.to_dtype(t.dtype())?;
+        p.var.set(&received)?;
+        bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+    }
+    let sum = crate::distributed::checksum([bytes.as_slice()]);
+    anyhow::ensure!(
+        world.agree(sum)?,
+        "rank {}'s weights differ from rank 0's after the broadcast (checksum {sum:016x})",
+        world.rank()
+    );
+    Ok(())
 }
 
 /// How many prompts a language model's report shows continued.

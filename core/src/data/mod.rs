@@ -82,6 +82,42 @@ impl HostBatch {
         })
     }
 
+    /// Examples `start..end` of the batch (a data-parallel rank's share).
+    pub fn rows(&self, start: usize, end: usize) -> HostBatch {
+        fn cut<T: Clone>(
+            v: &[T],
+            shape: &[usize],
+            start: usize,
+            end: usize,
+        ) -> (Vec<T>, Vec<usize>) {
+            let per: usize = shape[1..].iter().product();
+            let mut s = shape.to_vec();
+            s[0] = end - start;
+            (v[start * per..end * per].to_vec(), s)
+        }
+        let inputs = match &self.inputs {
+            HostTensor::F32(v, s) => {
+                let (v, s) = cut(v, s, start, end);
+                HostTensor::F32(v, s)
+            }
+            HostTensor::U32(v, s) => {
+                let (v, s) = cut(v, s, start, end);
+                HostTensor::U32(v, s)
+            }
+        };
+        let (targets, target_shape) = cut(&self.targets, &self.target_shape, start, end);
+        let mix = self.mix.as_ref().map(|m| Mix {
+            targets: cut(&m.targets, &self.target_shape, start, end).0,
+            lambda: m.lambda,
+        });
+        HostBatch {
+            inputs,
+            targets,
+            target_shape,
+            mix,
+        }
+    }
+
     /// Examples in the batch.
     pub fn len(&self) -> usize {
         self.target_shape.first().copied().unwrap_or(0)
@@ -233,10 +269,22 @@ pub fn eval_batches(
     batch_size: usize,
     max_batches: Option<usize>,
 ) -> impl Iterator<Item = HostBatch> + '_ {
+    eval_shard(examples, batch_size, max_batches, 0, 1)
+}
+
+/// The batches of an evaluation pass that rank `rank` of `ranks` evaluates: every `ranks`-th,
+/// from the `rank`-th on (only those are collated).
+pub fn eval_shard(
+    examples: &dyn Examples,
+    batch_size: usize,
+    max_batches: Option<usize>,
+    rank: usize,
+    ranks: usize,
+) -> impl Iterator<Item = HostBatch> + '_ {
     let order = examples.eval_order();
     let n = order.len().div_ceil(batch_size);
     let n = max_batches.map_or(n, |m| m.min(n));
-    (0..n).map(move |i| {
+    (rank..n).step_by(ranks.max(1)).map(move |i| {
         let end = ((i + 1) * batch_size).min(order.len());
         examples.collate(&order[i * batch_size..end])
     })
@@ -326,6 +374,27 @@ pub fn load(recipe: &crate::Recipe) -> anyhow::Result<DataSplits> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_of_a_batch_are_its_examples() {
+        let b = HostBatch {
+            inputs: HostTensor::F32((0..12).map(|x| x as f32).collect(), vec![3, 2, 2]),
+            targets: vec![7, 8, 9],
+            target_shape: vec![3],
+            mix: Some(Mix {
+                targets: vec![1, 2, 3],
+                lambda: 0.25,
+            }),
+        };
+        let r = b.rows(1, 3);
+        assert_eq!(
+            r.inputs,
+            HostTensor::F32((4..12).map(|x| x as f32).collect(), vec![2, 2, 2])
+        );
+        assert_eq!((r.targets, r.target_shape), (vec![8, 9], vec![2]));
+        assert_eq!(r.mix.unwrap().targets, vec![2, 3]);
+        assert_eq!(b.rows(0, 3), b);
+    }
 
     /// Ten examples whose "image" is the id itself.
     struct Ids(usize);

@@ -1,0 +1,263 @@
+//! Data-parallel training over MPI (`mpirun -np N kiln train RECIPE`, or Slurm's `srun`): MPI
+//! starts and connects the ranks and, on the CPU, all-reduces the gradients. Built with the
+//! `distributed` cargo feature (rsmpi against the system's OpenMPI or MPICH); without it a job
+//! started under an MPI launcher is refused, so N copies never train N unrelated runs into one
+//! directory.
+//!
+//! The recipe's `batch_size` stays the global batch: rank r takes its slice of every global
+//! batch, every rank computes the same averaged gradient and makes the same update, and rank 0
+//! alone writes the run directory.
+
+use anyhow::Result;
+
+/// The processes training one run: this one's rank among `size`.
+pub struct World {
+    rank: usize,
+    size: usize,
+    #[cfg(feature = "distributed")]
+    mpi: Option<Mpi>,
+}
+
+#[cfg(feature = "distributed")]
+struct Mpi {
+    // Dropped last: MPI_Finalize.
+    world: mpi::topology::SimpleCommunicator,
+    _universe: mpi::environment::Universe,
+}
+
+impl std::fmt::Debug for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "World(rank {} of {})", self.rank, self.size)
+    }
+}
+
+/// The size of the job an MPI launcher (OpenMPI, MPICH/Hydra, PMIx, Slurm's srun) started this
+/// process in, from the variables it sets; `None` when no launcher started it.
+pub fn launched_size() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+impl World {
+    /// One process: no communication.
+    pub fn single() -> World {
+        World {
+            rank: 0,
+            size: 1,
+            #[cfg(feature = "distributed")]
+            mpi: None,
+        }
+    }
+
+    /// Joins the MPI job this process was launched in, or is [`World::single`] when no MPI
+    /// launcher started it.
+    pub fn from_launcher() -> Result<World> {
+        let Some(size) = launched_size() else {
+            return Ok(World::single());
+        };
+        Self::join(size)
+    }
+
+    #[cfg(not(feature = "distributed"))]
+    fn join(size: usize) -> Result<World> {
+        anyhow::ensure!(
+            size <= 1,
+            "this kiln was built without MPI, but an MPI launcher started it as one of {size} \
+             processes: each would train the whole run on its own. Build it with the \
+             `distributed` feature (apt-get install libopenmpi-dev libclang-dev; cargo build \
+             --release --features distributed), or run it without mpirun"
+        );
+        Ok(World::single())
+    }
+
+    #[cfg(feature = "distributed")]
+    fn join(_size: usize) -> Result<World> {
+        use mpi::traits::Communicator;
+        let universe = mpi::initialize().ok_or_else(|| {
+            anyhow::anyhow!("MPI could not be initialized (was it initialized already?)")
+        })?;
+        let world = universe.world();
+        Ok(World {
+            rank: world.rank() as usize,
+            size: world.size() as usize,
+            mpi: Some(Mpi {
+                world,
+                _universe: universe,
+            }),
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Rank 0: the one that writes the run directory and prints.
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// This rank's rows `[start, end)` of a batch of `n` examples: contiguous, in rank order,
+    /// sizes differing by at most one.
+    pub fn slice(&self, n: usize) -> (usize, usize) {
+        (self.rank * n / self.size, (self.rank + 1) * n / self.size)
+    }
+
+    /// Sums `values` over the ranks, in place (element-wise). The order of the sum is MPI's,
+    /// fixed for a given job size.
+    pub fn sum_f32(&self, values: &mut [f32]) -> Result<()> {
+        self.all_reduce(values, Op::Sum);
+        Ok(())
+    }
+
+    /// [`Self::sum_f32`] in f64 (metric sums, counts).
+    pub fn sum_f64(&self, values: &mut [f64]) -> Result<()> {
+        self.all_reduce(values, Op::Sum);
+        Ok(())
+    }
+
+    /// The largest of each element over the ranks.
+    pub fn max_u64(&self, values: &mut [u64]) -> Result<()> {
+        self.all_reduce(values, Op::Max);
+        Ok(())
+    }
+
+    /// Whether every rank holds the same `value` (a checksum).
+    pub fn agree(&self, value: u64) -> Result<bool> {
+        let mut v = [value, !value];
+        self.max_u64(&mut v)?;
+        // max(x) == x and max(!x) == !x ⇔ x is both the largest and the smallest: all equal.
+        Ok(v[0] == value && v[1] == !value)
+    }
+
+    /// Overwrites `values` with rank 0's.
+    pub fn broadcast_f32(&self, values: &mut [f32]) -> Result<()> {
+        self.broadcast(values);
+        Ok(())
+    }
+
+    /// Overwrites `bytes` with rank 0's (any length: the length goes first).
+    pub fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<()> {
+        let mut len = [bytes.len() as u64];
+        self.broadcast(&mut len);
+        bytes.resize(len[0] as usize, 0);
+        self.broadcast(bytes);
+        Ok(())
+    }
+
+    /// Ends the whole job after this rank failed: the others would wait for it forever in their
+    /// next all-reduce. The error is printed first.
+    pub fn abort(&self, code: i32) {
+        #[cfg(feature = "distributed")]
+        if let Some(m) = &self.mpi {
+            use mpi::traits::Communicator;
+            if self.size > 1 {
+                m.world.abort(code);
+            }
+        }
+        let _ = code;
+    }
+}
+
+/// A reduction MPI computes.
+#[derive(Clone, Copy)]
+enum Op {
+    Sum,
+    Max,
+}
+
+/// What the collectives carry: MPI's own element types.
+#[cfg(feature = "distributed")]
+pub trait Element: mpi::datatype::Equivalence + Copy {}
+#[cfg(feature = "distributed")]
+impl<T: mpi::datatype::Equivalence + Copy> Element for T {}
+#[cfg(not(feature = "distributed"))]
+pub trait Element: Copy {}
+#[cfg(not(feature = "distributed"))]
+impl<T: Copy> Element for T {}
+
+#[cfg(feature = "distributed")]
+impl World {
+    fn all_reduce<T: Element>(&self, values: &mut [T], op: Op) {
+        use mpi::collective::{CommunicatorCollectives, SystemOperation};
+        let Some(m) = self.mpi.as_ref().filter(|_| self.size > 1) else {
+            return;
+        };
+        let op = match op {
+            Op::Sum => SystemOperation::sum(),
+            Op::Max => SystemOperation::max(),
+        };
+        let send = values.to_vec();
+        m.world.all_reduce_into(&send[..], values, op);
+    }
+
+    fn broadcast<T: Element>(&self, values: &mut [T]) {
+        use mpi::traits::{Communicator, Root};
+        if let Some(m) = self.mpi.as_ref().filter(|_| self.size > 1) {
+            m.world.process_at_rank(0).broadcast_into(values);
+        }
+    }
+}
+
+/// Without MPI a world has one rank: every collective leaves the values as they are.
+#[cfg(not(feature = "distributed"))]
+impl World {
+    fn all_reduce<T: Element>(&self, _values: &mut [T], _op: Op) {}
+    fn broadcast<T: Element>(&self, _values: &mut [T]) {}
+}
+
+/// A 64-bit checksum of byte chunks (the first 8 bytes of their sha256).
+pub fn checksum<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for c in chunks {
+        h.update(c);
+    }
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("sha256 has 32 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_cover_the_batch_in_rank_order() {
+        for (n, size) in [(12, 2), (7, 3), (3, 3), (64, 5)] {
+            let mut next = 0;
+            for rank in 0..size {
+                let w = World {
+                    rank,
+                    size,
+                    #[cfg(feature = "distributed")]
+                    mpi: None,
+                };
+                let (a, b) = w.slice(n);
+                assert_eq!(a, next);
+                assert!(b - a >= n / size && b - a <= n.div_ceil(size));
+                next = b;
+            }
+            assert_eq!(next, n);
+        }
+    }
+
+    #[test]
+    fn one_process_needs_no_communication() {
+        let w = World::single();
+        let mut v = [1.0f32, 2.0];
+        w.sum_f32(&mut v).unwrap();
+        assert_eq!(v, [1.0, 2.0]);
+        assert!(w.agree(42).unwrap());
+        assert!(w.is_main());
+        assert_ne!(checksum([&b"a"[..]]), checksum([&b"b"[..]]));
+    }
+}
