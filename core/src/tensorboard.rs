@@ -160,7 +160,7 @@ impl summary::Value {
 /// be weak, so it is rotated and offset.
 pub fn masked_crc(bytes: &[u8]) -> u32 {
     let crc = crc32c::crc32c(bytes);
-    ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// One record: length, its masked crc, the data, its masked crc.
@@ -476,7 +476,7 @@ mod tests {
         assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
         // Masked by hand: rotate right by 15, add 0xa282ead8.
         let crc: u32 = 0xE306_9283;
-        let rotated = (crc >> 15) | (crc << 17);
+        let rotated = crc.rotate_right(15);
         assert_eq!(rotated, 0x2507_C60D);
         assert_eq!(
             masked_crc(b"123456789"),
