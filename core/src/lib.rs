@@ -10,6 +10,7 @@ pub mod hub;
 pub mod metrics;
 pub mod recipe;
 pub mod rng;
+pub mod tensorboard;
 
 pub use recipe::{Recipe, RecipeError};
 

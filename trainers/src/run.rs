@@ -1,6 +1,7 @@
 //! The run directory: `recipe.toml` (resolved), `run.json` (what the run started from),
-//! `metrics.jsonl`, `summary.json`, `checkpoints/step-<N>/`, `tb/` (TensorBoard), `plots/`,
-//! `report.html`, and `vocab.json` for character-level models. Also reopens a finished run for `kiln eval` and `kiln generate`.
+//! `metrics.jsonl`, `tb/` (the same metrics as TensorBoard event files), `summary.json`,
+//! `checkpoints/step-<N>/`, `plots/`, `report.html`, and `vocab.json` for character-level
+//! models. Also reopens a finished run for `kiln eval` and `kiln generate`.
 
 use crate::weights::{self, Weights};
 use anyhow::{bail, Context, Result};
@@ -18,6 +19,9 @@ pub const IMAGE_FILE: &str = "image.json";
 
 /// The commit kiln was built from.
 pub const GIT_COMMIT: &str = env!("KILN_GIT_COMMIT");
+
+/// The folder of a run's TensorBoard event files.
+pub const TB_DIR: &str = "tb";
 
 /// What a run started from, written when it starts (`summary.json` comes only at the end).
 pub const RECORD_FILE: &str = "run.json";
@@ -218,8 +222,9 @@ impl RunDir {
         self.fresh = None;
     }
 
-    /// Reopens a run to resume it after `step`: metric lines written after that step (by the
-    /// attempt that did not reach its next checkpoint) are dropped, as they will be written again.
+    /// Reopens a run to resume it after `step`: metric lines and TensorBoard events written
+    /// after that step (by the attempt that did not reach its next checkpoint) are dropped, as
+    /// they will be written again.
     pub fn reopen(path: &Path, step: usize) -> Result<Self> {
         let lock = lock(path)?;
         let stopped = path.join(STOPPED_FILE);
@@ -241,6 +246,7 @@ impl RunDir {
                 .collect();
             write_atomic(&metrics, kept.as_bytes())?;
         }
+        kiln_core::tensorboard::truncate_after(&path.join(TB_DIR), step as u64)?;
         Ok(RunDir {
             path: path.to_path_buf(),
             started: Instant::now(),

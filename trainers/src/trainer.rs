@@ -352,7 +352,10 @@ impl<'a> Training<'a> {
         let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr, total_steps);
         let items_per_example = data.train.items_per_example();
         let log = match world.is_main() {
-            true => Some(MetricsLog::create(&run.path.join("metrics.jsonl"))?),
+            true => Some(
+                MetricsLog::create(&run.path.join("metrics.jsonl"))?
+                    .with_tensorboard(&run.path.join(run::TB_DIR)),
+            ),
             false => None,
         };
         let items = items_noun(recipe.task);
@@ -386,7 +389,28 @@ impl<'a> Training<'a> {
         };
         training.announce()?;
         training.run.keep();
+        training.record_recipe()?;
         Ok(training)
+    }
+
+    /// The resolved recipe as TensorBoard text (a markdown code block) at the step the run
+    /// starts from (0), unless the run's event files have it already (a resume).
+    fn record_recipe(&mut self) -> Result<()> {
+        let Some(log) = self.log.as_mut() else {
+            return Ok(()); // a data-parallel rank other than 0
+        };
+        let tb = self.run.path.join(run::TB_DIR);
+        if kiln_core::tensorboard::read_texts(&tb)?.contains_key("recipe") {
+            return Ok(());
+        }
+        let file = self.run.path.join("recipe.toml");
+        let text = std::fs::read_to_string(&file).map_err(kiln_core::fs::at(&file))?;
+        // A fence longer than any run of backticks in the recipe (a description may hold some).
+        let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+        let fence = "`".repeat(longest.max(2) + 1);
+        let markdown = format!("{fence}toml\n{}\n{fence}", text.trim_end());
+        log.text("recipe", self.state.step, &markdown)?;
+        Ok(())
     }
 
     fn n_trainable(&self) -> usize {
