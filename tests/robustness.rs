@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Fails with exit 1 and an `error:` line holding every `want` fragment, without a panic.
 fn refused(o: &std::process::Output, what: &str, want: &[&str]) {
@@ -116,34 +116,11 @@ fn a_run_that_fails_to_start_can_be_retried_in_the_same_directory() {
     }
 }
 
-/// `kiln train` of `recipe` into `run` for (nearly) ever, returned once it has started writing
-/// the run (its metrics file exists).
-fn training(recipe: &Path, run: &Path, extra: &[&str], stderr: Stdio) -> std::process::Child {
-    let child = kiln_train(recipe, run)
-        .args([
-            "--set",
-            "trainer.max_steps=100000",
-            "--set",
-            "data.batch_size=64",
-        ])
-        .args(extra)
-        .current_dir(recipe.parent().unwrap())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !run.join("metrics.jsonl").exists() && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
 #[test]
 fn one_run_has_one_writer() {
     let (dir, recipe) = tiny_gpt_fixture("");
     let run = dir.path().join("run");
-    let mut first = training(&recipe, &run, &[], Stdio::null());
+    let mut first = long_training(&recipe, &run, &[], Stdio::null());
     let o = kiln(&["train", "--resume", run.to_str().unwrap()], dir.path());
     first.kill().unwrap();
     first.wait().unwrap();
@@ -173,7 +150,7 @@ fn a_second_signal_exits_at_once_and_says_so() {
     let run = dir.path().join("run");
     // Steps of about a second, so that both signals land within one.
     let slow = ["--set", "model.n_embd=512", "--set", "model.n_layer=6"];
-    let child = training(&recipe, &run, &slow, Stdio::piped());
+    let child = long_training(&recipe, &run, &slow, Stdio::piped());
     let pid = child.id() as i32;
     // SAFETY: signals a child this test spawned and has not reaped.
     unsafe { libc::kill(pid, libc::SIGINT) };

@@ -108,30 +108,13 @@ fn a_finished_language_model_run_leaves_a_report_plots_and_the_next_commands() {
     assert!(run.join("report.html").is_file());
 }
 
-/// A run training in the background until killed (its metrics file exists when this returns).
-fn long_training(recipe: &Path, run: &Path, extra: &[&str]) -> std::process::Child {
-    let child = kiln_train(recipe, run)
-        .args(["--set", "trainer.max_steps=100000"])
-        .args(extra)
-        .current_dir(recipe.parent().unwrap())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !run.join("metrics.jsonl").exists() && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
 #[test]
 fn kiln_runs_tells_running_stopped_crashed_and_finished_apart() {
     let (dir, recipe) = tiny_gpt_fixture("");
     let root = dir.path().join("runs");
     let run = root.join("long");
 
-    let mut child = long_training(&recipe, &run, &[]);
+    let mut child = long_training(&recipe, &run, &[], Stdio::null());
     let r = status_of(&root, "long");
     assert_eq!(r["status"], "running", "{r}");
     assert_eq!(r["pid"].as_u64(), Some(child.id() as u64), "{r}");

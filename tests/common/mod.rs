@@ -280,3 +280,32 @@ pub fn python_json(py: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> serde_json
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
 }
+
+/// `kiln train` of `recipe` into `run` for (nearly) ever, returned once it has started writing
+/// the run (its metrics file exists).
+#[allow(dead_code)]
+pub fn long_training(
+    recipe: &Path,
+    run: &Path,
+    extra: &[&str],
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    let child = kiln_train(recipe, run)
+        .args([
+            "--set",
+            "trainer.max_steps=100000",
+            "--set",
+            "data.batch_size=64",
+        ])
+        .args(extra)
+        .current_dir(recipe.parent().unwrap())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !run.join("metrics.jsonl").exists() && t.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}

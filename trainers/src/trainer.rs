@@ -591,7 +591,7 @@ impl<'a> Training<'a> {
         let t = &self.recipe.trainer;
         let eval_batches = (t.eval_batches > 0).then_some(t.eval_batches);
         match self.evaluate(&self.data.val, eval_batches, "eval") {
-            Ok(values) => self.record(step, &values),
+            Ok(e) => self.record(step, &e.metrics),
             Err(e) if e.is::<task::Interrupted>() => Ok(()),
             Err(e) => Err(e),
         }
@@ -615,7 +615,7 @@ impl<'a> Training<'a> {
         examples: &Arc<dyn data::Examples>,
         max_batches: Option<usize>,
         prefix: &str,
-    ) -> Result<BTreeMap<String, f64>> {
+    ) -> Result<task::Evaluation> {
         let compute = amp::compute_dtype(self.recipe.precision);
         let model = detached_model(&self.varmap, &self.model_cfg, &self.device, compute)?;
         let split = task::Split {
@@ -624,15 +624,14 @@ impl<'a> Training<'a> {
             max_batches,
             prefix,
         };
-        let e = task::evaluate_split(
+        task::evaluate_split(
             model.as_ref(),
             self.recipe.task,
             &split,
             &self.device,
             self.eval_stop(),
             &self.world,
-        )?;
-        Ok(e.metrics)
+        )
     }
 
     /// What may interrupt an evaluation: a signal, when training alone. In a data-parallel job
@@ -793,8 +792,6 @@ impl<'a> Training<'a> {
     /// Metrics of the whole validation (and test) split; a classifier's confusion matrices go
     /// to `confusion.json` for the report.
     fn final_evaluation(&self) -> Result<BTreeMap<String, f64>> {
-        let compute = amp::compute_dtype(self.recipe.precision);
-        let model = detached_model(&self.varmap, &self.model_cfg, &self.device, compute)?;
         let mut values = BTreeMap::new();
         let mut matrices = Vec::new();
         let splits = [
@@ -803,20 +800,7 @@ impl<'a> Training<'a> {
         ];
         for (prefix, examples) in splits {
             let Some(examples) = examples else { continue };
-            let split = task::Split {
-                examples: examples.as_ref(),
-                batch_size: self.recipe.data.batch_size,
-                max_batches: None,
-                prefix,
-            };
-            let e = task::evaluate_split(
-                model.as_ref(),
-                self.recipe.task,
-                &split,
-                &self.device,
-                self.eval_stop(),
-                &self.world,
-            )?;
+            let e = self.evaluate(examples, None, prefix)?;
             values.extend(e.metrics);
             if let Some(matrix) = e.confusion {
                 matrices.push(report::Confusion {
