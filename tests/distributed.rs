@@ -325,3 +325,29 @@ fn a_killed_rank_ends_the_job_and_resume_continues() {
     ok(&o);
     assert!(run_dir.join("summary.json").is_file());
 }
+
+#[cfg(feature = "distributed")]
+#[test]
+fn two_ranks_fine_tune_minilm_as_one_process_does() {
+    if mpirun().is_none() {
+        return;
+    }
+    let Some((folder, b77)) = minilm_and_banking77() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Every 40th row of BANKING77 (~250 examples); dropout off, so both runs draw nothing.
+    banking77_slice(&b77, d, 40);
+    let recipe = minilm_recipe(
+        d,
+        &folder,
+        "ft",
+        "hidden_dropout_prob = 0.0\nattention_probs_dropout_prob = 0.0",
+        "val_size = 32",
+        "lr = 1e-4\n[trainer]\nmax_steps = 8\nlog_every = 2",
+    );
+    ok(&train_in(&recipe, &d.join("single"), &[], d));
+    ok(&run(mpi_train(2, &recipe, &d.join("job"), &[])));
+    assert_same_training(&d.join("single"), &d.join("job"), 8, "MiniLM on BANKING77");
+}

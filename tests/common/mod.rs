@@ -309,3 +309,67 @@ pub fn long_training(
     }
     child
 }
+
+/// The MiniLM folder and the BANKING77 folder, or None (the test skips) when one is missing.
+#[allow(dead_code)]
+pub fn minilm_and_banking77() -> Option<(PathBuf, PathBuf)> {
+    let folder = repo().join("../shared/data/all-MiniLM-L6-v2");
+    let b77 = repo().join("../shared/data/banking77");
+    (require(&folder, "all-MiniLM-L6-v2") && require(&b77, "BANKING77")).then_some((folder, b77))
+}
+
+/// Every `step`-th row of BANKING77's train.csv written to `d/train.csv`, with its
+/// categories.json; returns the header and the rows.
+#[allow(dead_code)]
+pub fn banking77_slice(b77: &Path, d: &Path, step: usize) -> (String, Vec<String>) {
+    let text = std::fs::read_to_string(b77.join("train.csv")).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap().to_string();
+    let rows: Vec<String> = lines.step_by(step).map(String::from).collect();
+    write_file(d, "train.csv", format!("{header}\n{}\n", rows.join("\n")));
+    std::fs::copy(b77.join("categories.json"), d.join("categories.json")).unwrap();
+    (header, rows)
+}
+
+/// A recipe `d/<name>.toml` that fine-tunes the pretrained BERT in `folder` on
+/// [`banking77_slice`]: `model` adds to [model], `val` says how the data is split, and `rest`
+/// continues [optim] after its name (the lr, then the [trainer] table).
+#[allow(dead_code)]
+pub fn minilm_recipe(
+    d: &Path,
+    folder: &Path,
+    name: &str,
+    model: &str,
+    val: &str,
+    rest: &str,
+) -> PathBuf {
+    write_file(
+        d,
+        &format!("{name}.toml"),
+        format!(
+            r#"description = "minilm {name} slice"
+task = "classification"
+device = "cpu"
+init_from = "{}"
+[model]
+kind = "bert"
+{model}
+[data]
+dataset = "text-classification"
+path = "{}"
+train = "train.csv"
+{val}
+text_column = "text"
+label_column = "category"
+labels = "categories.json"
+max_length = 32
+batch_size = 32
+[optim]
+name = "adamw"
+{rest}
+"#,
+            folder.display(),
+            d.display()
+        ),
+    )
+}
