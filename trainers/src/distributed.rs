@@ -216,11 +216,11 @@ impl World {
 }
 
 /// A 64-bit checksum of byte chunks (the first 8 bytes of their sha256).
-pub fn checksum<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+pub fn checksum(chunks: impl IntoIterator<Item = impl AsRef<[u8]>>) -> u64 {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     for c in chunks {
-        h.update(c);
+        h.update(c.as_ref());
     }
     let d = h.finalize();
     u64::from_le_bytes(d[..8].try_into().expect("sha256 has 32 bytes"))

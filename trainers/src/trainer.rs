@@ -868,7 +868,8 @@ impl<'a> Training<'a> {
         let path = &self.run.path;
         let warn = |what: &str, e: anyhow::Error| {
             eprintln!(
-                "warning: could not write {what} ({e:#}); the run itself is complete. Retry with                  `kiln report {}`",
+                "warning: could not write {what} ({e:#}); the run itself is complete. Retry with \
+                 `kiln report {}`",
                 path.display()
             )
         };
@@ -990,17 +991,22 @@ fn same_weights_on_every_rank(world: &World, varmap: &VarMap) -> Result<()> {
     if world.size() == 1 {
         return Ok(());
     }
-    let vars = params_where(varmap, |_| true);
-    let mut bytes = Vec::new();
-    for p in &vars {
+    let f32s = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    // One checksum per parameter, of what it holds once set: no copy of the whole model.
+    let mut sums = Vec::new();
+    for p in &params_where(varmap, |_| true) {
         let t = p.var.as_tensor();
-        let mut v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut v = f32s(t)?;
         world.broadcast_f32(&mut v)?;
         let received = Tensor::from_slice(&v, t.shape(), t.device())?.to_dtype(t.dtype())?;
         p.var.set(&received)?;
-        bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        let held = f32s(p.var.as_tensor())?;
+        let bytes: Vec<u8> = held.iter().flat_map(|x| x.to_le_bytes()).collect();
+        sums.push(crate::distributed::checksum([bytes]).to_le_bytes());
     }
-    let sum = crate::distributed::checksum([bytes.as_slice()]);
+    let sum = crate::distributed::checksum(sums);
     anyhow::ensure!(
         world.agree(sum)?,
         "rank {}'s weights differ from rank 0's after the broadcast (checksum {sum:016x})",
