@@ -241,7 +241,15 @@ fn folders_carry_what_serving_stacks_read() {
             "max_position_embeddings",
         ),
     ] {
-        let run = train_run(d, &lm_recipe(d, name, model, &data, 2));
+        let recipe = lm_recipe(d, name, model, &data, 2);
+        if name == "gpt-bpe" {
+            let text = std::fs::read_to_string(&recipe).unwrap().replace(
+                "device = \"cpu\"",
+                &format!("device = \"cpu\"\nchat_template = '{CHAT}'"),
+            );
+            std::fs::write(&recipe, text).unwrap();
+        }
+        let run = train_run(d, &recipe);
         let out = d.join(format!("{name}-hf"));
         export(&run, &out, &opts("latest", DType::BF16, false)).unwrap();
         let cfg = read_json(&out.join("config.json"));
@@ -267,7 +275,10 @@ fn folders_carry_what_serving_stacks_read() {
             assert_eq!(gen["eos_token_id"], 50256);
             assert_eq!(map["eos_token"], "<|endoftext|>");
             assert_eq!(tok["eos_token"], "<|endoftext|>");
+            assert_eq!(tok["chat_template"], CHAT);
+            chat_template_applies(&out);
         } else {
+            assert!(tok.get("chat_template").is_none());
             // A character vocabulary has no special tokens: null ids, none made up.
             assert!(cfg["eos_token_id"].is_null() && gen.get("eos_token_id").is_none());
             assert_eq!(map, serde_json::json!({}));
@@ -275,6 +286,29 @@ fn folders_carry_what_serving_stacks_read() {
         assert_eq!(tok["model_max_length"].as_u64(), Some(context), "{name}");
         assert!(!out.join("modules.json").exists(), "{name}: not an encoder");
     }
+}
+
+/// The recipe's chat template of `folders_carry_what_serving_stacks_read`.
+const CHAT: &str =
+    "{% for m in messages %}{{ m[\"role\"] }}: {{ m[\"content\"] }}<|endoftext|>{% endfor %}";
+
+/// transformers formats a chat with the exported tokenizer's template (when it is installed).
+fn chat_template_applies(folder: &Path) {
+    let Some(py) = python_with("transformers") else {
+        return;
+    };
+    let script = r#"
+import sys, json
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+chat = [{"role": "user", "content": "to be"}, {"role": "assistant", "content": "or not"}]
+print(json.dumps(tok.apply_chat_template(chat, tokenize=False)))
+"#;
+    let got = python_json(&py, &[&"-c", &script, &folder]);
+    assert_eq!(
+        got,
+        "user: to be<|endoftext|>assistant: or not<|endoftext|>"
+    );
 }
 
 /// Above --max-shard-size the weights are split into shards in name order with an index that

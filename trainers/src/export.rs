@@ -228,7 +228,7 @@ fn write_folder(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
         let codec = codec
             .as_ref()
             .context("a LoRA run is a text model: it has a tokenizer")?;
-        write_tokenizer_files(codec, &cfg, out)?;
+        write_tokenizer_files(codec, &cfg, recipe.chat_template.as_deref(), out)?;
         return Ok(());
     }
     anyhow::ensure!(!o.adapter, "--adapter applies to LoRA runs only");
@@ -268,7 +268,7 @@ fn write_folder(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
     }
     json_file(out, "config.json", &config)?;
     match &codec {
-        Some(codec) => write_tokenizer_files(codec, &cfg, out)?,
+        Some(codec) => write_tokenizer_files(codec, &cfg, recipe.chat_template.as_deref(), out)?,
         None => json_file(
             out,
             "preprocessor_config.json",
@@ -443,8 +443,14 @@ fn preprocessor_config(run_dir: &Path) -> Result<serde_json::Value> {
 }
 
 /// `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` and
-/// `generation_config.json` (its `eos_token_id` is where vLLM takes its stop token from).
-fn write_tokenizer_files(codec: &Codec, cfg: &ModelConfig, out: &Path) -> Result<()> {
+/// `generation_config.json` (its `eos_token_id` is where vLLM takes its stop token from); the
+/// recipe's `chat_template`, if it names one, goes into `tokenizer_config.json`.
+fn write_tokenizer_files(
+    codec: &Codec,
+    cfg: &ModelConfig,
+    chat_template: Option<&str>,
+    out: &Path,
+) -> Result<()> {
     write_atomic(
         &out.join("tokenizer.json"),
         codec.tokenizer_json()?.as_bytes(),
@@ -487,6 +493,9 @@ fn write_tokenizer_files(codec: &Codec, cfg: &ModelConfig, out: &Path) -> Result
     }
     for (k, v) in &special {
         tok_cfg[k] = v.clone();
+    }
+    if let Some(t) = chat_template {
+        tok_cfg["chat_template"] = t.into();
     }
     json_file(out, "tokenizer_config.json", &tok_cfg)?;
     json_file(out, "special_tokens_map.json", &special.into())?;
