@@ -227,15 +227,7 @@ fn train_eval_predict_export_a_bert_classifier() {
 
     // The exported folder predicts the same labels with the same probabilities.
     let out = d.join("hf");
-    ok(&kiln(
-        &[
-            "export",
-            run.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        d,
-    ));
+    export_run(&run, &out, d);
     let cfg = read_json(&out.join("config.json"));
     assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
     assert_eq!(cfg["id2label"]["1"], "positive");
@@ -258,6 +250,19 @@ fn train_eval_predict_export_a_bert_classifier() {
         std::fs::read_to_string(&preds2).unwrap()
     );
     transformers_agrees(&out, &d.join("dev.tsv"), &lines);
+}
+
+/// `kiln export RUN --out OUT`, which must succeed.
+fn export_run(run: &Path, out: &Path, cwd: &Path) {
+    ok(&kiln(
+        &[
+            "export",
+            run.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        cwd,
+    ));
 }
 
 /// transformers' `pipeline("text-classification")` on the exported folder gives kiln's labels
@@ -357,15 +362,7 @@ fn bert_exports_load_in_sentence_transformers() {
     let run = d.join("run");
     ok(&train_in(&recipe, &run, &[], d));
     let out = d.join("hf");
-    ok(&kiln(
-        &[
-            "export",
-            run.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        d,
-    ));
+    export_run(&run, &out, d);
     let modules = read_json(&out.join("modules.json"));
     let types: Vec<&str> = (modules.as_array().unwrap().iter())
         .map(|m| m["type"].as_str().unwrap())

@@ -213,7 +213,7 @@ pub fn export(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
 
 /// The export's files, written into the (new, empty) folder `out`.
 fn write_folder(run_dir: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
-    let recipe = kiln_core::Recipe::load(&run_dir.join("recipe.toml"), &[])?;
+    let recipe = kiln_core::Recipe::load(run_dir.join("recipe.toml"), &[])?;
     let mut cfg = ModelConfig::decode(&recipe)?;
     let vision = cfg.image_classifier().is_some();
     // Text models carry their tokenizer; image models their preprocessing instead.
