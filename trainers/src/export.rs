@@ -169,8 +169,15 @@ impl Staging {
             return Err(e).with_context(|| format!("cannot move the export to {}", out.display()));
         }
         self.done = true;
+        // The export is in place: a replaced folder that cannot be removed is worth a note,
+        // not an error.
         if existed {
-            std::fs::remove_dir_all(&old).map_err(at(&old))?;
+            if let Err(e) = std::fs::remove_dir_all(&old) {
+                eprintln!(
+                    "note: the replaced folder is left at {} ({e}); remove it by hand",
+                    old.display()
+                );
+            }
         }
         Ok(())
     }
