@@ -127,8 +127,9 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
-    /// Write a run's checkpoint as a Hugging Face model folder (config.json, model.safetensors,
-    /// tokenizer, generation_config.json) that transformers, vLLM, TGI and candle load.
+    /// Write a run's checkpoint as a Hugging Face model folder (config.json, model.safetensors
+    /// or shards, tokenizer, generation_config.json; a BERT also in the sentence-transformers
+    /// layout) that transformers, vLLM, TGI, text-embeddings-inference and candle load.
     Export {
         run_dir: PathBuf,
         /// latest, best or step-N.
@@ -138,13 +139,17 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value_t = ExportDtype::F32)]
         dtype: ExportDtype,
-        /// Write into a folder that is not empty.
+        /// Replace a folder that is not empty (only once the new one is complete).
         #[arg(long)]
         force: bool,
         /// For a LoRA run: write the adapter alone (PEFT's adapter_config.json +
         /// adapter_model.safetensors) instead of merged weights.
         #[arg(long)]
         adapter: bool,
+        /// Split weights above this size into model-0000N-of-0000M.safetensors shards with a
+        /// model.safetensors.index.json: 5GB, 500MB, 2GiB or bytes.
+        #[arg(long, default_value = "5GB", value_parser = kiln::trainers::export::parse_size)]
+        max_shard_size: u64,
     },
     /// Sentence embeddings from a BERT model (mean-pooled, L2-normalized): one JSON array per
     /// text, one per line.
@@ -461,6 +466,7 @@ fn run(cli: Cli) -> Result<Option<usize>> {
             dtype,
             force,
             adapter,
+            max_shard_size,
         } => {
             let dtype = match dtype {
                 ExportDtype::F32 => DType::F32,
@@ -472,6 +478,7 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                 dtype,
                 force,
                 adapter,
+                max_shard_size,
             };
             export(&run_dir, &out, &opts)?;
             eprintln!("exported {} → {}", run_dir.display(), out.display());

@@ -227,15 +227,7 @@ fn train_eval_predict_export_a_bert_classifier() {
 
     // The exported folder predicts the same labels with the same probabilities.
     let out = d.join("hf");
-    ok(&kiln(
-        &[
-            "export",
-            run.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        d,
-    ));
+    export_run(&run, &out, d);
     let cfg = read_json(&out.join("config.json"));
     assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
     assert_eq!(cfg["id2label"]["1"], "positive");
@@ -260,24 +252,37 @@ fn train_eval_predict_export_a_bert_classifier() {
     transformers_agrees(&out, &d.join("dev.tsv"), &lines);
 }
 
-/// transformers' BertForSequenceClassification on the exported folder gives kiln's labels.
+/// `kiln export RUN --out OUT`, which must succeed.
+fn export_run(run: &Path, out: &Path, cwd: &Path) {
+    ok(&kiln(
+        &[
+            "export",
+            run.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        cwd,
+    ));
+}
+
+/// transformers' `pipeline("text-classification")` on the exported folder gives kiln's labels
+/// (from the folder's id2label) with kiln's probabilities.
 fn transformers_agrees(folder: &Path, dev: &Path, kiln_preds: &[serde_json::Value]) {
     let Some(py) = python_with("transformers, torch") else {
         return;
     };
+    // The pipeline a serving script calls: it reads the folder's tokenizer and id2label.
     let script = r#"
-import sys, csv, json, torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+import sys, csv, json
+from transformers import pipeline
 folder, dev = sys.argv[1], sys.argv[2]
-tok = AutoTokenizer.from_pretrained(folder)
-model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+pipe = pipeline("text-classification", model=folder, device="cpu")
 rows = list(csv.DictReader(open(dev), delimiter="\t"))
-# One row at a time: the fixture's character tokenizer has no padding token.
-with torch.no_grad():
-    probs = torch.cat([model(**tok(r["sentence"], return_tensors="pt")).logits.softmax(-1) for r in rows])
-print(json.dumps({"class": type(model).__name__,
-                  "labels": [model.config.id2label[int(i)] for i in probs.argmax(-1)],
-                  "probs": probs.tolist()}))
+# One row at a time (the pipeline's default): the fixture's character tokenizer has no padding token.
+out = pipe([r["sentence"] for r in rows], top_k=None)
+print(json.dumps({"class": type(pipe.model).__name__,
+                  "labels": [o[0]["label"] for o in out],
+                  "probs": [[o[0]["score"]] for o in out]}))
 "#;
     let hf = python_json(&py, &[&"-c", &script, &folder, &dev]);
     assert_eq!(hf["class"], "BertForSequenceClassification");
@@ -297,6 +302,123 @@ print(json.dumps({"class": type(model).__name__,
     }
     eprintln!("transformers agrees on every row; max |Δ probability| = {max_diff:.2e}");
     assert!(max_diff < 1e-4);
+}
+
+/// A BERT-style character tokenizer: `[PAD]` 0, `[UNK]` 1, `[CLS]` 2, `[SEP]` 3, then the
+/// fixture's characters, with `[CLS] … [SEP]` around each text.
+fn bert_char_tokenizer() -> serde_json::Value {
+    let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"];
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in specials.iter().enumerate() {
+        vocab.insert(t.to_string(), json!(i));
+    }
+    for (i, c) in "abcdefghijklmnopqrstuvwxyz !".chars().enumerate() {
+        vocab.insert(c.to_string(), json!(i + specials.len()));
+    }
+    let added: Vec<_> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let special = |t: &str| json!({"SpecialToken": {"id": t, "type_id": 0}});
+    let seq = |s: &str| json!({"Sequence": {"id": s, "type_id": 0}});
+    json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"},
+                          "behavior": "Isolated", "invert": false},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [special("[CLS]"), seq("A"), special("[SEP]")],
+            "pair": [special("[CLS]"), seq("A"), special("[SEP]"), seq("B"), special("[SEP]")],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}
+            }
+        },
+        "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    })
+}
+
+/// A BERT export is also a sentence-transformers model (the encoder, mean pooling, L2
+/// normalization): `SentenceTransformer(DIR)` gives `kiln embed`'s embeddings.
+#[test]
+fn bert_exports_load_in_sentence_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fixture(d);
+    std::fs::write(d.join("tokenizer.json"), bert_char_tokenizer().to_string()).unwrap();
+    let recipe = tiny_bert_recipe(d);
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("vocab_size = 28", "vocab_size = 32")
+        .replace("max_steps = 80", "max_steps = 20");
+    std::fs::write(&recipe, text).unwrap();
+    let run = d.join("run");
+    ok(&train_in(&recipe, &run, &[], d));
+    let out = d.join("hf");
+    export_run(&run, &out, d);
+    let modules = read_json(&out.join("modules.json"));
+    let types: Vec<&str> = (modules.as_array().unwrap().iter())
+        .map(|m| m["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "sentence_transformers.models.Transformer",
+            "sentence_transformers.models.Pooling",
+            "sentence_transformers.models.Normalize"
+        ]
+    );
+    let pooling = read_json(&out.join("1_Pooling/config.json"));
+    assert_eq!(pooling["pooling_mode_mean_tokens"], true);
+    assert_eq!(pooling["word_embedding_dimension"], 16);
+    assert_eq!(
+        read_json(&out.join("sentence_bert_config.json"))["max_seq_length"],
+        32
+    );
+    let cfg = read_json(&out.join("config.json"));
+    assert_eq!(cfg["pad_token_id"], 0);
+    assert_eq!(
+        read_json(&out.join("special_tokens_map.json"))["pad_token"],
+        "[PAD]"
+    );
+
+    // Texts of different lengths in one batch: padding and the attention mask count.
+    let texts = ["so great", "awful !", "good fun and a great time", "bad"];
+    let mut args = vec!["embed", "--model", out.to_str().unwrap(), "--device", "cpu"];
+    args.extend(texts);
+    let kiln_rows: Vec<Vec<f64>> = ok(&kiln(&args, d))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(kiln_rows.len(), texts.len());
+
+    let Some(py) = python_with("sentence_transformers") else {
+        return;
+    };
+    let script = r#"
+import sys, json
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer(sys.argv[1], device="cpu")
+print(json.dumps(model.encode(sys.argv[2:], batch_size=4).tolist()))
+"#;
+    let mut py_args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"-c", &script, &out];
+    py_args.extend(texts.iter().map(|t| t as &dyn AsRef<std::ffi::OsStr>));
+    let st: Vec<Vec<f64>> = serde_json::from_value(python_json(&py, &py_args)).unwrap();
+    for ((t, a), b) in texts.iter().zip(&kiln_rows).zip(&st) {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let cos = dot / (norm(a) * norm(b));
+        eprintln!("{t:?}: cosine kiln embed vs SentenceTransformer = {cos:.7}");
+        assert!(cos >= 0.9999, "{t:?}: cosine {cos}");
+        assert!((norm(b) - 1.0).abs() < 1e-4, "normalized");
+    }
 }
 
 /// The real pretrained MiniLM, fine-tuned briefly on a slice of BANKING77: the loss falls.

@@ -99,7 +99,7 @@ fn opts(checkpoint: &str, dtype: DType, force: bool) -> ExportOptions {
         checkpoint: checkpoint.into(),
         dtype,
         force,
-        adapter: false,
+        ..Default::default()
     }
 }
 
@@ -195,12 +195,16 @@ fn export_refuses_to_overwrite_and_names_checkpoints() {
         1,
         "nothing written"
     );
+    // --force replaces the folder whole: no file of the old one is left to be mistaken for
+    // part of the export (a stale model.safetensors beside a new sharded index).
     export(&run, &out, &opts("latest", DType::F32, true)).unwrap();
     assert!(out.join("config.json").is_file());
-    assert_eq!(
-        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
-        "mine"
-    );
+    assert!(!out.join("keep.txt").exists());
+    // Nor may it replace a folder that holds the run.
+    let e = export(&run, d, &opts("latest", DType::F32, true))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("holds the run being exported"), "{e}");
 
     let e = export(&run, &d.join("x"), &opts("step-7", DType::F32, false))
         .unwrap_err()
@@ -213,6 +217,244 @@ fn export_refuses_to_overwrite_and_names_checkpoints() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("keep_best"), "{e}");
+}
+
+/// The files the serving stacks read beyond transformers: every config.json key they need with
+/// the model's own values, generation_config.json's eos, the special-token files.
+#[test]
+fn folders_carry_what_serving_stacks_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, model, data, arch, context_key) in [
+        (
+            "gpt-bpe",
+            GPT,
+            bpe_data(d),
+            "GPT2LMHeadModel",
+            "n_positions",
+        ),
+        (
+            "llama-char",
+            LLAMA,
+            char_data(d),
+            "LlamaForCausalLM",
+            "max_position_embeddings",
+        ),
+    ] {
+        let recipe = lm_recipe(d, name, model, &data, 2);
+        if name == "gpt-bpe" {
+            let text = std::fs::read_to_string(&recipe).unwrap().replace(
+                "device = \"cpu\"",
+                &format!("device = \"cpu\"\nchat_template = '{CHAT}'"),
+            );
+            std::fs::write(&recipe, text).unwrap();
+        }
+        let run = train_run(d, &recipe);
+        let out = d.join(format!("{name}-hf"));
+        export(&run, &out, &opts("latest", DType::BF16, false)).unwrap();
+        let cfg = read_json(&out.join("config.json"));
+        assert_eq!(cfg["architectures"][0], arch, "{name}");
+        assert_eq!(cfg["torch_dtype"], "bfloat16", "{name}");
+        assert!(cfg["model_type"].is_string(), "{name}");
+        // The recipe's context (block_size / max_position_embeddings defaults to seq_len).
+        let context = cfg[context_key].as_u64().unwrap();
+        assert_eq!(
+            cfg["max_position_embeddings"].as_u64(),
+            Some(context),
+            "{name}"
+        );
+        for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            assert!(cfg.get(k).is_some(), "{name}: config.json has no {k}");
+        }
+        let gen = read_json(&out.join("generation_config.json"));
+        let tok = read_json(&out.join("tokenizer_config.json"));
+        let map = read_json(&out.join("special_tokens_map.json"));
+        if name == "gpt-bpe" {
+            // GPT-2's vocabulary: <|endoftext|> (50256) ends a text.
+            assert_eq!(cfg["eos_token_id"], 50256);
+            assert_eq!(gen["eos_token_id"], 50256);
+            assert_eq!(map["eos_token"], "<|endoftext|>");
+            assert_eq!(tok["eos_token"], "<|endoftext|>");
+            assert_eq!(tok["chat_template"], CHAT);
+            chat_template_applies(&out);
+        } else {
+            assert!(tok.get("chat_template").is_none());
+            // A character vocabulary has no special tokens: null ids, none made up.
+            assert!(cfg["eos_token_id"].is_null() && gen.get("eos_token_id").is_none());
+            assert_eq!(map, serde_json::json!({}));
+        }
+        assert_eq!(tok["model_max_length"].as_u64(), Some(context), "{name}");
+        assert!(!out.join("modules.json").exists(), "{name}: not an encoder");
+    }
+}
+
+/// The recipe's chat template of `folders_carry_what_serving_stacks_read`.
+const CHAT: &str =
+    "{% for m in messages %}{{ m[\"role\"] }}: {{ m[\"content\"] }}<|endoftext|>{% endfor %}";
+
+/// transformers formats a chat with the exported tokenizer's template (when it is installed).
+fn chat_template_applies(folder: &Path) {
+    let Some(py) = python_with("transformers") else {
+        return;
+    };
+    let script = r#"
+import sys, json
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+chat = [{"role": "user", "content": "to be"}, {"role": "assistant", "content": "or not"}]
+print(json.dumps(tok.apply_chat_template(chat, tokenize=False)))
+"#;
+    let got = python_json(&py, &[&"-c", &script, &folder]);
+    assert_eq!(
+        got,
+        "user: to be<|endoftext|>assistant: or not<|endoftext|>"
+    );
+}
+
+/// Above --max-shard-size the weights are split into shards in name order with an index that
+/// maps every tensor; kiln reads such folders back (and refuses broken ones naming both files);
+/// a shard size below the largest tensor is refused naming it, and a failed export leaves
+/// nothing behind: no partial folder, and the folder it would have replaced intact.
+#[test]
+fn sharded_exports_round_trip_and_failures_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = train_run(d, &lm_recipe(d, "llama", LLAMA, &char_data(d), 20));
+    let whole = d.join("whole");
+    export(&run, &whole, &opts("latest", DType::F32, false)).unwrap();
+    let sharded = d.join("sharded");
+    let o = ExportOptions {
+        max_shard_size: 20_000,
+        ..opts("latest", DType::F32, false)
+    };
+    export(&run, &sharded, &o).unwrap();
+    assert!(!sharded.join("model.safetensors").exists());
+    let index = read_json(&sharded.join("model.safetensors.index.json"));
+    let map = index["weight_map"].as_object().unwrap();
+    let whole_w =
+        candle_core::safetensors::load(whole.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = whole_w.keys().collect();
+    names.sort();
+    assert_eq!(map.keys().collect::<Vec<_>>(), names, "every tensor, once");
+    let files: Vec<&str> = names.iter().map(|n| map[*n].as_str().unwrap()).collect();
+    let count = files.last().unwrap()[15..20].parse::<usize>().unwrap();
+    assert!(count > 2, "{files:?}");
+    assert!(
+        files.windows(2).all(|w| w[0] <= w[1]),
+        "name order: {files:?}"
+    );
+    let mut total = 0;
+    for i in 1..=count {
+        let f = sharded.join(format!("model-{i:05}-of-{count:05}.safetensors"));
+        let bytes = std::fs::metadata(&f).unwrap().len();
+        let shard = candle_core::safetensors::load(&f, &Device::Cpu).unwrap();
+        let data: usize = shard.values().map(|t| t.elem_count() * 4).sum();
+        assert!(data <= 20_000 && bytes > data as u64, "{}", f.display());
+        total += data;
+    }
+    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total as u64));
+    assert_eq!(logits(&sharded, None, &IDS), logits(&run, None, &IDS));
+
+    // A missing shard, and a shard without a tensor the index puts there: both files named.
+    let broken = d.join("broken");
+    copy_into(
+        &broken,
+        std::fs::read_dir(&sharded)
+            .unwrap()
+            .map(|e| e.unwrap().path()),
+    );
+    let second = format!("model-00002-of-{count:05}.safetensors");
+    std::fs::remove_file(broken.join(&second)).unwrap();
+    let e = load_language_model(&broken, None, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors.index.json") && e.contains(&second),
+        "{e}"
+    );
+    let first = broken.join(format!("model-00001-of-{count:05}.safetensors"));
+    let mut w = candle_core::safetensors::load(&first, &Device::Cpu).unwrap();
+    let dropped = names
+        .iter()
+        .find(|n| map[**n] == format!("model-00001-of-{count:05}.safetensors"))
+        .unwrap()
+        .to_string();
+    w.remove(&dropped);
+    candle_core::safetensors::save(&w, &first).unwrap();
+    std::fs::copy(sharded.join(&second), broken.join(&second)).unwrap();
+    let e = load_language_model(&broken, None, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("index.json") && e.contains(&dropped) && e.contains("model-00001-of"),
+        "{e}"
+    );
+
+    // A shard size below the largest tensor fails after config.json and the tokenizer are
+    // written: the temporary folder goes, and the --force target keeps its old contents.
+    let tiny = ExportOptions {
+        max_shard_size: 1000,
+        force: true,
+        ..opts("latest", DType::F32, false)
+    };
+    let before = std::fs::read(whole.join("model.safetensors")).unwrap();
+    let e = export(&run, &whole, &tiny).unwrap_err().to_string();
+    assert!(
+        e.contains("--max-shard-size 1000") && e.contains("largest tensor, model."),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        before
+    );
+    let leftovers = |parent: &Path| -> Vec<String> {
+        std::fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".partial-") || n.contains(".old-"))
+            .collect()
+    };
+    assert_eq!(leftovers(d), Vec::<String>::new());
+    let fresh = d.join("fresh");
+    assert!(export(&run, &fresh, &tiny).is_err());
+    assert!(!fresh.exists(), "nothing half-written");
+    assert_eq!(leftovers(d), Vec::<String>::new());
+    // A --out that cannot be created (its parent is a file): refused, nothing written.
+    let e = export(
+        &run,
+        &d.join("tiny.txt/out"),
+        &opts("latest", DType::F32, false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("tiny.txt"), "{e}");
+
+    // From the command line: sizes in units, and the refusal as one line, no panic.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["export", run.to_str().unwrap(), "--out"])
+        .arg(d.join("cli"))
+        .args(["--max-shard-size", "1kB"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("largest tensor") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!d.join("cli").exists());
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["export", run.to_str().unwrap(), "--out"])
+        .arg(d.join("cli"))
+        .args(["--max-shard-size", "20kB"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        read_json(&d.join("cli/model.safetensors.index.json")),
+        index
+    );
 }
 
 /// Fine-tuning from an exported folder starts from its weights; the recipe may not change the
@@ -350,7 +592,18 @@ fn transformers_loads_exports_and_agrees() {
     ] {
         let run = train_run(d, &lm_recipe(d, name, model, &data, 40));
         let out = d.join(format!("{name}-hf"));
-        export(&run, &out, &opts("latest", DType::F32, false)).unwrap();
+        // The Llama goes out sharded: transformers reads it through its index.
+        let o = ExportOptions {
+            max_shard_size: if class == "LlamaForCausalLM" {
+                20_000
+            } else {
+                u64::MAX
+            },
+            ..opts("latest", DType::F32, false)
+        };
+        export(&run, &out, &o).unwrap();
+        let sharded = out.join("model.safetensors.index.json").is_file();
+        assert_eq!(sharded, class == "LlamaForCausalLM", "{name}");
 
         let lm = load_language_model(&run, None, &Device::Cpu).unwrap();
         let prompt = "to be, or";

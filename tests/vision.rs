@@ -144,13 +144,7 @@ fn folder_logits(folder: &Path, batch: &HostBatch) -> Vec<Vec<f32>> {
 }
 
 fn export_latest(run: &Path, out: &Path) -> anyhow::Result<()> {
-    let o = ExportOptions {
-        checkpoint: "latest".into(),
-        dtype: DType::F32,
-        force: false,
-        adapter: false,
-    };
-    export(run, out, &o)
+    export(run, out, &ExportOptions::default())
 }
 
 fn json(p: &Path) -> serde_json::Value {

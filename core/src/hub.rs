@@ -8,8 +8,8 @@ use anyhow::{bail, Result};
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
 
-/// Files a model folder must have.
-const REQUIRED: [&str; 2] = ["config.json", "model.safetensors"];
+/// The weights: one file, or the index of a sharded checkpoint (naming its shards).
+const WEIGHTS: [&str; 2] = ["model.safetensors", "model.safetensors.index.json"];
 /// Files fetched when present.
 const OPTIONAL: [&str; 4] = [
     "tokenizer.json",
@@ -18,17 +18,23 @@ const OPTIONAL: [&str; 4] = [
     "special_tokens_map.json",
 ];
 
-/// The folder holding `config.json` and `model.safetensors` for `spec`.
+/// The folder holding `config.json` and the weights (`model.safetensors`, or a sharded
+/// checkpoint's `model.safetensors.index.json` and shards) for `spec`.
 pub fn resolve(spec: &str) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.is_dir() {
-        for f in REQUIRED {
-            if !path.join(f).is_file() {
-                bail!(
-                    "{} is not a Hugging Face model folder: it has no {f}",
-                    path.display()
-                );
-            }
+        if !path.join("config.json").is_file() {
+            bail!(
+                "{} is not a Hugging Face model folder: it has no config.json",
+                path.display()
+            );
+        }
+        if !WEIGHTS.iter().any(|f| path.join(f).is_file()) {
+            bail!(
+                "{} is not a Hugging Face model folder: it has no model.safetensors (nor a \
+                 sharded checkpoint's model.safetensors.index.json)",
+                path.display()
+            );
         }
         return Ok(path.to_path_buf());
     }
@@ -46,7 +52,7 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     let cache = Cache::from_env();
     let cached = cache.repo(repo.clone());
     if let Some(config) = cached.get("config.json") {
-        if REQUIRED.iter().all(|f| cached.get(f).is_some()) {
+        if WEIGHTS.iter().any(|f| cached.get(f).is_some()) {
             return Ok(config
                 .parent()
                 .expect("a cached file has a folder")
@@ -87,7 +93,19 @@ fn download(repo: Repo, hub: &str) -> Result<PathBuf> {
         .build()?;
     let remote = api.repo(repo);
     let config = remote.get("config.json")?;
-    remote.get("model.safetensors")?;
+    if remote.get(WEIGHTS[0]).is_err() {
+        // A sharded checkpoint: the index, then every shard it names.
+        let index = remote.get(WEIGHTS[1])?;
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
+        let mut shards: Vec<&str> = (v["weight_map"].as_object().into_iter())
+            .flat_map(|m| m.values().filter_map(|s| s.as_str()))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        for s in shards {
+            remote.get(s)?;
+        }
+    }
     for f in OPTIONAL {
         // Not every model has every file; the ones it has are fetched.
         let _ = remote.get(f);
@@ -127,12 +145,19 @@ mod tests {
             &["config.json", "model.safetensors", "tokenizer.json"],
         );
         fake_cache(dir.path(), "acme/no-weights", &["config.json"]);
+        let sharded = fake_cache(
+            dir.path(),
+            "acme/sharded",
+            &["config.json", "model.safetensors.index.json"],
+        );
         unsafe {
             std::env::set_var("HF_HOME", dir.path());
             std::env::set_var("HF_HUB_OFFLINE", "1");
         }
         assert_eq!(resolve("acme/tiny-gpt").unwrap(), snap);
         assert_eq!(resolve(snap.to_str().unwrap()).unwrap(), snap);
+        assert_eq!(resolve("acme/sharded").unwrap(), sharded);
+        assert_eq!(resolve(sharded.to_str().unwrap()).unwrap(), sharded);
 
         let e = resolve("acme/missing").unwrap_err().to_string();
         assert!(

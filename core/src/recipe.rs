@@ -166,6 +166,10 @@ struct RawRecipe<D> {
     /// Start from these weights: a Hugging Face model folder or a hub id (`org/name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     init_from: Option<String>,
+    /// A language model's Jinja chat template, written by `kiln export` into
+    /// `tokenizer_config.json` (serving stacks format chat requests with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chat_template: Option<String>,
     model: toml::Table,
     data: D,
     optim: OptimConfig,
@@ -186,6 +190,8 @@ pub struct Recipe {
     pub precision: Precision,
     /// Start from these weights: a Hugging Face model folder or a hub id (`org/name`).
     pub init_from: Option<String>,
+    /// A language model's Jinja chat template, for its export's `tokenizer_config.json`.
+    pub chat_template: Option<String>,
     pub model: toml::Table,
     pub data: DataConfig,
     pub optim: OptimConfig,
@@ -253,6 +259,7 @@ impl Recipe {
             device: raw.device,
             precision: raw.precision,
             init_from: raw.init_from,
+            chat_template: raw.chat_template,
             model: raw.model,
             data,
             optim: raw.optim,
@@ -268,6 +275,22 @@ impl Recipe {
         let err = |key: &str, msg: String| Err(self.source.error(key, msg));
         crate::device::parse_device(&self.device).map_err(|m| self.source.error("device", m))?;
         self.data.validate(&self.source)?;
+        if let Some(t) = &self.chat_template {
+            if self.task != Task::LanguageModel {
+                return err(
+                    "chat_template",
+                    "applies to language-model recipes only; remove it".into(),
+                );
+            }
+            if t.trim().is_empty() {
+                return err(
+                    "chat_template",
+                    "is empty; remove it, or give the Jinja template that serving stacks format \
+                     chat requests with"
+                        .into(),
+                );
+            }
+        }
         let o = &self.optim;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return err(
@@ -375,6 +398,7 @@ impl Recipe {
             device: self.device.clone(),
             precision: self.precision,
             init_from: self.init_from.clone(),
+            chat_template: self.chat_template.clone(),
             model: model.clone(),
             data: self.data.clone(),
             optim: self.optim.clone(),

@@ -1524,3 +1524,22 @@ fn image_folder_keys() {
     let e = err(&base(), &["data.dataset=image-folder"]);
     assert_eq!(e.key, "data.dataset");
 }
+
+/// A language model's chat template is kept (and written back into the resolved recipe);
+/// elsewhere, or empty, it is refused at its line.
+#[test]
+fn chat_template_for_language_models_only() {
+    let t = r#"chat_template = '{% for m in messages %}{{ m["content"] }}{% endfor %}'"#;
+    let text = insert_after(&base(), r#"seed = 1"#, t);
+    let r = ok(&text, &[]);
+    assert_eq!(
+        r.chat_template.as_deref(),
+        Some(r#"{% for m in messages %}{{ m["content"] }}{% endfor %}"#)
+    );
+    let again = Recipe::parse(Path::new(FILE), &r.to_toml(&r.model), &[]).unwrap();
+    assert_eq!(again.chat_template, r.chat_template);
+    let empty = insert_after(&base(), r#"seed = 1"#, "chat_template = ' '");
+    file_error(&empty, 4, "chat_template", &["is empty"]);
+    let cls = insert_after(&base_classification(), r#"description = "mlp""#, t);
+    file_error(&cls, 2, "chat_template", &["language-model recipes only"]);
+}

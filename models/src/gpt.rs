@@ -228,6 +228,9 @@ impl HfConfig for GptConfig {
             "vocab_size": c.vocab_size,
             "n_positions": c.block_size,
             "n_ctx": c.block_size,
+            // GPT2Config maps this name onto n_positions; stacks that read the key directly
+            // (vLLM, TGI, TEI) find the context here.
+            "max_position_embeddings": c.block_size,
             "n_embd": c.n_embd,
             "n_layer": c.n_layer,
             "n_head": c.n_head,

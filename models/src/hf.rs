@@ -30,6 +30,8 @@ pub const TRAINING_KEYS: [&str; 6] = [
 pub struct SpecialTokens {
     pub bos: Option<u32>,
     pub eos: Option<u32>,
+    /// The id batches are padded with (BERT's `[PAD]`); None when the vocabulary has none.
+    pub pad: Option<u32>,
 }
 
 /// `config.json` for `cfg` (`torch_dtype` is the exported weights' dtype).
@@ -55,6 +57,7 @@ pub fn hf_config(cfg: &ModelConfig, dtype: DType, special: SpecialTokens) -> Res
     // Explicit nulls: GPT-2's config class would otherwise assume its own ids (50256).
     v["bos_token_id"] = special.bos.into();
     v["eos_token_id"] = special.eos.into();
+    v["pad_token_id"] = special.pad.into();
     Ok(v)
 }
 
@@ -254,32 +257,110 @@ pub struct Pretrained {
     source: PathBuf,
 }
 
-/// Reads `folder/model.safetensors` for `cfg`: names, shapes and the model's size are checked
-/// against the file before anything is built (see [`parse_pretrained`]).
+/// The weights file of an unsharded folder.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of a sharded folder: `weight_map` names each tensor's shard file.
+pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+
+/// Reads the weights of `folder` for `cfg` (`model.safetensors`, or the shards that
+/// `model.safetensors.index.json` names): names, shapes and the model's size are checked
+/// against them before anything is built (see [`parse_pretrained`]).
 pub fn read_pretrained(cfg: &ModelConfig, folder: &Path) -> Result<Pretrained> {
-    let file = folder.join("model.safetensors");
+    let file = folder.join(WEIGHTS_FILE);
+    let index = folder.join(WEIGHTS_INDEX);
+    if !file.exists() && index.is_file() {
+        let tensors = read_shards(&index)?;
+        return check_pretrained(cfg, tensors, &index);
+    }
     let bytes = std::fs::read(&file).with_context(|| {
         format!(
-            "cannot read {}; the folder needs the model's weights (sharded checkpoints are not \
-             supported)",
+            "cannot read {}; the folder needs the model's weights (model.safetensors, or \
+             {WEIGHTS_INDEX} and its shards)",
             file.display()
         )
     })?;
     parse_pretrained(cfg, &bytes, &file)
 }
 
+/// The tensors of a sharded checkpoint: every shard the index names, each holding the tensors
+/// the index puts there. A missing shard, or a tensor the index names that its shard lacks, is
+/// an error naming both files.
+pub fn read_shards(index: &Path) -> Result<HashMap<String, Tensor>> {
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", index.display()))?;
+    let map = v["weight_map"].as_object().with_context(|| {
+        format!(
+            "{} has no `weight_map` object (tensor name → shard file)",
+            index.display()
+        )
+    })?;
+    let mut by_shard: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (name, shard) in map {
+        let shard = shard.as_str().with_context(|| {
+            format!(
+                "{}: weight_map[{name:?}] is not a file name",
+                index.display()
+            )
+        })?;
+        anyhow::ensure!(
+            !shard.contains(['/', '\\']) && !shard.starts_with('.'),
+            "{}: weight_map[{name:?}] = {shard:?} is not a file name in the folder",
+            index.display()
+        );
+        by_shard.entry(shard).or_default().push(name);
+    }
+    let folder = index.parent().unwrap_or(Path::new("."));
+    let mut out = HashMap::new();
+    for (shard, names) in by_shard {
+        let file = folder.join(shard);
+        let bytes = std::fs::read(&file).with_context(|| {
+            format!(
+                "{} names the shard {}, which cannot be read; copy the whole folder",
+                index.display(),
+                file.display()
+            )
+        })?;
+        let mut tensors = load_safetensors(&bytes, &file)?;
+        for name in names {
+            let t = tensors.remove(name).with_context(|| {
+                format!(
+                    "{} maps {name} to {}, which lacks it; the index and the shards do not \
+                     belong together",
+                    index.display(),
+                    file.display()
+                )
+            })?;
+            out.insert(name.to_string(), t);
+        }
+    }
+    Ok(out)
+}
+
+fn load_safetensors(bytes: &[u8], source: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+        let e = crate::without_backtrace(e);
+        anyhow::anyhow!(
+            "cannot load {}: {e}; the file is corrupt or not safetensors",
+            source.display()
+        )
+    })
+}
+
 /// [`read_pretrained`] on the bytes of the file `source`: its tensors under kiln's names, each
 /// the shape `cfg`'s model gives it. A config asking for more parameters than the file can
 /// supply (beyond a fresh head or adapters) is refused before any is allocated.
 pub fn parse_pretrained(cfg: &ModelConfig, bytes: &[u8], source: &Path) -> Result<Pretrained> {
-    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
-        let e = crate::without_backtrace(e);
-        anyhow::anyhow!(
-            "cannot load {}: {e}; the file is corrupt or not safetensors (sharded checkpoints \
-             are not supported)",
-            source.display()
-        )
-    })?;
+    check_pretrained(cfg, load_safetensors(bytes, source)?, source)
+}
+
+/// [`parse_pretrained`] on tensors already read from `source`.
+fn check_pretrained(
+    cfg: &ModelConfig,
+    tensors: HashMap<String, Tensor>,
+    source: &Path,
+) -> Result<Pretrained> {
     let present: usize = tensors.values().map(Tensor::elem_count).sum();
     let budget = crate::Budget {
         elements: present.saturating_mul(2).saturating_add(FRESH_ELEMENTS),

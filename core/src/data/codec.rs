@@ -67,9 +67,14 @@ impl Codec {
 
     /// Whether the vocabulary has this (special) token.
     pub fn has_token(&self, token: &str) -> bool {
+        self.token_id(token).is_some()
+    }
+
+    /// The id of this (special) token, when the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
         match self {
-            Codec::Chars(_) => false,
-            Codec::Tokenizer(t) => t.token_to_id(token).is_some(),
+            Codec::Chars(_) => None,
+            Codec::Tokenizer(t) => t.token_to_id(token),
         }
     }
 
