@@ -9,9 +9,18 @@ pub fn at(path: &Path) -> impl Fn(std::io::Error) -> std::io::Error + '_ {
     move |e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
-/// Replaces `path` with `bytes` via a synced temporary file and a rename.
+/// Replaces `path` with `bytes` via a synced temporary file and a rename. The temporary file is
+/// this write's own (process id and a counter), so writers racing for one path (the ranks of a
+/// job filling the token cache) each rename a whole file, and the last one wins.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(
+        ".{}.{}-{n}.tmp",
+        name.unwrap_or_default(),
+        std::process::id()
+    ));
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp).map_err(at(&tmp))?;
@@ -66,4 +75,30 @@ pub fn ensure_not_same_file(input: &Path, output: &Path, what: &str) -> anyhow::
         output.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn racing_atomic_writes_each_land_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.bin");
+        let payloads: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 1 << 16]).collect();
+        std::thread::scope(|s| {
+            for p in &payloads {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..10 {
+                        write_atomic(path, p).unwrap();
+                    }
+                });
+            }
+        });
+        let got = std::fs::read(&path).unwrap();
+        assert!(payloads.contains(&got), "one writer's bytes, whole");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file stays");
+    }
 }

@@ -432,13 +432,32 @@ pub fn read_texts(dir: &Path) -> Result<BTreeMap<String, Vec<(u64, String)>>> {
 /// to keep only its file-version event and its events at steps up to `step`, and drops a torn
 /// tail. The resumed run writes the later steps again, into a new file.
 pub fn truncate_after(dir: &Path, step: u64) -> Result<()> {
+    retain(dir, |s, _| s <= step)
+}
+
+/// For a resume from the final checkpoint at `step`, whose final evaluation runs again: drops
+/// the events at `step` that hold only `eval/` and `test/` values.
+pub fn drop_evaluation_at(dir: &Path, step: u64) -> Result<()> {
+    retain(dir, |s, tags| {
+        s != step || !tags.iter().all(|t| is_evaluation(t))
+    })
+}
+
+/// Whether a metric comes from an evaluation (`eval/…`, `test/…`), not from training.
+pub fn is_evaluation(tag: &str) -> bool {
+    tag.starts_with("eval/") || tag.starts_with("test/")
+}
+
+/// Rewrites each event file in `dir` (atomically) to hold its file-version event and the events
+/// for which `keep(step, tags)` holds, without a torn tail.
+fn retain(dir: &Path, keep: impl Fn(u64, &[&str]) -> bool) -> Result<()> {
     // A rewrite interrupted before its rename leaves a temporary file: the original is intact.
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             let p = entry.path();
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with(FILE_PREFIX) && name.ends_with(".tmp") {
+            if name.trim_start_matches('.').starts_with(FILE_PREFIX) && name.ends_with(".tmp") {
                 std::fs::remove_file(&p).map_err(at(&p))?;
             }
         }
@@ -450,8 +469,9 @@ pub fn truncate_after(dir: &Path, step: u64) -> Result<()> {
         let kept: Vec<u8> = records
             .iter()
             .filter(|r| {
+                let tags: Vec<&str> = r.event.values().iter().map(|v| v.tag.as_str()).collect();
                 matches!(r.event.what, Some(event::What::FileVersion(_)))
-                    || u64::try_from(r.event.step).is_ok_and(|s| s <= step)
+                    || u64::try_from(r.event.step).is_ok_and(|s| keep(s, &tags))
             })
             .flat_map(|r| r.bytes.iter().copied())
             .collect();
