@@ -612,7 +612,13 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                 print!("{}", runs::diff(a, b)?);
                 return Ok(None);
             }
-            let mut list = runs::list(&dir)?;
+            let runs::Listing {
+                runs: mut list,
+                unreadable,
+            } = runs::list(&dir)?;
+            for (d, e) in &unreadable {
+                eprintln!("warning: skipped {}: {e:#}", d.display());
+            }
             if let Some(m) = sort {
                 runs::sort(&mut list, &m)?;
             }

@@ -7,7 +7,7 @@ use crate::history::History;
 use crate::plot::{self, PlotOptions};
 use crate::progress::{duration, metric, thousands};
 use crate::runs::RunInfo;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -283,18 +283,55 @@ fn read_optional<T: serde::de::DeserializeOwned>(p: &Path) -> Result<Option<T>> 
     }
 }
 
+/// Above this many classes the page lists the most frequent confusions instead of the matrix
+/// (whose n² cells would make the page megabytes).
+const MATRIX_CLASSES: usize = 100;
+/// How many confusions that list shows.
+const TOP_CONFUSIONS: usize = 25;
+
 /// Rows are the true classes, columns the predictions; a cell's shade is its share of the row.
 fn confusion_table(w: &mut String, c: &Confusion) -> Result<()> {
     let n = c.matrix.len();
+    if let Some((i, row)) = c.matrix.iter().enumerate().find(|(_, r)| r.len() != n) {
+        bail!(
+            "{CONFUSION_FILE} is damaged: the {} matrix has {n} rows, but row {i} has {} \
+             entries; `kiln eval RUN` recomputes the metrics",
+            c.split,
+            row.len()
+        );
+    }
     let label = |i: usize| c.labels.get(i).cloned().unwrap_or_else(|| i.to_string());
     let total: u64 = c.matrix.iter().flatten().sum();
     let correct: u64 = (0..n).map(|i| c.matrix[i][i]).sum();
     writeln!(
         w,
         "<h2>Confusion matrix ({} split)</h2><p class=\"sub\">rows: true class, columns: \
-         predicted; {correct} of {total} correct</p><table class=\"cm\"><tr><th></th>",
+         predicted; {correct} of {total} correct</p>",
         escape(&c.split)
     )?;
+    if n > MATRIX_CLASSES {
+        let mut pairs: Vec<(u64, usize, usize)> = (c.matrix.iter().enumerate())
+            .flat_map(|(i, row)| row.iter().enumerate().map(move |(j, &v)| (v, i, j)))
+            .filter(|&(v, i, j)| i != j && v > 0)
+            .collect();
+        pairs.sort_by(|a, b| b.0.cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+        writeln!(
+            w,
+            "<p>{n} classes: the {TOP_CONFUSIONS} most frequent confusions</p>\
+             <table class=\"cm\"><tr><th>true class</th><th>predicted</th><th>count</th></tr>"
+        )?;
+        for (v, i, j) in pairs.into_iter().take(TOP_CONFUSIONS) {
+            writeln!(
+                w,
+                "<tr><td>{}</td><td>{}</td><td>{v}</td></tr>",
+                escape(&label(i)),
+                escape(&label(j))
+            )?;
+        }
+        writeln!(w, "</table>")?;
+        return Ok(());
+    }
+    writeln!(w, "<table class=\"cm\"><tr><th></th>")?;
     // Many classes: number the columns, name the rows.
     let wide = n > 12;
     for j in 0..n {
@@ -402,5 +439,38 @@ mod tests {
         );
         let png = std::fs::read(d.join("plots/eval_accuracy.png")).unwrap();
         assert_eq!(&png[1..4], b"PNG");
+    }
+
+    #[test]
+    fn confusion_of_many_classes_lists_the_top_ones_and_a_damaged_one_is_named() {
+        let n = MATRIX_CLASSES + 1;
+        let mut matrix = vec![vec![0u64; n]; n];
+        for (i, row) in matrix.iter_mut().enumerate() {
+            row[i] = 5;
+        }
+        matrix[7][3] = 9;
+        matrix[2][50] = 4;
+        let c = Confusion {
+            split: "test".into(),
+            labels: (0..n).map(|i| format!("class{i}")).collect(),
+            matrix,
+        };
+        let mut html = String::new();
+        confusion_table(&mut html, &c).unwrap();
+        assert!(html.len() < 10_000, "{} bytes", html.len());
+        let first = html
+            .find("<td>class7</td><td>class3</td><td>9</td>")
+            .unwrap();
+        let second = html
+            .find("<td>class2</td><td>class50</td><td>4</td>")
+            .unwrap();
+        assert!(first < second, "most frequent first");
+        let damaged = Confusion {
+            split: "eval".into(),
+            labels: vec![],
+            matrix: vec![vec![1, 2], vec![3]],
+        };
+        let err = confusion_table(&mut String::new(), &damaged).unwrap_err();
+        assert!(err.to_string().contains("row 1 has 1 entries"), "{err}");
     }
 }

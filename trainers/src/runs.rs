@@ -189,9 +189,16 @@ fn best_values(h: &History) -> BTreeMap<String, f64> {
     best
 }
 
+/// What [`list`] found: the runs it could read, and the folders it could not, with why (one
+/// damaged run does not hide the others).
+pub struct Listing {
+    pub runs: Vec<RunInfo>,
+    pub unreadable: Vec<(PathBuf, anyhow::Error)>,
+}
+
 /// Every run directory directly inside `root`, oldest first (folders without a recipe.toml are
 /// not runs and are passed over).
-pub fn list(root: &Path) -> Result<Vec<RunInfo>> {
+pub fn list(root: &Path) -> Result<Listing> {
     if !root.is_dir() {
         bail!(
             "{} is not a folder of runs; `kiln train` writes its runs to runs/ by default, or \
@@ -206,11 +213,21 @@ pub fn list(root: &Path) -> Result<Vec<RunInfo>> {
         .filter(|p| p.join("recipe.toml").is_file())
         .collect();
     dirs.sort();
-    dirs.iter().map(|d| RunInfo::read(d)).collect()
+    let mut listing = Listing {
+        runs: Vec::new(),
+        unreadable: Vec::new(),
+    };
+    for d in dirs {
+        match RunInfo::read(&d) {
+            Ok(r) => listing.runs.push(r),
+            Err(e) => listing.unreadable.push((d, e)),
+        }
+    }
+    Ok(listing)
 }
 
 /// Orders runs by the final value of `metric`, best first (by its direction); runs without it
-/// last. An unknown metric is refused with the ones the runs have.
+/// (or with NaN) last. An unknown metric is refused with the ones the runs have.
 pub fn sort(runs: &mut [RunInfo], metric: &str) -> Result<()> {
     let known: std::collections::BTreeSet<&String> =
         runs.iter().flat_map(|r| r.last.keys()).collect();
@@ -222,11 +239,13 @@ pub fn sort(runs: &mut [RunInfo], metric: &str) -> Result<()> {
         );
     }
     let up = higher_is_better(metric);
+    // A NaN (a diverged run) sorts with the runs that lack the metric.
+    let value = |r: &RunInfo| r.last.get(metric).copied().filter(|v| !v.is_nan());
     runs.sort_by(|a, b| {
-        let (x, y) = (a.last.get(metric), b.last.get(metric));
+        let (x, y) = (value(a), value(b));
         match (x, y) {
-            (Some(x), Some(y)) if up => y.total_cmp(x),
-            (Some(x), Some(y)) => x.total_cmp(y),
+            (Some(x), Some(y)) if up => y.total_cmp(&x),
+            (Some(x), Some(y)) => x.total_cmp(&y),
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
             (None, None) => std::cmp::Ordering::Equal,
@@ -431,8 +450,23 @@ mod tests {
         fake_run(root.path(), "a", 2.0, true);
         fake_run(root.path(), "b", 1.0, false);
         std::fs::create_dir(root.path().join("not-a-run")).unwrap();
-        let mut runs = list(root.path()).unwrap();
+        // A damaged run is reported, and the others are still listed.
+        let broken = fake_run(root.path(), "c", 0.5, true);
+        std::fs::write(broken.join("recipe.toml"), "name = [").unwrap();
+        let listing = list(root.path()).unwrap();
+        assert_eq!(listing.unreadable.len(), 1);
+        assert_eq!(listing.unreadable[0].0, broken);
+        assert!(format!("{:#}", listing.unreadable[0].1).contains("not valid TOML"));
+        let mut runs = listing.runs;
         assert_eq!(runs.len(), 2);
+        sort(&mut runs, "eval/loss").unwrap();
+        assert_eq!(runs[0].name, "b");
+        // A diverged run's NaN sorts last, not first.
+        runs[0].last.insert("eval/loss".into(), f64::NAN);
+        sort(&mut runs, "eval/loss").unwrap();
+        assert_eq!(runs[0].name, "a");
+        sort(&mut runs, "eval/loss").unwrap();
+        runs[1].last.insert("eval/loss".into(), 1.0);
         sort(&mut runs, "eval/loss").unwrap();
         assert_eq!(runs[0].name, "b");
         let t = table(&runs);
