@@ -395,12 +395,16 @@ fn compare_metrics(run_dir: &Path, rerun_dir: &Path, step: usize) -> Check {
         (Err(e), _) | (_, Err(e)) => return Check::fail("metrics", format!("{e:#}")),
     };
     let show = |v: Option<&serde_json::Value>| v.map_or("absent".to_string(), |v| v.to_string());
+    // Keys the re-run logs and the run does not: added by a newer kiln, not a difference.
+    let mut added: BTreeSet<&String> = BTreeSet::new();
     for (x, y) in a.iter().zip(&b) {
         if x == y {
             continue;
         }
+        added.extend(y.keys().filter(|k| !x.contains_key(*k)));
         let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-        if let Some(k) = keys.into_iter().find(|k| x.get(*k) != y.get(*k)) {
+        let differs = |k: &&String| x.contains_key(*k) && x.get(*k) != y.get(*k);
+        if let Some(k) = keys.into_iter().find(differs) {
             return Check::fail(
                 "metrics",
                 format!(
@@ -422,10 +426,17 @@ fn compare_metrics(run_dir: &Path, rerun_dir: &Path, step: usize) -> Check {
             ),
         );
     }
+    let added = match added.is_empty() {
+        true => String::new(),
+        false => format!(
+            "; the re-run also logs {}, which this run's kiln did not",
+            added.into_iter().cloned().collect::<Vec<_>>().join(", ")
+        ),
+    };
     Check::pass(
         "metrics",
         format!(
-            "identical up to step {step} ({} lines, {} aside)",
+            "identical up to step {step} ({} lines, {} aside){added}",
             a.len(),
             TIMING_KEYS.join(", ")
         ),
@@ -696,6 +707,41 @@ mod tests {
                 "data: b.txt is missing (relative paths are read from the current directory)",
                 "data: c.txt is read by the re-run but was not by the run",
             ]
+        );
+    }
+
+    #[test]
+    fn metrics_compare_what_the_run_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("metrics.jsonl"), text).unwrap();
+            d
+        };
+        // An older kiln's run; the re-run logs `tokens` too, and its own timings.
+        let old = write("old", "{\"step\":5,\"train/loss\":2.5,\"seconds\":1.0}\n");
+        let new = write(
+            "new",
+            "{\"step\":5,\"train/loss\":2.5,\"tokens\":640,\"seconds\":0.7}\n",
+        );
+        let c = compare_metrics(&old, &new, 5);
+        assert!(c.ok, "{c}");
+        assert!(c.text.contains("also logs tokens"), "{c}");
+        // A value that changed, or a key the re-run lost, is a difference.
+        let changed = write(
+            "changed",
+            "{\"step\":5,\"train/loss\":2.6,\"tokens\":640}\n",
+        );
+        let c = compare_metrics(&old, &changed, 5);
+        assert!(
+            !c.ok && c.text.contains("train/loss is 2.5 in the run, 2.6"),
+            "{c}"
+        );
+        let c = compare_metrics(&new, &old, 5);
+        assert!(
+            !c.ok && c.text.contains("tokens is 640 in the run, absent"),
+            "{c}"
         );
     }
 }
