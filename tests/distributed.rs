@@ -351,3 +351,105 @@ fn two_ranks_fine_tune_minilm_as_one_process_does() {
     ok(&run(mpi_train(2, &recipe, &d.join("job"), &[])));
     assert_same_training(&d.join("single"), &d.join("job"), 8, "MiniLM on BANKING77");
 }
+
+/// BatchNorm normalizes with each rank's own slice of the batch, so its running statistics move
+/// apart; after every step they are averaged over the ranks. Every rank then holds the model rank
+/// 0 saves: the job's sharded final evaluation equals one process evaluating its checkpoint.
+#[cfg(feature = "distributed")]
+#[test]
+fn batch_norm_statistics_agree_across_ranks() {
+    if mpirun().is_none() {
+        return;
+    }
+    let (dir, recipe) = mlp_fixture("max_steps = 30\neval_every = 0\ncheckpoint_every = 30");
+    let d = dir.path();
+    let text = std::fs::read_to_string(&recipe).unwrap().replace(
+        "kind = \"mlp\"\nhidden = [32]",
+        "kind = \"resnet\"\nstem = \"small\"\nembedding_size = 4\nhidden_sizes = [4, 8]\n\
+         depths = [1, 1]\nlayer_type = \"basic\"",
+    );
+    assert!(text.contains("resnet"));
+    std::fs::write(&recipe, text).unwrap();
+    let job = d.join("job");
+    ok(&run(mpi_train(2, &recipe, &job, &[])));
+
+    let weights = kiln::core::checkpoint::load_tensors(
+        &job.join("checkpoints/step-30")
+            .join(kiln::core::checkpoint::MODEL_FILE),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mean = &weights["resnet.embedder.embedder.normalization.running_mean"];
+    let moved = mean
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 0.0, "the running mean was updated");
+
+    let single: serde_json::Value = serde_json::from_str(&ok(&kiln(
+        &["eval", job.to_str().unwrap(), "--device", "cpu"],
+        d,
+    )))
+    .unwrap();
+    let sharded = summary(&job)["final"].clone();
+    for key in ["eval/loss", "eval/accuracy"] {
+        let (a, b) = (
+            single[key].as_f64().unwrap(),
+            sharded[key].as_f64().unwrap(),
+        );
+        println!("{key}: 1 process on the checkpoint {a}, 2 ranks' sharded evaluation {b}");
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1e-3),
+            "{key}: {a} vs {b}"
+        );
+    }
+}
+
+/// With dropout, each rank draws masks from its own stream, and ranks with fewer rows (8 rows
+/// over 3 ranks: 3 + 3 + 2) draw fewer words: a checkpoint keeps every rank's position, so a job
+/// stopped and resumed with as many ranks ends byte for byte where the uninterrupted job does.
+#[cfg(feature = "distributed")]
+#[test]
+fn a_resumed_job_continues_every_ranks_dropout_stream() {
+    if mpirun().is_none() {
+        return;
+    }
+    let (dir, recipe) = tiny_gpt_fixture("");
+    let d = dir.path();
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("n_embd = 32", "n_embd = 32\ndropout = 0.1");
+    std::fs::write(&recipe, text).unwrap();
+    // A constant learning rate: the first half's schedule must not depend on max_steps.
+    let mut full = GENTLE.to_vec();
+    full.extend(["--set", "schedule.name=constant"]);
+    let mut first_half = full.clone();
+    first_half.extend(["--set", "trainer.max_steps=10"]);
+    ok(&run(mpi_train(3, &recipe, &d.join("full"), &full)));
+    let job = d.join("job");
+    ok(&run(mpi_train(3, &recipe, &job, &first_half)));
+    let state = read_json(&job.join("checkpoints/step-10/trainer_state.json"));
+    let others = state["dropout_rng_other_ranks"].as_array().unwrap();
+    assert_eq!(others.len(), 2, "{state}");
+    assert_ne!(
+        others[1], state["dropout_rng_position"],
+        "the rank with fewer rows drew fewer words"
+    );
+    let mut resume = Command::new("mpirun");
+    resume
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3"])
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", "--resume", job.to_str().unwrap(), "--quiet"])
+        .args(["--set", "trainer.max_steps=20"])
+        .current_dir(d);
+    ok(&run(resume));
+    let weights =
+        |r: &Path| std::fs::read(r.join("checkpoints/step-20/model.safetensors")).unwrap();
+    assert!(
+        weights(&job) == weights(&d.join("full")),
+        "the resumed job's weights differ from the uninterrupted job's"
+    );
+}

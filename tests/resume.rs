@@ -188,6 +188,14 @@ fn a_stop_at_the_last_step_or_during_an_evaluation_loses_no_step() {
         summary(&full)["final"]["eval/loss"]
     );
 
+    // Killed after the final evaluation's line, before summary.json: the resume evaluates
+    // again and logs it once (and TensorBoard holds it once).
+    std::fs::remove_file(run.join("summary.json")).unwrap();
+    assert_eq!(resume(&run, &[], &o).unwrap().interrupted, None);
+    assert_eq!(metrics_without_timing(&run), metrics_without_timing(&full));
+    let tb = kiln::core::tensorboard::read_scalars(&run.join("tb")).unwrap();
+    assert_eq!(tb["eval/loss"].len(), 1, "{:?}", tb["eval/loss"]);
+
     // During a periodic evaluation (every step here): it gives up at the next batch, and the
     // step is checkpointed.
     let r = Recipe::load(

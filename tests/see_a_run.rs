@@ -126,6 +126,18 @@ fn kiln_runs_tells_running_stopped_crashed_and_finished_apart() {
     child.wait().unwrap();
     assert_eq!(status_of(&root, "long")["status"], "stopped");
 
+    // A resume refused (its data is gone) leaves the run stopped.
+    let text = dir.path().join("tiny.txt");
+    let moved = dir.path().join("moved.txt");
+    std::fs::rename(&text, &moved).unwrap();
+    let o = kiln(
+        &["train", "--resume", run.to_str().unwrap(), "--quiet"],
+        dir.path(),
+    );
+    assert!(!o.status.success());
+    assert_eq!(status_of(&root, "long")["status"], "stopped");
+    std::fs::rename(&moved, &text).unwrap();
+
     // Resumed, then SIGKILL: the process died.
     let mut resumed = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["train", "--resume", run.to_str().unwrap(), "--quiet"])

@@ -73,7 +73,7 @@ pub struct RunDir {
     /// An exclusive lock on `RUN/.lock` while this process writes the run: a second `kiln train
     /// --resume` of the same run would interleave checkpoints and metric lines. `None` on a
     /// data-parallel rank other than 0, which writes nothing.
-    _lock: Option<std::fs::File>,
+    lock_file: Option<std::fs::File>,
 }
 
 /// A new run that fails before it starts (bad data, a model that does not fit, a missing
@@ -130,7 +130,18 @@ fn lock(run: &Path) -> Result<std::fs::File> {
         .read(true)
         .open(&p)
         .map_err(at(&p))?;
-    match f.try_lock() {
+    // `kiln runs` probes the lock with a shared lock it drops at once: wait out such a probe.
+    let mut tries = 0;
+    let locked = loop {
+        match f.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            other => break other,
+        }
+    };
+    match locked {
         Ok(()) => {
             // The pid, for `kiln runs`: which process is training the run.
             f.set_len(0)
@@ -155,7 +166,9 @@ pub fn lock_holder(run: &Path) -> Option<Option<u32>> {
     let f = std::fs::File::open(&p).ok()?;
     match f.try_lock_shared() {
         Ok(()) => None,
-        Err(_) => Some(
+        // Locks unsupported here (some network file systems): say nothing rather than "running".
+        Err(std::fs::TryLockError::Error(_)) => None,
+        Err(std::fs::TryLockError::WouldBlock) => Some(
             std::fs::read_to_string(&p)
                 .ok()
                 .and_then(|t| t.trim().parse().ok()),
@@ -209,7 +222,7 @@ impl RunDir {
         std::fs::create_dir_all(&path)
             .with_context(|| format!("creating the run directory {}", path.display()))?;
         Ok(RunDir {
-            _lock: Some(lock(&path)?),
+            lock_file: Some(lock(&path)?),
             path,
             started: Instant::now(),
             fresh: Some(created),
@@ -217,20 +230,22 @@ impl RunDir {
     }
 
     /// The run has started (its first step may run): from here on a failure keeps the
-    /// directory, whose checkpoints and metrics are worth keeping.
-    pub fn keep(&mut self) {
+    /// directory, whose checkpoints and metrics are worth keeping. A resumed run is no longer
+    /// stopped (a resume refused before this point leaves it marked stopped).
+    pub fn keep(&mut self) -> Result<()> {
         self.fresh = None;
+        let stopped = self.path.join(STOPPED_FILE);
+        if self.lock_file.is_some() && stopped.exists() {
+            std::fs::remove_file(&stopped).map_err(at(&stopped))?;
+        }
+        Ok(())
     }
 
     /// Reopens a run to resume it after `step`: metric lines and TensorBoard events written
     /// after that step (by the attempt that did not reach its next checkpoint) are dropped, as
-    /// they will be written again.
+    /// they will be written again. Its `stopped.json` goes once training starts ([`Self::keep`]).
     pub fn reopen(path: &Path, step: usize) -> Result<Self> {
         let lock = lock(path)?;
-        let stopped = path.join(STOPPED_FILE);
-        if stopped.exists() {
-            std::fs::remove_file(&stopped).map_err(at(&stopped))?;
-        }
         let metrics = path.join("metrics.jsonl");
         if metrics.exists() {
             let text = std::fs::read_to_string(&metrics).map_err(at(&metrics))?;
@@ -251,8 +266,36 @@ impl RunDir {
             path: path.to_path_buf(),
             started: Instant::now(),
             fresh: None,
-            _lock: Some(lock),
+            lock_file: Some(lock),
         })
+    }
+
+    /// Forgets the final evaluation logged at `step` (metric lines and TensorBoard events of
+    /// `eval/` and `test/` values only): a run resumed from its final checkpoint evaluates again,
+    /// and must not log the same evaluation twice.
+    pub fn forget_evaluation_at(&self, step: usize) -> Result<()> {
+        let metrics = self.path.join("metrics.jsonl");
+        if metrics.exists() {
+            let text = std::fs::read_to_string(&metrics).map_err(at(&metrics))?;
+            let evaluation_at_step = |l: &str| {
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(l)
+                    .ok()
+                    .is_some_and(|m| {
+                        m.get("step").and_then(|s| s.as_u64()) == Some(step as u64)
+                            && m.keys()
+                                .filter(|k| *k != "step")
+                                .all(|k| kiln_core::tensorboard::is_evaluation(k))
+                    })
+            };
+            let kept: String = (text.lines())
+                .filter(|l| !evaluation_at_step(l))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if kept.len() != text.len() {
+                write_atomic(&metrics, kept.as_bytes())?;
+            }
+        }
+        kiln_core::tensorboard::drop_evaluation_at(&self.path.join(TB_DIR), step as u64)
     }
 
     /// The run directory as a data-parallel rank other than 0 sees it: read, never written (rank
@@ -262,7 +305,7 @@ impl RunDir {
             path: path.to_path_buf(),
             started: Instant::now(),
             fresh: None,
-            _lock: None,
+            lock_file: None,
         }
     }
 

@@ -89,6 +89,11 @@ pub struct Shard<'a> {
     /// the ranks). Each rank's loss is a mean over its examples, so weighting by the share makes
     /// the summed gradient the global batch's mean, also when the shares differ.
     pub shares: &'a [f64],
+    /// BatchNorm's running statistics: each rank's forward moved them towards its own slice's
+    /// statistics, so after the step they become the share-weighted mean over the ranks (as the
+    /// statistics of the whole batch would have moved them, up to the variance between slices),
+    /// and every rank evaluates and saves the same model.
+    pub running_stats: &'a [Param],
 }
 
 /// [`train_step`] on one rank's slices of the global micro-batches: the gradients (and the loss)
@@ -159,6 +164,8 @@ pub fn train_step_sharded(
         s.world.sum_f64(&mut total)?;
         loss_sum = total[0];
         all_reduce(s.world, &mut grads)?;
+        let share = s.shares.iter().sum::<f64>() / batches.len() as f64;
+        average_running_stats(s.world, s.running_stats, share)?;
         times.all_reduce = clock.elapsed().as_secs_f64();
         times.backward += lap(&mut clock);
         if !loss_sum.is_finite() {
@@ -245,6 +252,31 @@ fn all_reduce(world: &World, grads: &mut [Option<Tensor>]) -> Result<()> {
             offset += len;
         }
         start = end;
+    }
+    Ok(())
+}
+
+/// Sets every rank's `stats` to their sum over the ranks weighted by `share` (this rank's part
+/// of the step's examples; the shares sum to 1), in place: the model reads them through shared
+/// storage.
+fn average_running_stats(world: &World, stats: &[Param], share: f64) -> Result<()> {
+    if stats.is_empty() {
+        return Ok(());
+    }
+    let mut flat = Vec::new();
+    for p in stats {
+        let t = p.var.as_tensor().to_dtype(DType::F64)?.flatten_all()?;
+        flat.extend(t.to_vec1::<f64>()?.into_iter().map(|x| x * share));
+    }
+    world.sum_f64(&mut flat)?;
+    let mut offset = 0;
+    for p in stats {
+        let t = p.var.as_tensor();
+        let len = t.elem_count();
+        let mean = Tensor::from_slice(&flat[offset..offset + len], t.shape(), t.device())?
+            .to_dtype(t.dtype())?;
+        p.var.set(&mean)?;
+        offset += len;
     }
     Ok(())
 }

@@ -78,6 +78,9 @@ pub struct TrainerState {
     pub optimizer_steps: u64,
     /// Words drawn from the dropout generator (decimal: JSON numbers cannot hold a u128).
     pub dropout_rng_position: String,
+    /// In a data-parallel job, the same for ranks 1, 2, … (each masks with its own stream).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropout_rng_other_ranks: Vec<String>,
     pub tracker: Tracker,
     /// The partly filled log window (its mean is logged at the next log step).
     pub window: Window,
@@ -219,6 +222,9 @@ struct Training<'a> {
     varmap: VarMap,
     model: Box<dyn Model>,
     params: Vec<Param>,
+    /// BatchNorm's running means and variances, averaged over the ranks after each step of a
+    /// data-parallel job.
+    running_stats: Vec<Param>,
     n_params: usize,
     optimizer: Box<dyn Optimizer>,
     dropout_rng: SharedRng,
@@ -294,6 +300,10 @@ impl<'a> Training<'a> {
             ));
         }
         let params = params_of(&varmap, &model_cfg);
+        // The batch count is the same on every rank; the statistics are not.
+        let running_stats = params_where(&varmap, |n| {
+            model_cfg.is_buffer(n) && !n.ends_with(".num_batches_tracked")
+        });
         let n_params: usize = params_where(&varmap, |_| true)
             .iter()
             .map(|p| p.var.elem_count())
@@ -323,9 +333,15 @@ impl<'a> Training<'a> {
                 optim::check_state(&moments, &params)
                     .with_context(|| format!("{} does not fit the model", file.display()))?;
                 optimizer.load_state(moments, state.optimizer_steps)?;
+                // Rank r > 0 continues its own stream when the checkpoint has it (a job resumed
+                // with as many ranks or fewer); otherwise it starts where rank 0 stands.
+                let position = match world.rank() {
+                    0 => None,
+                    r => state.dropout_rng_other_ranks.get(r - 1),
+                };
                 dropout_rng.set_position(
-                    state
-                        .dropout_rng_position
+                    position
+                        .unwrap_or(&state.dropout_rng_position)
                         .parse()
                         .context("trainer_state.json: bad dropout_rng_position")?,
                 );
@@ -351,6 +367,11 @@ impl<'a> Training<'a> {
         };
         let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr, total_steps);
         let items_per_example = data.train.items_per_example();
+        // Resumed from the final checkpoint: the final evaluation runs again (before the log
+        // opens the file).
+        if state.step == total_steps && world.is_main() {
+            run.forget_evaluation_at(total_steps)?;
+        }
         let log = match world.is_main() {
             true => Some(
                 MetricsLog::create(&run.path.join("metrics.jsonl"))?
@@ -370,6 +391,7 @@ impl<'a> Training<'a> {
             varmap,
             model,
             params,
+            running_stats,
             n_params,
             optimizer,
             dropout_rng,
@@ -388,7 +410,7 @@ impl<'a> Training<'a> {
             all_reduce: (0.0, 0),
         };
         training.announce()?;
-        training.run.keep();
+        training.run.keep()?;
         training.record_recipe()?;
         Ok(training)
     }
@@ -507,6 +529,7 @@ impl<'a> Training<'a> {
         let shard = (self.world.size() > 1).then(|| crate::step::Shard {
             world: &self.world,
             shares,
+            running_stats: &self.running_stats,
         });
         let out = crate::step::train_step_sharded(
             self.model.as_ref(),
@@ -673,6 +696,15 @@ impl<'a> Training<'a> {
     fn save_checkpoint(&mut self, step: usize) -> Result<PathBuf> {
         self.state.optimizer_steps = self.optimizer.steps();
         self.state.dropout_rng_position = self.dropout_rng.position().to_string();
+        if self.world.size() > 1 {
+            // Every rank's position, gathered: each fills its own slot.
+            let mut positions = vec![0u64; self.world.size()];
+            positions[self.world.rank()] = self.dropout_rng.position();
+            self.world.max_u64(&mut positions)?;
+            self.state.dropout_rng_position = positions[0].to_string();
+            self.state.dropout_rng_other_ranks =
+                positions[1..].iter().map(u64::to_string).collect();
+        }
         if !self.world.is_main() {
             // Rank 0 writes it; the others name it in messages.
             let name = checkpoint::step_dir_name(step);
