@@ -313,8 +313,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// Names the BLAS that `KILN_BLAS` loaded (when `name_it`), and warns when it runs generic
+/// kernels.
+fn announce_blas(name: Option<&str>, name_it: bool) {
+    let Some(name) = name else { return };
+    if name_it {
+        eprintln!("CPU matmul: {name}");
+    }
+    if name.contains("Prescott") && std::env::var_os("OPENBLAS_CORETYPE").is_none() {
+        eprintln!(
+            "warning: this OpenBLAS did not recognize the CPU and runs generic kernels, slower \
+             than kiln's own; set OPENBLAS_CORETYPE=SkylakeX (AVX-512) or Haswell (AVX2), or \
+             unset KILN_BLAS"
+        );
+    }
+}
+
 /// Ok(Some(signal)) when training stopped early on a signal.
 fn run(cli: Cli) -> Result<Option<usize>> {
+    // KILN_BLAS=openblas: refused up front when the library does not load; `kiln bench` names
+    // it, and training warns when it runs generic kernels.
+    let blas = kiln::kernels::blas::init().map_err(anyhow::Error::msg)?;
+    match &cli.command {
+        Command::Bench { .. } => announce_blas(blas.as_deref(), true),
+        Command::Train { .. } => announce_blas(blas.as_deref(), false),
+        _ => {}
+    }
     match cli.command {
         Command::Train {
             recipe,

@@ -380,14 +380,8 @@ fn batch_norm_statistics_agree_across_ranks() {
     )
     .unwrap();
     let mean = &weights["resnet.embedder.embedder.normalization.running_mean"];
-    let moved = mean
-        .abs()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(moved > 0.0, "the running mean was updated");
+    let moved = mean.to_vec1::<f32>().unwrap().iter().any(|v| *v != 0.0);
+    assert!(moved, "the running mean was updated");
 
     let single: serde_json::Value = serde_json::from_str(&ok(&kiln(
         &["eval", job.to_str().unwrap(), "--device", "cpu"],

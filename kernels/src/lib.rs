@@ -9,6 +9,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod batch_norm;
+pub mod blas;
 pub mod checkpoint;
 pub mod compare;
 pub mod conv2d;

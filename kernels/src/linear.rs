@@ -11,6 +11,7 @@
 //! b and y; its backward computes dx = dy·Wᵀ, dW = xᵀ·dy and db = Σ dy, each only for an
 //! input that needs it, casting x again rather than keeping it twice.
 
+use crate::gemm::{all_threads, matmul, mm, view};
 use crate::profile::{timed, Pass};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -102,6 +103,53 @@ impl Linear {
         Ok((y, Shape::from((m, n))))
     }
 
+    /// The f32 CPU forward on the BLAS, when one is active ([`crate::blas`]) and no cast is
+    /// needed; `None` otherwise (the backend's matmul then runs it).
+    fn blas_forward(
+        self,
+        (x, xl): (&CpuStorage, &Layout),
+        (w, wl): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<Option<(CpuStorage, Shape)>> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (x, w) else {
+            return Ok(None);
+        };
+        if crate::blas::active().is_none() || self.compute != DType::F32 {
+            return Ok(None);
+        }
+        let (m, k) = xl.shape().dims2()?;
+        let (rows, cols) = wl.shape().dims2()?;
+        let n = if self.layout == WeightLayout::OutIn {
+            rows
+        } else {
+            cols
+        };
+        let b = match bias {
+            None => None,
+            Some((CpuStorage::F32(b), bl)) => match bl.contiguous_offsets() {
+                Some((start, end)) => Some(&b[start..end]),
+                None => return Ok(None),
+            },
+            Some(_) => return Ok(None),
+        };
+        let (Some(xm), Some(wm)) = (view(x, xl, m, k), view(w, wl, rows, cols)) else {
+            return Ok(None);
+        };
+        let wm = if self.layout == WeightLayout::OutIn {
+            wm.t()
+        } else {
+            wm
+        };
+        let mut y = vec![0f32; m * n];
+        matmul(&mut y, false, xm, wm, all_threads());
+        if let Some(b) = b {
+            for row in y.chunks_exact_mut(n) {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+        }
+        Ok(Some((CpuStorage::F32(y), Shape::from((m, n)))))
+    }
+
     /// dx, dW and db for the inputs that track a gradient.
     fn backward(
         self,
@@ -122,7 +170,7 @@ impl Linear {
                         WeightLayout::OutIn => w,
                         WeightLayout::InOut => w.t()?,
                     };
-                    dyk.matmul(&w)?.to_dtype(x.dtype())
+                    mm(&dyk, &w)?.to_dtype(x.dtype())
                 })
                 .transpose()?;
             let dw = w
@@ -130,8 +178,8 @@ impl Linear {
                 .then(|| {
                     let xk = x_.to_dtype(k)?;
                     match self.layout {
-                        WeightLayout::OutIn => dyk.t()?.matmul(&xk),
-                        WeightLayout::InOut => xk.t()?.matmul(&dyk),
+                        WeightLayout::OutIn => mm(&dyk.t()?, &xk),
+                        WeightLayout::InOut => mm(&xk.t()?, &dyk),
                     }?
                     .to_dtype(w.dtype())
                 })
@@ -142,7 +190,7 @@ impl Linear {
                 .filter(|b| b.track_op())
                 .map(|b| {
                     let ones = Tensor::ones((1, dy.dim(0)?), dy.dtype(), dy.device())?;
-                    ones.matmul(&dy)?.squeeze(0)?.to_dtype(b.dtype())
+                    mm(&ones, &dy)?.squeeze(0)?.to_dtype(b.dtype())
                 })
                 .transpose()?;
             Ok([dx, dw, db])
@@ -162,7 +210,12 @@ impl CustomOp2 for Linear {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        timed(NAME, Pass::Forward, || self.forward((x, xl), (w, wl), None))
+        timed(NAME, Pass::Forward, || {
+            match self.blas_forward((x, xl), (w, wl), None)? {
+                Some(y) => Ok(y),
+                None => self.forward((x, xl), (w, wl), None),
+            }
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -203,7 +256,10 @@ impl CustomOp3 for Linear {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         timed(NAME, Pass::Forward, || {
-            self.forward((x, xl), (w, wl), Some((b, bl)))
+            match self.blas_forward((x, xl), (w, wl), Some((b, bl)))? {
+                Some(y) => Ok(y),
+                None => self.forward((x, xl), (w, wl), Some((b, bl))),
+            }
         })
     }
 
