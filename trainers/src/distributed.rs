@@ -79,9 +79,11 @@ impl World {
     #[cfg(feature = "distributed")]
     fn join(_size: usize) -> Result<World> {
         use mpi::traits::Communicator;
-        let universe = mpi::initialize().ok_or_else(|| {
-            anyhow::anyhow!("MPI could not be initialized (was it initialized already?)")
-        })?;
+        // Rayon and candle run worker threads, but only the main thread calls MPI.
+        let (universe, _) =
+            mpi::initialize_with_threading(mpi::Threading::Funneled).ok_or_else(|| {
+                anyhow::anyhow!("MPI could not be initialized (was it initialized already?)")
+            })?;
         let world = universe.world();
         Ok(World {
             rank: world.rank() as usize,
