@@ -10,7 +10,7 @@
 # memcheck.txt, bench-kiln.json, torch.json, train-metrics.jsonl, train-summary.json, table.txt
 # (the table, also printed last).
 #
-#   1. here:  bash benches/gpu-check.sh --prepare   # pack kiln, kiln-kernels + resume CUDA tests, CPU ref
+#   1. here:  bash benches/gpu-check.sh --prepare   # pack kiln, kiln-kernels + resume + kiln-trainers (NCCL) CUDA tests, CPU ref
 #             bash benches/gpu-check.sh --dry-run --packed  # the same stages on the CPU, packed binaries
 #   2. device: run(command="bash benches/gpu-check.sh", carry=[".gpu"], timeout_s=540)
 #
@@ -69,6 +69,9 @@ prepare() {
   # The resume tests, for their CUDA one (stop/resume on the GPU within a tolerance).
   CARGO_TARGET_DIR=/work/target-cuda ../shared/cuda/pack.sh test --release --features cuda --no-run --test resume ||
     { echo "FAILED: CUDA build of tests/resume.rs"; return 1; }
+  # kiln-trainers' unit tests, for NCCL on the GPU (one rank: its communicator and its sum).
+  CARGO_TARGET_DIR=/work/target-cuda ../shared/cuda/pack.sh test --release --features cuda --no-run -p kiln-trainers --lib ||
+    { echo "FAILED: CUDA build of the kiln-trainers unit tests"; return 1; }
   # A packed binary this pack did not refresh is stale (a renamed test, an old kiln): it would
   # be carried and run. Move it aside rather than delete it.
   local f stale=/tmp/kiln-gpu-stale
@@ -281,6 +284,14 @@ else
   echo "CPU ($(nproc) cores, dry run)" > "$SCRATCH/gpu.txt"
 fi
 
+# NCCL for the kiln-trainers tests: the machine's PyTorch environment has the nvidia-nccl wheel.
+if nccl=$(python3 -c 'import nvidia.nccl, os
+print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2> /dev/null) && [ -f "$nccl" ]; then
+  export KILN_NCCL=$nccl; note "KILN_NCCL=$KILN_NCCL"
+else
+  note "no NCCL in python3's nvidia packages: the NCCL tests skip"
+fi
+
 # 2. parity tests: every test-* binary, test-cuda_parity first; errors recorded in parity.txt.
 : > "$OUT/parity.txt"
 tests=$(ls "$BIN"/test-* 2> /dev/null | sort | awk '/\/test-cuda_parity$/ {print; next} {rest = rest $0 "\n"} END {printf "%s", rest}')
@@ -291,6 +302,8 @@ for t in $tests; do
     */test-cuda_parity) limit=150 ;;
     # only its CUDA test: the others run the kiln binary at its build-machine path
     */test-resume) filter=on_cuda ;;
+    # NCCL's bindings and its one-rank sum on the GPU
+    */test-kiln_trainers) filter=nccl ;;
   esac
   start=$(wc -l < "$OUT/parity.txt")
   TO=$OUT/parity.txt stage "parity $(basename "$t")" $limit "$t" --nocapture --test-threads=1 $filter

@@ -28,14 +28,28 @@ pub fn parse_device(s: &str) -> Result<DeviceRequest, String> {
     }
 }
 
+/// [`parse_device`] where plain `cuda` means CUDA device `gpu`.
+pub fn parse_device_at(s: &str, gpu: usize) -> Result<DeviceRequest, String> {
+    Ok(match (parse_device(s)?, s) {
+        (DeviceRequest::Cuda(_), "cuda") => DeviceRequest::Cuda(gpu),
+        (r, _) => r,
+    })
+}
+
 /// Opens the requested device. `auto` picks CUDA device 0 when kiln was built with `--features
 /// cuda` and a GPU is present, the CPU otherwise.
 pub fn open_device(s: &str) -> anyhow::Result<Device> {
-    match parse_device(s).map_err(anyhow::Error::msg)? {
+    open_device_at(s, 0)
+}
+
+/// [`open_device`] where `cuda` and `auto` mean CUDA device `gpu` (a data-parallel rank's own
+/// GPU); `cuda:N` stays device N.
+pub fn open_device_at(s: &str, gpu: usize) -> anyhow::Result<Device> {
+    match parse_device_at(s, gpu).map_err(anyhow::Error::msg)? {
         DeviceRequest::Cpu => Ok(Device::Cpu),
         DeviceRequest::Auto => {
             if candle_core::utils::cuda_is_available() {
-                if let Ok(d) = new_cuda(0) {
+                if let Ok(d) = new_cuda(gpu) {
                     return Ok(d);
                 }
             }
@@ -93,5 +107,20 @@ pub fn available_memory(d: &Device) -> Option<u64> {
         }
         #[allow(unreachable_patterns)]
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ranks_gpu_replaces_only_the_plain_cuda() {
+        assert_eq!(parse_device_at("cuda", 3), Ok(DeviceRequest::Cuda(3)));
+        assert_eq!(parse_device_at("cuda:1", 3), Ok(DeviceRequest::Cuda(1)));
+        assert_eq!(parse_device_at("cpu", 3), Ok(DeviceRequest::Cpu));
+        assert_eq!(parse_device_at("auto", 3), Ok(DeviceRequest::Auto));
+        assert!(parse_device_at("gpu", 3).unwrap_err().contains("cuda:N"));
+        assert_eq!(parse_device("cuda"), Ok(DeviceRequest::Cuda(0)));
     }
 }

@@ -20,6 +20,9 @@ pub struct World {
 
 #[cfg(feature = "distributed")]
 struct Mpi {
+    /// The GPUs' communicator, once a CUDA job has connected them ([`World::connect_gpus`]).
+    #[cfg(feature = "cuda")]
+    nccl: std::cell::OnceCell<crate::nccl::Comm>,
     // Dropped last: MPI_Finalize.
     world: mpi::topology::SimpleCommunicator,
     _universe: mpi::environment::Universe,
@@ -39,6 +42,19 @@ pub fn launched_size() -> Option<usize> {
         "PMI_SIZE",
         "PMIX_SIZE",
         "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+/// This process's rank among the job's ranks on its machine, from the variables the MPI launcher
+/// sets (OpenMPI, MPICH/Hydra, Slurm): which of the machine's GPUs is this rank's.
+pub fn local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+        "PALS_LOCAL_RANKID",
     ]
     .iter()
     .find_map(|v| std::env::var(v).ok()?.parse().ok())
@@ -89,6 +105,8 @@ impl World {
             rank: world.rank() as usize,
             size: world.size() as usize,
             mpi: Some(Mpi {
+                #[cfg(feature = "cuda")]
+                nccl: std::cell::OnceCell::new(),
                 world,
                 _universe: universe,
             }),
@@ -106,6 +124,50 @@ impl World {
     /// Rank 0: the one that writes the run directory and prints.
     pub fn is_main(&self) -> bool {
         self.rank == 0
+    }
+
+    /// The GPU this rank trains on when the recipe says `cuda` or `auto`: one GPU per rank, the
+    /// one of its local rank (0 for a single process).
+    pub fn local_gpu(&self) -> usize {
+        match self.size {
+            1 => 0,
+            _ => local_rank().unwrap_or(0),
+        }
+    }
+
+    /// Connects the ranks' GPUs with NCCL when the job trains on CUDA with more than one rank:
+    /// rank 0 makes NCCL's unique id, MPI carries it to the others, and every rank joins on its
+    /// `device`. The gradient all-reduce then stays on the GPUs. A no-op otherwise.
+    pub fn connect_gpus(&self, device: &candle_core::Device) -> Result<()> {
+        #[cfg(all(feature = "distributed", feature = "cuda"))]
+        if let (Some(m), candle_core::Device::Cuda(gpu)) = (&self.mpi, device) {
+            if self.size > 1 && m.nccl.get().is_none() {
+                let lib = crate::nccl::library()?;
+                let mut id = match self.is_main() {
+                    true => lib.unique_id()?,
+                    false => Vec::new(),
+                };
+                self.broadcast_bytes(&mut id)?;
+                let comm = crate::nccl::Comm::join(gpu, &id, self.size, self.rank)?;
+                eprintln!(
+                    "rank {}/{}: {} joined NCCL {} ({})",
+                    self.rank,
+                    self.size,
+                    kiln_core::device::device_name(device),
+                    lib.version()?,
+                    lib.path()
+                );
+                let _ = m.nccl.set(comm);
+            }
+        }
+        let _ = device;
+        Ok(())
+    }
+
+    /// The GPUs' communicator, when [`Self::connect_gpus`] made one.
+    #[cfg(all(feature = "distributed", feature = "cuda"))]
+    pub fn nccl(&self) -> Option<&crate::nccl::Comm> {
+        self.mpi.as_ref()?.nccl.get()
     }
 
     /// This rank's rows `[start, end)` of a batch of `n` examples: contiguous, in rank order,

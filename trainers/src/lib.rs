@@ -8,6 +8,7 @@ pub mod generate;
 pub mod history;
 pub mod infer;
 pub mod memory;
+pub mod nccl;
 pub mod optim;
 pub mod plot;
 pub mod progress;

@@ -219,8 +219,9 @@ pub fn train_step_sharded(
 /// Elements per all-reduce: large enough to amortize each call, small enough to bound the copy.
 const BUCKET: usize = 1 << 22;
 
-/// Sums the gradients over the ranks, in buckets of whole parameters in the parameters' (sorted)
-/// order, in f32 (MPI has no bf16).
+/// Sums the gradients over the ranks in f32 (MPI has no bf16), in buckets of whole parameters in
+/// the parameters' (sorted) order: on the GPUs with NCCL when the job has connected them, else
+/// through host memory with MPI.
 fn all_reduce(world: &World, grads: &mut [Option<Tensor>]) -> Result<()> {
     if world.size() == 1 {
         return Ok(());
@@ -238,22 +239,38 @@ fn all_reduce(world: &World, grads: &mut [Option<Tensor>]) -> Result<()> {
             n += len;
             end += 1;
         }
-        let mut flat = Vec::with_capacity(n);
-        for g in grads[start..end].iter().flatten() {
-            flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        }
-        world.sum_f32(&mut flat)?;
-        let mut offset = 0;
-        for g in grads[start..end].iter_mut().flatten() {
-            let len = g.elem_count();
-            let summed = Tensor::from_slice(&flat[offset..offset + len], g.shape(), g.device())?
-                .to_dtype(g.dtype())?;
-            *g = summed;
-            offset += len;
+        let bucket = &mut grads[start..end];
+        let flat = bucket
+            .iter()
+            .flatten()
+            .map(|g| g.to_dtype(DType::F32)?.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if !flat.is_empty() {
+            let summed = sum_over_ranks(world, &Tensor::cat(&flat, 0)?)?;
+            let mut offset = 0;
+            for g in bucket.iter_mut().flatten() {
+                let len = g.elem_count();
+                *g = summed
+                    .narrow(0, offset, len)?
+                    .reshape(g.shape())?
+                    .to_dtype(g.dtype())?;
+                offset += len;
+            }
         }
         start = end;
     }
     Ok(())
+}
+
+/// The element-wise sum over the ranks of the f32 vector `flat`.
+fn sum_over_ranks(world: &World, flat: &Tensor) -> Result<Tensor> {
+    #[cfg(all(feature = "distributed", feature = "cuda"))]
+    if let Some(nccl) = world.nccl() {
+        return nccl.sum(flat);
+    }
+    let mut host = flat.to_vec1::<f32>()?;
+    world.sum_f32(&mut host)?;
+    Ok(Tensor::from_vec(host, flat.shape(), flat.device())?)
 }
 
 /// Sets every rank's `stats` to their sum over the ranks weighted by `share` (this rank's part

@@ -233,7 +233,7 @@ struct Training<'a> {
     last_checkpoint: Option<PathBuf>,
     /// The step the run started from (0, or the resumed checkpoint's).
     started_at: usize,
-    /// Holds a signal's number once SIGINT/SIGTERM asks the run to stop.
+    /// Holds a signal's number once SIGINT, SIGTERM or SIGUSR1 asks the run to stop.
     stop: Option<Arc<AtomicUsize>>,
     loader: Loader,
     total_steps: usize,
@@ -259,9 +259,11 @@ impl<'a> Training<'a> {
         resumed: Option<(PathBuf, TrainerState)>,
         opts: &TrainOptions,
     ) -> Result<Self> {
-        let device =
-            kiln_core::device::open_device(opts.device.as_deref().unwrap_or(&recipe.device))?;
         let world = world_of(opts);
+        // One GPU per rank: `cuda` and `auto` mean the GPU of this rank's local rank.
+        let requested = opts.device.as_deref().unwrap_or(&recipe.device);
+        let device = kiln_core::device::open_device_at(requested, world.local_gpu())?;
+        world.connect_gpus(&device)?;
         let data = data::load(recipe)?;
         same_data_on_every_rank(&world, &data)?;
         let model_cfg = model_config(recipe, &data, resumed.is_some())?;
