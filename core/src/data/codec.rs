@@ -145,7 +145,10 @@ impl CharVocab {
 
     /// The vocabulary as a Hugging Face `tokenizer.json`: every character is its own piece
     /// (a Split pre-tokenizer on any one character), looked up in a word-level vocabulary with
-    /// kiln's ids, and decoding fuses the pieces back without separators.
+    /// kiln's ids, and decoding fuses the pieces back without separators. The decoder starts
+    /// with a ByteFallback, which changes nothing here (no piece is a `<0xNN>` byte token) but is
+    /// what servers that read a tokenizer's bytes per token through toktrie (mistral.rs) accept
+    /// besides ByteLevel: a bare Fuse decoder makes them refuse the model.
     pub fn tokenizer_json(&self) -> serde_json::Value {
         let vocab: serde_json::Map<String, serde_json::Value> = self
             .chars
@@ -166,7 +169,10 @@ impl CharVocab {
                 "invert": false
             },
             "post_processor": null,
-            "decoder": {"type": "Fuse"},
+            "decoder": {
+                "type": "Sequence",
+                "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]
+            },
             "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "\u{fffd}"}
         })
     }
@@ -193,6 +199,17 @@ mod tests {
         assert_eq!(
             tok.encode(" \n\nA b\n").unwrap(),
             vocab.encode(" \n\nA b\n").unwrap()
+        );
+        // The byte fallback (for mistral.rs) leaves text that spells a byte token as it is.
+        let spelled = "ABC<0x41>x";
+        let vocab = CharVocab::from_text(spelled);
+        let json = Codec::Chars(vocab.clone()).tokenizer_json().unwrap();
+        assert!(json.contains("ByteFallback"), "{json}");
+        std::fs::write(&p, json).unwrap();
+        let tok = Codec::Tokenizer(Box::new(super::super::bpe::load_tokenizer(&p).unwrap()));
+        assert_eq!(
+            tok.decode(&vocab.encode(spelled).unwrap()).unwrap(),
+            spelled
         );
     }
 
