@@ -116,11 +116,16 @@ fn resume_refuses_what_it_cannot_continue() {
             .expect("refused")
             .to_string()
     };
+    let metrics_before = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let e = err(&[]);
     assert!(
         e.contains("already finished") && e.contains("trainer.max_steps"),
         "{e}"
     );
+    // Refused, the finished run keeps its final evaluation.
+    let metrics_after = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics_after, metrics_before);
+    assert!(metrics_after.contains("eval/loss"), "{metrics_after}");
     let e = err(&["model.n_layer=2", "optim.lr=0.1"]);
     assert!(
         e.contains("model.n_layer") && e.contains("optim.lr") && e.contains("only trainer.*"),
@@ -469,6 +474,19 @@ fn sigkill_mlp_at_random_steps_then_resume_is_exact() {
 
 #[test]
 fn sigterm_checkpoints_and_exits_with_143() {
+    stop_by_signal(libc::SIGTERM);
+}
+
+/// Slurm's `--signal=USR1@SECONDS` warns a job before its time limit, and `mpirun` forwards
+/// SIGUSR1 to every rank: it stops the run as SIGTERM does.
+#[test]
+fn sigusr1_checkpoints_and_exits_with_138() {
+    stop_by_signal(libc::SIGUSR1);
+}
+
+/// A run stopped by `signal` after two logged steps writes its own checkpoint, exits with
+/// 128 + signal, and resumes to the uninterrupted run's weights.
+fn stop_by_signal(signal: i32) {
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path(), 400, 100);
     let run = dir.path().join("run");
@@ -477,9 +495,9 @@ fn sigterm_checkpoints_and_exits_with_143() {
     while steps_logged(&run) < 2 && t.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(2));
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.id() as i32, signal) };
     let status = wait(&mut child, Duration::from_secs(60));
-    assert_eq!(status.code(), Some(143));
+    assert_eq!(status.code(), Some(128 + signal));
     let latest = kiln::core::checkpoint::latest(&run.join("checkpoints")).unwrap();
     let step: usize = latest.file_name().unwrap().to_str().unwrap()["step-".len()..]
         .parse()

@@ -369,9 +369,11 @@ impl<'a> Training<'a> {
         };
         let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr, total_steps);
         let items_per_example = data.train.items_per_example();
-        // Resumed from the final checkpoint: the final evaluation runs again (before the log
-        // opens the file).
-        if state.step == total_steps && world.is_main() {
+        // Resumed from the final checkpoint of a run that did not finish (no summary): the final
+        // evaluation runs again (forgotten before the log opens the file). A finished run is
+        // refused further on, and keeps its evaluation.
+        let finished = run.path.join("summary.json").exists();
+        if state.step == total_steps && !finished && world.is_main() {
             run.forget_evaluation_at(total_steps)?;
         }
         let log = match world.is_main() {
@@ -1003,13 +1005,13 @@ fn same_data_on_every_rank(world: &World, data: &DataSplits) -> Result<()> {
             .iter()
             .flat_map(|(p, h)| [p.as_bytes(), h.as_bytes()]),
     );
-    eprintln!(
+    crate::distributed::say(&format!(
         "rank {}/{}: data sha256 {:016x} ({} files)",
         world.rank(),
         world.size(),
         sum,
         data.files.len()
-    );
+    ));
     anyhow::ensure!(
         world.agree(sum)?,
         "the processes of the job read different data (rank {} has {sum:016x}; see each rank's \
