@@ -359,18 +359,38 @@ fn run(cli: Cli) -> Result<Option<usize>> {
                 world: Some(world.clone()),
                 ..Default::default()
             };
-            let outcome = match (resume, recipe) {
+            let run = || match (resume, recipe) {
                 (Some(dir), _) => kiln::trainers::trainer::resume(&dir, &set, &opts),
                 (None, Some(recipe)) => Recipe::load(resolve_recipe_path(recipe), &set)
                     .map_err(anyhow::Error::from)
                     .and_then(|r| train(&r, &opts)),
                 (None, None) => Err(anyhow::anyhow!("give a recipe, or --resume RUN_DIR")),
             };
+            // A panic must not unwind into MPI_Finalize, which waits for ranks that wait in a
+            // collective for this one: the hook has printed it, so end the job.
+            let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                Ok(outcome) => outcome,
+                Err(panic) => {
+                    if world.size() > 1 {
+                        eprintln!(
+                            "error: rank {} of {} panicked (above); ending the job",
+                            world.rank(),
+                            world.size()
+                        );
+                        world.abort(101);
+                    }
+                    std::panic::resume_unwind(panic)
+                }
+            };
             let outcome = match outcome {
                 Ok(o) => o,
                 // The other ranks would wait for this one forever: end the job, error first.
                 Err(e) if world.size() > 1 => {
-                    eprintln!("error: rank {} of {}: {e:#}", world.rank(), world.size());
+                    kiln::trainers::distributed::say(&format!(
+                        "error: rank {} of {}: {e:#}",
+                        world.rank(),
+                        world.size()
+                    ));
                     world.abort(1);
                     return Err(e);
                 }
@@ -699,16 +719,21 @@ fn run(cli: Cli) -> Result<Option<usize>> {
 /// stops after the current step); a second one exits at once with the conventional 128 + signal.
 /// A thread takes the signals, so each can say what happens next.
 fn stop_on_signals() -> Result<Arc<AtomicUsize>> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let stop = Arc::new(AtomicUsize::new(0));
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .context("cannot install the SIGINT/SIGTERM handlers")?;
+    // SIGUSR1: Slurm's warning before a time limit (`--signal=USR1@120`), which mpirun forwards.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
+        .context("cannot install the SIGINT/SIGTERM/SIGUSR1 handlers")?;
     let flag = stop.clone();
     std::thread::Builder::new()
         .name("kiln-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                let name = match sig {
+                    SIGINT => "SIGINT",
+                    SIGTERM => "SIGTERM",
+                    _ => "SIGUSR1",
+                };
                 if flag.swap(sig as usize, Ordering::SeqCst) == 0 {
                     eprintln!(
                         "\n{name}: finishing this step and writing a checkpoint, then stopping \

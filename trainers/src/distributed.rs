@@ -149,14 +149,14 @@ impl World {
                 };
                 self.broadcast_bytes(&mut id)?;
                 let comm = crate::nccl::Comm::join(gpu, &id, self.size, self.rank)?;
-                eprintln!(
+                say(&format!(
                     "rank {}/{}: {} joined NCCL {} ({})",
                     self.rank,
                     self.size,
                     kiln_core::device::device_name(device),
                     lib.version()?,
                     lib.path()
-                );
+                ));
                 let _ = m.nccl.set(comm);
             }
         }
@@ -277,6 +277,13 @@ impl World {
 impl World {
     fn all_reduce<T: Element>(&self, _values: &mut [T], _op: Op) {}
     fn broadcast<T: Element>(&self, _values: &mut [T]) {}
+}
+
+/// Prints `line` on stderr in one write, so that the lines of ranks sharing a terminal or a pipe
+/// do not interleave (`eprintln!` writes its pieces one by one).
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 /// A 64-bit checksum of byte chunks (the first 8 bytes of their sha256).
