@@ -201,6 +201,16 @@ fn a_stop_at_the_last_step_or_during_an_evaluation_loses_no_step() {
     let tb = kiln::core::tensorboard::read_scalars(&run.join("tb")).unwrap();
     assert_eq!(tb["eval/loss"].len(), 1, "{:?}", tb["eval/loss"]);
 
+    // Resumed to train longer and stopped after its new last step, before that evaluation: the
+    // summary of step 1 does not make it look finished, and the next resume evaluates step 2.
+    let longer = ["trainer.max_steps=2".to_string()];
+    stop.store(15, Ordering::SeqCst);
+    assert_eq!(resume(&run, &longer, &o).unwrap().interrupted, Some(15));
+    assert_eq!(latest_name(&run), "step-2");
+    stop.store(0, Ordering::SeqCst);
+    assert_eq!(resume(&run, &longer, &o).unwrap().interrupted, None);
+    assert_eq!(summary(&run)["steps"], 2);
+
     // During a periodic evaluation (every step here): it gives up at the next batch, and the
     // step is checkpointed.
     let r = Recipe::load(

@@ -47,6 +47,21 @@ pub fn launched_size() -> Option<usize> {
     .find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
+/// The number of GPUs this process can see (0 without CUDA).
+fn visible_gpus() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        // cudarc panics, rather than failing, where the driver library is missing.
+        std::panic::catch_unwind(CudaContext::device_count)
+            .ok()
+            .and_then(Result::ok)
+            .map_or(0, |n| n.max(0) as usize)
+    }
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// This process's rank among the job's ranks on its machine, from the variables the MPI launcher
 /// sets (OpenMPI, MPICH/Hydra, Slurm): which of the machine's GPUs is this rank's.
 pub fn local_rank() -> Option<usize> {
@@ -128,11 +143,31 @@ impl World {
 
     /// The GPU this rank trains on when the recipe says `cuda` or `auto`: one GPU per rank, the
     /// one of its local rank (0 for a single process).
+    /// Where the launcher shows each rank only its own GPU (Slurm's `--gpus-per-task=1`), or a
+    /// machine has fewer GPUs than ranks, the local rank wraps around the GPUs it can see (ranks
+    /// sharing a GPU are then refused by NCCL, saying so).
     pub fn local_gpu(&self) -> usize {
-        match self.size {
-            1 => 0,
-            _ => local_rank().unwrap_or(0),
+        match (self.size, local_rank()) {
+            (1, _) | (_, None) => 0,
+            (_, Some(local)) => local % visible_gpus().max(1),
         }
+    }
+
+    /// Refuses a job whose ranks opened different kinds of device (`auto` found a GPU on some
+    /// ranks only): they would all-reduce through different paths and wait for each other.
+    pub fn same_device_kind(&self, device: &candle_core::Device) -> Result<()> {
+        let kind = match device {
+            candle_core::Device::Cpu => "cpu",
+            _ => "gpu",
+        };
+        anyhow::ensure!(
+            self.agree(checksum([kind]))?,
+            "the ranks of the job opened different devices (rank {} is on {}): give every rank a \
+             GPU of its own, or run on --device cpu",
+            self.rank,
+            kiln_core::device::device_name(device)
+        );
+        Ok(())
     }
 
     /// Connects the ranks' GPUs with NCCL when the job trains on CUDA with more than one rank:
@@ -141,7 +176,9 @@ impl World {
     pub fn connect_gpus(&self, device: &candle_core::Device) -> Result<()> {
         #[cfg(all(feature = "distributed", feature = "cuda"))]
         if let (Some(m), candle_core::Device::Cuda(gpu)) = (&self.mpi, device) {
-            if self.size > 1 && m.nccl.get().is_none() {
+            // KILN_NCCL=none: sum through host memory with MPI, as on the CPU.
+            let wanted = std::env::var(crate::nccl::ENV).map_or(true, |v| v != "none");
+            if self.size > 1 && wanted && m.nccl.get().is_none() {
                 let lib = crate::nccl::library()?;
                 let mut id = match self.is_main() {
                     true => lib.unique_id()?,

@@ -87,8 +87,9 @@ impl Library {
     pub fn open(path: &str) -> std::result::Result<Library, String> {
         let install = format!(
             "a data-parallel job on GPUs sums its gradients with NCCL. Install it (pip install \
-             nvidia-nccl-cu13, or apt-get install libnccl2) and set {ENV} to its libnccl.so.2 \
-             (or put its folder on LD_LIBRARY_PATH)"
+             nvidia-nccl-cu13, or -cu12 for a CUDA 12 driver, or apt-get install libnccl2) and \
+             set {ENV} to its libnccl.so.2 (or put its folder on LD_LIBRARY_PATH); {ENV}=none \
+             sums through host memory with MPI instead"
         );
         let c_path = CString::new(path).map_err(|_| format!("{ENV}={path:?} holds a NUL byte"))?;
         // SAFETY: dlopen/dlsym with NUL-terminated names; each symbol is cast to its signature in
@@ -217,6 +218,13 @@ impl Comm {
         rank: usize,
     ) -> Result<Comm> {
         let lib = library()?;
+        // Non-blocking communicators launch from NCCL's own thread, where the per-thread default
+        // stream candle runs on is another stream: the sum would race the backward.
+        anyhow::ensure!(
+            std::env::var("NCCL_COMM_BLOCKING").map_or(true, |v| v != "0"),
+            "NCCL_COMM_BLOCKING=0 is not supported: kiln queues NCCL on candle's per-thread \
+             stream, which needs blocking communicators; unset it"
+        );
         anyhow::ensure!(
             id.len() == UNIQUE_ID_BYTES,
             "an NCCL unique id has {UNIQUE_ID_BYTES} bytes, not {}",
@@ -411,6 +419,8 @@ mod tests {
         };
         let lib = match library() {
             Ok(lib) => lib,
+            // Named, it must load.
+            Err(e) if std::env::var(ENV).is_ok() => panic!("{e:#}"),
             Err(e) => {
                 println!("skipping: {e}");
                 return;

@@ -263,6 +263,9 @@ impl<'a> Training<'a> {
         // One GPU per rank: `cuda` and `auto` mean the GPU of this rank's local rank.
         let requested = opts.device.as_deref().unwrap_or(&recipe.device);
         let device = kiln_core::device::open_device_at(requested, world.local_gpu())?;
+        if world.size() > 1 {
+            world.same_device_kind(&device)?;
+        }
         world.connect_gpus(&device)?;
         let data = data::load(recipe)?;
         same_data_on_every_rank(&world, &data)?;
@@ -372,7 +375,7 @@ impl<'a> Training<'a> {
         // Resumed from the final checkpoint of a run that did not finish (no summary): the final
         // evaluation runs again (forgotten before the log opens the file). A finished run is
         // refused further on, and keeps its evaluation.
-        let finished = run.path.join("summary.json").exists();
+        let finished = finished_at(&run.path) == Some(total_steps);
         if state.step == total_steps && !finished && world.is_main() {
             run.forget_evaluation_at(total_steps)?;
         }
@@ -452,7 +455,7 @@ impl<'a> Training<'a> {
             format!("{n_params} parameters, {n_trainable} trainable")
         };
         let (total_steps, path) = (self.total_steps, &self.run.path);
-        let (step, evaluated) = (self.state.step, path.join("summary.json").exists());
+        let (step, evaluated) = (self.state.step, finished_at(path) == Some(total_steps));
         if step > total_steps || (step == total_steps && evaluated) {
             bail!("the run in {} already finished its {total_steps} steps; to train longer, resume with --set trainer.max_steps=N", path.display());
         }
@@ -992,6 +995,15 @@ impl<'a> Training<'a> {
             "data_files": self.data.files.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
         })
     }
+}
+
+/// The step count of the finished run in `dir` (its `summary.json`), if it finished. A run
+/// resumed with a larger `trainer.max_steps` keeps its old summary until it finishes again, so
+/// the count, not the file, says whether these steps were evaluated.
+fn finished_at(dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join("summary.json")).ok()?;
+    let summary: serde_json::Value = serde_json::from_str(&text).ok()?;
+    summary["steps"].as_u64().map(|n| n as usize)
 }
 
 /// Refuses a job whose ranks read different data (a file changed between their starts, another
