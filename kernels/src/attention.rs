@@ -15,10 +15,10 @@
 //! The CUDA version tiles the same loops (flash attention).
 
 use crate::gemm::{matmul, GemmElem, Mat};
-use crate::{dot, out, slice, slices, with_float, Elem, Kernel, Op};
+use crate::{dot, out, slice, with_float, Elem, Kernel, Op};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
-use num_traits::{Float, Zero};
+use num_traits::Float;
 use rayon::prelude::*;
 
 pub fn causal_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -57,13 +57,143 @@ static BACKWARD: Kernel<f64> = Kernel {
     cuda: |args, scale| crate::cuda::attention::backward(args, scale as f32),
 };
 
-fn dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
-    l.shape().dims4()
+/// Causal self-attention on GPT-2's packed projections: `qkv` (B, T, 3·C) holds each
+/// position's q, k and v side by side (`c_attn`'s output), in heads of C / `n_head` features;
+/// the result (B, T, C) holds each position's heads side by side, ready for the output
+/// projection. On the CPU this is one graph node: splitting the heads around
+/// [`causal_self_attention`] and merging them after takes fourteen (narrows, reshapes,
+/// transposes and their copies), each with a zero-filled gradient and an add in candle's
+/// backward. On other devices it is that composition.
+pub fn causal_attention_packed(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (b, t, c3) = qkv.dims3()?;
+    if n_head == 0 || c3 % (3 * n_head) != 0 {
+        candle_core::bail!(
+            "attention: {c3} packed features are not q, k and v of {n_head} equal heads"
+        )
+    }
+    let (c, d) = (c3 / 3, c3 / 3 / n_head);
+    if !qkv.device().is_cpu() {
+        let heads = |i: usize| {
+            qkv.narrow(2, i * c, c)?
+                .reshape((b, t, n_head, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let y = causal_self_attention(&heads(0)?, &heads(1)?, &heads(2)?)?;
+        return y.transpose(1, 2)?.reshape((b, t, c));
+    }
+    let scale = 1.0 / (d as f64).sqrt();
+    qkv.contiguous()?.apply_op1(PACKED.with((scale, n_head)))
 }
 
-/// A (T, D) block of a (B, H, T, D) tensor, widened to the accumulation type.
-fn widen<T: Elem>(x: &[T]) -> Vec<T::Acc> {
-    x.iter().map(|v| v.acc()).collect()
+static PACKED: Op<(f64, usize)> = Op {
+    forward: Kernel {
+        name: "kiln-causal-attention-packed",
+        cpu: |args, (scale, h)| {
+            let (b, t, c3) = args[0].1.shape().dims3()?;
+            let d = c3 / 3 / h;
+            let qkv = |part| Heads::packed(part, 3, (b, h, t, d));
+            let o = Heads::packed(0, 1, (b, h, t, d));
+            let args = [args[0], args[0], args[0]];
+            forward_with(
+                &args,
+                [qkv(0), qkv(1), qkv(2)],
+                o,
+                (b, t, h * d).into(),
+                scale,
+            )
+        },
+        #[cfg(feature = "cuda")]
+        cuda: crate::op::cpu_only,
+    },
+    backward: |g| {
+        let lse = &g.saved.get()[0];
+        PACKED_BACKWARD.run(g.param, &[g.inputs[0], g.y, lse, g.dy])
+    },
+};
+
+static PACKED_BACKWARD: Kernel<(f64, usize)> = Kernel {
+    name: "kiln-causal-attention-packed-backward",
+    cpu: |args, (scale, h)| {
+        let (b, t, c3) = args[0].1.shape().dims3()?;
+        let d = c3 / 3 / h;
+        let qkv = |part| Heads::packed(part, 3, (b, h, t, d));
+        let o = Heads::packed(0, 1, (b, h, t, d));
+        // q, k, v and o, do: two buffers read through four layouts.
+        let args = [args[0], args[0], args[0], args[1], args[2], args[3]];
+        backward_with(&args, [qkv(0), qkv(1), qkv(2)], o, scale, Grads::Packed)
+    },
+    #[cfg(feature = "cuda")]
+    cuda: crate::op::cpu_only,
+};
+
+/// Where each (batch, head)'s (T, D) block lies in a buffer: element (b, h, t, j) is at
+/// `start + b·batch + h·head + t·row + j`.
+#[derive(Clone, Copy)]
+struct Heads {
+    start: usize,
+    batch: usize,
+    head: usize,
+    row: usize,
+    /// (B, H, T, D).
+    dims: (usize, usize, usize, usize),
+}
+
+impl Heads {
+    /// A contiguous (B, H, T, D) tensor.
+    fn split(dims: (usize, usize, usize, usize)) -> Self {
+        let (_, h, t, d) = dims;
+        Heads {
+            start: 0,
+            batch: h * t * d,
+            head: t * d,
+            row: d,
+            dims,
+        }
+    }
+
+    /// Part `part` of `parts` per position in a (B, T, parts·H·D) tensor.
+    fn packed(part: usize, parts: usize, dims: (usize, usize, usize, usize)) -> Self {
+        let (_, h, t, d) = dims;
+        Heads {
+            start: part * h * d,
+            batch: t * parts * h * d,
+            head: d,
+            row: parts * h * d,
+            dims,
+        }
+    }
+
+    fn offset(&self, bh: usize) -> usize {
+        let h = self.dims.1;
+        self.start + (bh / h) * self.batch + (bh % h) * self.head
+    }
+
+    /// Block `bh` (= b·H + h), widened to the accumulation type.
+    fn gather<T: Elem>(&self, x: &[T], bh: usize) -> Vec<T::Acc> {
+        let (_, _, t, d) = self.dims;
+        let base = self.offset(bh);
+        let mut out = Vec::with_capacity(t * d);
+        for i in 0..t {
+            out.extend(x[base + i * self.row..][..d].iter().map(|v| v.acc()));
+        }
+        out
+    }
+
+    /// Writes block `bh` from `src`.
+    fn scatter<T: Elem>(&self, x: &mut [T], bh: usize, src: &[T::Acc]) {
+        let (_, _, t, d) = self.dims;
+        let base = self.offset(bh);
+        for (i, src) in src.chunks_exact(d).take(t).enumerate() {
+            for (x, a) in x[base + i * self.row..][..d].iter_mut().zip(src) {
+                *x = T::from_acc(*a);
+            }
+        }
+    }
+}
+
+fn dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
+    l.shape().dims4()
 }
 
 /// Queries per tile: each tile's scores against the keys it sees are one matmul.
@@ -95,155 +225,224 @@ fn scores<A: GemmElem + Float>(
     s[..rows * n].iter_mut().for_each(|x| *x = *x * scale);
 }
 
-/// q, k, v → o, lse. Per (batch, head) and tile of queries: the scores as one matmul, a
-/// row-wise softmax over the keys each query sees, and o = P·V as another.
+/// q, k, v → o, lse.
 pub fn forward(args: &[(&CpuStorage, &Layout)], scale: f64) -> Result<Vec<(CpuStorage, Shape)>> {
-    let (b, h, t, d) = dims(args[0].1)?;
+    let split = Heads::split(dims(args[0].1)?);
+    forward_with(args, [split; 3], split, args[0].1.shape().clone(), scale)
+}
+
+/// q, k, v read through `qkv`, o (of shape `shape`) written as `o` says, and lse (B, H, T).
+fn forward_with(
+    args: &[(&CpuStorage, &Layout)],
+    qkv: [Heads; 3],
+    o: Heads,
+    shape: Shape,
+    scale: f64,
+) -> Result<Vec<(CpuStorage, Shape)>> {
+    let (b, h, t, d) = o.dims;
     with_float!(args[0].0, "attention", |T| {
         type A = <T as Elem>::Acc;
-        let [q, k, v] = slices::<T, 3>(args)?;
+        let inputs: Vec<&[T]> = (0..3).map(|i| slice::<T>(args[i])).collect::<Result<_>>()?;
         let scale: A = crate::k(scale);
-        let mut o = crate::zeros::<T>(b * h * t * d);
-        let mut lse = vec![A::zero(); b * h * t];
-        let td = t * d;
-        o.par_chunks_mut(td)
-            .zip(lse.par_chunks_mut(t))
-            .enumerate()
-            .for_each(|(bh, (o, lse))| {
-                let (q, k, v) = (
-                    widen(&q[bh * td..][..td]),
-                    widen(&k[bh * td..][..td]),
-                    widen(&v[bh * td..][..td]),
-                );
-                let mut p = vec![A::zero(); TILE * t];
-                let mut acc = vec![A::zero(); TILE * d];
-                for (i0, rows) in tiles(t) {
-                    let n = i0 + rows;
-                    scores(&mut p, &q, &k, (i0, rows), d, scale);
-                    for (r, row) in p.chunks_exact_mut(n).take(rows).enumerate() {
-                        let seen = i0 + r + 1;
-                        let m = row[..seen].iter().fold(A::neg_infinity(), |m, &x| m.max(x));
-                        let mut l = A::zero();
-                        for x in &mut row[..seen] {
-                            *x = (*x - m).exp();
-                            l += *x;
-                        }
-                        let r_l = l.recip();
-                        row[..seen].iter_mut().for_each(|x| *x *= r_l);
-                        row[seen..].fill(A::zero());
-                        lse[i0 + r] = m + l.ln();
-                    }
-                    matmul(
-                        &mut acc,
-                        false,
-                        Mat::new(&p, rows, n),
-                        Mat::new(&v, n, d),
-                        Parallelism::None,
-                    );
-                    for (o, a) in o[i0 * d..][..rows * d].iter_mut().zip(&acc) {
-                        *o = T::from_acc(*a);
-                    }
-                }
-            });
-        Ok(vec![out(o, (b, h, t, d)), out(lse, (b, h, t))])
+        let heads: Vec<(Vec<A>, Vec<A>)> = (0..b * h)
+            .into_par_iter()
+            .map(|bh| {
+                let [q, k, v] = [0, 1, 2].map(|i| qkv[i].gather(inputs[i], bh));
+                forward_head(&q, &k, &v, t, d, scale)
+            })
+            .collect();
+        let mut y = crate::zeros::<T>(b * h * t * d);
+        let mut lse = Vec::with_capacity(b * h * t);
+        for (bh, (o_bh, lse_bh)) in heads.into_iter().enumerate() {
+            o.scatter(&mut y, bh, &o_bh);
+            lse.extend(lse_bh);
+        }
+        Ok(vec![out(y, shape), out(lse, (b, h, t))])
     })
 }
 
-/// q, k, v, o, lse, do → dq, dk, dv. Per (batch, head) and tile of queries, with
-/// P = exp(S − lse) recomputed from the scores' matmul and Δ_i = do_i·o_i:
-/// dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − Δ)·scale, dQ = dS·K, dK += dSᵀ·Q.
+/// One head's o (T, D) and lse (T). Per tile of queries: the scores as one matmul, a row-wise
+/// softmax over the keys each query sees, and o = P·V as another.
+fn forward_head<A: GemmElem + Float + std::ops::AddAssign + std::ops::MulAssign>(
+    q: &[A],
+    k: &[A],
+    v: &[A],
+    t: usize,
+    d: usize,
+    scale: A,
+) -> (Vec<A>, Vec<A>) {
+    let mut o = vec![A::zero(); t * d];
+    let mut lse = vec![A::zero(); t];
+    let mut p = vec![A::zero(); TILE * t];
+    for (i0, rows) in tiles(t) {
+        let n = i0 + rows;
+        scores(&mut p, q, k, (i0, rows), d, scale);
+        for (r, row) in p.chunks_exact_mut(n).take(rows).enumerate() {
+            let seen = i0 + r + 1;
+            let m = row[..seen].iter().fold(A::neg_infinity(), |m, &x| m.max(x));
+            let mut l = A::zero();
+            for x in &mut row[..seen] {
+                *x = (*x - m).exp();
+                l += *x;
+            }
+            let r_l = l.recip();
+            row[..seen].iter_mut().for_each(|x| *x *= r_l);
+            row[seen..].fill(A::zero());
+            lse[i0 + r] = m + l.ln();
+        }
+        matmul(
+            &mut o[i0 * d..],
+            false,
+            Mat::new(&p, rows, n),
+            Mat::new(v, n, d),
+            Parallelism::None,
+        );
+    }
+    (o, lse)
+}
+
+/// Where the backward writes dq, dk and dv.
+#[derive(Clone, Copy, PartialEq)]
+enum Grads {
+    /// Three (B, H, T, D) tensors.
+    Split,
+    /// One (B, T, 3·C) tensor laid out as the packed input.
+    Packed,
+}
+
+/// q, k, v, o, lse, do → dq, dk, dv.
 pub fn backward(args: &[(&CpuStorage, &Layout)], scale: f64) -> Result<Vec<(CpuStorage, Shape)>> {
-    let (b, h, t, d) = dims(args[0].1)?;
+    let split = Heads::split(dims(args[0].1)?);
+    backward_with(args, [split; 3], split, scale, Grads::Split)
+}
+
+/// q, k, v read through `qkv`, o and do through `o`, lse (B, H, T) → the gradients of q, k, v
+/// as `grads` says.
+fn backward_with(
+    args: &[(&CpuStorage, &Layout)],
+    qkv: [Heads; 3],
+    o: Heads,
+    scale: f64,
+    grads: Grads,
+) -> Result<Vec<(CpuStorage, Shape)>> {
+    let (b, h, t, d) = o.dims;
     with_float!(args[0].0, "attention backward", |T| {
         type A = <T as Elem>::Acc;
-        let [q, k, v, o] = [0, 1, 2, 3].map(|i| slice::<T>(args[i]));
-        let (q, k, v, o) = (q?, k?, v?, o?);
+        let [q, k, v, y] = [0, 1, 2, 3].map(|i| slice::<T>(args[i]));
+        let (q, k, v, y) = (q?, k?, v?, y?);
         let lse = slice::<A>(args[4])?;
         let d_o = slice::<T>(args[5])?;
         let scale: A = crate::k(scale);
-        let n = b * h * t * d;
-
-        let (mut dq, mut dk, mut dv) = (
-            crate::zeros::<T>(n),
-            crate::zeros::<T>(n),
-            crate::zeros::<T>(n),
-        );
-        let td = t * d;
-        dq.par_chunks_mut(td)
-            .zip(dk.par_chunks_mut(td).zip(dv.par_chunks_mut(td)))
-            .enumerate()
-            .for_each(|(bh, (dq_out, (dk_out, dv_out)))| {
-                let at = |x: &[T]| widen(&x[bh * td..][..td]);
-                let (q, k, v, o, d_o) = (at(q), at(k), at(v), at(o), at(d_o));
+        let heads: Vec<[Vec<A>; 3]> = (0..b * h)
+            .into_par_iter()
+            .map(|bh| {
+                let [q, k, v] = [(q, 0), (k, 1), (v, 2)].map(|(x, i)| qkv[i].gather(x, bh));
+                let (y, d_o) = (o.gather(y, bh), o.gather(d_o, bh));
                 let lse = &lse[bh * t..][..t];
-                let (mut dq, mut dk, mut dv) = (
-                    vec![A::zero(); td],
-                    vec![A::zero(); td],
-                    vec![A::zero(); td],
-                );
-                let mut p = vec![A::zero(); TILE * t];
-                let mut dp = vec![A::zero(); TILE * t];
-                for (i0, rows) in tiles(t) {
-                    let n = i0 + rows;
-                    scores(&mut p, &q, &k, (i0, rows), d, scale);
-                    for (r, row) in p.chunks_exact_mut(n).take(rows).enumerate() {
-                        let (i, seen) = (i0 + r, i0 + r + 1);
-                        row[..seen]
-                            .iter_mut()
-                            .for_each(|x| *x = (*x - lse[i]).exp());
-                        row[seen..].fill(A::zero());
-                    }
-                    let (d_o_tile, q_tile) = (&d_o[i0 * d..], &q[i0 * d..]);
-                    // dV[0…n] += Pᵀ · dO_tile
-                    matmul(
-                        &mut dv,
-                        true,
-                        Mat::new(&p, rows, n).t(),
-                        Mat::new(d_o_tile, rows, d),
-                        Parallelism::None,
-                    );
-                    // dP = dO_tile · V[0…n]ᵀ
-                    matmul(
-                        &mut dp,
-                        false,
-                        Mat::new(d_o_tile, rows, d),
-                        Mat::new(&v, n, d).t(),
-                        Parallelism::None,
-                    );
-                    // dS = P ∘ (dP − Δ) · scale, in place of dP
-                    for r in 0..rows {
-                        let i = i0 + r;
-                        let delta = dot(&d_o[i * d..][..d], &o[i * d..][..d]);
-                        let (ds, p) = (&mut dp[r * n..][..n], &p[r * n..][..n]);
-                        for (ds, &p) in ds.iter_mut().zip(p) {
-                            *ds = p * (*ds - delta) * scale;
-                        }
-                    }
-                    // dQ_tile = dS · K[0…n];  dK[0…n] += dSᵀ · Q_tile
-                    matmul(
-                        &mut dq[i0 * d..],
-                        false,
-                        Mat::new(&dp, rows, n),
-                        Mat::new(&k, n, d),
-                        Parallelism::None,
-                    );
-                    matmul(
-                        &mut dk,
-                        true,
-                        Mat::new(&dp, rows, n).t(),
-                        Mat::new(q_tile, rows, d),
-                        Parallelism::None,
-                    );
-                }
-                for (dst, src) in [(dq_out, &dq), (dk_out, &dk), (dv_out, &dv)] {
-                    for (x, a) in dst.iter_mut().zip(src.iter()) {
-                        *x = T::from_acc(*a);
+                backward_head(&q, &k, &v, &y, &d_o, lse, t, d, scale)
+            })
+            .collect();
+        let n = b * h * t * d;
+        Ok(match grads {
+            Grads::Split => {
+                let mut g = [0, 1, 2].map(|_| crate::zeros::<T>(n));
+                for (bh, head) in heads.iter().enumerate() {
+                    for (g, src) in g.iter_mut().zip(head) {
+                        qkv[0].scatter(g, bh, src);
                     }
                 }
-            });
-        let shape = (b, h, t, d);
-        Ok(vec![out(dq, shape), out(dk, shape), out(dv, shape)])
+                let shape = (b, h, t, d);
+                g.map(|g| out(g, shape)).into()
+            }
+            Grads::Packed => {
+                let mut g = crate::zeros::<T>(3 * n);
+                for (bh, head) in heads.iter().enumerate() {
+                    for (part, src) in qkv.iter().zip(head) {
+                        part.scatter(&mut g, bh, src);
+                    }
+                }
+                vec![out(g, (b, t, 3 * h * d))]
+            }
+        })
     })
+}
+
+/// One head's dq, dk, dv. Per tile of queries, with P = exp(S − lse) recomputed from the
+/// scores' matmul and Δ_i = do_i·o_i:
+/// dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − Δ)·scale, dQ = dS·K, dK += dSᵀ·Q.
+#[allow(clippy::too_many_arguments)]
+fn backward_head<A: GemmElem + Float>(
+    q: &[A],
+    k: &[A],
+    v: &[A],
+    o: &[A],
+    d_o: &[A],
+    lse: &[A],
+    t: usize,
+    d: usize,
+    scale: A,
+) -> [Vec<A>; 3] {
+    let td = t * d;
+    let (mut dq, mut dk, mut dv) = (
+        vec![A::zero(); td],
+        vec![A::zero(); td],
+        vec![A::zero(); td],
+    );
+    let mut p = vec![A::zero(); TILE * t];
+    let mut dp = vec![A::zero(); TILE * t];
+    for (i0, rows) in tiles(t) {
+        let n = i0 + rows;
+        scores(&mut p, q, k, (i0, rows), d, scale);
+        for (r, row) in p.chunks_exact_mut(n).take(rows).enumerate() {
+            let (i, seen) = (i0 + r, i0 + r + 1);
+            row[..seen]
+                .iter_mut()
+                .for_each(|x| *x = (*x - lse[i]).exp());
+            row[seen..].fill(A::zero());
+        }
+        let (d_o_tile, q_tile) = (&d_o[i0 * d..], &q[i0 * d..]);
+        // dV[0…n] += Pᵀ · dO_tile
+        matmul(
+            &mut dv,
+            true,
+            Mat::new(&p, rows, n).t(),
+            Mat::new(d_o_tile, rows, d),
+            Parallelism::None,
+        );
+        // dP = dO_tile · V[0…n]ᵀ
+        matmul(
+            &mut dp,
+            false,
+            Mat::new(d_o_tile, rows, d),
+            Mat::new(v, n, d).t(),
+            Parallelism::None,
+        );
+        // dS = P ∘ (dP − Δ) · scale, in place of dP
+        for r in 0..rows {
+            let i = i0 + r;
+            let delta = dot(&d_o[i * d..][..d], &o[i * d..][..d]);
+            let (ds, p) = (&mut dp[r * n..][..n], &p[r * n..][..n]);
+            for (ds, &p) in ds.iter_mut().zip(p) {
+                *ds = p * (*ds - delta) * scale;
+            }
+        }
+        // dQ_tile = dS · K[0…n];  dK[0…n] += dSᵀ · Q_tile
+        matmul(
+            &mut dq[i0 * d..],
+            false,
+            Mat::new(&dp, rows, n),
+            Mat::new(k, n, d),
+            Parallelism::None,
+        );
+        matmul(
+            &mut dk,
+            true,
+            Mat::new(&dp, rows, n).t(),
+            Mat::new(q_tile, rows, d),
+            Parallelism::None,
+        );
+    }
+    [dq, dk, dv]
 }
 
 #[cfg(test)]
@@ -272,6 +471,70 @@ mod tests {
                 |t| reference::causal_self_attention(&t[0], &t[1], &t[2]),
             );
         }
+    }
+
+    /// q, k, v of `n_head` heads split from packed (B, T, 3·C) projections, attended by
+    /// `attend`, merged back to (B, T, C): what the packed op replaces.
+    fn split_and_merge(
+        qkv: &Tensor,
+        n_head: usize,
+        attend: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t, c3) = qkv.dims3()?;
+        let (c, d) = (c3 / 3, c3 / 3 / n_head);
+        let heads = |i: usize| {
+            qkv.narrow(2, i * c, c)?
+                .reshape((b, t, n_head, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let y = attend(&heads(0)?, &heads(1)?, &heads(2)?)?;
+        y.transpose(1, 2)?.reshape((b, t, c))
+    }
+
+    #[test]
+    fn packed_heads_match_split_heads() {
+        check_grad(&rand(&[2, 5, 12], 10), |x| causal_attention_packed(x, 2));
+        for (shape, n_head) in [([1, 1, 24], 1), ([2, 67, 48], 2), ([1, 130, 126], 3)] {
+            let qkv = rand(&shape, 11);
+            check_parity(
+                std::slice::from_ref(&qkv),
+                1,
+                |t| causal_attention_packed(&t[0], n_head),
+                |t| split_and_merge(&t[0], n_head, reference::causal_self_attention),
+            );
+            // The same per-head arithmetic as the split op: equal to the bit, gradients too.
+            let qkv =
+                candle_core::Var::from_tensor(&qkv.to_dtype(candle_core::DType::F32).unwrap())
+                    .unwrap();
+            let probe = rand(&[shape[0], shape[1], shape[2] / 3], 12)
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            let run = |y: Tensor| {
+                let g = (&y * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (y, g.get(qkv.as_tensor()).unwrap().clone())
+            };
+            let (y, g) = run(causal_attention_packed(qkv.as_tensor(), n_head).unwrap());
+            let split = split_and_merge(qkv.as_tensor(), n_head, causal_self_attention);
+            let (ys, gs) = run(split.unwrap());
+            assert_eq!(
+                crate::testing::max_abs_diff(&y, &ys),
+                0.0,
+                "{shape:?} values"
+            );
+            assert_eq!(
+                crate::testing::max_abs_diff(&g, &gs),
+                0.0,
+                "{shape:?} gradient"
+            );
+        }
+        let err = causal_attention_packed(&rand(&[1, 2, 10], 13), 2).unwrap_err();
+        assert!(err.to_string().contains("10 packed features"), "{err}");
     }
 
     #[test]

@@ -25,8 +25,10 @@ pub enum WeightLayout {
     InOut,
 }
 
-/// x (N, in) through `weight` (stored as `layout` says) plus `bias` (out,), the product in
-/// `compute`, the result (N, out) in x's dtype.
+/// x (…, in) through `weight` (stored as `layout` says) plus `bias` (out,), the product in
+/// `compute`, the result (…, out) in x's dtype. The leading dimensions are taken as one, inside
+/// the op: a reshape around it would be two more graph nodes, each with a zero-filled gradient
+/// and an add in candle's backward.
 pub fn linear(
     x: &Tensor,
     weight: &Tensor,
@@ -34,7 +36,9 @@ pub fn linear(
     layout: WeightLayout,
     compute: DType,
 ) -> Result<Tensor> {
-    let (_, k) = x.dims2()?;
+    let Some(&k) = x.dims().last() else {
+        candle_core::bail!("linear: x is a scalar; it needs a feature dimension")
+    };
     let (out, w_in) = match (layout, weight.dims2()?) {
         (WeightLayout::OutIn, (o, i)) | (WeightLayout::InOut, (i, o)) => (o, i),
     };
@@ -70,6 +74,7 @@ impl Linear {
         (w, wl): (&S, &Layout),
         bias: Option<(&S, &Layout)>,
     ) -> Result<(S, Shape)> {
+        let (xl, out_shape) = (flat(xl)?, out_shape(xl, wl, self.layout)?);
         let (m, k) = xl.shape().dims2()?;
         // W as the (in, out) right operand.
         let wl = match self.layout {
@@ -78,7 +83,7 @@ impl Linear {
         };
         let n = wl.shape().dims2()?.1;
         let compute = self.compute;
-        let (xk, wk) = (cast(x, xl, compute)?, cast(w, &wl, compute)?);
+        let (xk, wk) = (cast(x, &xl, compute)?, cast(w, &wl, compute)?);
         let (xs, xl) = match &xk {
             Some(s) => (s, Layout::contiguous(xl.shape())),
             None => (x, xl.clone()),
@@ -100,7 +105,7 @@ impl Linear {
             };
             y = y.binary_impl::<candle_core::op::Add>(b, &yl, &bl.broadcast_as((m, n))?)?;
         }
-        Ok((y, Shape::from((m, n))))
+        Ok((y, out_shape))
     }
 
     /// The f32 CPU forward on the BLAS, when one is active ([`crate::blas`]) and no cast is
@@ -117,6 +122,8 @@ impl Linear {
         if crate::blas::active().is_none() || self.compute != DType::F32 {
             return Ok(None);
         }
+        let out_shape = out_shape(xl, wl, self.layout)?;
+        let xl = &flat(xl)?;
         let (m, k) = xl.shape().dims2()?;
         let (rows, cols) = wl.shape().dims2()?;
         let n = if self.layout == WeightLayout::OutIn {
@@ -147,7 +154,7 @@ impl Linear {
                 row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
             }
         }
-        Ok(Some((CpuStorage::F32(y), Shape::from((m, n)))))
+        Ok(Some((CpuStorage::F32(y), out_shape)))
     }
 
     /// dx, dW and db for the inputs that track a gradient.
@@ -160,7 +167,11 @@ impl Linear {
     ) -> Result<[Option<Tensor>; 3]> {
         timed(NAME, Pass::Backward, || {
             let k = self.compute;
-            let (x_, w_, dy) = (x.detach(), w.detach(), dy.detach());
+            // The products on (rows, features) views: x and dy are contiguous.
+            let n_in = x.dim(candle_core::D::Minus1)?;
+            let x_ = x.detach().reshape(((), n_in))?;
+            let (w_, dy) = (w.detach(), dy.detach());
+            let dy = dy.reshape(((), dy.dim(candle_core::D::Minus1)?))?;
             let dyk = dy.to_dtype(k)?;
             let dx = x
                 .track_op()
@@ -170,7 +181,7 @@ impl Linear {
                         WeightLayout::OutIn => w,
                         WeightLayout::InOut => w.t()?,
                     };
-                    mm(&dyk, &w)?.to_dtype(x.dtype())
+                    mm(&dyk, &w)?.to_dtype(x.dtype())?.reshape(x.shape())
                 })
                 .transpose()?;
             let dw = w
@@ -289,6 +300,36 @@ impl CustomOp3 for Linear {
     }
 }
 
+/// A contiguous (…, in) layout as (rows, in).
+fn flat(l: &Layout) -> Result<Layout> {
+    let dims = l.dims();
+    let k = dims.last().copied().unwrap_or(1);
+    if !l.is_contiguous() || k == 0 {
+        candle_core::bail!(
+            "linear: x must be contiguous with features, got {:?}",
+            l.shape()
+        )
+    }
+    Ok(Layout::contiguous_with_offset(
+        (l.shape().elem_count() / k, k),
+        l.start_offset(),
+    ))
+}
+
+/// x's dimensions with the features replaced by the weight's outputs.
+fn out_shape(xl: &Layout, wl: &Layout, layout: WeightLayout) -> Result<Shape> {
+    let (rows, cols) = wl.shape().dims2()?;
+    let n = match layout {
+        WeightLayout::OutIn => rows,
+        WeightLayout::InOut => cols,
+    };
+    let mut dims = xl.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok(Shape::from(dims))
+}
+
 /// `s` in `dtype` (contiguous), or `None` when it already is.
 fn cast<S: BackendStorage>(s: &S, l: &Layout, dtype: DType) -> Result<Option<S>> {
     if s.dtype() == dtype {
@@ -377,5 +418,42 @@ mod tests {
         assert!(!y.unwrap().track_op());
         let err = linear(x.as_tensor(), &w, None, WeightLayout::InOut, DType::F64).unwrap_err();
         assert!(err.to_string().contains("x has 5 features"), "{err}");
+    }
+
+    /// Leading dimensions are one row dimension: the same values and gradients as the
+    /// projection of the (rows, in) reshape, and the output keeps x's leading dimensions.
+    #[test]
+    fn leading_dimensions_are_rows() {
+        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+            let x = Var::from_tensor(&rand(&[2, 3, 5], 7)).unwrap();
+            let shape = match layout {
+                WeightLayout::OutIn => [4, 5],
+                WeightLayout::InOut => [5, 4],
+            };
+            let (w, b) = (rand(&shape, 8), rand(&[4], 9));
+            let w = Var::from_tensor(&w).unwrap();
+            let up = rand(&[2, 3, 4], 10);
+            let (xt, wt) = (x.as_tensor(), w.as_tensor());
+            let y = linear(xt, wt, Some(&b), layout, DType::F64).unwrap();
+            assert_eq!(y.dims(), [2, 3, 4]);
+            let flat = linear(
+                &xt.reshape((6, 5)).unwrap(),
+                wt,
+                Some(&b),
+                layout,
+                DType::F64,
+            )
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap();
+            assert_eq!(max_abs_diff(&y, &flat), 0.0);
+            let grads = |y: Tensor| (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let (g, gf) = (grads(y), grads(flat));
+            for v in [xt, wt] {
+                let (a, e) = (g.get(v).unwrap(), gf.get(v).unwrap());
+                assert_eq!(a.dims(), v.dims());
+                assert_eq!(max_abs_diff(a, e), 0.0, "{layout:?}");
+            }
+        }
     }
 }

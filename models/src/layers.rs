@@ -16,6 +16,7 @@ use crate::lora::{Adapter, LoraConfig};
 use crate::{cached_attention, checkpointed, dropout, in_precision, KvCache, SharedRng};
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
+use kiln_kernels::causal_attention_packed;
 use kiln_kernels::rms_norm;
 use kiln_kernels::{bias_gelu, causal_self_attention, embedding, gelu, gelu_erf, layer_norm};
 use kiln_kernels::{softmax, stats_dtype, WeightLayout as Layout};
@@ -104,38 +105,32 @@ impl Linear {
         self.bias.as_ref()
     }
 
-    /// x (positions, in) · W (+ b) on all positions at once: cheaper forward and backward
-    /// than a batched matmul. A frozen weight is a constant, so it gets no gradient.
+    /// x (…, in) · W (+ b) on all positions at once, as one graph node (kiln's `linear`):
+    /// cheaper forward and backward than a batched matmul. A frozen weight is a constant, so
+    /// it gets no gradient.
     fn project(&self, x: &Tensor, bias: Option<&Tensor>, compute: DType) -> Result<Tensor> {
         kiln_kernels::linear(x, &self.weight, bias, self.layout, compute)
     }
 
-    /// The output dimensions for an input of `x`'s and the input as a 2-D tensor.
-    fn flat(&self, x: &Tensor) -> Result<(Vec<usize>, Tensor)> {
-        let mut out_dims = x.dims().to_vec();
-        let n_in = out_dims.pop().expect("x has a feature dimension");
-        out_dims.push(match self.layout {
-            Layout::OutIn => self.weight.dim(0)?,
-            Layout::InOut => self.weight.dim(1)?,
-        });
-        Ok((out_dims, x.reshape(((), n_in))?))
-    }
-
     /// x · W without the bias (nor an adapter), in x's dtype.
     pub fn matmul(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        let (out_dims, x) = self.flat(x)?;
-        self.project(&x, None, compute)?.reshape(out_dims)
+        self.project(x, None, compute)
     }
 
     /// x · W + b (+ the adapter's update) with the matmuls in `compute`, returned in x's
     /// dtype; `train` turns the adapter's dropout on.
     pub fn forward(&self, x: &Tensor, compute: DType, train: bool) -> Result<Tensor> {
-        let (out_dims, x) = self.flat(x)?;
-        let mut y = self.project(&x, self.bias.as_ref(), compute)?;
-        if let Some(lora) = &self.lora {
-            y = (y + lora.forward(&x, compute, train)?)?;
+        let y = self.project(x, self.bias.as_ref(), compute)?;
+        match &self.lora {
+            None => Ok(y),
+            Some(lora) => {
+                // The adapter's products run on (positions, in) rows.
+                let n_in = x.dim(D::Minus1)?;
+                let update = lora.forward(&x.reshape(((), n_in))?, compute, train)?;
+                let update = update.reshape(y.shape())?;
+                y + update
+            }
         }
-        y.reshape(out_dims)
     }
 
     pub fn params(&self) -> Vec<Tensor> {
@@ -450,6 +445,14 @@ impl Attention {
         rng: &SharedRng,
         compute: DType,
     ) -> Result<Tensor> {
+        if let (true, Qkv::Fused(p), None) = (self.causal, &self.qkv, &self.rope) {
+            if self.n_kv_head == self.n_head {
+                // GPT-2: the heads stay packed as `c_attn` gives them (one graph node).
+                let qkv = p.forward(x, compute, train)?.to_dtype(compute)?;
+                let y = causal_attention_packed(&qkv, self.n_head)?.to_dtype(x.dtype())?;
+                return self.out.forward(&y, compute, false);
+            }
+        }
         let [q, k, v] = self.heads(x, 0, compute, train)?;
         if self.causal {
             let y = causal_self_attention(&q, &self.repeat_kv(k)?, &self.repeat_kv(v)?)?;
