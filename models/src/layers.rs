@@ -16,7 +16,8 @@ use crate::lora::{Adapter, LoraConfig};
 use crate::{cached_attention, checkpointed, dropout, in_precision, KvCache, SharedRng};
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
-use kiln_kernels::causal_attention_packed;
+use kiln_kernels::dropout::dropout_mask;
+use kiln_kernels::{bidirectional_attention, causal_attention_packed};
 use kiln_kernels::rms_norm;
 use kiln_kernels::{bias_gelu, causal_self_attention, embedding, gelu, gelu_erf, layer_norm};
 use kiln_kernels::{softmax, stats_dtype, WeightLayout as Layout};
@@ -452,6 +453,24 @@ impl Attention {
                 let y = causal_attention_packed(&qkv, self.n_head)?.to_dtype(x.dtype())?;
                 return self.out.forward(&y, compute, false);
             }
+        }
+        if let (false, Qkv::Split { q, k, v }, true) = (self.causal, &self.qkv, x.device().is_cpu())
+        {
+            // On the CPU, one op on the token-major projections (its products in f32, or f64).
+            let [q, k, v] = [q, k, v].map(|p| p.forward(x, compute, train));
+            let (b, t, _) = x.dims3()?;
+            // The multiplier the composition's dropout would draw: the same stream positions.
+            let drop = if train && self.dropout > 0.0 {
+                let shape = candle_core::Shape::from((b, self.n_head, t, t));
+                let start = rng.reserve(shape.elem_count() as u64);
+                let acc = stats_dtype(x.dtype());
+                let (p, key) = (self.dropout, rng.key());
+                Some(dropout_mask(&shape, acc, x.device(), p, key, start)?)
+            } else {
+                None
+            };
+            let y = bidirectional_attention(&q?, &k?, &v?, self.n_head, mask, drop.as_ref())?;
+            return self.out.forward(&y, compute, train);
         }
         let [q, k, v] = self.heads(x, 0, compute, train)?;
         if self.causal {
