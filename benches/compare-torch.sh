@@ -14,6 +14,8 @@
 #           each framework on 2 cores; 3 timed steps each).
 #   --run   adds the whole shakespeare-char run (2,000 steps and evaluations) against
 #           benches/torch_shakespeare_char.py.
+#   --kiln BIN  times this kiln binary (e.g. a copy built from an older commit, for a before /
+#           after pair in one sitting) instead of building target/release/kiln.
 # PyTorch: $KILN_PYTHON, else /opt/torchref/bin/python, else python3, whichever imports torch
 # (set up: python3 -m venv /opt/torchref && /opt/torchref/bin/pip install torch tokenizers).
 # Without one, kiln's figures are printed alone.
@@ -21,6 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 steps=20
+kiln=""
 gpt2=0
 run=0
 workloads=()
@@ -29,14 +32,17 @@ while [ $# -gt 0 ]; do
     --steps) steps="$2"; shift 2 ;;
     --gpt2) gpt2=1; shift ;;
     --run) run=1; shift ;;
+    --kiln) kiln="$2"; shift 2 ;;
     char|mlp|minilm|resnet) workloads+=("$1"); shift ;;
     *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
 [ ${#workloads[@]} -gt 0 ] || workloads=(char mlp minilm resnet)
 
-kiln=target/release/kiln
-cargo build --release --quiet
+if [ -z "$kiln" ]; then
+  kiln=target/release/kiln
+  cargo build --release --quiet
+fi
 py=""
 for p in "${KILN_PYTHON:-}" /opt/torchref/bin/python python3; do
   if [ -n "$p" ] && "$p" -c 'import torch' 2>/dev/null; then py="$p"; break; fi
@@ -46,7 +52,7 @@ if [ -z "$py" ]; then
 else
   echo "PyTorch: $("$py" -c 'import torch; print(torch.__version__, "threads", torch.get_num_threads())')"
 fi
-echo "kiln: $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes'), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores"
+echo "kiln: $kiln, tree $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes'), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores"
 
 field() { python3 -c "import json,sys; v=json.loads(sys.argv[1]).get(sys.argv[2]); print('' if v is None else v)" "$1" "$2"; }
 row() { # name kiln_ms torch_ms kiln_bytes torch_bytes

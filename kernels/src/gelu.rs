@@ -10,6 +10,7 @@
 //! saves the (N, C) tensor of x + b and, in the backward, sums db while writing dx.
 
 use crate::layer_norm::{rows_per_task, sum_rows};
+use crate::vexp::wide;
 use crate::{k, out, rows_cols, slice, slices, with_float, Elem, Kernel, Op};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::{Float, Zero};
@@ -38,9 +39,9 @@ pub fn gelu_ref(x: f64) -> (f64, f64) {
 
 /// (gelu(z), gelu'(z)).
 #[inline(always)]
-fn gelu_and_grad<A: Float + num_traits::FromPrimitive>(z: A) -> (A, A) {
+fn gelu_and_grad<A: Float + num_traits::FromPrimitive + crate::vexp::Exp>(z: A) -> (A, A) {
     let (c, kk, one, two): (A, A, A, A) = (k(0.797_884_560_802_865_4), k(0.044715), k(1.0), k(2.0));
-    let s = one / (one + (-two * c * (z + kk * z * z * z)).exp());
+    let s = one / (one + (-two * c * (z + kk * z * z * z)).vexp());
     let y = z * s;
     let dy = s + two * z * s * (one - s) * c * (one + k::<A>(3.0) * kk * z * z);
     (y, dy)
@@ -89,9 +90,11 @@ pub fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(y, x)| {
-                for (y, x) in y.iter_mut().zip(x) {
-                    *y = T::from_acc(gelu_and_grad(x.acc()).0);
-                }
+                wide(|| {
+                    for (y, x) in y.iter_mut().zip(x) {
+                        *y = T::from_acc(gelu_and_grad(x.acc()).0);
+                    }
+                })
             });
         Ok(vec![out(y, shape)])
     })
@@ -106,9 +109,11 @@ pub fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shap
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
             .for_each(|(dx, (x, dy))| {
-                for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
-                    *dx = T::from_acc(dy.acc() * gelu_and_grad(x.acc()).1);
-                }
+                wide(|| {
+                    for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
+                        *dx = T::from_acc(dy.acc() * gelu_and_grad(x.acc()).1);
+                    }
+                })
             });
         Ok(vec![out(dx, shape)])
     })
@@ -123,9 +128,11 @@ pub fn bias_forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, 
         let b: Vec<_> = b.iter().map(|v| v.acc()).collect();
         let mut y = crate::zeros::<T>(x.len());
         y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
-            for i in 0..c {
-                y[i] = T::from_acc(gelu_and_grad(x[i].acc() + b[i]).0);
-            }
+            wide(|| {
+                for ((y, x), b) in y.iter_mut().zip(x).zip(&b) {
+                    *y = T::from_acc(gelu_and_grad(x.acc() + *b).0);
+                }
+            })
         });
         Ok(vec![out(y, shape)])
     })
@@ -148,12 +155,14 @@ pub fn bias_backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage,
                 let mut db = vec![A::zero(); c];
                 let base = task * rows * c;
                 for (r, dx) in dx.chunks_mut(c).enumerate() {
-                    let off = base + r * c;
-                    for i in 0..c {
-                        let g = dy[off + i].acc() * gelu_and_grad(x[off + i].acc() + b[i]).1;
-                        dx[i] = T::from_acc(g);
-                        db[i] += g;
-                    }
+                    let (x, dy) = (&x[base + r * c..][..c], &dy[base + r * c..][..c]);
+                    wide(|| {
+                        for i in 0..c {
+                            let g = dy[i].acc() * gelu_and_grad(x[i].acc() + b[i]).1;
+                            dx[i] = T::from_acc(g);
+                            db[i] += g;
+                        }
+                    })
                 }
                 db
             })

@@ -15,6 +15,7 @@ pub mod compare;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod dropout;
+mod vexp;
 pub mod embedding;
 pub mod gelu;
 pub mod gelu_erf;
@@ -64,7 +65,8 @@ pub trait Elem: candle_core::WithDType + Copy + Send + Sync {
         + std::ops::AddAssign
         + Send
         + Sync
-        + candle_core::WithDType;
+        + candle_core::WithDType
+        + crate::vexp::Exp;
     fn acc(self) -> Self::Acc;
     fn from_acc(a: Self::Acc) -> Self;
 }
