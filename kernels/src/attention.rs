@@ -19,11 +19,13 @@ mod bidirectional;
 pub use bidirectional::bidirectional_attention;
 
 use crate::gemm::{matmul, GemmElem, Mat};
+use crate::vexp::{wide, Exp};
 use crate::{dot, out, slice, with_float, Elem, Kernel, Op};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use num_traits::Float;
 use rayon::prelude::*;
+use std::ops::{AddAssign, MulAssign};
 
 pub fn causal_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (_, _, _, d) = q.dims4()?;
@@ -267,7 +269,7 @@ fn forward_with(
 
 /// One head's o (T, D) and lse (T). Per tile of queries: the scores as one matmul, a row-wise
 /// softmax over the keys each query sees, and o = P·V as another.
-fn forward_head<A: GemmElem + Float + std::ops::AddAssign + std::ops::MulAssign>(
+fn forward_head<A: GemmElem + Float + AddAssign + MulAssign + Exp>(
     q: &[A],
     k: &[A],
     v: &[A],
@@ -281,19 +283,19 @@ fn forward_head<A: GemmElem + Float + std::ops::AddAssign + std::ops::MulAssign>
     for (i0, rows) in tiles(t) {
         let n = i0 + rows;
         scores(&mut p, q, k, (i0, rows), d, scale);
-        for (r, row) in p.chunks_exact_mut(n).take(rows).enumerate() {
-            let seen = i0 + r + 1;
-            let m = row[..seen].iter().fold(A::neg_infinity(), |m, &x| m.max(x));
-            let mut l = A::zero();
-            for x in &mut row[..seen] {
-                *x = (*x - m).exp();
-                l += *x;
+        wide(|| {
+            for (r, row) in p.chunks_exact_mut(n).take(rows).enumerate() {
+                let seen = i0 + r + 1;
+                let m = row[..seen].iter().fold(A::neg_infinity(), |m, &x| m.max(x));
+                row[..seen].iter_mut().for_each(|x| *x = (*x - m).vexp());
+                let mut l = A::zero();
+                row[..seen].iter().for_each(|&x| l += x);
+                let r_l = l.recip();
+                row[..seen].iter_mut().for_each(|x| *x *= r_l);
+                row[seen..].fill(A::zero());
+                lse[i0 + r] = m + l.ln();
             }
-            let r_l = l.recip();
-            row[..seen].iter_mut().for_each(|x| *x *= r_l);
-            row[seen..].fill(A::zero());
-            lse[i0 + r] = m + l.ln();
-        }
+        });
         matmul(
             &mut o[i0 * d..],
             false,
@@ -375,7 +377,7 @@ fn backward_with(
 /// scores' matmul and Δ_i = do_i·o_i:
 /// dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − Δ)·scale, dQ = dS·K, dK += dSᵀ·Q.
 #[allow(clippy::too_many_arguments)]
-fn backward_head<A: GemmElem + Float>(
+fn backward_head<A: GemmElem + Float + Exp>(
     q: &[A],
     k: &[A],
     v: &[A],
@@ -397,13 +399,15 @@ fn backward_head<A: GemmElem + Float>(
     for (i0, rows) in tiles(t) {
         let n = i0 + rows;
         scores(&mut p, q, k, (i0, rows), d, scale);
-        for (r, row) in p.chunks_exact_mut(n).take(rows).enumerate() {
-            let (i, seen) = (i0 + r, i0 + r + 1);
-            row[..seen]
-                .iter_mut()
-                .for_each(|x| *x = (*x - lse[i]).exp());
-            row[seen..].fill(A::zero());
-        }
+        wide(|| {
+            for (r, row) in p.chunks_exact_mut(n).take(rows).enumerate() {
+                let (i, seen) = (i0 + r, i0 + r + 1);
+                row[..seen]
+                    .iter_mut()
+                    .for_each(|x| *x = (*x - lse[i]).vexp());
+                row[seen..].fill(A::zero());
+            }
+        });
         let (d_o_tile, q_tile) = (&d_o[i0 * d..], &q[i0 * d..]);
         // dV[0…n] += Pᵀ · dO_tile
         matmul(

@@ -15,7 +15,6 @@ pub mod compare;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod dropout;
-mod vexp;
 pub mod embedding;
 pub mod gelu;
 pub mod gelu_erf;
@@ -30,6 +29,7 @@ pub mod reference;
 pub mod relu;
 pub mod rms_norm;
 pub mod softmax;
+mod vexp;
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;

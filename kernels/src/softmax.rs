@@ -2,6 +2,7 @@
 //! and summing, then a scale; the composition makes four full-size tensors for the same thing.
 //! Backward from the output alone: dx = y·(dy − Σ dy·y), one pass per row.
 
+use crate::vexp::{wide, Exp};
 use crate::{out, rows_cols, slice, slices, with_float, Elem, Kernel, Op};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::{Float, Zero};
@@ -43,15 +44,17 @@ pub fn forward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape
                     .iter()
                     .map(|v| v.acc())
                     .fold(A::neg_infinity(), Float::max);
-                let mut z = A::zero();
-                for i in 0..c {
-                    e[i] = (x[i].acc() - m).exp();
-                    z += e[i];
-                }
-                let r = z.recip();
-                for i in 0..c {
-                    y[i] = T::from_acc(e[i] * r);
-                }
+                wide(|| {
+                    for i in 0..c {
+                        e[i] = (x[i].acc() - m).vexp();
+                    }
+                    let mut z = A::zero();
+                    e.iter().for_each(|&e| z += e);
+                    let r = z.recip();
+                    for i in 0..c {
+                        y[i] = T::from_acc(e[i] * r);
+                    }
+                })
             },
         );
         Ok(vec![out(y, shape)])

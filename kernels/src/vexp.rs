@@ -58,7 +58,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     // 2ⁿ from n's bits: t's low mantissa bits hold n + 2²² (two's complement wraps).
     let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;

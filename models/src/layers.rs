@@ -17,9 +17,9 @@ use crate::{cached_attention, checkpointed, dropout, in_precision, KvCache, Shar
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use kiln_kernels::dropout::dropout_mask;
-use kiln_kernels::{bidirectional_attention, causal_attention_packed};
 use kiln_kernels::rms_norm;
 use kiln_kernels::{bias_gelu, causal_self_attention, embedding, gelu, gelu_erf, layer_norm};
+use kiln_kernels::{bidirectional_attention, causal_attention_packed};
 use kiln_kernels::{softmax, stats_dtype, WeightLayout as Layout};
 
 /// N(0, std²), the transformers' weight initialization.

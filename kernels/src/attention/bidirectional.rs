@@ -14,6 +14,7 @@
 
 use super::Heads;
 use crate::gemm::{matmul, GemmElem, Mat};
+use crate::vexp::{wide, Exp};
 use crate::{locked, out, slice, with_float, Elem};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
@@ -229,7 +230,7 @@ fn scores<A: GemmElem + Float>(
 }
 
 /// One head's o (T, D) and lse (T).
-fn forward_head<A: GemmElem + Float + std::ops::AddAssign + std::ops::MulAssign>(
+fn forward_head<A: GemmElem + Float + std::ops::AddAssign + std::ops::MulAssign + Exp>(
     q: &[A],
     k: &[A],
     v: &[A],
@@ -241,22 +242,21 @@ fn forward_head<A: GemmElem + Float + std::ops::AddAssign + std::ops::MulAssign>
     let mut p = vec![A::zero(); t * t];
     scores(&mut p, q, k, mask, (t, d), scale);
     let mut lse = vec![A::zero(); t];
-    for (i, row) in p.chunks_exact_mut(t).enumerate() {
-        let m = row.iter().fold(A::neg_infinity(), |m, &x| m.max(x));
-        let mut l = A::zero();
-        for x in row.iter_mut() {
-            *x = (*x - m).exp();
-            l += *x;
+    wide(|| {
+        for (i, row) in p.chunks_exact_mut(t).enumerate() {
+            let m = row.iter().fold(A::neg_infinity(), |m, &x| m.max(x));
+            row.iter_mut().for_each(|x| *x = (*x - m).vexp());
+            let mut l = A::zero();
+            row.iter().for_each(|&x| l += x);
+            let r_l = l.recip();
+            row.iter_mut().for_each(|x| *x *= r_l);
+            if let Some(drop) = drop {
+                let drop = &drop[i * t..][..t];
+                row.iter_mut().zip(drop).for_each(|(x, &m)| *x *= m);
+            }
+            lse[i] = m + l.ln();
         }
-        let r_l = l.recip();
-        row.iter_mut().for_each(|x| *x *= r_l);
-        if let Some(drop) = drop {
-            row.iter_mut()
-                .zip(&drop[i * t..][..t])
-                .for_each(|(x, &m)| *x *= m);
-        }
-        lse[i] = m + l.ln();
-    }
+    });
     let mut o = vec![A::zero(); t * d];
     matmul(
         &mut o,
@@ -270,7 +270,7 @@ fn forward_head<A: GemmElem + Float + std::ops::AddAssign + std::ops::MulAssign>
 
 /// One head's dq, dk, dv (see the module docs).
 #[allow(clippy::too_many_arguments)]
-fn backward_head<A: GemmElem + Float + std::ops::AddAssign>(
+fn backward_head<A: GemmElem + Float + std::ops::AddAssign + Exp>(
     q: &[A],
     k: &[A],
     v: &[A],
@@ -283,9 +283,11 @@ fn backward_head<A: GemmElem + Float + std::ops::AddAssign>(
 ) -> [Vec<A>; 3] {
     let mut p = vec![A::zero(); t * t];
     scores(&mut p, q, k, mask, (t, d), scale);
-    for (row, &lse) in p.chunks_exact_mut(t).zip(lse) {
-        row.iter_mut().for_each(|x| *x = (*x - lse).exp());
-    }
+    wide(|| {
+        for (row, &lse) in p.chunks_exact_mut(t).zip(lse) {
+            row.iter_mut().for_each(|x| *x = (*x - lse).vexp());
+        }
+    });
     // P̃ = P ∘ drop, for dV.
     let dropped: Vec<A> = match drop {
         Some(drop) => p.iter().zip(drop).map(|(&p, &m)| p * m).collect(),
