@@ -16,14 +16,16 @@ use num_traits::Zero;
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Normalizes `x` (N, C, H, W) with its batch statistics, gain `weight` and shift `bias` (C).
-/// Returns y (x's dtype) and the batch mean and biased variance (C) in f32 (f64 for f64), for
-/// the running statistics; these two carry no gradient.
+/// Normalizes `x` (N, C, H, W) with its batch statistics, gain `weight` and shift `bias` (C),
+/// then, with `relu`, applies max(0, ·) in the same op (a ResNet's conv → BN → ReLU: one graph
+/// node and one pass fewer each way). Returns y (x's dtype) and the batch mean and biased
+/// variance (C) in f32 (f64 for f64), for the running statistics; these two carry no gradient.
 pub fn batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (n, _, h, w) = x.dims4()?;
     if n * h * w < 2 {
@@ -31,10 +33,12 @@ pub fn batch_norm_train(
         candle_core::bail!("BatchNorm2d: training needs more than 1 value per channel");
     }
     if !x.device().is_cpu() {
-        return batch_norm_train_composed(x, weight, bias, eps);
+        let (y, mean, var) = batch_norm_train_composed(x, weight, bias, eps)?;
+        let y = if relu { crate::relu(&y)? } else { y };
+        return Ok((y, mean, var));
     }
     let saved = Arc::new(Saved::default());
-    let op = BATCH_NORM.sharing(eps, saved.clone());
+    let op = BATCH_NORM.sharing((eps, relu), saved.clone());
     let dtype = x.dtype();
     let y = x.contiguous()?.apply_op3(
         &weight.to_dtype(dtype)?.contiguous()?,
@@ -68,8 +72,8 @@ pub fn batch_norm_train_composed(
     Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
 }
 
-/// Keeps mean, rstd and var (C), in the accumulation dtype.
-static BATCH_NORM: Op<f64> = Op {
+/// Parameter (ε, ReLU after); keeps mean, rstd and var (C), in the accumulation dtype.
+static BATCH_NORM: Op<(f64, bool)> = Op {
     forward: Kernel {
         name: "kiln-batch-norm",
         cpu: forward,
@@ -79,13 +83,14 @@ static BATCH_NORM: Op<f64> = Op {
     backward: |g| {
         let saved = g.saved.get();
         let (x, w) = (g.inputs[0], g.inputs[1]);
-        BACKWARD.run((), &[x, w, &saved[0], &saved[1], g.dy])
+        BACKWARD.run(g.param.1, &[x, w, &saved[0], &saved[1], g.dy, g.y])
     },
 };
 
-static BACKWARD: Kernel<()> = Kernel {
+/// Parameter: whether the forward applied ReLU (y then masks dy).
+static BACKWARD: Kernel<bool> = Kernel {
     name: "kiln-batch-norm-backward",
-    cpu: |args, ()| backward(args),
+    cpu: backward,
     #[cfg(feature = "cuda")]
     cuda: crate::op::cpu_only,
 };
@@ -96,7 +101,10 @@ fn planes<T>(x: &[T], c: usize, channels: usize, hw: usize) -> impl Iterator<Ite
 }
 
 /// x, w, b → y, mean, rstd, var.
-fn forward(args: &[(&CpuStorage, &Layout)], eps: f64) -> Result<Vec<(CpuStorage, Shape)>> {
+fn forward(
+    args: &[(&CpuStorage, &Layout)],
+    (eps, relu): (f64, bool),
+) -> Result<Vec<(CpuStorage, Shape)>> {
     let shape = args[0].1.shape().clone();
     let (n, c, h, w) = shape.dims4()?;
     let hw = h * w;
@@ -133,16 +141,19 @@ fn forward(args: &[(&CpuStorage, &Layout)], eps: f64) -> Result<Vec<(CpuStorage,
                 let ch = i % c;
                 let scale = rstd[ch] * wt[ch].acc();
                 let shift = b[ch].acc() - mean[ch] * scale;
+                let zero = T::from_acc(A::zero());
                 for (y, x) in y.iter_mut().zip(x) {
-                    *y = T::from_acc(x.acc() * scale + shift);
+                    let v = T::from_acc(x.acc() * scale + shift);
+                    // As `relu` does on BN's output: 0 unless positive.
+                    *y = if !relu || v > zero { v } else { zero };
                 }
             });
         Ok(vec![out(y, shape), out(mean, c), out(rstd, c), out(var, c)])
     })
 }
 
-/// x, w, mean, rstd, dy → dx, dw, db.
-fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
+/// x, w, mean, rstd, dy, y → dx, dw, db; with `relu`, dy counts only where y > 0.
+fn backward(args: &[(&CpuStorage, &Layout)], relu: bool) -> Result<Vec<(CpuStorage, Shape)>> {
     let shape = args[0].1.shape().clone();
     let (n, c, h, w) = shape.dims4()?;
     let hw = h * w;
@@ -150,7 +161,18 @@ fn backward(args: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>>
         type A = <T as Elem>::Acc;
         let [x, wt] = slices::<T, 2>(args)?;
         let (mean, rstd) = (slice::<A>(args[2])?, slice::<A>(args[3])?);
-        let dy = slice::<T>(args[4])?;
+        let (dy, y) = (slice::<T>(args[4])?, slice::<T>(args[5])?);
+        // The gradient reaching the normalization: dy, masked by the ReLU after it.
+        let masked: Vec<T>;
+        let dy = if relu {
+            let zero = T::from_acc(A::zero());
+            masked = (dy.par_iter().zip(y.par_iter()))
+                .map(|(&dy, &y)| if y > zero { dy } else { zero })
+                .collect();
+            &masked[..]
+        } else {
+            dy
+        };
         let m = k::<A>((n * hw) as f64);
         // Per channel: (Σ dy, Σ dy·x̂).
         let sums: Vec<(A, A)> = (0..c)
@@ -210,7 +232,10 @@ mod tests {
             .broadcast_mul(&(shift.abs().unwrap() + 0.5).unwrap())
             .unwrap();
         let (w, b, up) = (rand(&[3], 2), rand(&[3], 3), rand(&[4, 3, 5, 3], 4));
-        for dtype in [DType::F64, DType::F32, DType::BF16] {
+        for (dtype, relu) in [DType::F64, DType::F32, DType::BF16]
+            .into_iter()
+            .flat_map(|d| [(d, false), (d, true)])
+        {
             let vars: Vec<Var> = [&x, &w, &b]
                 .iter()
                 .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
@@ -220,8 +245,11 @@ mod tests {
                 vars[1].as_tensor(),
                 vars[2].as_tensor(),
             );
-            let fused = batch_norm_train(xv, wv, bv, 1e-5).unwrap();
-            let composed = batch_norm_train_composed(xv, wv, bv, 1e-5).unwrap();
+            let fused = batch_norm_train(xv, wv, bv, 1e-5, relu).unwrap();
+            let mut composed = batch_norm_train_composed(xv, wv, bv, 1e-5).unwrap();
+            if relu {
+                composed.0 = crate::relu(&composed.0).unwrap();
+            }
             let tol = tolerance(dtype);
             for (what, a, b) in [
                 ("y", &fused.0, &composed.0),
@@ -230,7 +258,7 @@ mod tests {
             ] {
                 assert_eq!(a.dtype(), b.dtype(), "{what} {dtype:?}");
                 let e = max_abs_diff(a, b);
-                assert!(e < tol * 10.0, "{what} {dtype:?}: {e}");
+                assert!(e < tol * 10.0, "{what} {dtype:?} relu {relu}: {e}");
             }
             let grads = |y: &Tensor| {
                 let up = up.to_dtype(dtype).unwrap();
@@ -241,7 +269,28 @@ mod tests {
             };
             for (i, (a, b)) in grads(&fused.0).iter().zip(grads(&composed.0)).enumerate() {
                 let e = max_abs_diff(a, &b);
-                assert!(e < tol * 50.0, "gradient {i} {dtype:?}: {e}");
+                assert!(e < tol * 50.0, "gradient {i} {dtype:?} relu {relu}: {e}");
+            }
+            if relu {
+                // The fused ReLU is kiln's `relu` after the op, to the bit, gradients too.
+                let apart = crate::relu(&batch_norm_train(xv, wv, bv, 1e-5, false).unwrap().0);
+                let apart = apart.unwrap();
+                assert_eq!(max_abs_diff(&fused.0, &apart), 0.0, "{dtype:?}");
+                for (a, b) in grads(&fused.0).iter().zip(grads(&apart)) {
+                    assert_eq!(max_abs_diff(a, &b), 0.0, "{dtype:?} gradient");
+                }
+                // Some outputs were negative before the ReLU: the mask is exercised.
+                assert!(
+                    fused
+                        .0
+                        .min_all()
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                        == 0.0
+                );
             }
         }
     }
@@ -250,7 +299,7 @@ mod tests {
     fn gradients_match_finite_differences() {
         let x = rand(&[3, 2, 2, 3], 5);
         let (w, b) = (rand(&[2], 6), rand(&[2], 7));
-        let y = |x: &Tensor, w: &Tensor, b: &Tensor| Ok(batch_norm_train(x, w, b, 1e-5)?.0);
+        let y = |x: &Tensor, w: &Tensor, b: &Tensor| Ok(batch_norm_train(x, w, b, 1e-5, false)?.0);
         check_grad(&x, |x| y(x, &w, &b));
         check_grad(&w, |w| y(&x, w, &b));
         check_grad(&b, |b| y(&x, &w, b));
@@ -260,7 +309,9 @@ mod tests {
     fn one_value_per_channel_is_an_error() {
         let x = rand(&[1, 2, 1, 1], 8);
         let (w, b) = (rand(&[2], 9), rand(&[2], 10));
-        let e = batch_norm_train(&x, &w, &b, 1e-5).unwrap_err().to_string();
+        let e = batch_norm_train(&x, &w, &b, 1e-5, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("more than 1 value"), "{e}");
     }
 }

@@ -52,10 +52,15 @@ impl BatchNorm2d {
     /// Normalizes `x` (N, C, H, W); returns x's dtype. `train`: batch statistics, and the
     /// running ones are updated.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_then(x, train, false)
+    }
+
+    /// [`BatchNorm2d::forward`], followed by a ReLU when `relu` (in training, in the same op).
+    pub fn forward_then(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         if train {
             let (y, mean, var) =
-                kiln_kernels::batch_norm::batch_norm_train(x, &self.weight, &self.bias, EPS)?;
+                kiln_kernels::batch_norm::batch_norm_train(x, &self.weight, &self.bias, EPS, relu)?;
             let m = (n * h * w) as f64;
             self.update(&mean, &(var * (m / (m - 1.0)))?)?;
             return Ok(y);
@@ -66,11 +71,17 @@ impl BatchNorm2d {
         let mean = per_channel(&self.running_mean.detach())?;
         let var = per_channel(&self.running_var.detach())?;
         let scale = per_channel(&self.weight)?.broadcast_div(&(var + EPS)?.sqrt()?)?;
-        x.to_dtype(acc)?
+        let y = x
+            .to_dtype(acc)?
             .broadcast_sub(&mean)?
             .broadcast_mul(&scale)?
             .broadcast_add(&per_channel(&self.bias)?)?
-            .to_dtype(x.dtype())
+            .to_dtype(x.dtype())?;
+        if relu {
+            kiln_kernels::relu(&y)
+        } else {
+            Ok(y)
+        }
     }
 
     /// Moves the running statistics towards the batch's `mean` and unbiased `var` (C),

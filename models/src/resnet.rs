@@ -205,12 +205,7 @@ impl ConvLayer {
         } else {
             conv(&x.to_dtype(compute)?, &self.weight.to_dtype(compute)?)?.to_dtype(x.dtype())?
         };
-        let y = self.norm.forward(&y, train)?;
-        if self.relu {
-            kiln_kernels::relu(&y)
-        } else {
-            Ok(y)
-        }
+        self.norm.forward_then(&y, train, self.relu)
     }
 }
 
