@@ -436,7 +436,7 @@ fn bench_profile_accounts_for_the_step() {
     };
     for pass in ["forward", "backward"] {
         assert_eq!(op("kiln-layer-norm", pass)["calls"], 3.0);
-        assert_eq!(op("kiln-causal-attention", pass)["calls"], 1.0);
+        assert_eq!(op("kiln-causal-attention-packed", pass)["calls"], 1.0);
     }
     assert_eq!(op("kiln-adamw", "update")["calls"], 1.0);
     // The text report names the parts.
