@@ -86,8 +86,20 @@ struct Bidirectional {
 const NAME: &str = "kiln-bidirectional-attention";
 
 /// A constant's values as `A` (it was checked to be in the softmax's dtype).
-fn values<A: candle_core::WithDType>(x: &Option<Tensor>) -> Result<Option<Vec<A>>> {
-    x.as_ref().map(|x| x.to_vec1::<A>()).transpose()
+/// A constant's values, borrowed from its storage (it was made contiguous on the CPU, in the
+/// softmax's dtype): the dropout multiplier is B·H·T² values, not to be copied each pass.
+fn values<'a, A, S>(g: &'a Option<(S, &Layout)>) -> Result<Option<&'a [A]>>
+where
+    A: candle_core::WithDType,
+    S: std::ops::Deref<Target = Storage>,
+{
+    match g {
+        None => Ok(None),
+        Some((s, l)) => match &**s {
+            Storage::Cpu(s) => slice::<A>((s, l)).map(Some),
+            _ => candle_core::bail!("{NAME}: runs on the CPU only"),
+        },
+    }
 }
 
 impl Bidirectional {
@@ -119,7 +131,12 @@ impl CustomOp3 for Bidirectional {
                 type A = <T as Elem>::Acc;
                 let [q, k, v] = [0, 1, 2].map(|i| slice::<T>(args[i]));
                 let (q, k, v) = (q?, k?, v?);
-                let (mask, drop) = (values::<A>(&self.mask)?, values::<A>(&self.drop)?);
+                let constants =
+                    [&self.mask, &self.drop].map(|t| t.as_ref().map(Tensor::storage_and_layout));
+                let (mask, drop) = (
+                    values::<A, _>(&constants[0])?,
+                    values::<A, _>(&constants[1])?,
+                );
                 let scale: A = crate::k(self.scale);
                 let per_head: Vec<(Vec<A>, Vec<A>)> = (0..b * h)
                     .into_par_iter()
@@ -173,7 +190,12 @@ impl CustomOp3 for Bidirectional {
                 let [q, k, v, d_o] = [0, 1, 2, 3].map(|i| slice::<T>(args[i]));
                 let (q, k, v, d_o) = (q?, k?, v?, d_o?);
                 let lse: &[A] = candle_core::WithDType::cpu_storage_as_slice(&lse)?;
-                let (mask, drop) = (values::<A>(&self.mask)?, values::<A>(&self.drop)?);
+                let constants =
+                    [&self.mask, &self.drop].map(|t| t.as_ref().map(Tensor::storage_and_layout));
+                let (mask, drop) = (
+                    values::<A, _>(&constants[0])?,
+                    values::<A, _>(&constants[1])?,
+                );
                 let scale: A = crate::k(self.scale);
                 let per_head: Vec<[Vec<A>; 3]> = (0..b * h)
                     .into_par_iter()
