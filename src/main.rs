@@ -50,6 +50,29 @@ fn short_worker_spin() {
     }
 }
 
+/// Runs `f` on a worker of a thread pool with one thread per core, which the kernels' parallel
+/// loops and the products then run in. Called from outside a pool, every parallel loop hands
+/// its work to the pool's threads and puts the caller to sleep until they finish, then wakes
+/// it: two context switches and a wake-up's latency per op, and a third runnable thread on as
+/// many cores as workers. On a worker, the caller takes part in its own loops and the others
+/// steal from it. shakespeare-char: 181K context switches in 205 steps -> 32K, step median
+/// 40.1 -> 35.3 ms and mean 44.2 -> 36.3 ms (`perf stat`, benches/RESULTS.md). The data
+/// thread's own parallel loops stay on rayon's global pool, so a worker waiting for a batch
+/// never waits on itself. Workers get main's stack size: candle's backward walks the graph
+/// recursively.
+fn on_a_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(candle_core::utils::get_num_threads())
+        .stack_size(8 << 20)
+        .thread_name(|i| format!("kiln-worker-{i}"))
+        .build();
+    match pool {
+        Ok(pool) => pool.install(f),
+        // No threads to be had: run as before, the loops on rayon's global pool.
+        Err(_) => f(),
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
@@ -303,7 +326,8 @@ enum Split {
 fn main() -> ExitCode {
     keep_freed_memory();
     short_worker_spin();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    match on_a_worker(|| run(cli)) {
         Ok(Some(signal)) => ExitCode::from(128 + signal as u8),
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
