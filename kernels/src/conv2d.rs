@@ -146,8 +146,11 @@ impl Unfold {
     #[inline(always)]
     fn inside(&self, j: usize, len: usize, n: usize) -> (usize, usize, usize) {
         let (s, p) = (self.stride, self.padding);
-        let lo = p.saturating_sub(j).div_ceil(s).min(n);
-        let hi = (len + p).saturating_sub(j).div_ceil(s).clamp(lo, n);
+        // Stride 1 spelled out: this runs for every tap of every channel of every image, and a
+        // division (even by 1) costs more than the rest.
+        let steps = |v: usize| if s == 1 { v } else { v.div_ceil(s) };
+        let lo = steps(p.saturating_sub(j)).min(n);
+        let hi = steps((len + p).saturating_sub(j)).clamp(lo, n);
         (lo, hi, lo * s + j - p.min(lo * s + j))
     }
 
@@ -217,6 +220,7 @@ impl Unfold {
     /// read, in tap order, so each pixel's sum runs in a fixed order. With 'same' padding and
     /// stride 1 a tap's plane is added as one run: its entries that read padding are zeroed
     /// first (they are scratch), and adding +0 to a sum that started at +0 changes no bits.
+    /// `dst` comes zeroed (both callers allocate it so): the sums start from it.
     #[inline(always)] // into `vexp::wide`'s AVX-512 function
     fn fold_plane<T: Copy + std::ops::AddAssign + Default>(
         &self,
@@ -226,7 +230,6 @@ impl Unfold {
         dst: &mut [T],
     ) {
         let (k, wo, window) = (self.k, self.wo, self.ho * self.wo);
-        dst.fill(T::default());
         for i in 0..k {
             for j in 0..k {
                 let tap = &mut taps[at(i, j)..][..window];
