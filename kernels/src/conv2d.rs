@@ -14,13 +14,16 @@
 //! k² narrowed views of the padded input stacked together; autograd then runs the backward of
 //! every narrow as a zero-padded copy of the whole input, 2·k² full-size copies per layer.
 //!
-//! In f32 and f64 on the CPU the whole convolution is one op ([`CONV`]) instead: per image,
-//! unfold into a (C·k², Ho·Wo) buffer and one matmul written straight into the output's
-//! (Cout, Ho·Wo) plane; the backward unfolds again (the columns are cheaper to recompute than
-//! to keep: 9× the input for a 3×3 kernel), accumulates dW = dY·colsᵀ and folds Wᵀ·dY into dx,
-//! image by image. No batch-sized column buffer, no transpose copy, and one graph node whose
-//! backward hands autograd two gradients, instead of a matmul, reshapes and a copy, each of
-//! whose gradients candle zero-fills and adds.
+//! In f32 and f64 on the CPU the whole convolution is one op ([`CONV`]) instead: per image
+//! (or per group of images, side by side, when a window is too small to make a wide product:
+//! 7 × 7 at a ResNet's last stage), unfold into a (C·k², n·Ho·Wo) buffer and one matmul,
+//! written straight into the output's (Cout, Ho·Wo) plane when n = 1; the backward unfolds
+//! again (the columns are cheaper to recompute than to keep: 9× the input for a 3×3 kernel),
+//! accumulates dWᵀ = cols·dYᵀ (C·k² rows: faster than Cout rows) and folds Wᵀ·dY into dx. No
+//! batch-sized column buffer, and one graph node whose backward hands autograd two gradients,
+//! instead of a matmul, reshapes and a copy, each of whose gradients candle zero-fills and
+//! adds. With stride 1 and 'same' padding each tap's plane is one shifted run of the input, so
+//! the unfold is a copy and the fold a vectorized add per tap rather than a call per row.
 
 use crate::gemm::{matmul, Mat};
 use crate::{out, slice, slices, with_float, Kernel, Op};
