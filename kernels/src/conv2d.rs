@@ -511,10 +511,14 @@ fn conv_backward(args: &[(&CpuStorage, &Layout)], g: Unfold) -> Result<Vec<(CpuS
                 .zip(dy.par_chunks(per_task * cout * window))
                 .map(|((dx, x), dy)| {
                     let mut cols = vec![T::default(); kk * group * window];
-                    let mut product = vec![T::default(); if group > 1 { cout * group * window } else { 0 }];
+                    let product_len = if group > 1 { cout * group * window } else { 0 };
+                    let mut product = vec![T::default(); product_len];
                     let mut dwt = vec![T::default(); kk * cout];
-                    let groups = dx.chunks_mut(group * c * h * wd).zip(x.chunks(group * c * h * wd));
-                    for (first, ((dx, x), dy)) in groups.zip(dy.chunks(group * cout * window)).enumerate() {
+                    let groups = dx
+                        .chunks_mut(group * c * h * wd)
+                        .zip(x.chunks(group * c * h * wd))
+                        .zip(dy.chunks(group * cout * window));
+                    for (first, ((dx, x), dy)) in groups.enumerate() {
                         let n = x.len() / (c * h * wd);
                         let cols_n = n * window;
                         g.unfold_images(x, n, (c, h, wd), &mut cols);
