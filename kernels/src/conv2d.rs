@@ -164,17 +164,18 @@ impl Unfold {
         self.stride == 1 && self.wo == w
     }
 
-    /// For a [`Self::plane_is_a_shift`] geometry and tap (i, j): the run `start..end` of output
-    /// positions that read inside the input, the input position `start` reads, and the inside
-    /// columns `lo..hi` of each output row; `None` if the tap reads only padding.
-    fn shifted_run(
-        &self,
-        (h, w): (usize, usize),
-        (i, j): (usize, usize),
-    ) -> Option<(usize, usize, usize, (usize, usize))> {
+    /// For a [`Self::plane_is_a_shift`] geometry, the run of tap (i, j)'s plane that reads
+    /// inside the input; `None` if the tap reads only padding.
+    fn shifted_run(&self, (h, w): (usize, usize), (i, j): (usize, usize)) -> Option<Run> {
         let (ylo, yhi, y0) = self.inside(i, h, self.ho);
         let (lo, hi, x0) = self.inside(j, w, w);
-        (ylo < yhi && lo < hi).then(|| (ylo * w + lo, (yhi - 1) * w + hi, y0 * w + x0, (lo, hi)))
+        (ylo < yhi && lo < hi).then(|| Run {
+            start: ylo * w + lo,
+            end: (yhi - 1) * w + hi,
+            from: y0 * w + x0,
+            cols: (lo, hi),
+            w,
+        })
     }
 
     /// Tap (i, j) of one channel of one image: `src` (H, W) → `dst` (Ho·Wo). Each output row
@@ -188,13 +189,14 @@ impl Unfold {
         dst: &mut [T],
     ) {
         if self.plane_is_a_shift(w) {
-            let Some((start, end, from, (lo, hi))) = self.shifted_run((h, w), (i, j)) else {
+            let Some(run) = self.shifted_run((h, w), (i, j)) else {
                 return dst.fill(T::default());
             };
-            dst[..start].fill(T::default());
-            dst[end..].fill(T::default());
-            dst[start..end].copy_from_slice(&src[from..][..end - start]);
-            return zero_between_rows(&mut dst[start..end], (lo, hi), w);
+            dst[..run.start].fill(T::default());
+            dst[run.end..].fill(T::default());
+            let inside = &mut dst[run.start..run.end];
+            inside.copy_from_slice(&src[run.from..][..inside.len()]);
+            return run.zero_between_rows(inside);
         }
         let (lo, hi, x0) = self.inside(j, w, self.wo);
         for (oy, row) in dst.chunks_exact_mut(self.wo).enumerate() {
@@ -237,13 +239,12 @@ impl Unfold {
             for j in 0..k {
                 let tap = &mut taps[at(i, j)..][..window];
                 if self.plane_is_a_shift(w) {
-                    let Some((start, end, from, (lo, hi))) = self.shifted_run((h, w), (i, j))
-                    else {
+                    let Some(run) = self.shifted_run((h, w), (i, j)) else {
                         continue;
                     };
-                    zero_between_rows(&mut tap[start..end], (lo, hi), w);
-                    let run = &tap[start..end];
-                    for (d, v) in dst[from..][..run.len()].iter_mut().zip(run) {
+                    let inside = &mut tap[run.start..run.end];
+                    run.zero_between_rows(inside);
+                    for (d, v) in dst[run.from..][..inside.len()].iter_mut().zip(&*inside) {
                         *d += *v;
                     }
                     continue;
@@ -272,13 +273,26 @@ impl Unfold {
     }
 }
 
-/// In a run of output rows of `w` that starts at column `lo` and ends at column `hi`, zero the
-/// entries between one row's `hi` and the next row's `lo`: those a whole-plane shift carried
-/// over a row end (they read padding).
-fn zero_between_rows<T: Copy + Default>(run: &mut [T], (lo, hi): (usize, usize), w: usize) {
-    if hi - lo < w {
-        for row_end in (hi - lo..run.len()).step_by(w) {
-            run[row_end..row_end + w - (hi - lo)].fill(T::default());
+/// The output positions `start..end` of a tap's plane (rows of `w`) that a 'same' stride-1
+/// convolution reads as one run of the input from position `from`; within each row only the
+/// columns `cols` read inside it.
+struct Run {
+    start: usize,
+    end: usize,
+    from: usize,
+    cols: (usize, usize),
+    w: usize,
+}
+
+impl Run {
+    /// In the run's slice, zero the entries between one row's last inside column and the next
+    /// row's first: those the whole-plane shift carried over a row end (they read padding).
+    fn zero_between_rows<T: Copy + Default>(&self, inside: &mut [T]) {
+        let ((lo, hi), w) = (self.cols, self.w);
+        if hi - lo < w {
+            for row_end in (hi - lo..inside.len()).step_by(w) {
+                inside[row_end..row_end + w - (hi - lo)].fill(T::default());
+            }
         }
     }
 }
@@ -387,6 +401,7 @@ const MIN_PRODUCT_COLUMNS: usize = 384;
 const IMAGES_PER_DW_PARTIAL: usize = 8;
 
 /// How a convolution over `b` images of `window` output positions is cut into products.
+#[derive(Clone, Copy)]
 struct Plan {
     /// Images unfolded side by side into one product, so that small windows (7 × 7 at a
     /// ResNet's last stage) still give wide products; at most one dW partial.
@@ -407,6 +422,20 @@ impl Plan {
             Parallelism::Rayon(threads)
         };
         Plan { group, par }
+    }
+
+    /// One task's scratch: the columns of a group, (C·k², group·P), and, for groups of more
+    /// than one image, a (Cout, group·P) product to regroup through.
+    fn buffers<T: Copy + Default>(self, kk: usize, cout: usize, window: usize) -> [Vec<T>; 2] {
+        let product = if self.group > 1 {
+            cout * self.group * window
+        } else {
+            0
+        };
+        [
+            vec![T::default(); kk * self.group * window],
+            vec![T::default(); product],
+        ]
     }
 }
 
@@ -465,13 +494,9 @@ fn conv_forward(args: &[(&CpuStorage, &Layout)], g: Unfold) -> Result<Vec<(CpuSt
             let [x, w] = slices::<T, 2>(args)?;
             let w = Mat::new(w, cout, kk);
             let mut y = crate::zeros::<T>(b * cout * window);
-            let buffers = || {
-                let product = if group > 1 { cout * group * window } else { 0 };
-                (vec![T::default(); kk * group * window], vec![T::default(); product])
-            };
             y.par_chunks_mut(group * cout * window)
                 .zip(x.par_chunks(group * c * h * wd))
-                .for_each_init(buffers, |(cols, product), (y, x)| {
+                .for_each_init(|| plan.buffers(kk, cout, window), |[cols, product], (y, x)| {
                     let n = x.len() / (c * h * wd);
                     g.unfold_images(x, n, (c, h, wd), cols);
                     let cols = Mat::new(cols, kk, n * window);
@@ -510,9 +535,7 @@ fn conv_backward(args: &[(&CpuStorage, &Layout)], g: Unfold) -> Result<Vec<(CpuS
                 .zip(x.par_chunks(per_task * c * h * wd))
                 .zip(dy.par_chunks(per_task * cout * window))
                 .map(|((dx, x), dy)| {
-                    let mut cols = vec![T::default(); kk * group * window];
-                    let product_len = if group > 1 { cout * group * window } else { 0 };
-                    let mut product = vec![T::default(); product_len];
+                    let [mut cols, mut product] = plan.buffers(kk, cout, window);
                     let mut dwt = vec![T::default(); kk * cout];
                     let groups = dx
                         .chunks_mut(group * c * h * wd)

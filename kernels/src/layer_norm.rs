@@ -1,8 +1,8 @@
 //! Layer normalization over the last dimension: y = (x − μ)·rstd·w + b, rstd = 1/√(σ² + ε).
 //!
 //! Forward: one pass per row computes μ and σ² (in f32, or f64 for f64; the row sums in
-//! eight lanes, so that they vectorize), writes y and keeps μ
-//! and rstd for the backward: N floats each, instead of the composition's normalized copy of x.
+//! eight lanes, so that they vectorize), writes y and keeps μ and rstd for the backward: N
+//! floats each, instead of the composition's normalized copy of x.
 //! Backward, with x̂ = (x − μ)·rstd and g = dy·w:
 //!   dx = rstd·(g − mean(g) − x̂·mean(g·x̂)),  dw = Σ_rows dy·x̂,  db = Σ_rows dy.
 //! Rows are split across threads; each block of rows sums its own dw/db, then the partial sums

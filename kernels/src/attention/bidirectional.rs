@@ -85,7 +85,6 @@ struct Bidirectional {
 
 const NAME: &str = "kiln-bidirectional-attention";
 
-/// A constant's values as `A` (it was checked to be in the softmax's dtype).
 /// A constant's values, borrowed from its storage (it was made contiguous on the CPU, in the
 /// softmax's dtype): the dropout multiplier is B·H·T² values, not to be copied each pass.
 fn values<'a, A, S>(g: &'a Option<(S, &Layout)>) -> Result<Option<&'a [A]>>
