@@ -14,6 +14,9 @@
 #           each framework on 2 cores; 3 timed steps each).
 #   --run   adds the whole shakespeare-char run (2,000 steps and evaluations) against
 #           benches/torch_shakespeare_char.py.
+#   --minilm-run  adds one epoch of the minilm-banking77 recipe, evaluations, checkpoint and
+#           test split included (about 2 min each), against the transformers Trainer
+#           (benches/torch_minilm_trainer.py; needs transformers beside torch).
 #   --kiln BIN  times this kiln binary (e.g. a copy built from an older commit, for a before /
 #           after pair in one sitting) instead of building target/release/kiln.
 # PyTorch: $KILN_PYTHON, else /opt/torchref/bin/python, else python3, whichever imports torch
@@ -26,12 +29,14 @@ steps=20
 kiln=""
 gpt2=0
 run=0
+minilm_run=0
 workloads=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) steps="$2"; shift 2 ;;
     --gpt2) gpt2=1; shift ;;
     --run) run=1; shift ;;
+    --minilm-run) minilm_run=1; shift ;;
     --kiln) kiln="$2"; shift 2 ;;
     char|mlp|minilm|resnet) workloads+=("$1"); shift ;;
     *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
@@ -97,19 +102,34 @@ if [ $gpt2 = 1 ]; then
     "$(field "$k" peak_memory_bytes)" "$t_bytes")")
 fi
 
+seconds() { # seconds a command takes, its output dropped
+  local s
+  s=$(date +%s.%N)
+  "$@" >/dev/null
+  python3 -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$s" "$(date +%s.%N)"
+}
+
 if [ $run = 1 ]; then
   dir=$(mktemp -d)
-  s=$(date +%s.%N)
-  $kiln train recipes/shakespeare-char.toml --device cpu --quiet --run-dir "$dir/run" >/dev/null
-  k_s=$(python3 -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$s" "$(date +%s.%N)")
+  k_s=$(seconds $kiln train recipes/shakespeare-char.toml --device cpu --quiet --run-dir "$dir/run")
   t_s=""
-  if [ -n "$py" ]; then
-    s=$(date +%s.%N)
-    "$py" benches/torch_shakespeare_char.py >/dev/null
-    t_s=$(python3 -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$s" "$(date +%s.%N)")
-  fi
+  [ -z "$py" ] || t_s=$(seconds "$py" benches/torch_shakespeare_char.py)
   rm -rf "$dir"
   rows+=("$(row "shakespeare-char run (s)" "$k_s" "$t_s" "" "")")
+fi
+
+if [ $minilm_run = 1 ]; then
+  dir=$(mktemp -d)
+  k_s=$(seconds $kiln train recipes/minilm-banking77.toml --device cpu --quiet \
+    --set trainer.epochs=1 --run-dir "$dir/run")
+  t_s=""
+  if [ -n "$py" ] && "$py" -c 'import transformers' 2>/dev/null; then
+    t_s=$(seconds "$py" benches/torch_minilm_trainer.py --shared ../shared 2>/dev/null)
+  elif [ -n "$py" ]; then
+    echo "no transformers beside torch ($py -m pip install transformers accelerate): kiln's MiniLM epoch alone" >&2
+  fi
+  rm -rf "$dir"
+  rows+=("$(row "MiniLM BANKING77 epoch (s)" "$k_s" "$t_s" "" "")")
 fi
 
 echo

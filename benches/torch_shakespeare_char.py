@@ -1,11 +1,12 @@
 # PyTorch reference for the shakespeare-char recipe: the same model and training setup as
 # nanoGPT's CPU run (4 layers, 4 heads, 128 dims, context 64, batch 12, 2000 iterations,
 # lr 1e-3 with 100 warmup steps and cosine decay to 1e-4, AdamW betas (0.9, 0.99), weight decay
-# 0.1 on matrices, clip 1.0, no dropout, no biases, tied head, exact GELU), evaluated like kiln:
-# mean loss over every non-overlapping window of the validation split (plus nanoGPT's estimate
-# from 20 random validation batches).
+# 0.1 on matrices, clip 1.0, no dropout, no biases, tied head, exact GELU), on kiln's schedule:
+# 20 validation batches every 250 steps, a checkpoint (weights and optimizer state) every 1,000,
+# and at the end the mean loss over every non-overlapping window of the validation split (plus
+# nanoGPT's estimate from 20 random validation batches).
 #   usage: python benches/torch_shakespeare_char.py [SEED ...]
-import math, sys, json, time, torch, torch.nn as nn, torch.nn.functional as F
+import math, os, shutil, sys, json, tempfile, time, torch, torch.nn as nn, torch.nn.functional as F
 
 text = open("data/tinyshakespeare/input.txt").read()
 chars = sorted(set(text)); stoi = {c: i for i, c in enumerate(chars)}
@@ -46,11 +47,25 @@ def lr_at(it, lr=1e-3, min_lr=1e-4, warmup=100):
     r = min(1.0, (it - warmup) / (STEPS - warmup))
     return min_lr + 0.5 * (1 + math.cos(math.pi * r)) * (lr - min_lr)
 
+def val_batches(m, n, gen):
+    """Mean loss of `n` random validation batches (nanoGPT's estimate), drawn from `gen`: the
+    training batches do not depend on how often the run evaluates."""
+    m.eval()
+    with torch.no_grad():
+        est = []
+        for _ in range(n):
+            ix = torch.randint(len(val) - T, (B,), generator=gen)
+            x = torch.stack([val[i:i + T] for i in ix]); y = torch.stack([val[i + 1:i + T + 1] for i in ix])
+            est.append(F.cross_entropy(m(x).view(-1, V), y.view(-1)).item())
+    m.train()
+    return sum(est) / len(est)
+
 def run(seed):
     torch.manual_seed(seed)
     m = GPT()
     decay = [p for p in m.parameters() if p.dim() >= 2]; rest = [p for p in m.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+    ckpt, gen = tempfile.mkdtemp(prefix="char-twin-"), torch.Generator().manual_seed(seed + 1)
     t0 = time.time()
     for it in range(STEPS):
         for g in opt.param_groups: g["lr"] = lr_at(it)
@@ -59,6 +74,11 @@ def run(seed):
         loss = F.cross_entropy(m(x).view(-1, V), y.view(-1))
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step()
+        if (it + 1) % 250 == 0:
+            val_batches(m, 20, gen)
+        if (it + 1) % 1000 == 0:
+            torch.save({"model": m.state_dict(), "optimizer": opt.state_dict(), "step": it + 1},
+                       os.path.join(ckpt, "ckpt.pt"))
     secs = time.time() - t0
     with torch.no_grad():
         starts = list(range(0, len(val) - 1 - T + 1, T))
@@ -67,12 +87,8 @@ def run(seed):
             s = starts[i:i + 64]
             x = torch.stack([val[j:j + T] for j in s]); y = torch.stack([val[j + 1:j + T + 1] for j in s])
             tot += F.cross_entropy(m(x).view(-1, V), y.view(-1), reduction="sum").item(); cnt += y.numel()
-        est = []
-        for _ in range(20):
-            ix = torch.randint(len(val) - T, (B,))
-            x = torch.stack([val[i:i + T] for i in ix]); y = torch.stack([val[i + 1:i + T + 1] for i in ix])
-            est.append(F.cross_entropy(m(x).view(-1, V), y.view(-1)).item())
-    return {"seed": seed, "val_loss_full": tot / cnt, "val_loss_20_batches": sum(est) / len(est), "train_seconds": secs}
+    shutil.rmtree(ckpt)
+    return {"seed": seed, "val_loss_full": tot / cnt, "val_loss_20_batches": val_batches(m, 20, gen), "train_seconds": secs}
 
 for seed in [int(a) for a in sys.argv[1:]] or [1337]:
     print(json.dumps(run(seed)), flush=True)

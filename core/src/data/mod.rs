@@ -134,6 +134,14 @@ pub trait Examples: Send + Sync {
     fn train_order(&self, rng: &mut ChaCha8Rng, shuffle: bool) -> Vec<usize>;
     /// Ids visited by one evaluation pass, in order; every example exactly once.
     fn eval_order(&self) -> Vec<usize>;
+    /// Reorders the examples one evaluation pass has chosen (a prefix of [`eval_order`]) before
+    /// they are cut into batches, so that batches waste less on padding; the metrics do not
+    /// depend on the order. By default they stay as they are.
+    ///
+    /// [`eval_order`]: Examples::eval_order
+    fn group_for_eval(&self, order: &mut [usize]) {
+        let _ = order;
+    }
     /// Builds a batch from example ids, as evaluation sees them (never augmented).
     fn collate(&self, ids: &[usize]) -> HostBatch;
     /// Builds a training batch: with training-time augmentation where the data set has it,
@@ -263,7 +271,8 @@ impl Loader {
     }
 }
 
-/// Batches of an evaluation pass, in order; the last batch may be smaller.
+/// Batches of an evaluation pass, in order (after [`Examples::group_for_eval`]); the last batch
+/// may be smaller.
 pub fn eval_batches(
     examples: &dyn Examples,
     batch_size: usize,
@@ -281,9 +290,12 @@ pub fn eval_shard(
     rank: usize,
     ranks: usize,
 ) -> impl Iterator<Item = HostBatch> + '_ {
-    let order = examples.eval_order();
+    let mut order = examples.eval_order();
     let n = order.len().div_ceil(batch_size);
     let n = max_batches.map_or(n, |m| m.min(n));
+    // Which examples a capped pass sees is settled first; only then are they grouped.
+    order.truncate(n * batch_size);
+    examples.group_for_eval(&mut order);
     (rank..n).step_by(ranks.max(1)).map(move |i| {
         let end = ((i + 1) * batch_size).min(order.len());
         examples.collate(&order[i * batch_size..end])

@@ -214,7 +214,7 @@ pub struct TextClassificationData {
     /// Tokens per example, special tokens included.
     #[serde(default = "default_max_length")]
     pub max_length: usize,
-    /// Batch examples of similar length together (less padding).
+    /// Batch examples of similar length together, in training and evaluation (less padding).
     #[serde(default)]
     pub bucket_by_length: bool,
     /// The tokenizer (default: `init_from`'s `tokenizer.json`).

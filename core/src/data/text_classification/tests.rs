@@ -184,3 +184,64 @@ fn parse_rows_quotes_empty_fields_and_bad_bytes() {
     let e = err(b"text,label\n", csv);
     assert!(e.contains("d/train.csv has no examples"), "{e}");
 }
+
+/// Each row of an evaluation batch without its padding, and the batch's padded length.
+fn rows_of(b: &HostBatch) -> (usize, Vec<(Vec<u32>, u32)>) {
+    let HostTensor::U32(x, s) = &b.inputs else {
+        unreachable!()
+    };
+    let t = s[2];
+    let rows = x
+        .chunks(2 * t)
+        .zip(&b.targets)
+        .map(|(r, &label)| {
+            let real = r[t..].iter().filter(|&&m| m == 1).count();
+            (r[..real].to_vec(), label)
+        })
+        .collect();
+    (t, rows)
+}
+
+#[test]
+fn evaluation_batches_are_grouped_by_length_when_bucketing() {
+    use crate::data::eval_batches;
+    let dir = tempfile::tempdir().unwrap();
+    let tok = fixture(dir.path());
+    let bucketed = load(&spec(dir.path(), &tok), 4).unwrap();
+    let plain = load(
+        &Spec {
+            bucket_by_length: false,
+            ..spec(dir.path(), &tok)
+        },
+        4,
+    )
+    .unwrap();
+    let pass = |d: &DataSplits, cap| -> (Vec<usize>, Vec<(Vec<u32>, u32)>) {
+        let (lens, rows): (Vec<usize>, Vec<_>) = eval_batches(d.train.as_ref(), 4, cap)
+            .map(|b| rows_of(&b))
+            .unzip();
+        (lens, rows.concat())
+    };
+    let (file_lens, file_rows) = pass(&plain, None);
+    let (lens, mut rows) = pass(&bucketed, None);
+    assert!(lens.windows(2).all(|w| w[0] <= w[1]), "sorted: {lens:?}");
+    let padded = |l: &[usize]| l.iter().sum::<usize>();
+    assert!(
+        padded(&lens) < padded(&file_lens),
+        "{lens:?} pads less than {file_lens:?}"
+    );
+    let mut expected = file_rows.clone();
+    rows.sort();
+    expected.sort();
+    assert_eq!(rows, expected, "every example once, with its label");
+    // A capped pass groups the examples the cap chose, the same as in file order.
+    let (_, mut capped) = pass(&bucketed, Some(3));
+    let mut first = pass(&plain, Some(3)).1;
+    assert_eq!(first.len(), 12);
+    capped.sort();
+    first.sort();
+    assert_eq!(capped, first);
+    // The validation split (dev.tsv: 8 then 3 tokens) is grouped as well.
+    let (val_lens, _) = rows_of(&eval_batches(bucketed.val.as_ref(), 1, None).next().unwrap());
+    assert_eq!(val_lens, 3, "the shorter row first");
+}
