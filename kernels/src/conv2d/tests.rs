@@ -114,7 +114,8 @@ fn strided_matches_candle_conv2d_and_gradients() {
 /// The fused op (f32 and f64 on the CPU) against the unfold + batch matmul graph: values and
 /// both gradients, with more images than one dW partial holds, fewer images than threads, a
 /// stride, and windows small enough that images share a product (8 of 42 positions, 3 of 100,
-/// with a smaller group left over), or not (400).
+/// with a smaller group left over), or not (400), and more stride-1 geometries: valid and a 5×5
+/// kernel padded by 1 (not whole-plane shifts), and a 1×1 (one).
 #[test]
 fn fused_matches_the_unfolded_graph() {
     use candle_core::{DType, Var};
@@ -124,6 +125,9 @@ fn fused_matches_the_unfolded_graph() {
         (10, (7, 6), 1, 2, 0),
         (11, (10, 10), 3, 1, 1),
         (3, (20, 20), 3, 1, 1),
+        (4, (9, 8), 3, 1, 0),
+        (2, (7, 6), 5, 1, 1),
+        (2, (6, 5), 1, 1, 0),
     ];
     for (b, (hi, wi), k, s, p) in cases {
         let x = rand(&[b, 3, hi, wi], 21);
