@@ -171,6 +171,9 @@ fn train_eval_predict_export_a_bert_classifier() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 4);
+    // Batched by length ("awful !" is shortest), written in the input's order.
+    let texts: Vec<&str> = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["so great", "awful !", "good fun", "bad mess"]);
     let dev_truth = ["positive", "negative", "positive", "negative"];
     let correct = lines
         .iter()
