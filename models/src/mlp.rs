@@ -1,6 +1,6 @@
 //! A multilayer perceptron for flattened images: Linear → ReLU → … → Linear.
 
-use crate::{check_dropout, in_precision, ConfigError, DataFacts, Model, ModelSpec};
+use crate::{check_dropout, ConfigError, DataFacts, Model, ModelSpec};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 use kiln_core::rng::SharedRng;
@@ -52,10 +52,7 @@ impl Model for Mlp {
         let mut x = xs.flatten_from(1)?;
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = in_precision(&x, &layer.weight().t()?, self.compute)?;
-            if let Some(b) = layer.bias() {
-                x = x.broadcast_add(b)?;
-            }
+            x = crate::linear_layer(layer, &x, self.compute)?;
             if i < last {
                 x = kiln_kernels::relu(&x)?;
                 if train {
