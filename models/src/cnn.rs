@@ -1,7 +1,7 @@
 //! A small convolutional network for 28×28 images:
 //! [conv 3×3 → ReLU → max-pool 2] per stage, then a hidden linear layer and the classifier.
 
-use crate::{check_dropout, ConfigError, DataFacts, Model, ModelSpec};
+use crate::{check_dropout, in_precision, ConfigError, DataFacts, Model, ModelSpec};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{linear, Init, Linear, VarBuilder};
 use kiln_core::rng::SharedRng;
@@ -69,6 +69,14 @@ pub struct Cnn {
     compute: DType,
 }
 
+fn linear_in(layer: &Linear, x: &Tensor, compute: DType) -> Result<Tensor> {
+    let y = in_precision(x, &layer.weight().t()?, compute)?;
+    match layer.bias() {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 impl Cnn {
     pub fn new(cfg: &CnnConfig, vb: VarBuilder, rng: SharedRng, compute: DType) -> Result<Self> {
         let mut c_in = cfg.input_shape[0];
@@ -99,15 +107,11 @@ impl Model for Cnn {
                 2,
             )?;
         }
-        let mut x = kiln_kernels::relu(&crate::linear_layer(
-            &self.fc1,
-            &x.flatten_from(1)?,
-            self.compute,
-        )?)?;
+        let mut x = kiln_kernels::relu(&linear_in(&self.fc1, &x.flatten_from(1)?, self.compute)?)?;
         if train {
             x = kiln_kernels::dropout(&x, self.dropout, &self.rng)?;
         }
-        crate::linear_layer(&self.fc2, &x, self.compute)
+        linear_in(&self.fc2, &x, self.compute)
     }
 }
 

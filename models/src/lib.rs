@@ -412,18 +412,6 @@ pub fn in_precision(x: &Tensor, w: &Tensor, compute: DType) -> Result<Tensor> {
         .to_dtype(x.dtype())
 }
 
-/// A candle-nn `Linear` (its initialization, its parameter names) applied by kiln's fused
-/// projection: one graph node instead of a transpose, a matmul and a broadcast add, and no
-/// gradient computed for an input that needs none (a first layer's images).
-pub(crate) fn linear_layer(
-    layer: &candle_nn::Linear,
-    x: &Tensor,
-    compute: DType,
-) -> Result<Tensor> {
-    let layout = kiln_kernels::WeightLayout::OutIn;
-    kiln_kernels::linear(x, layer.weight(), layer.bias(), layout, compute)
-}
-
 /// Dropout on `x` while training.
 pub(crate) fn dropout(x: Tensor, p: f64, train: bool, rng: &SharedRng) -> Result<Tensor> {
     if train && p > 0.0 {

@@ -47,12 +47,20 @@ impl Mlp {
     }
 }
 
+/// A candle-nn `Linear` (its initialization, its parameter names) applied by kiln's fused
+/// projection: one graph node instead of a transpose, a matmul and a broadcast add, and no
+/// gradient computed for an input that needs none (a first layer's images).
+fn linear_layer(layer: &Linear, x: &Tensor, compute: DType) -> Result<Tensor> {
+    let layout = kiln_kernels::WeightLayout::OutIn;
+    kiln_kernels::linear(x, layer.weight(), layer.bias(), layout, compute)
+}
+
 impl Model for Mlp {
     fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = xs.flatten_from(1)?;
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = crate::linear_layer(layer, &x, self.compute)?;
+            x = linear_layer(layer, &x, self.compute)?;
             if i < last {
                 x = kiln_kernels::relu(&x)?;
                 if train {
