@@ -20,7 +20,8 @@
 #   --kiln BIN  times this kiln binary (e.g. a copy built from an older commit, for a before /
 #           after pair in one sitting) instead of building target/release/kiln.
 # PyTorch: $KILN_PYTHON, else /opt/torchref/bin/python, else python3, whichever imports torch
-# (set up: python3 -m venv /opt/torchref && /opt/torchref/bin/pip install torch tokenizers).
+# (set up: python3 -m venv /opt/torchref && /opt/torchref/bin/pip install torch tokenizers, plus
+# transformers accelerate for --minilm-run).
 # Without one, kiln's figures are printed alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
