@@ -176,6 +176,12 @@ fn load_folder_classifier(
     Ok((model, labels))
 }
 
+/// Each row's label probabilities, in f32, from a batch's logits (B, labels).
+fn probabilities(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let p = candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    Ok(p.to_vec2()?)
+}
+
 /// The most probable label's index and probability.
 fn top1(probs: &[f32]) -> (usize, &f32) {
     probs
@@ -265,9 +271,7 @@ pub fn predict(
         for ids in order.chunks(batch) {
             let texts: Vec<&str> = ids.iter().map(|&i| window[i].1.as_str()).collect();
             let (x, mask) = batch_inputs(&clf.tokenizer, &texts, clf.max_len, pad, device)?;
-            let logits = clf.model.forward(&bert::pack_inputs(&x, &mask)?, false)?;
-            let p: Vec<Vec<f32>> =
-                candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?.to_vec2()?;
+            let p = probabilities(&clf.model.forward(&bert::pack_inputs(&x, &mask)?, false)?)?;
             for (&i, p) in ids.iter().zip(p) {
                 probs[i] = p;
             }
@@ -481,9 +485,7 @@ fn predict_images(
             .map(|(i, &p)| norm.value(i / (h * w) % c, p))
             .collect();
         let x = Tensor::from_vec(pixels, (chunk.len(), c, h, w), device)?;
-        let logits = clf.model.forward(&x, false)?;
-        let probs: Vec<Vec<f32>> =
-            candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?.to_vec2()?;
+        let probs = probabilities(&clf.model.forward(&x, false)?)?;
         for (i, (f, p)) in chunk.iter().zip(&probs).enumerate() {
             let (best, score) = top1(p);
             let label = &clf.labels[best];
