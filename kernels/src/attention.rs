@@ -13,11 +13,18 @@
 //! work runs in the gemm's vector kernels instead of dot products of length D (GPT-2 124M at
 //! T = 1024: forward 1.9 → 0.7 s, backward 3.9 → 1.1 s a step on this project's 2-core host).
 //! The CUDA version tiles the same loops (flash attention).
+//!
+//! Dropout on the probabilities (GPT-2's `attn_pdrop`, nanoGPT's attention dropout) is drawn
+//! inside the op from stream positions reserved for the (B, H, T, T) probabilities (a
+//! [`Draw`]): o_i = Σ_j p_ij·z_ij·v_j with z the multiplier `dropout_mask` gives element
+//! (b, h, i, j), recomputed in the backward, where dv_j += p_ij·z_ij·do_i and
+//! ds_ij = p_ij·(z_ij·(do_i·v_j) − Δ_i) (Δ_i = do_i·o_i still holds: o already carries z).
 
 mod bidirectional;
 
 pub use bidirectional::bidirectional_attention;
 
+use crate::dropout::{Draw, MaskSpec};
 use crate::gemm::{matmul, GemmElem, Mat};
 use crate::vexp::{wide, Exp};
 use crate::{dot, out, slice, with_float, Elem, Kernel, Op};
@@ -28,6 +35,17 @@ use rayon::prelude::*;
 use std::ops::{AddAssign, MulAssign};
 
 pub fn causal_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    causal_self_attention_dropout(q, k, v, None)
+}
+
+/// [`causal_self_attention`] with dropout `drop` on the probabilities: its positions cover the
+/// B·H·T² of them, element (b, h, i, j) at `drop.start + ((b·H + h)·T + i)·T + j`.
+pub fn causal_self_attention_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    drop: Option<&Draw>,
+) -> Result<Tensor> {
     let (_, _, _, d) = q.dims4()?;
     if k.dims() != q.dims() || v.dims() != q.dims() {
         candle_core::bail!(
@@ -37,17 +55,33 @@ pub fn causal_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tenso
             v.dims()
         )
     }
-    let scale = 1.0 / (d as f64).sqrt();
+    let params = Params::new(d, drop)?;
     q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, ATTENTION.with(scale))
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, ATTENTION.with(params))
 }
 
-static ATTENTION: Op<f64> = Op {
+/// An attention call's constants: the scores' scale and the probabilities' dropout.
+#[derive(Clone, Copy)]
+struct Params {
+    scale: f64,
+    drop: Option<MaskSpec>,
+}
+
+impl Params {
+    fn new(head_dim: usize, drop: Option<&Draw>) -> Result<Self> {
+        Ok(Params {
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            drop: drop.map(Draw::spec).transpose()?,
+        })
+    }
+}
+
+static ATTENTION: Op<Params> = Op {
     forward: Kernel {
         name: "kiln-causal-attention",
         cpu: forward,
         #[cfg(feature = "cuda")]
-        cuda: |args, scale| crate::cuda::attention::forward(args, scale as f32),
+        cuda: |args, p| crate::cuda::attention::forward(args, p.scale as f32, p.drop),
     },
     backward: |g| {
         let lse = &g.saved.get()[0];
@@ -56,11 +90,11 @@ static ATTENTION: Op<f64> = Op {
     },
 };
 
-static BACKWARD: Kernel<f64> = Kernel {
+static BACKWARD: Kernel<Params> = Kernel {
     name: "kiln-causal-attention-backward",
     cpu: backward,
     #[cfg(feature = "cuda")]
-    cuda: |args, scale| crate::cuda::attention::backward(args, scale as f32),
+    cuda: |args, p| crate::cuda::attention::backward(args, p.scale as f32, p.drop),
 };
 
 /// Causal self-attention on GPT-2's packed projections: `qkv` (B, T, 3·C) holds each
@@ -69,8 +103,9 @@ static BACKWARD: Kernel<f64> = Kernel {
 /// projection. On the CPU this is one graph node: splitting the heads around
 /// [`causal_self_attention`] and merging them after takes fourteen (narrows, reshapes,
 /// transposes and their copies), each with a zero-filled gradient and an add in candle's
-/// backward. On other devices it is that composition.
-pub fn causal_attention_packed(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+/// backward. On other devices it is that composition. `drop`: dropout on the probabilities, as
+/// in [`causal_self_attention_dropout`].
+pub fn causal_attention_packed(qkv: &Tensor, n_head: usize, drop: Option<&Draw>) -> Result<Tensor> {
     let (b, t, c3) = qkv.dims3()?;
     if n_head == 0 || c3 % (3 * n_head) != 0 {
         candle_core::bail!(
@@ -85,17 +120,17 @@ pub fn causal_attention_packed(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let y = causal_self_attention(&heads(0)?, &heads(1)?, &heads(2)?)?;
+        let y = causal_self_attention_dropout(&heads(0)?, &heads(1)?, &heads(2)?, drop)?;
         return y.transpose(1, 2)?.reshape((b, t, c));
     }
-    let scale = 1.0 / (d as f64).sqrt();
-    qkv.contiguous()?.apply_op1(PACKED.with((scale, n_head)))
+    let params = Params::new(d, drop)?;
+    qkv.contiguous()?.apply_op1(PACKED.with((params, n_head)))
 }
 
-static PACKED: Op<(f64, usize)> = Op {
+static PACKED: Op<(Params, usize)> = Op {
     forward: Kernel {
         name: "kiln-causal-attention-packed",
-        cpu: |args, (scale, h)| {
+        cpu: |args, (params, h)| {
             let (b, t, c3) = args[0].1.shape().dims3()?;
             let d = c3 / 3 / h;
             let qkv = |part| Heads::packed(part, 3, (b, h, t, d));
@@ -106,7 +141,7 @@ static PACKED: Op<(f64, usize)> = Op {
                 [qkv(0), qkv(1), qkv(2)],
                 o,
                 (b, t, h * d).into(),
-                scale,
+                params,
             )
         },
         #[cfg(feature = "cuda")]
@@ -118,16 +153,16 @@ static PACKED: Op<(f64, usize)> = Op {
     },
 };
 
-static PACKED_BACKWARD: Kernel<(f64, usize)> = Kernel {
+static PACKED_BACKWARD: Kernel<(Params, usize)> = Kernel {
     name: "kiln-causal-attention-packed-backward",
-    cpu: |args, (scale, h)| {
+    cpu: |args, (params, h)| {
         let (b, t, c3) = args[0].1.shape().dims3()?;
         let d = c3 / 3 / h;
         let qkv = |part| Heads::packed(part, 3, (b, h, t, d));
         let o = Heads::packed(0, 1, (b, h, t, d));
         // q, k, v and o, do: two buffers read through four layouts.
         let args = [args[0], args[0], args[0], args[1], args[2], args[3]];
-        backward_with(&args, [qkv(0), qkv(1), qkv(2)], o, scale, Grads::Packed)
+        backward_with(&args, [qkv(0), qkv(1), qkv(2)], o, params, Grads::Packed)
     },
     #[cfg(feature = "cuda")]
     cuda: crate::op::cpu_only,
@@ -231,10 +266,34 @@ fn scores<A: GemmElem + Float>(
     s[..rows * n].iter_mut().for_each(|x| *x = *x * scale);
 }
 
+/// The dropout multipliers of one head's (T, T) probabilities.
+#[derive(Clone, Copy)]
+struct HeadDrop<'a> {
+    spec: &'a MaskSpec,
+    /// The call's element index of the head's (0, 0).
+    first: u64,
+    t: usize,
+}
+
+impl<'a> HeadDrop<'a> {
+    fn of(spec: Option<&'a MaskSpec>, bh: usize, t: usize) -> Option<Self> {
+        spec.map(|spec| HeadDrop {
+            spec,
+            first: (bh * t * t) as u64,
+            t,
+        })
+    }
+
+    /// The multipliers of query row i, keys 0, 1, … into `out`.
+    fn row<A: Float>(&self, i: usize, out: &mut [A]) {
+        self.spec.fill(self.first + (i * self.t) as u64, out)
+    }
+}
+
 /// q, k, v → o, lse.
-pub fn forward(args: &[(&CpuStorage, &Layout)], scale: f64) -> Result<Vec<(CpuStorage, Shape)>> {
+fn forward(args: &[(&CpuStorage, &Layout)], params: Params) -> Result<Vec<(CpuStorage, Shape)>> {
     let split = Heads::split(dims(args[0].1)?);
-    forward_with(args, [split; 3], split, args[0].1.shape().clone(), scale)
+    forward_with(args, [split; 3], split, args[0].1.shape().clone(), params)
 }
 
 /// q, k, v read through `qkv`, o (of shape `shape`) written as `o` says, and lse (B, H, T).
@@ -243,18 +302,19 @@ fn forward_with(
     qkv: [Heads; 3],
     o: Heads,
     shape: Shape,
-    scale: f64,
+    params: Params,
 ) -> Result<Vec<(CpuStorage, Shape)>> {
     let (b, h, t, d) = o.dims;
     with_float!(args[0].0, "attention", |T| {
         type A = <T as Elem>::Acc;
         let inputs: Vec<&[T]> = (0..3).map(|i| slice::<T>(args[i])).collect::<Result<_>>()?;
-        let scale: A = crate::k(scale);
+        let scale: A = crate::k(params.scale);
         let heads: Vec<(Vec<A>, Vec<A>)> = (0..b * h)
             .into_par_iter()
             .map(|bh| {
                 let [q, k, v] = [0, 1, 2].map(|i| qkv[i].gather(inputs[i], bh));
-                forward_head(&q, &k, &v, t, d, scale)
+                let drop = HeadDrop::of(params.drop.as_ref(), bh, t);
+                forward_head(&q, &k, &v, (t, d), scale, drop)
             })
             .collect();
         let mut y = crate::zeros::<T>(b * h * t * d);
@@ -268,18 +328,20 @@ fn forward_with(
 }
 
 /// One head's o (T, D) and lse (T). Per tile of queries: the scores as one matmul, a row-wise
-/// softmax over the keys each query sees, and o = P·V as another.
+/// softmax over the keys each query sees (then the dropout multipliers), and o = P·V as
+/// another.
 fn forward_head<A: GemmElem + Float + AddAssign + MulAssign + Exp>(
     q: &[A],
     k: &[A],
     v: &[A],
-    t: usize,
-    d: usize,
+    (t, d): (usize, usize),
     scale: A,
+    drop: Option<HeadDrop>,
 ) -> (Vec<A>, Vec<A>) {
     let mut o = vec![A::zero(); t * d];
     let mut lse = vec![A::zero(); t];
     let mut p = vec![A::zero(); TILE * t];
+    let mut z = vec![A::zero(); if drop.is_some() { t } else { 0 }];
     for (i0, rows) in tiles(t) {
         let n = i0 + rows;
         scores(&mut p, q, k, (i0, rows), d, scale);
@@ -294,6 +356,10 @@ fn forward_head<A: GemmElem + Float + AddAssign + MulAssign + Exp>(
                 row[..seen].iter_mut().for_each(|x| *x *= r_l);
                 row[seen..].fill(A::zero());
                 lse[i0 + r] = m + l.ln();
+                if let Some(drop) = drop {
+                    drop.row(i0 + r, &mut z[..seen]);
+                    row[..seen].iter_mut().zip(&z).for_each(|(x, &z)| *x *= z);
+                }
             }
         });
         matmul(
@@ -317,9 +383,9 @@ enum Grads {
 }
 
 /// q, k, v, o, lse, do → dq, dk, dv.
-pub fn backward(args: &[(&CpuStorage, &Layout)], scale: f64) -> Result<Vec<(CpuStorage, Shape)>> {
+fn backward(args: &[(&CpuStorage, &Layout)], params: Params) -> Result<Vec<(CpuStorage, Shape)>> {
     let split = Heads::split(dims(args[0].1)?);
-    backward_with(args, [split; 3], split, scale, Grads::Split)
+    backward_with(args, [split; 3], split, params, Grads::Split)
 }
 
 /// q, k, v read through `qkv`, o and do through `o`, lse (B, H, T) → the gradients of q, k, v
@@ -328,7 +394,7 @@ fn backward_with(
     args: &[(&CpuStorage, &Layout)],
     qkv: [Heads; 3],
     o: Heads,
-    scale: f64,
+    params: Params,
     grads: Grads,
 ) -> Result<Vec<(CpuStorage, Shape)>> {
     let (b, h, t, d) = o.dims;
@@ -338,14 +404,15 @@ fn backward_with(
         let (q, k, v, y) = (q?, k?, v?, y?);
         let lse = slice::<A>(args[4])?;
         let d_o = slice::<T>(args[5])?;
-        let scale: A = crate::k(scale);
+        let scale: A = crate::k(params.scale);
         let heads: Vec<[Vec<A>; 3]> = (0..b * h)
             .into_par_iter()
             .map(|bh| {
                 let [q, k, v] = [(q, 0), (k, 1), (v, 2)].map(|(x, i)| qkv[i].gather(x, bh));
                 let (y, d_o) = (o.gather(y, bh), o.gather(d_o, bh));
                 let lse = &lse[bh * t..][..t];
-                backward_head(&q, &k, &v, &y, &d_o, lse, t, d, scale)
+                let drop = HeadDrop::of(params.drop.as_ref(), bh, t);
+                backward_head(&q, &k, &v, &y, &d_o, lse, (t, d), scale, drop)
             })
             .collect();
         let n = b * h * t * d;
@@ -375,7 +442,8 @@ fn backward_with(
 
 /// One head's dq, dk, dv. Per tile of queries, with P = exp(S − lse) recomputed from the
 /// scores' matmul and Δ_i = do_i·o_i:
-/// dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − Δ)·scale, dQ = dS·K, dK += dSᵀ·Q.
+/// dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − Δ)·scale, dQ = dS·K, dK += dSᵀ·Q;
+/// with dropout multipliers Z: dV += (P∘Z)ᵀ·dO and dS = P ∘ (dP∘Z − Δ)·scale.
 #[allow(clippy::too_many_arguments)]
 fn backward_head<A: GemmElem + Float + Exp>(
     q: &[A],
@@ -384,9 +452,9 @@ fn backward_head<A: GemmElem + Float + Exp>(
     o: &[A],
     d_o: &[A],
     lse: &[A],
-    t: usize,
-    d: usize,
+    (t, d): (usize, usize),
     scale: A,
+    drop: Option<HeadDrop>,
 ) -> [Vec<A>; 3] {
     let td = t * d;
     let (mut dq, mut dk, mut dv) = (
@@ -396,6 +464,8 @@ fn backward_head<A: GemmElem + Float + Exp>(
     );
     let mut p = vec![A::zero(); TILE * t];
     let mut dp = vec![A::zero(); TILE * t];
+    let dropped = if drop.is_some() { TILE * t } else { 0 };
+    let (mut z, mut pz) = (vec![A::zero(); dropped], vec![A::zero(); dropped]);
     for (i0, rows) in tiles(t) {
         let n = i0 + rows;
         scores(&mut p, q, k, (i0, rows), d, scale);
@@ -408,12 +478,24 @@ fn backward_head<A: GemmElem + Float + Exp>(
                 row[seen..].fill(A::zero());
             }
         });
+        if let Some(drop) = drop {
+            for r in 0..rows {
+                let (z, pz, p) = (&mut z[r * n..][..n], &mut pz[r * n..][..n], &p[r * n..]);
+                drop.row(i0 + r, z);
+                pz.iter_mut()
+                    .zip(z.iter())
+                    .zip(p)
+                    .for_each(|((y, &z), &p)| *y = p * z);
+            }
+        }
+        // What multiplied V in the forward: P, or P∘Z.
+        let kept = if drop.is_some() { &pz } else { &p };
         let (d_o_tile, q_tile) = (&d_o[i0 * d..], &q[i0 * d..]);
-        // dV[0…n] += Pᵀ · dO_tile
+        // dV[0…n] += keptᵀ · dO_tile
         matmul(
             &mut dv,
             true,
-            Mat::new(&p, rows, n).t(),
+            Mat::new(kept, rows, n).t(),
             Mat::new(d_o_tile, rows, d),
             Parallelism::None,
         );
@@ -425,13 +507,19 @@ fn backward_head<A: GemmElem + Float + Exp>(
             Mat::new(v, n, d).t(),
             Parallelism::None,
         );
-        // dS = P ∘ (dP − Δ) · scale, in place of dP
+        // dS = P ∘ (dP − Δ) · scale (dP∘Z with dropout), in place of dP
         for r in 0..rows {
             let i = i0 + r;
             let delta = dot(&d_o[i * d..][..d], &o[i * d..][..d]);
             let (ds, p) = (&mut dp[r * n..][..n], &p[r * n..][..n]);
-            for (ds, &p) in ds.iter_mut().zip(p) {
-                *ds = p * (*ds - delta) * scale;
+            if drop.is_some() {
+                for ((ds, &p), &z) in ds.iter_mut().zip(p).zip(&z[r * n..][..n]) {
+                    *ds = p * (*ds * z - delta) * scale;
+                }
+            } else {
+                for (ds, &p) in ds.iter_mut().zip(p) {
+                    *ds = p * (*ds - delta) * scale;
+                }
             }
         }
         // dQ_tile = dS · K[0…n];  dK[0…n] += dSᵀ · Q_tile
@@ -486,7 +574,7 @@ mod tests {
     fn split_and_merge(
         qkv: &Tensor,
         n_head: usize,
-        attend: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+        attend: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let (b, t, c3) = qkv.dims3()?;
         let (c, d) = (c3 / 3, c3 / 3 / n_head);
@@ -502,13 +590,15 @@ mod tests {
 
     #[test]
     fn packed_heads_match_split_heads() {
-        check_grad(&rand(&[2, 5, 12], 10), |x| causal_attention_packed(x, 2));
+        check_grad(&rand(&[2, 5, 12], 10), |x| {
+            causal_attention_packed(x, 2, None)
+        });
         for (shape, n_head) in [([1, 1, 24], 1), ([2, 67, 48], 2), ([1, 130, 126], 3)] {
             let qkv = rand(&shape, 11);
             check_parity(
                 std::slice::from_ref(&qkv),
                 1,
-                |t| causal_attention_packed(&t[0], n_head),
+                |t| causal_attention_packed(&t[0], n_head, None),
                 |t| split_and_merge(&t[0], n_head, reference::causal_self_attention),
             );
             // The same per-head arithmetic as the split op: equal to the bit, gradients too.
@@ -527,7 +617,7 @@ mod tests {
                     .unwrap();
                 (y, g.get(qkv.as_tensor()).unwrap().clone())
             };
-            let (y, g) = run(causal_attention_packed(qkv.as_tensor(), n_head).unwrap());
+            let (y, g) = run(causal_attention_packed(qkv.as_tensor(), n_head, None).unwrap());
             let split = split_and_merge(qkv.as_tensor(), n_head, causal_self_attention);
             let (ys, gs) = run(split.unwrap());
             assert_eq!(
@@ -541,8 +631,73 @@ mod tests {
                 "{shape:?} gradient"
             );
         }
-        let err = causal_attention_packed(&rand(&[1, 2, 10], 13), 2).unwrap_err();
+        let err = causal_attention_packed(&rand(&[1, 2, 10], 13), 2, None).unwrap_err();
         assert!(err.to_string().contains("10 packed features"), "{err}");
+    }
+
+    /// A draw at stream position 8 (not 0, so an op indexing from 0 would fail).
+    fn draw(p: f64) -> Draw {
+        Draw {
+            p,
+            key: [3, 5],
+            start: 8,
+        }
+    }
+
+    /// The dropout mask (B, H, T, T) in `dtype` that the composition multiplies by.
+    fn mask_of(shape: &[usize], drop: &Draw, dtype: candle_core::DType) -> Tensor {
+        let probs = candle_core::Shape::from((shape[0], shape[1], shape[2], shape[2]));
+        let device = candle_core::Device::Cpu;
+        crate::dropout::dropout_mask(&probs, dtype, &device, drop.p, drop.key, drop.start).unwrap()
+    }
+
+    #[test]
+    fn dropout_matches_the_composition_with_its_mask() {
+        for shape in [[1, 1, 3, 8], [2, 3, 67, 16], [1, 2, 130, 40]] {
+            let drop = draw(0.3);
+            let inputs = [rand(&shape, 21), rand(&shape, 22), rand(&shape, 23)];
+            check_parity(
+                &inputs,
+                3,
+                |t| causal_self_attention_dropout(&t[0], &t[1], &t[2], Some(&drop)),
+                |t| {
+                    let mask = mask_of(&shape, &drop, t[0].dtype());
+                    reference::causal_self_attention_dropout(&t[0], &t[1], &t[2], &mask)
+                },
+            );
+        }
+        // Finite differences through the fixed mask, and the packed op against the split one
+        // bit for bit (the same per-head arithmetic).
+        let shape = [2, 2, 9, 4];
+        let drop = draw(0.4);
+        let (q, k, v) = (rand(&shape, 24), rand(&shape, 25), rand(&shape, 26));
+        check_grad(&q, |q| {
+            causal_self_attention_dropout(q, &k, &v, Some(&drop))
+        });
+        check_grad(&k, |k| {
+            causal_self_attention_dropout(&q, k, &v, Some(&drop))
+        });
+        check_grad(&v, |v| {
+            causal_self_attention_dropout(&q, &k, v, Some(&drop))
+        });
+        let qkv = rand(&[2, 67, 48], 27)
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let drop = draw(0.2);
+        let packed = causal_attention_packed(&qkv, 2, Some(&drop)).unwrap();
+        let attend = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            causal_self_attention_dropout(q, k, v, Some(&drop))
+        };
+        let split = split_and_merge(&qkv, 2, attend).unwrap();
+        assert_eq!(crate::testing::max_abs_diff(&packed, &split), 0.0);
+        // Dropout changes the output, and p = 0 is no dropout at all.
+        let plain = causal_attention_packed(&qkv, 2, None).unwrap();
+        assert!(crate::testing::max_abs_diff(&packed, &plain) > 0.01);
+        let none = causal_attention_packed(&qkv, 2, Some(&Draw { p: 0.0, ..drop })).unwrap();
+        assert_eq!(crate::testing::max_abs_diff(&none, &plain), 0.0);
+        let bad = Draw { start: 6, ..drop };
+        let err = causal_attention_packed(&qkv, 2, Some(&bad)).unwrap_err();
+        assert!(err.to_string().contains("multiple of 4"), "{err}");
     }
 
     #[test]

@@ -33,18 +33,7 @@ pub fn dropout_mask(
     key: [u32; 2],
     start: u64,
 ) -> Result<Tensor> {
-    if !(0.0..1.0).contains(&p) {
-        candle_core::bail!("dropout: probability {p} is not in [0, 1)")
-    }
-    if !start.is_multiple_of(4) {
-        candle_core::bail!("dropout: stream position {start} is not a multiple of 4")
-    }
-    let mask = MaskSpec {
-        key,
-        first_block: start / 4,
-        threshold: threshold(p),
-        scale: (1.0 / (1.0 - p)) as f32,
-    };
+    let mask = Draw { p, key, start }.spec()?;
     let n = shape.elem_count();
     let storage = match device {
         Device::Cpu => Storage::Cpu(match dtype {
@@ -61,6 +50,49 @@ pub fn dropout_mask(
     Ok(crate::detached(storage, shape.clone()))
 }
 
+/// Dropout drawn inside a fused op (attention's probabilities) instead of from a mask tensor:
+/// element e of the op's (B, H, T, T) probabilities is multiplied by element e of
+/// `dropout_mask(shape, .., p, key, start)`, computed where it is used, so the op equals the
+/// composition with that mask and never holds the B·H·T² multipliers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Draw {
+    pub p: f64,
+    pub key: [u32; 2],
+    /// Stream position of element 0, a multiple of 4.
+    pub start: u64,
+}
+
+impl Draw {
+    /// The draw for `n` elements at probability `p`, reserved from `rng` (None when p is 0, so
+    /// the op runs its dropout-free kernels).
+    pub fn reserve(p: f64, n: u64, rng: &SharedRng) -> Option<Self> {
+        (p > 0.0).then(|| Draw {
+            p,
+            key: rng.key(),
+            start: rng.reserve(n),
+        })
+    }
+
+    /// What the kernels are given, after checking p and the start.
+    pub(crate) fn spec(&self) -> Result<MaskSpec> {
+        if !(0.0..1.0).contains(&self.p) {
+            candle_core::bail!("dropout: probability {} is not in [0, 1)", self.p)
+        }
+        if !self.start.is_multiple_of(4) {
+            candle_core::bail!(
+                "dropout: stream position {} is not a multiple of 4",
+                self.start
+            )
+        }
+        Ok(MaskSpec {
+            key: self.key,
+            first_block: self.start / 4,
+            threshold: threshold(self.p),
+            scale: (1.0 / (1.0 - self.p)) as f32,
+        })
+    }
+}
+
 /// Elements whose 32-bit draw is below this are dropped: round(p·2³²), so P(drop) = p to within
 /// 2⁻³³.
 fn threshold(p: f64) -> u64 {
@@ -68,6 +100,7 @@ fn threshold(p: f64) -> u64 {
 }
 
 /// One dropout call's mask: what the CPU loop and the CUDA kernel are given.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct MaskSpec {
     pub key: [u32; 2],
     /// Philox block of the call's first element.
@@ -77,6 +110,30 @@ pub(crate) struct MaskSpec {
 }
 
 impl MaskSpec {
+    /// The multipliers (0 or `scale`) of the call's elements e0, e0 + 1, … into `out`, one
+    /// Philox block per four of them.
+    pub(crate) fn fill<A: num_traits::Float>(&self, e0: u64, out: &mut [A]) {
+        let keep = A::from(self.scale).unwrap_or_else(A::one);
+        let mut e = e0;
+        let mut rest = &mut out[..];
+        while !rest.is_empty() {
+            let block = self.first_block + e / 4;
+            let r = philox4x32_10([block as u32, (block >> 32) as u32, 0, 0], self.key);
+            let word = (e % 4) as usize;
+            let n = (4 - word).min(rest.len());
+            let (now, later) = rest.split_at_mut(n);
+            for (o, &r) in now.iter_mut().zip(&r[word..]) {
+                *o = if (r as u64) < self.threshold {
+                    A::zero()
+                } else {
+                    keep
+                };
+            }
+            rest = later;
+            e += n as u64;
+        }
+    }
+
     /// The mask on the CPU, four elements per Philox block, blocks in parallel.
     fn cpu<T: Copy + Send + Sync + Default>(
         &self,

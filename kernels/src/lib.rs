@@ -35,7 +35,10 @@ mod vexp;
 pub(crate) mod cuda;
 
 pub use adamw::{adamw_step, AdamWHyper, AdamWTensor};
-pub use attention::{bidirectional_attention, causal_attention_packed, causal_self_attention};
+pub use attention::{
+    bidirectional_attention, causal_attention_packed, causal_self_attention,
+    causal_self_attention_dropout,
+};
 pub use checkpoint::{backward, checkpoint, segment};
 pub use conv2d::{conv2d, conv2d_strided};
 pub use cross_entropy::{cross_entropy, IGNORE_INDEX};

@@ -63,11 +63,25 @@ pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
 
 /// softmax(q·kᵀ/√d + mask)·v for q, k, v of shape (B, H, T, D).
 pub fn causal_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    causal_probabilities(q, k)?.matmul(v)
+}
+
+/// [`causal_self_attention`] with the probabilities multiplied by `drop` (B, H, T, T), a
+/// dropout mask.
+pub fn causal_self_attention_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    drop: &Tensor,
+) -> Result<Tensor> {
+    (causal_probabilities(q, k)? * drop)?.matmul(v)
+}
+
+fn causal_probabilities(q: &Tensor, k: &Tensor) -> Result<Tensor> {
     let (_, _, t, d) = q.dims4()?;
     let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
     let mask = causal_mask(t, q.device())?.to_dtype(q.dtype())?;
-    let probs = softmax(&scores.broadcast_add(&mask)?)?;
-    probs.matmul(v)
+    softmax(&scores.broadcast_add(&mask)?)
 }
 
 /// Mean cross-entropy of logits (N, V) against ids (N,), ignoring `IGNORE_INDEX` targets; f32

@@ -38,6 +38,8 @@ pub struct GptConfig {
     /// Filled from the data's vocabulary when 0.
     #[serde(default)]
     pub vocab_size: usize,
+    /// Dropout on the embeddings, each residual branch's output and the attention
+    /// probabilities (nanoGPT's `dropout`; GPT-2's `embd_pdrop`, `resid_pdrop`, `attn_pdrop`).
     #[serde(default)]
     pub dropout: f64,
     /// Biases in the projections and LayerNorms (GPT-2 has them).
@@ -88,7 +90,8 @@ impl Gpt {
                         Linear::conv1d(c, c, proj_std, bias, a.pp("c_proj"))?,
                         heads,
                         None,
-                    ),
+                    )
+                    .with_dropout(cfg.dropout),
                     norm_2: ln(vb.pp("ln_2"))?,
                     mlp: FeedForward::gelu(
                         Linear::conv1d(c, 4 * c, std, bias, m.pp("c_fc"))?,
@@ -238,7 +241,7 @@ impl HfConfig for GptConfig {
             "activation_function": "gelu_new",
             "resid_pdrop": c.dropout,
             "embd_pdrop": c.dropout,
-            "attn_pdrop": 0.0,
+            "attn_pdrop": c.dropout,
             "layer_norm_epsilon": LN_EPS,
             "initializer_range": 0.02,
             "scale_attn_weights": true,

@@ -17,8 +17,11 @@ use crate::{cached_attention, checkpointed, dropout, in_precision, KvCache, Shar
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use kiln_kernels::dropout::dropout_mask;
+use kiln_kernels::dropout::Draw;
 use kiln_kernels::rms_norm;
-use kiln_kernels::{bias_gelu, causal_self_attention, embedding, gelu, gelu_erf, layer_norm};
+use kiln_kernels::{
+    bias_gelu, causal_self_attention_dropout, embedding, gelu, gelu_erf, layer_norm,
+};
 use kiln_kernels::{bidirectional_attention, causal_attention_packed};
 use kiln_kernels::{softmax, stats_dtype, WeightLayout as Layout};
 
@@ -318,8 +321,7 @@ impl Qkv {
 
 /// Multi-head self-attention and its output projection: causal (on kiln's fused attention
 /// kernel, with grouped key/value heads, RoPE and a KV cache for decoding) or bidirectional
-/// (composed from matmuls and kiln's softmax, with an optional additive key mask and dropout on
-/// the attention probabilities).
+/// (with an optional additive key mask), either with dropout on the attention probabilities.
 #[derive(Clone)]
 pub(crate) struct Attention {
     qkv: Qkv,
@@ -329,7 +331,7 @@ pub(crate) struct Attention {
     head_dim: usize,
     causal: bool,
     rope: Option<Rope>,
-    /// Dropout on the attention probabilities (bidirectional only).
+    /// Dropout on the attention probabilities.
     dropout: f64,
 }
 
@@ -351,6 +353,14 @@ impl Attention {
             causal: true,
             rope,
             dropout: 0.0,
+        }
+    }
+
+    /// The same attention with dropout `p_drop` on its probabilities (GPT-2's `attn_pdrop`).
+    pub fn with_dropout(self, p_drop: f64) -> Self {
+        Attention {
+            dropout: p_drop,
+            ..self
         }
     }
 
@@ -450,7 +460,9 @@ impl Attention {
             if self.n_kv_head == self.n_head {
                 // GPT-2: the heads stay packed as `c_attn` gives them (one graph node).
                 let qkv = p.forward(x, compute, train)?.to_dtype(compute)?;
-                let y = causal_attention_packed(&qkv, self.n_head)?.to_dtype(x.dtype())?;
+                let drop = self.causal_dropout(x, train, rng)?;
+                let y = causal_attention_packed(&qkv, self.n_head, drop.as_ref())?;
+                let y = y.to_dtype(x.dtype())?;
                 return self.out.forward(&y, compute, false);
             }
         }
@@ -474,7 +486,9 @@ impl Attention {
         }
         let [q, k, v] = self.heads(x, 0, compute, train)?;
         if self.causal {
-            let y = causal_self_attention(&q, &self.repeat_kv(k)?, &self.repeat_kv(v)?)?;
+            let drop = self.causal_dropout(x, train, rng)?;
+            let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+            let y = causal_self_attention_dropout(&q, &k, &v, drop.as_ref())?;
             return self.merged_out(&y, x.dtype(), compute);
         }
         let (b, t, _) = x.dims3()?;
@@ -492,6 +506,18 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, self.n_head * d))?;
         self.out.forward(&y, compute, train)
+    }
+
+    /// The stream positions of the causal kernel's dropout for input x (B, T, ·): one per
+    /// (batch, head, query, key), drawn inside the kernel; None outside training or at p = 0.
+    fn causal_dropout(&self, x: &Tensor, train: bool, rng: &SharedRng) -> Result<Option<Draw>> {
+        let (b, t, _) = x.dims3()?;
+        let n = (b * self.n_head * t * t) as u64;
+        Ok(if train {
+            Draw::reserve(self.dropout, n, rng)
+        } else {
+            None
+        })
     }
 
     /// An inference forward of new positions after those `cache` holds for layer `i`: the

@@ -133,3 +133,37 @@ fn bad_probability_and_position_are_errors() {
     let e = dropout_mask(&s, DType::F32, &Device::Cpu, 0.5, [0, 0], 2).unwrap_err();
     assert!(e.to_string().contains("multiple of 4"), "{e}");
 }
+
+#[test]
+fn in_op_draws_are_the_mask_from_any_element() {
+    let draw = Draw {
+        p: 0.3,
+        key: [7, 9],
+        start: 40,
+    };
+    let n = 203;
+    let mask: Vec<f32> = dropout_mask(&Shape::from(n), DType::F32, &Device::Cpu, 0.3, [7, 9], 40)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let spec = draw.spec().unwrap();
+    // Runs starting inside a Philox block and crossing several, as attention's rows do.
+    for (e0, len) in [(0, n), (1, 6), (3, 2), (5, 100), (202, 1)] {
+        let mut got = vec![-1.0f32; len];
+        spec.fill(e0 as u64, &mut got);
+        assert_eq!(got, mask[e0..e0 + len], "elements {e0}..{}", e0 + len);
+    }
+    let mut wide = vec![-1.0f64; 9];
+    spec.fill(11, &mut wide);
+    let want: Vec<f64> = mask[11..20].iter().map(|&m| f64::from(m)).collect();
+    assert_eq!(wide, want, "f64 multipliers are the f32 ones widened");
+    let bad = Draw { start: 42, ..draw }.spec().unwrap_err();
+    assert!(bad.to_string().contains("not a multiple of 4"), "{bad}");
+    let bad = Draw { p: 1.0, ..draw }.spec().unwrap_err();
+    assert!(bad.to_string().contains("not in [0, 1)"), "{bad}");
+    let rng = SharedRng::new(3, "attention");
+    assert_eq!(Draw::reserve(0.0, 100, &rng), None);
+    assert_eq!(rng.position(), 0, "p = 0 reserves nothing");
+    let d = Draw::reserve(0.1, 100, &rng).unwrap();
+    assert_eq!((d.start, rng.position()), (0, 100));
+}
