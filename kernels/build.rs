@@ -9,7 +9,7 @@ fn main() {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
         let ptx = cudaforge::KernelBuilder::new()
             .source_dir("cuda")
-            .watch(["cuda/common.cuh"])
+            .watch(["cuda/common.cuh", "cuda/philox.cuh"])
             .arg("-std=c++17")
             .arg("-O3")
             .arg("--expt-relaxed-constexpr")

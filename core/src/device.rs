@@ -75,10 +75,32 @@ pub fn open_device_at(s: &str, gpu: usize) -> anyhow::Result<Device> {
 /// cannot be loaded (a CUDA build on a machine without the NVIDIA driver): that becomes an error.
 fn new_cuda(n: usize) -> Result<Device, String> {
     match std::panic::catch_unwind(|| Device::new_cuda(n)) {
-        Ok(Ok(d)) => Ok(d),
+        Ok(Ok(d)) => {
+            single_stream(&d);
+            Ok(d)
+        }
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("the CUDA driver library (libcuda.so.1) could not be loaded".into()),
     }
+}
+
+/// Turns off cudarc's event tracking for buffers allocated from now on: with it, every
+/// allocation creates two CUDA events (and every free destroys them) so that uses on different
+/// streams can be ordered. kiln runs every kernel, copy, cuBLAS and NCCL call on the device's
+/// one stream, where the stream's own order already holds. `KILN_CUDA_EVENT_TRACKING=1` keeps
+/// it on (to compare).
+fn single_stream(d: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = d {
+        if std::env::var("KILN_CUDA_EVENT_TRACKING").is_ok_and(|v| v.trim() == "1") {
+            return;
+        }
+        // SAFETY: cudarc needs its events only when one buffer is used on several streams;
+        // kiln uses the device's single stream for all work (see above).
+        unsafe { cuda.disable_event_tracking() }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = d;
 }
 
 /// A short human name for a device (for logs and summaries).

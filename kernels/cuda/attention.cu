@@ -16,6 +16,10 @@
 //   dK += dSᵀ·Q, and adds each tile's dQ = dS·K into an f32 buffer with atomicAdd (one atomic
 //   per element per (key tile, query tile) pair); attention_dq_cast converts it for bf16/f16.
 //
+// Dropout on the probabilities (the `_drop` kernels, DROP = true): P·V and the backward use
+// p·z with z = drop.mul(((b·H + h)·T + i)·T + j) (philox.cuh, the CPU op's multipliers);
+// the softmax sums and lse stay those of the undropped p, and dS = p·(z·dP − Δ).
+//
 // Head dims are padded to DP ∈ {32, 64, 128} (compile time: register tile sizes); the inner
 // products loop over the real D and padded lanes of shared tiles are zero, as are rows ≥ T, so
 // masked or padded entries contribute exactly 0 and are never written. Tile sizes keep static
@@ -27,6 +31,7 @@
 // each one self-contained loop over shared-memory tiles, so they can be swapped for mma/WMMA
 // (tensor cores, operands kept in bf16/f16) without changing the block structure.
 #include "common.cuh"
+#include "philox.cuh"
 
 namespace attn {
 
@@ -78,10 +83,11 @@ template <> struct BwdCfg<64> { static constexpr int BC = 32, BR = 32; };
 template <> struct BwdCfg<128> { static constexpr int BC = 16, BR = 16; };
 
 // grid = (B·H, ceil(T/BR)), block = NT. scale_log2 = scale·log2(e).
-template <typename T, int DP>
+template <typename T, int DP, bool DROP>
 __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict__ k,
                                     const T* __restrict__ v, T* __restrict__ o,
-                                    float* __restrict__ lse, int t, int d_real, float scale_log2) {
+                                    float* __restrict__ lse, int t, int d_real, float scale_log2,
+                                    const Drop drop) {
     constexpr int BR = FwdCfg<DP>::BR, BC = FwdCfg<DP>::BC;
     constexpr int RM = BR / TY, CN = BC / TX, DN = DP / TX;
     static_assert(RM * TY == BR && CN * TX == BC && DN * TX == DP, "tile/thread mismatch");
@@ -149,7 +155,14 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
             for (int j = 0; j < CN; ++j) {
                 const float p = exp2f(s[i][j] - m_ref);  // exactly 0 where masked
                 l[i] += p;
-                sP[ty * RM + i][tx + TX * j] = p;
+                if constexpr (DROP) {
+                    const int c = k0 + tx + TX * j;
+                    const float z = (p != 0.f && r < t) ? drop.mul(((uint64_t)bh * t + r) * t + c)
+                                                        : 0.f;
+                    sP[ty * RM + i][tx + TX * j] = p * z;
+                } else {
+                    sP[ty * RM + i][tx + TX * j] = p;
+                }
             }
         }
         __syncthreads();  // everyone is done with K
@@ -203,13 +216,13 @@ __device__ __forceinline__ void bwd_delta(const T* __restrict__ o, const T* __re
 }
 
 // grid = (B·H, ceil(T/BC)), block = NT. dq is f32 [B,H,T,D], zeroed, accumulated atomically.
-template <typename T, int DP>
+template <typename T, int DP, bool DROP>
 __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict__ k,
                                     const T* __restrict__ v, const T* __restrict__ dout,
                                     const float* __restrict__ lse,
                                     const float* __restrict__ delta, float* __restrict__ dq,
                                     T* __restrict__ dk, T* __restrict__ dv, int t, int d_real,
-                                    float scale) {
+                                    float scale, const Drop drop) {
     constexpr int BC = BwdCfg<DP>::BC, BR = BwdCfg<DP>::BR;
     constexpr int RM = BC / TY;  // key rows per thread (S tile, dK, dV)
     constexpr int CN = BR / TX;  // query columns per thread (S tile)
@@ -284,8 +297,14 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
                 const int rl = tx + TX * j, r = q0 + rl;
                 // c ≤ r < T also excludes padded keys (c ≥ T) and padded queries.
                 const float p = (c <= r && r < t) ? exp2f(s[i][j] * scale_log2 - sL[rl]) : 0.f;
-                sPt[ty * RM + i][rl] = p;
-                sdSt[ty * RM + i][rl] = p * (dp[i][j] - sD[rl]);
+                if constexpr (DROP) {
+                    const float z = p != 0.f ? drop.mul(((uint64_t)bh * t + r) * t + c) : 0.f;
+                    sPt[ty * RM + i][rl] = p * z;
+                    sdSt[ty * RM + i][rl] = p * (dp[i][j] * z - sD[rl]);
+                } else {
+                    sPt[ty * RM + i][rl] = p;
+                    sdSt[ty * RM + i][rl] = p * (dp[i][j] - sD[rl]);
+                }
             }
         }
         __syncthreads();  // P and dS staged
@@ -357,16 +376,30 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
 
 }  // namespace attn
 
+// The `_drop` kernels take the draw as five more arguments: key words, first Philox block,
+// threshold and scale (src/dropout.rs's MaskSpec).
+#define DROP_ARGS uint32_t k0, uint32_t k1, uint64_t first_block, uint64_t threshold, float keep
+#define DROP_OF Drop{k0, k1, first_block, threshold, keep}
 #define ATTN_FWD(T, S, DP)                                                                     \
     extern "C" __global__ void __launch_bounds__(attn::NT) attention_fwd_d##DP##_##S(         \
         const T* q, const T* k, const T* v, T* o, float* lse, int t, int d, float scale_log2) { \
-        attn::fwd<T, DP>(q, k, v, o, lse, t, d, scale_log2);                                  \
+        attn::fwd<T, DP, false>(q, k, v, o, lse, t, d, scale_log2, Drop{});                   \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(attn::NT) attention_fwd_drop_d##DP##_##S(    \
+        const T* q, const T* k, const T* v, T* o, float* lse, int t, int d, float scale_log2, \
+        DROP_ARGS) {                                                                           \
+        attn::fwd<T, DP, true>(q, k, v, o, lse, t, d, scale_log2, DROP_OF);                   \
     }
 #define ATTN_BWD(T, S, DP)                                                                     \
     extern "C" __global__ void __launch_bounds__(attn::NT) attention_bwd_d##DP##_##S(         \
         const T* q, const T* k, const T* v, const T* dout, const float* lse,                  \
         const float* delta, float* dq, T* dk, T* dv, int t, int d, float scale) {             \
-        attn::bwd<T, DP>(q, k, v, dout, lse, delta, dq, dk, dv, t, d, scale);                 \
+        attn::bwd<T, DP, false>(q, k, v, dout, lse, delta, dq, dk, dv, t, d, scale, Drop{});  \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(attn::NT) attention_bwd_drop_d##DP##_##S(    \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse,                  \
+        const float* delta, float* dq, T* dk, T* dv, int t, int d, float scale, DROP_ARGS) {  \
+        attn::bwd<T, DP, true>(q, k, v, dout, lse, delta, dq, dk, dv, t, d, scale, DROP_OF);  \
     }
 // attention_dq_cast is cast_from_f32 (common.cuh) without __restrict__: with it nvcc loads
 // through the non-coherent cache (ld.global.nc), other PTX than the kernels validated so far.

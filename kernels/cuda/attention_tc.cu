@@ -44,11 +44,16 @@
 // sums) and the dq atomics. Rounding: P and dS are rounded to the input dtype before their
 // MMAs (as FlashAttention-2 does); all sums are f32.
 //
+// Dropout (the `_drop` kernels, DROP = true; see attention.cu): the forward multiplies P's
+// fragments by z after the row sums, before P·V, one Philox block per key pair (Drop::mul2);
+// the backward uses Pᵀ∘Z for dV and dSᵀ = Pᵀ∘(Z∘dPᵀ − Δ).
+//
 // Dynamic shared memory (the launcher passes these sizes; each kernel traps if given less):
 //   forward  (1 Q + 2 K + 2 V tiles) · 64·(DH+8)·2 B = 46,080 B (DH 64), 87,040 B (DH 128)
 //   backward (K, V, 2 Q, 2 dO tiles) · 64·(DH+8)·2 B + dSᵀ 64·72·2 B + 2·2·64·4 B (lse, Δ)
 //            = 65,536 B (DH 64), 114,688 B (DH 128)
 #include "common.cuh"
+#include "philox.cuh"
 
 namespace attn_tc {
 
@@ -188,10 +193,11 @@ struct Lanes {
 // ---- Forward ----
 
 // grid = (B·H, ceil(T/64)), block = NT, dynamic shared memory Smem<DH>::FWD_BYTES.
-template <typename T, int DH>
+template <typename T, int DH, bool DROP>
 __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict__ k,
                                     const T* __restrict__ v, T* __restrict__ o,
-                                    float* __restrict__ lse, int t, float scale_log2) {
+                                    float* __restrict__ lse, int t, float scale_log2,
+                                    const Drop drop) {
     using S = Smem<DH>;
     constexpr int STR = S::STR;
     constexpr int DT = DH / 8;  // 8-wide output column tiles per warp
@@ -307,6 +313,22 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                 s[n][e] = p;
                 l[e >> 1] += p;
             }
+        if constexpr (DROP) {
+            // Rows g and g+8 of the warp; s[n][2i], s[n][2i+1] are keys 8n + 2c and the next.
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int r = q0 + ln.warp * 16 + ln.g + 8 * i;
+                if (r < t) {
+                    const uint64_t e0 = ((uint64_t)bh * t + r) * t + j * BN + 2 * ln.c;
+#pragma unroll
+                    for (int n = 0; n < 8; ++n) {
+                        const float2 z = drop.mul2(e0 + 8 * n);
+                        s[n][2 * i] *= z.x;
+                        s[n][2 * i + 1] *= z.y;
+                    }
+                }
+            }
+        }
 
         // O += P·V: P's accumulators 2kk and 2kk+1 are the A operand for keys 16kk..16kk+15.
         const uint32_t v_base = smem_u32(Vt + ln.r16 * STR + ln.c16);
@@ -349,12 +371,13 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
 
 // grid = (B·H, ceil(T/64)), block = NT, dynamic shared memory Smem<DH>::BWD_BYTES.
 // dq is f32 [B,H,T,D], zeroed, accumulated atomically; lse and delta are [B,H,T] f32.
-template <typename T, int DH>
+template <typename T, int DH, bool DROP>
 __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict__ k,
                                     const T* __restrict__ v, const T* __restrict__ dout,
                                     const float* __restrict__ lse,
                                     const float* __restrict__ delta, float* __restrict__ dq,
-                                    T* __restrict__ dk, T* __restrict__ dv, int t, float scale) {
+                                    T* __restrict__ dk, T* __restrict__ dv, int t, float scale,
+                                    const Drop drop) {
     using S = Smem<DH>;
     constexpr int STR = S::STR, SSTR = S::SSTR;
     constexpr int DT = DH / 8;
@@ -475,7 +498,14 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
                     const int key = k0 + ln.warp * 16 + ln.g + (e >> 1) * 8;
                     const int rl = qc + n * 8 + 2 * ln.c + (e & 1), r = q0 + rl;
                     p[e] = (key <= r && r < t) ? exp2f(s[n][e] * scale_log2 - L[rl]) : 0.f;
-                    ds[e] = p[e] * (dp[n][e] - Dl[rl]);
+                    if constexpr (DROP) {
+                        const uint64_t el = ((uint64_t)bh * t + r) * t + key;
+                        const float z = p[e] != 0.f ? drop.mul(el) : 0.f;
+                        ds[e] = p[e] * (dp[n][e] * z - Dl[rl]);
+                        p[e] *= z;  // what multiplied V in the forward
+                    } else {
+                        ds[e] = p[e] * (dp[n][e] - Dl[rl]);
+                    }
                 }
                 // Accumulator n is columns 8(n%2).. of chunk n/2: A regs (n%2)·2 + {0, 1}.
                 pa[n / 2][(n % 2) * 2] = Tc<T>::pack(p[0], p[1]);
@@ -571,16 +601,29 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
 
 }  // namespace attn_tc
 
+// The `_drop` kernels take the draw as five more arguments (attention.cu's DROP_ARGS).
+#define DROP_ARGS uint32_t k0, uint32_t k1, uint64_t first_block, uint64_t threshold, float keep
+#define DROP_OF Drop{k0, k1, first_block, threshold, keep}
 #define ATTN_TC_FWD(T, S, DH)                                                                 \
     extern "C" __global__ void __launch_bounds__(attn_tc::NT) attention_tc_fwd_d##DH##_##S(  \
         const T* q, const T* k, const T* v, T* o, float* lse, int t, float scale_log2) {     \
-        attn_tc::fwd<T, DH>(q, k, v, o, lse, t, scale_log2);                                 \
+        attn_tc::fwd<T, DH, false>(q, k, v, o, lse, t, scale_log2, Drop{});                  \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(attn_tc::NT)                                \
+        attention_tc_fwd_drop_d##DH##_##S(const T* q, const T* k, const T* v, T* o,          \
+                                          float* lse, int t, float scale_log2, DROP_ARGS) {  \
+        attn_tc::fwd<T, DH, true>(q, k, v, o, lse, t, scale_log2, DROP_OF);                  \
     }
 #define ATTN_TC_BWD(T, S, DH)                                                                 \
     extern "C" __global__ void __launch_bounds__(attn_tc::NT) attention_tc_bwd_d##DH##_##S(  \
         const T* q, const T* k, const T* v, const T* dout, const float* lse,                 \
         const float* delta, float* dq, T* dk, T* dv, int t, float scale) {                   \
-        attn_tc::bwd<T, DH>(q, k, v, dout, lse, delta, dq, dk, dv, t, scale);                \
+        attn_tc::bwd<T, DH, false>(q, k, v, dout, lse, delta, dq, dk, dv, t, scale, Drop{}); \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(attn_tc::NT) attention_tc_bwd_drop_d##DH##_##S( \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse,                 \
+        const float* delta, float* dq, T* dk, T* dv, int t, float scale, DROP_ARGS) {        \
+        attn_tc::bwd<T, DH, true>(q, k, v, dout, lse, delta, dq, dk, dv, t, scale, DROP_OF); \
     }
 #define ATTN_TC_ALL(T, S)                                                                     \
     ATTN_TC_FWD(T, S, 64) ATTN_TC_FWD(T, S, 128) ATTN_TC_BWD(T, S, 64) ATTN_TC_BWD(T, S, 128)

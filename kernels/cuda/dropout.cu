@@ -3,20 +3,7 @@
 // function as `philox4x32_10` and `MaskSpec::cpu` in src/dropout.rs, so CPU and GPU masks agree
 // bit for bit. One thread per Philox block (four elements), grid-stride.
 #include "common.cuh"
-
-__device__ __forceinline__ uint4 philox(uint4 c, uint32_t k0, uint32_t k1) {
-#pragma unroll
-    for (int round = 0; round < 10; round++) {
-        if (round > 0) {
-            k0 += 0x9E3779B9u;
-            k1 += 0xBB67AE85u;
-        }
-        const uint32_t hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
-        const uint32_t hi1 = __umulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
-        c = make_uint4(hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0);
-    }
-    return c;
-}
+#include "philox.cuh"
 
 template <typename T>
 __device__ __forceinline__ void dropout_mask(T* __restrict__ mask, size_t n, uint32_t k0,

@@ -2,9 +2,12 @@
 //! forward and backward apart, collected while [`enable`]d (`kiln bench --profile`).
 //!
 //! Off, a fused op pays one relaxed atomic load. On, each op's forward kernel and its backward
-//! are timed on the calling thread; on CUDA the time is the launch's (kernels run
-//! asynchronously), so there the figures show launch overhead, not kernel time.
+//! are timed on the calling thread. On CUDA kernels run asynchronously, so a time is the
+//! launch's unless [`wait_for`] names the device: each timed op then waits for it before and
+//! after (its time is its kernels'), and so does [`wait`] (the step's pass times); the waits
+//! slow the profiled step down.
 
+use candle_core::Device;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -12,6 +15,7 @@ use std::time::Instant;
 
 static ON: AtomicBool = AtomicBool::new(false);
 static TABLE: Mutex<BTreeMap<(&'static str, Pass), OpStats>> = Mutex::new(BTreeMap::new());
+static WAIT_FOR: Mutex<Option<Device>> = Mutex::new(None);
 
 /// Which part of a step: an op's forward kernel, its whole backward (kernels and the candle ops
 /// it calls), or an optimizer kernel.
@@ -48,6 +52,22 @@ pub fn enabled() -> bool {
     ON.load(Ordering::Relaxed)
 }
 
+/// While collection is on, timed ops and [`wait`] wait for `device` (None: they do not).
+pub fn wait_for(device: Option<Device>) {
+    *WAIT_FOR.lock().unwrap_or_else(|e| e.into_inner()) = device;
+}
+
+/// While collection is on, waits until the device named by [`wait_for`] has finished its queued
+/// work (a device error shows up at the next op instead).
+pub fn wait() {
+    if !enabled() {
+        return;
+    }
+    if let Some(device) = WAIT_FOR.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let _ = device.synchronize();
+    }
+}
+
 /// What was collected since the last call, by (op name, pass); the table starts empty again.
 pub fn take() -> BTreeMap<(&'static str, Pass), OpStats> {
     std::mem::take(&mut *TABLE.lock().unwrap_or_else(|e| e.into_inner()))
@@ -58,8 +78,10 @@ pub(crate) fn timed<R>(name: &'static str, pass: Pass, f: impl FnOnce() -> R) ->
     if !enabled() {
         return f();
     }
+    wait();
     let started = Instant::now();
     let out = f();
+    wait();
     let seconds = started.elapsed().as_secs_f64();
     let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
     let s = table.entry((name, pass)).or_default();

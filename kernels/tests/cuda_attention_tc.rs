@@ -250,25 +250,34 @@ fn attention_timing() {
             Var::from_tensor(&t.to_device(&gpu)?)
         };
         let (q, k, v) = (make(1).unwrap(), make(2).unwrap(), make(3).unwrap());
-        let fwd = || -> Result<Tensor> {
-            kiln_kernels::causal_self_attention(q.as_tensor(), k.as_tensor(), v.as_tensor())
+        // Without dropout, then with nanoGPT's 0.2 on the probabilities (the `_drop` kernels).
+        let draw = kiln_kernels::dropout::Draw {
+            p: 0.2,
+            key: [1, 2],
+            start: 0,
         };
-        let f_ms = time_ms(&gpu, 3, 20, &|| fwd().map(|_| ())).unwrap();
-        let fb_ms = time_ms(&gpu, 2, 10, &|| {
-            fwd()?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .backward()
-                .map(|_| ())
-        })
-        .unwrap();
-        let (ff, fbf) = flops(&shape);
-        eprintln!(
-            "{label:>11} bf16 {shape:?}: forward {f_ms:8.3} ms {:7.2} TFLOP/s, \
-             forward+backward {fb_ms:8.3} ms {:7.2} TFLOP/s",
-            ff / f_ms * 1e-9,
-            fbf / fb_ms * 1e-9,
-        );
+        for (drop, what) in [(None, ""), (Some(&draw), " dropout 0.2")] {
+            let fwd = || -> Result<Tensor> {
+                let (q, k, v) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+                kiln_kernels::causal_self_attention_dropout(q, k, v, drop)
+            };
+            let f_ms = time_ms(&gpu, 3, 20, &|| fwd().map(|_| ())).unwrap();
+            let fb_ms = time_ms(&gpu, 2, 10, &|| {
+                fwd()?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?
+                    .backward()
+                    .map(|_| ())
+            })
+            .unwrap();
+            let (ff, fbf) = flops(&shape);
+            eprintln!(
+                "{label:>11} bf16 {shape:?}{what}: forward {f_ms:8.3} ms {:7.2} TFLOP/s, \
+                 forward+backward {fb_ms:8.3} ms {:7.2} TFLOP/s",
+                ff / f_ms * 1e-9,
+                fbf / fb_ms * 1e-9,
+            );
+        }
     }
     if !fma_forced() {
         if let Err(e) = run_fma_child("attention_timing", &[]) {

@@ -263,6 +263,47 @@ fn causal_self_attention() {
     report.finish();
 }
 
+/// Dropout on the probabilities drawn inside the kernels (the `_drop` instances): the same
+/// multipliers as the CPU op, so the same tolerance as without dropout; an element indexed
+/// differently would drop other probabilities and miss it by far.
+#[test]
+fn causal_self_attention_with_dropout() {
+    let Some(gpu) = gpu() else { return };
+    let mut report = Report::default();
+    let every = &DTYPES[..];
+    let drop = kiln_kernels::dropout::Draw {
+        p: 0.2,
+        key: [0x1234_5678, 0x9abc_def0],
+        start: 4 * 1_000_003,
+    };
+    for (shape, dtypes, seed) in [
+        // Tensor cores in bf16/f16 (head dim 64, and 128), the FMA kernels in f32.
+        ([2, 3, 67, 64], every, 41),
+        ([2, 2, 150, 128], every, 41),
+        // FMA kernels in every dtype: head dims 40 (d64 padded) and 32, T not a multiple of 4.
+        ([1, 2, 130, 40], every, 41),
+        ([1, 2, 201, 32], every, 41),
+        ([1, 1, 1, 64], every, 41),
+        ([2, 12, 1024, 64], &[DType::BF16], 44),
+    ] {
+        let inputs = [
+            float(&shape, seed, 1.5),
+            float(&shape, seed + 1, 1.5),
+            float(&shape, seed + 2, 1.0),
+        ];
+        parity(
+            dtypes,
+            &mut report,
+            &gpu,
+            &format!("attention dropout {shape:?}"),
+            &inputs,
+            F32_TOL_LONG,
+            &|t| kiln_kernels::causal_self_attention_dropout(&t[0], &t[1], &t[2], Some(&drop)),
+        );
+    }
+    report.finish();
+}
+
 /// Targets for `n` rows of `v` classes, every fifth row ignored.
 fn targets(n: usize, v: usize, seed: u64) -> Tensor {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -655,6 +696,36 @@ fn dropout_mask_is_the_cpu_mask() {
 }
 
 /// A target that is neither a class id nor ignored fails on the GPU with the CPU's error.
+/// The language model head fused with its loss: the CPU takes these rows in several chunks
+/// (8 Mi logits each), the GPU in one, so the sums of dW differ in order only.
+#[test]
+fn linear_cross_entropy() {
+    let Some(gpu) = gpu() else { return };
+    let mut report = Report::default();
+    for (n, c, v, dtypes) in [
+        (300, 64, 50257, &DTYPES[..]),
+        (37, 48, 75, &DTYPES[..]),
+        // GPT-2's head on two sequences, in the training dtype.
+        (2048, 768, 50304, &[DType::BF16][..]),
+    ] {
+        let inputs = [
+            float(&[n, c], 51, 1.0),
+            float(&[v, c], 52, 0.05),
+            Input::Ids(targets(n, v, 53)),
+        ];
+        parity(
+            dtypes,
+            &mut report,
+            &gpu,
+            &format!("linear_cross_entropy [{n},{c}]x[{v},{c}]"),
+            &inputs,
+            F32_TOL_LONG,
+            &|t| kiln_kernels::linear_cross_entropy(&t[0], &t[1], &t[2], t[0].dtype()),
+        );
+    }
+    report.finish();
+}
+
 #[test]
 fn cross_entropy_rejects_an_out_of_range_target() {
     let Some(gpu) = gpu() else { return };

@@ -84,6 +84,8 @@ pub struct Profile {
     pub heap_peak_update_bytes: Option<i64>,
     /// kiln's fused ops, slowest first: calls and time per step in each pass.
     pub fused_ops: Vec<OpTime>,
+    /// Whether each op and pass waited for the device (CUDA), so its time is its kernels'.
+    pub waited_for_device: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -122,6 +124,8 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
     for i in 0..o.warmup + o.steps {
         if i == o.warmup && o.profile {
             kiln_kernels::profile::take();
+            // On CUDA each op and pass waits for the device, so their times are the kernels'.
+            kiln_kernels::profile::wait_for(device.is_cuda().then(|| device.clone()));
             kiln_kernels::profile::enable(true);
             kiln_core::alloc::enable(true);
             allocs_before = kiln_core::alloc::count();
@@ -159,9 +163,10 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
     }
     let profile = o.profile.then(|| {
         kiln_kernels::profile::enable(false);
+        kiln_kernels::profile::wait_for(None);
         kiln_core::alloc::enable(false);
         let allocs = kiln_core::alloc::count().zip(allocs_before);
-        Profile::new(&times, &parts, allocs)
+        Profile::new(&times, &parts, allocs, device.is_cuda())
     });
 
     let mut sorted = times.clone();
@@ -205,7 +210,12 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
 impl Profile {
     /// From the timed steps' wall `times`, the sums of their `parts`, the allocation counts
     /// (after, before) and the fused ops' table collected meanwhile.
-    fn new(times: &[f64], parts: &StepTimes, allocs: Option<(AllocCount, AllocCount)>) -> Self {
+    fn new(
+        times: &[f64],
+        parts: &StepTimes,
+        allocs: Option<(AllocCount, AllocCount)>,
+        waited: bool,
+    ) -> Self {
         let n = times.len() as f64;
         let per_step_ms = |s: f64| 1e3 * s / n;
         let total: f64 = times.iter().sum();
@@ -232,6 +242,7 @@ impl Profile {
             heap_peak_backward_bytes: allocs.map(|_| parts.heap_peak[1]),
             heap_peak_update_bytes: allocs.map(|_| parts.heap_peak[2]),
             fused_ops,
+            waited_for_device: waited,
         }
     }
 
@@ -242,6 +253,13 @@ impl Profile {
             self.forward_ms, self.backward_ms, self.update_ms, self.data_ms
         )];
         out.push(format!("graph        {:.0} ops per step", self.graph_ops));
+        if self.waited_for_device {
+            out.push(
+                "device       each fused op and pass waited for the device: kernel times, in a \
+                 step slowed by the waits"
+                    .into(),
+            );
+        }
         if let (Some(n), Some(b)) = (self.allocations, self.allocated_bytes) {
             out.push(format!(
                 "allocations  {n:.0} per step, {:.1} MiB",
@@ -290,11 +308,16 @@ impl Profile {
     }
 }
 
-/// The process's peak resident memory on the CPU; on CUDA, the most device memory in use
-/// (total − free, which includes the allocator's cached blocks) seen after any step.
+/// The process's peak resident memory on the CPU. On CUDA, where candle allocates from the
+/// device's memory pool (cuMemAllocAsync), the pool's high-water mark of memory in use by
+/// allocations since the probe was made (what PyTorch's `max_memory_allocated` counts: it sees
+/// the peak inside a step); on a device without pools, the most memory in use (total − free,
+/// cached blocks included) seen after any step.
 struct MemoryProbe {
     cuda: bool,
     peak: u64,
+    #[cfg(feature = "cuda")]
+    pool: Option<pool::Pool>,
 }
 
 impl MemoryProbe {
@@ -302,6 +325,11 @@ impl MemoryProbe {
         MemoryProbe {
             cuda: device.is_cuda(),
             peak: 0,
+            #[cfg(feature = "cuda")]
+            pool: match device {
+                Device::Cuda(dev) => pool::Pool::current(dev),
+                _ => None,
+            },
         }
     }
 
@@ -318,6 +346,13 @@ impl MemoryProbe {
 
     fn finish(self) -> (Option<u64>, &'static str) {
         if self.cuda {
+            #[cfg(feature = "cuda")]
+            if let Some(high) = self.pool.as_ref().and_then(pool::Pool::used_high) {
+                return (
+                    Some(high),
+                    "peak device memory in use by allocations (memory pool high-water mark)",
+                );
+            }
             return (
                 (self.peak > 0).then_some(self.peak),
                 "device memory in use (total − free), highest after any step",
@@ -328,6 +363,52 @@ impl MemoryProbe {
         let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0;
         let rss = ok.then(|| unsafe { usage.assume_init() }.ru_maxrss as u64 * 1024);
         (rss, "peak resident set size of the process")
+    }
+}
+
+/// The CUDA memory pool candle's allocations come from, and its high-water mark.
+#[cfg(feature = "cuda")]
+mod pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::CudaDevice;
+
+    pub struct Pool(sys::CUmemoryPool);
+
+    impl Pool {
+        /// The device's current pool with its high-water mark reset to the memory in use now;
+        /// None where the device has no pools (candle then allocates with cuMemAlloc) or a
+        /// call fails.
+        pub fn current(dev: &CudaDevice) -> Option<Pool> {
+            let stream = dev.cuda_stream();
+            let ctx = stream.context();
+            if !ctx.has_async_alloc() {
+                return None;
+            }
+            ctx.bind_to_thread().ok()?;
+            let mut pool = std::ptr::null_mut();
+            // SAFETY: writes the device's current pool handle into `pool`.
+            unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) }
+                .result()
+                .ok()?;
+            let mut zero = 0u64;
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+            // SAFETY: USED_MEM_HIGH is a cuuint64_t; setting it to 0 resets the mark.
+            unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&mut zero as *mut u64).cast()) }
+                .result()
+                .ok()?;
+            Some(Pool(pool))
+        }
+
+        /// The most memory in use by allocations from the pool since `current`.
+        pub fn used_high(&self) -> Option<u64> {
+            let mut high = 0u64;
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+            // SAFETY: USED_MEM_HIGH is read into a cuuint64_t.
+            unsafe { sys::cuMemPoolGetAttribute(self.0, attr, (&mut high as *mut u64).cast()) }
+                .result()
+                .ok()?;
+            (high > 0).then_some(high)
+        }
     }
 }
 

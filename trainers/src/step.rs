@@ -298,8 +298,10 @@ fn average_running_stats(world: &World, stats: &[Param], share: f64) -> Result<(
     Ok(())
 }
 
-/// Seconds since `clock`, which restarts.
+/// Seconds since `clock`, which restarts (after the device's queued work, while kernel
+/// profiling waits for it: see `kiln_kernels::profile::wait_for`).
 fn lap(clock: &mut Instant) -> f64 {
+    kiln_kernels::profile::wait();
     let now = Instant::now();
     let dt = (now - *clock).as_secs_f64();
     *clock = now;

@@ -10,12 +10,19 @@
 //! or 128 and 16-byte aligned inputs, the FMA kernels otherwise (they stay the reference).
 //! Setting `KILN_ATTENTION_KERNEL=fma` (read once per process) forces the FMA kernels
 //! everywhere, so the two can be compared on a device.
+//!
+//! Dropout on the probabilities runs the `_drop` instances of both (five more arguments: the
+//! draw's key, first Philox block, threshold and scale); calls without it run the kernels
+//! without those instructions.
 
 use super::launch::{check_shape, expect_args};
 use super::{alloc, as_i32, f32_to_storage, ptx, view, with_gpu_float, zeros_f32, GpuFloat};
+use crate::dropout::MaskSpec;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{kernel_name, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 
@@ -110,19 +117,24 @@ enum Pass {
     Backward,
 }
 
-/// The `<dtype>` function of `kernel`'s `pass` for head dim `d`, with its launch shape (and the
-/// dynamic shared memory the tensor-core kernels need, allowed on the function).
+/// The `<dtype>` function of `kernel`'s `pass` for head dim `d` (its dropout instance when
+/// `drop`), with its launch shape (and the dynamic shared memory the tensor-core kernels need,
+/// allowed on the function).
 fn load<T: GpuFloat>(
     dev: &CudaDevice,
-    kernel: Kernel,
-    pass: Pass,
+    (kernel, pass, drop): (Kernel, Pass, bool),
     d: usize,
     bh: usize,
     t: usize,
 ) -> Result<(CudaFunction, LaunchConfig)> {
     const NAME: &str = "attention";
     let fwd = matches!(pass, Pass::Forward);
-    let which = if fwd { "fwd" } else { "bwd" };
+    let which = match (fwd, drop) {
+        (true, false) => "fwd",
+        (true, true) => "fwd_drop",
+        (false, false) => "bwd",
+        (false, true) => "bwd_drop",
+    };
     match kernel {
         Kernel::TensorCore => {
             let (fwd_smem, bwd_smem) = tc_smem(d);
@@ -192,17 +204,34 @@ fn q_shape(
     Ok((shape, dims))
 }
 
-/// q, k, v [B, H, T, D] → o [B, H, T, D], lse [B, H, T] f32.
-pub fn forward(args: &[(&CudaStorage, &Layout)], scale: f32) -> Result<Vec<(CudaStorage, Shape)>> {
+/// Pushes a dropout kernel's five draw arguments.
+fn push_drop<'a>(bld: &mut LaunchArgs<'a>, drop: &'a MaskSpec) {
+    bld.arg(&drop.key[0])
+        .arg(&drop.key[1])
+        .arg(&drop.first_block)
+        .arg(&drop.threshold)
+        .arg(&drop.scale);
+}
+
+/// q, k, v [B, H, T, D] → o [B, H, T, D], lse [B, H, T] f32; dropout `drop` on the
+/// probabilities.
+pub fn forward(
+    args: &[(&CudaStorage, &Layout)],
+    scale: f32,
+    drop: Option<MaskSpec>,
+) -> Result<Vec<(CudaStorage, Shape)>> {
     let [q, k, v] = expect_args(args, "attention", "q, k, v")?;
-    with_gpu_float!(q.0.dtype(), "attention", |T| fwd::<T>(q, k, v, scale))
+    with_gpu_float!(q.0.dtype(), "attention", |T| fwd::<T>(
+        [q, k, v],
+        scale,
+        drop.as_ref()
+    ))
 }
 
 fn fwd<T: GpuFloat>(
-    q: (&CudaStorage, &Layout),
-    k: (&CudaStorage, &Layout),
-    v: (&CudaStorage, &Layout),
+    [q, k, v]: [(&CudaStorage, &Layout); 3],
     scale: f32,
+    drop: Option<&MaskSpec>,
 ) -> Result<Vec<(CudaStorage, Shape)>> {
     const NAME: &str = "attention";
     let (shape, (b, h, t, d)) = q_shape(q.1, &[("k", k.1), ("v", v.1)], NAME)?;
@@ -221,7 +250,8 @@ fn fwd<T: GpuFloat>(
         let (ti, di) = (as_i32(t, NAME)?, as_i32(d, NAME)?);
         // The kernels' softmax runs on exp2: scores are scaled by scale·log2(e).
         let scale_log2 = scale * std::f32::consts::LOG2_E;
-        let (func, cfg) = load::<T>(dev, kernel, Pass::Forward, d, bh, t)?;
+        let pass = (kernel, Pass::Forward, drop.is_some());
+        let (func, cfg) = load::<T>(dev, pass, d, bh, t)?;
         let stream = dev.cuda_stream();
         let mut bld = stream.launch_builder(&func);
         bld.arg(&qv)
@@ -234,6 +264,9 @@ fn fwd<T: GpuFloat>(
             bld.arg(&di);
         }
         bld.arg(&scale_log2);
+        if let Some(drop) = drop {
+            push_drop(&mut bld, drop);
+        }
         // SAFETY: q, k, v and o hold B·H·T·D elements, lse B·H·T; the kernel reads and writes
         // only rows < T (and columns < D) of each (b, h). The tensor-core kernel's compile-time
         // head dim is D (64 or 128) and its inputs are 16-byte aligned (`choose`).
@@ -248,14 +281,19 @@ fn fwd<T: GpuFloat>(
     ])
 }
 
-/// q, k, v, o, lse, do → dq, dk, dv (q's dtype).
-pub fn backward(args: &[(&CudaStorage, &Layout)], scale: f32) -> Result<Vec<(CudaStorage, Shape)>> {
+/// q, k, v, o, lse, do → dq, dk, dv (q's dtype), with the forward's dropout `drop`.
+pub fn backward(
+    args: &[(&CudaStorage, &Layout)],
+    scale: f32,
+    drop: Option<MaskSpec>,
+) -> Result<Vec<(CudaStorage, Shape)>> {
     const NAME: &str = "attention backward";
     let [q, k, v, o, lse, d_o] = expect_args(args, NAME, "q, k, v, o, lse, do")?;
     with_gpu_float!(q.0.dtype(), NAME, |T| bwd::<T>(
         [q, k, v, o, d_o],
         lse,
-        scale
+        scale,
+        drop.as_ref()
     ))
 }
 
@@ -263,6 +301,7 @@ fn bwd<T: GpuFloat>(
     [q, k, v, o, d_o]: [(&CudaStorage, &Layout); 5],
     lse: (&CudaStorage, &Layout),
     scale: f32,
+    drop: Option<&MaskSpec>,
 ) -> Result<Vec<(CudaStorage, Shape)>> {
     const NAME: &str = "attention backward";
     let others = [("k", k.1), ("v", v.1), ("o", o.1), ("do", d_o.1)];
@@ -311,7 +350,8 @@ fn bwd<T: GpuFloat>(
         // SAFETY: o and do hold rows·D elements, delta rows; one warp per row.
         unsafe { bld.launch(delta_cfg) }.w()?;
 
-        let (func, cfg) = load::<T>(dev, kernel, Pass::Backward, d, bh, t)?;
+        let pass = (kernel, Pass::Backward, drop.is_some());
+        let (func, cfg) = load::<T>(dev, pass, d, bh, t)?;
         let stream = dev.cuda_stream();
         let mut bld = stream.launch_builder(&func);
         bld.arg(&qv)
@@ -325,6 +365,9 @@ fn bwd<T: GpuFloat>(
             bld.arg(&di);
         }
         bld.arg(&scale);
+        if let Some(drop) = drop {
+            push_drop(&mut bld, drop);
+        }
         // SAFETY: q, k, v, do, dq32, dk and dv hold B·H·T·D elements, lse and delta B·H·T;
         // dq32 is zeroed (atomics add into it); each block writes only its own key rows of dk
         // and dv, rows < T (and columns < D). The tensor-core kernel's compile-time head dim is
