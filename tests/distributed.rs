@@ -447,3 +447,94 @@ fn a_resumed_job_continues_every_ranks_dropout_stream() {
         "the resumed job's weights differ from the uninterrupted job's"
     );
 }
+
+/// The bytes of checkpoint file `file` at `step` of `run`.
+#[cfg(feature = "distributed")]
+fn checkpoint_bytes(run: &Path, step: usize, file: &str) -> Vec<u8> {
+    std::fs::read(run.join(format!("checkpoints/step-{step}/{file}"))).unwrap()
+}
+
+#[cfg(feature = "distributed")]
+#[test]
+fn zero_1_shards_the_optimizer_state_and_trains_what_ddp_trains() {
+    if mpirun().is_none() {
+        return;
+    }
+    let (dir, recipe) = tiny_gpt_fixture("");
+    let d = dir.path();
+    let zero = ["--set", "trainer.zero_stage=1"];
+    ok(&run(mpi_train(2, &recipe, &d.join("ddp"), &GENTLE)));
+    let o = run(mpi_train(
+        2,
+        &recipe,
+        &d.join("zero"),
+        &[&GENTLE[..], &zero].concat(),
+    ));
+    ok(&o);
+    // Each rank holds part of the state, and the parts cover every parameter once.
+    let err = stderr(&o);
+    // "rank r/2: ZeRO-1, optimizer state of K of P parameters (E of N elements)"
+    let held: Vec<[usize; 4]> = (0..2)
+        .map(|r| {
+            let line = err
+                .lines()
+                .find(|l| l.starts_with(&format!("rank {r}/2: ZeRO-1")))
+                .unwrap_or_else(|| panic!("no ZeRO-1 line for rank {r}: {err}"));
+            let numbers: Vec<usize> = line["rank r/2: ZeRO-1".len()..]
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            numbers
+                .try_into()
+                .unwrap_or_else(|n| panic!("{line}: {n:?}"))
+        })
+        .collect();
+    let [_, params, _, elements] = held[0];
+    assert!(
+        held.iter()
+            .all(|h| h[0] > 0 && h[1] == params && h[3] == elements),
+        "{err}"
+    );
+    assert_eq!(held.iter().map(|h| h[0]).sum::<usize>(), params, "{err}");
+    assert_eq!(held.iter().map(|h| h[2]).sum::<usize>(), elements, "{err}");
+    // The same sums, clip and AdamW arithmetic, only shared out: the same bytes as DDP, weights
+    // and the gathered optimizer state alike.
+    for step in [10, 20] {
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            assert!(
+                checkpoint_bytes(&d.join("ddp"), step, file)
+                    == checkpoint_bytes(&d.join("zero"), step, file),
+                "step {step}: {file} differs between DDP and ZeRO-1"
+            );
+        }
+    }
+    // A ZeRO-1 checkpoint holds the whole state, so a job resumes from it on another number of
+    // ranks (a new partition): jobs stopped at step 10 and resumed on 3 ranks, with and without
+    // sharding, end with the same bytes.
+    let half = |name: &str, extra: &[&'static str]| {
+        let run_dir = d.join(name);
+        let args = [&GENTLE[..], &["--set", "trainer.max_steps=10"], extra].concat();
+        ok(&run(mpi_train(2, &recipe, &run_dir, &args)));
+        let mut resume = Command::new("mpirun");
+        resume
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", "3"])
+            .arg(env!("CARGO_BIN_EXE_kiln"))
+            .args(["train", "--resume", run_dir.to_str().unwrap(), "--quiet"])
+            .args(["--set", "trainer.max_steps=20"])
+            .current_dir(d);
+        let o = run(resume);
+        ok(&o);
+        (run_dir, stderr(&o))
+    };
+    let (ddp, _) = half("ddp-half", &[]);
+    let (sharded, err) = half("zero-half", &zero);
+    assert!(err.contains("rank 2/3: ZeRO-1"), "{err}");
+    for step in [10, 20] {
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            assert!(
+                checkpoint_bytes(&ddp, step, file) == checkpoint_bytes(&sharded, step, file),
+                "resumed on 3 ranks, step {step}: {file} differs between DDP and ZeRO-1"
+            );
+        }
+    }
+}

@@ -139,6 +139,15 @@ pub struct TrainerConfig {
     /// The evaluation metric `keep_best` follows; lower is better unless it is an accuracy or F1.
     #[serde(default = "default_best_metric")]
     pub best_metric: String,
+    /// Data-parallel jobs: 1 shards the optimizer state over the ranks (ZeRO stage 1: each
+    /// rank updates the parameters it owns and sends them to the others); 0 (default) keeps a
+    /// whole copy on every rank. One process ignores it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub zero_stage: u8,
+}
+
+fn is_zero(x: &u8) -> bool {
+    *x == 0
 }
 
 fn default_best_metric() -> String {
@@ -375,6 +384,16 @@ impl Recipe {
         }
         if t.log_every == 0 {
             return err("trainer.log_every", "must be at least 1".into());
+        }
+        if t.zero_stage > 1 {
+            return err(
+                "trainer.zero_stage",
+                format!(
+                    "stage {} is not built: 0 (whole optimizer state on every rank) or 1 (the \
+                     state sharded over the ranks)",
+                    t.zero_stage
+                ),
+            );
         }
         Ok(())
     }

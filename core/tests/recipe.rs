@@ -1009,6 +1009,20 @@ fn clip_grad_norm_negative() {
 }
 
 #[test]
+fn zero_stage_is_0_or_1() {
+    assert_eq!(ok(&base(), &[]).trainer.zero_stage, 0);
+    assert_eq!(ok(&base(), &["trainer.zero_stage=1"]).trainer.zero_stage, 1);
+    set_rejects(
+        &base(),
+        "trainer.zero_stage=2",
+        &[
+            "stage 2 is not built",
+            "1 (the state sharded over the ranks)",
+        ],
+    );
+}
+
+#[test]
 fn log_every_zero() {
     let text = insert_after(&base(), "max_steps = 10", "log_every = 0"); // line 17
     file_error(&text, 17, "trainer.log_every", &["must be at least 1"]);

@@ -240,6 +240,29 @@ impl World {
         Ok(v[0] == value && v[1] == !value)
     }
 
+    /// Every rank's `mine` side by side in rank order, on every rank: `counts[r]` values from
+    /// rank r (every rank passes the same counts).
+    pub fn all_gather_f32(&self, mine: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
+        self.all_gather(mine, counts)
+    }
+
+    /// [`Self::all_gather_f32`] in f64.
+    pub fn all_gather_f64(&self, mine: &[f64], counts: &[usize]) -> Result<Vec<f64>> {
+        self.all_gather(mine, counts)
+    }
+
+    /// Every rank's `mine`, in rank order, on rank 0 (the others get an empty list): rank r's
+    /// bytes reach rank 0 in messages of at most 1 GiB, so no count overflows MPI's int.
+    pub fn gather_bytes(&self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        if self.size == 1 {
+            return Ok(vec![mine]);
+        }
+        let mut lens = vec![0u64; self.size];
+        lens[self.rank] = mine.len() as u64;
+        self.max_u64(&mut lens)?;
+        self.gather_to_root(mine, &lens)
+    }
+
     /// Overwrites `values` with rank 0's.
     pub fn broadcast_f32(&self, values: &mut [f32]) -> Result<()> {
         self.broadcast(values);
@@ -307,6 +330,65 @@ impl World {
             m.world.process_at_rank(0).broadcast_into(values);
         }
     }
+
+    fn all_gather<T: Element + Default>(&self, mine: &[T], counts: &[usize]) -> Result<Vec<T>> {
+        use mpi::collective::CommunicatorCollectives;
+        use mpi::datatype::PartitionMut;
+        anyhow::ensure!(
+            counts.len() == self.size && counts[self.rank] == mine.len(),
+            "all-gather: rank {} has {} values, its count says {:?}",
+            self.rank,
+            mine.len(),
+            counts.get(self.rank)
+        );
+        let Some(m) = self.mpi.as_ref().filter(|_| self.size > 1) else {
+            return Ok(mine.to_vec());
+        };
+        let count = |n: usize| {
+            i32::try_from(n).map_err(|_| {
+                anyhow::anyhow!("all-gather: {n} values from one rank are more than MPI counts")
+            })
+        };
+        let counts = counts
+            .iter()
+            .map(|&n| count(n))
+            .collect::<Result<Vec<_>>>()?;
+        let total = counts.iter().map(|&c| c as usize).sum::<usize>();
+        let displs = (counts.iter())
+            .scan(0usize, |at, &c| {
+                let d = *at;
+                *at += c as usize;
+                Some(count(d))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = vec![T::default(); total];
+        let mut parts = PartitionMut::new(&mut out[..], counts, displs);
+        m.world.all_gather_varcount_into(mine, &mut parts);
+        Ok(out)
+    }
+
+    fn gather_to_root(&self, mine: Vec<u8>, lens: &[u64]) -> Result<Vec<Vec<u8>>> {
+        use mpi::point_to_point::{Destination, Source};
+        use mpi::traits::Communicator;
+        const PIECE: usize = 1 << 30;
+        let m = self.mpi.as_ref().expect("a world of several ranks has MPI");
+        if self.rank != 0 {
+            for piece in mine.chunks(PIECE) {
+                m.world.process_at_rank(0).send(piece);
+            }
+            return Ok(Vec::new());
+        }
+        let mut all = vec![mine];
+        for (r, &len) in lens.iter().enumerate().skip(1) {
+            let mut bytes = Vec::with_capacity(len as usize);
+            while (bytes.len() as u64) < len {
+                let (piece, _) = m.world.process_at_rank(r as i32).receive_vec::<u8>();
+                bytes.extend_from_slice(&piece);
+            }
+            all.push(bytes);
+        }
+        Ok(all)
+    }
 }
 
 /// Without MPI a world has one rank: every collective leaves the values as they are.
@@ -314,6 +396,30 @@ impl World {
 impl World {
     fn all_reduce<T: Element>(&self, _values: &mut [T], _op: Op) {}
     fn broadcast<T: Element>(&self, _values: &mut [T]) {}
+    fn all_gather<T: Element>(&self, mine: &[T], _counts: &[usize]) -> Result<Vec<T>> {
+        Ok(mine.to_vec())
+    }
+    fn gather_to_root(&self, mine: Vec<u8>, _lens: &[u64]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![mine])
+    }
+}
+
+/// Which rank owns each parameter under ZeRO stage 1, for parameters of `sizes` elements:
+/// largest first, each to the rank holding the fewest elements so far (the lowest of equals),
+/// so the ranks' shares differ by at most the largest parameter, and every rank computes the
+/// same owners. (PyTorch's ZeroRedundancyOptimizer also shards by whole parameters; llm.c cuts
+/// one flat vector, which needs an optimizer over slices.)
+pub fn partition(sizes: &[usize], ranks: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]).then(a.cmp(&b)));
+    let mut held = vec![0usize; ranks.max(1)];
+    let mut owner = vec![0; sizes.len()];
+    for i in order {
+        let r = (0..held.len()).min_by_key(|&r| (held[r], r)).unwrap_or(0);
+        owner[i] = r;
+        held[r] += sizes[i];
+    }
+    owner
 }
 
 /// Prints `line` on stderr in one write, so that the lines of ranks sharing a terminal or a pipe
@@ -359,12 +465,42 @@ mod tests {
     }
 
     #[test]
+    fn zero_partitions_are_balanced_and_the_same_everywhere() {
+        // GPT-2-like: one large embedding, equal blocks, small vectors.
+        let mut sizes = vec![38_633_472, 786_432];
+        for _ in 0..12 {
+            sizes.extend([
+                2_359_296, 589_824, 2_359_296, 2_359_296, 768, 768, 2304, 768,
+            ]);
+        }
+        for ranks in [1, 2, 3, 8] {
+            let owner = partition(&sizes, ranks);
+            assert_eq!(owner, partition(&sizes, ranks), "deterministic");
+            let mut held = vec![0usize; ranks];
+            for (i, &r) in owner.iter().enumerate() {
+                held[r] += sizes[i];
+            }
+            let (lo, hi) = (held.iter().min().unwrap(), held.iter().max().unwrap());
+            let largest = *sizes.iter().max().unwrap();
+            // Greedy largest-first: within the largest parameter of each other, and no rank
+            // idle while a parameter could go to it.
+            assert!(hi - lo <= largest, "{ranks} ranks: {held:?}");
+            assert!(*lo > 0, "{ranks} ranks: {held:?}");
+        }
+        // More ranks than parameters: the extra ranks own nothing.
+        assert_eq!(partition(&[5, 3], 3), vec![0, 1]);
+        assert_eq!(partition(&[], 4), Vec::<usize>::new());
+    }
+
+    #[test]
     fn one_process_needs_no_communication() {
         let w = World::single();
         let mut v = [1.0f32, 2.0];
         w.sum_f32(&mut v).unwrap();
         assert_eq!(v, [1.0, 2.0]);
         assert!(w.agree(42).unwrap());
+        assert_eq!(w.all_gather_f32(&v, &[2]).unwrap(), v);
+        assert_eq!(w.gather_bytes(vec![7, 8]).unwrap(), vec![vec![7, 8]]);
         assert!(w.is_main());
         assert_ne!(checksum([&b"a"[..]]), checksum([&b"b"[..]]));
     }

@@ -60,6 +60,24 @@ pub fn build(cfg: &OptimConfig) -> Box<dyn Optimizer> {
     }
 }
 
+/// The entries of a whole optimizer state (`<param>.<kind>`) for the parameters `rank` owns
+/// under ZeRO-1 (`owners[i]` owns `params[i]`).
+pub fn owned_state(
+    state: HashMap<String, Tensor>,
+    params: &[Param],
+    owners: &[usize],
+    rank: usize,
+) -> HashMap<String, Tensor> {
+    let mine: std::collections::HashSet<&str> = (params.iter().zip(owners))
+        .filter(|(_, &o)| o == rank)
+        .map(|(p, _)| p.name.as_str())
+        .collect();
+    state
+        .into_iter()
+        .filter(|(k, _)| k.rsplit_once('.').is_some_and(|(p, _)| mine.contains(p)))
+        .collect()
+}
+
 /// Checks saved optimizer state against the parameters it will update: every tensor
 /// `<param>.<kind>` must belong to a trainable parameter of the same shape. A checkpoint from
 /// another model (or a damaged one) is refused by name instead of failing mid-step or, worse,

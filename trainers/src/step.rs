@@ -7,7 +7,7 @@ use crate::optim::{Optimizer, Param};
 use crate::task;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use kiln_core::data::Batch;
 use kiln_models::{Model, ModelConfig};
@@ -94,6 +94,9 @@ pub struct Shard<'a> {
     /// statistics of the whole batch would have moved them, up to the variance between slices),
     /// and every rank evaluates and saves the same model.
     pub running_stats: &'a [Param],
+    /// ZeRO stage 1: the rank that owns each parameter (its optimizer state and its update);
+    /// None when every rank updates every parameter.
+    pub owners: Option<&'a [usize]>,
 }
 
 /// [`train_step`] on one rank's slices of the global micro-batches: the gradients (and the loss)
@@ -210,7 +213,19 @@ pub fn train_step_sharded(
     } else {
         1.0
     };
-    optimizer.step(params, &grads, lr, clip / loss_scale)?;
+    match shard.as_ref().and_then(|s| Some((s.world, s.owners?))) {
+        // ZeRO-1: this rank's share of the update, then every rank gets every parameter.
+        Some((world, owners)) => {
+            let (mine, mine_grads): (Vec<Param>, Vec<Tensor>) = (params.iter().zip(&grads))
+                .zip(owners)
+                .filter(|(_, &owner)| owner == world.rank())
+                .map(|((p, g), _)| (p.clone(), g.clone()))
+                .unzip();
+            optimizer.step(&mine, &mine_grads, lr, clip / loss_scale)?;
+            share_updates(world, params, owners)?;
+        }
+        None => optimizer.step(params, &grads, lr, clip / loss_scale)?,
+    }
     times.update += lap(&mut clock);
     heap.note(&mut times.heap_peak[2]);
     Ok(out(loss, grad_norm, None, times))
@@ -271,6 +286,64 @@ fn sum_over_ranks(world: &World, flat: &Tensor) -> Result<Tensor> {
     let mut host = flat.to_vec1::<f32>()?;
     world.sum_f32(&mut host)?;
     Ok(Tensor::from_vec(host, flat.shape(), flat.device())?)
+}
+
+/// After a ZeRO-1 update: every rank's parameters become their owners' updated values, through
+/// one all-gather of each rank's parameters (in parameter order), in f32 (f64 when a parameter
+/// is f64), through host memory.
+fn share_updates(world: &World, params: &[Param], owners: &[usize]) -> Result<()> {
+    let wide = params.iter().any(|p| p.var.dtype() == DType::F64);
+    let flat_of = |p: &Param| -> candle_core::Result<Tensor> {
+        let t = p.var.as_tensor().flatten_all()?;
+        t.to_dtype(if wide { DType::F64 } else { DType::F32 })
+    };
+    let mut counts = vec![0usize; world.size()];
+    for (p, &o) in params.iter().zip(owners) {
+        counts[o] += p.var.elem_count();
+    }
+    let mine = (params.iter().zip(owners))
+        .filter(|(_, &o)| o == world.rank())
+        .map(|(p, _)| flat_of(p))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let gathered = match mine.is_empty() {
+        true => None,
+        false => Some(Tensor::cat(&mine, 0)?),
+    };
+    let all = match wide {
+        true => {
+            let mine = gathered.map_or(Ok(Vec::new()), |t| t.to_vec1::<f64>())?;
+            let all = world.all_gather_f64(&mine, &counts)?;
+            let n = all.len();
+            Tensor::from_vec(all, n, &Device::Cpu)
+        }
+        false => {
+            let mine = gathered.map_or(Ok(Vec::new()), |t| t.to_vec1::<f32>())?;
+            let all = world.all_gather_f32(&mine, &counts)?;
+            let n = all.len();
+            Tensor::from_vec(all, n, &Device::Cpu)
+        }
+    };
+    let all = all?;
+    // Rank r's block starts after the blocks of ranks < r; inside it, r's parameters in order.
+    let mut at: Vec<usize> = counts
+        .iter()
+        .scan(0, |sum, &c| {
+            let start = *sum;
+            *sum += c;
+            Some(start)
+        })
+        .collect();
+    for (p, &o) in params.iter().zip(owners) {
+        let len = p.var.elem_count();
+        if o != world.rank() {
+            let t = p.var.as_tensor();
+            let value = all.narrow(0, at[o], len)?.reshape(t.shape())?;
+            p.var
+                .set(&value.to_dtype(t.dtype())?.to_device(t.device())?)?;
+        }
+        at[o] += len;
+    }
+    Ok(())
 }
 
 /// Sets every rank's `stats` to their sum over the ranks weighted by `share` (this rank's part

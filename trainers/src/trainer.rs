@@ -248,6 +248,9 @@ struct Training<'a> {
     world: Rc<World>,
     /// Seconds spent summing gradients over the ranks, and steps, since the last log line.
     all_reduce: (f64, usize),
+    /// ZeRO stage 1 (`trainer.zero_stage = 1` on several ranks): the rank owning each of
+    /// `params` (its optimizer state and update).
+    owners: Option<Vec<usize>>,
 }
 
 impl<'a> Training<'a> {
@@ -314,6 +317,21 @@ impl<'a> Training<'a> {
             .map(|p| p.var.elem_count())
             .sum();
         let mut optimizer = optim::build(&recipe.optim);
+        let owners = (recipe.trainer.zero_stage == 1 && world.size() > 1).then(|| {
+            let sizes: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
+            let owners = crate::distributed::partition(&sizes, world.size());
+            let mine = (sizes.iter().zip(&owners)).filter(|(_, &o)| o == world.rank());
+            let (count, elements) = mine.fold((0, 0), |(c, e), (n, _)| (c + 1, e + n));
+            crate::distributed::say(&format!(
+                "rank {}/{}: ZeRO-1, optimizer state of {count} of {} parameters ({elements} of \
+                 {} elements)",
+                world.rank(),
+                world.size(),
+                sizes.len(),
+                sizes.iter().sum::<usize>()
+            ));
+            owners
+        });
         let (state, last_checkpoint) = match resumed {
             None => {
                 if let Some(p) = pretrained {
@@ -337,6 +355,11 @@ impl<'a> Training<'a> {
                 let moments = checkpoint::load_tensors(&file, &device)?;
                 optim::check_state(&moments, &params)
                     .with_context(|| format!("{} does not fit the model", file.display()))?;
+                // A checkpoint holds the whole state; under ZeRO-1 a rank keeps its share.
+                let moments = match &owners {
+                    Some(owners) => optim::owned_state(moments, &params, owners, world.rank()),
+                    None => moments,
+                };
                 optimizer.load_state(moments, state.optimizer_steps)?;
                 // Rank r > 0 continues its own stream when the checkpoint has it (a job resumed
                 // with as many ranks or fewer); otherwise it starts where rank 0 stands.
@@ -415,6 +438,7 @@ impl<'a> Training<'a> {
             progress,
             world,
             all_reduce: (0.0, 0),
+            owners,
         };
         training.announce()?;
         training.run.keep()?;
@@ -473,9 +497,10 @@ impl<'a> Training<'a> {
                  {total_steps} steps: the learning rate never reaches optim.lr"
             );
         }
-        let ranks = match self.world.size() {
-            1 => String::new(),
-            n => format!(" × {n} processes (MPI)"),
+        let ranks = match (self.world.size(), &self.owners) {
+            (1, _) => String::new(),
+            (n, None) => format!(" × {n} processes (MPI)"),
+            (n, Some(_)) => format!(" × {n} processes (MPI, optimizer state sharded: ZeRO-1)"),
         };
         self.progress.line(&format!(
             "training {} ({param_note}) on {}{ranks} for {total_steps} steps → {}",
@@ -537,6 +562,7 @@ impl<'a> Training<'a> {
             world: &self.world,
             shares,
             running_stats: &self.running_stats,
+            owners: self.owners.as_deref(),
         });
         let out = crate::step::train_step_sharded(
             self.model.as_ref(),
@@ -712,6 +738,7 @@ impl<'a> Training<'a> {
             self.state.dropout_rng_other_ranks =
                 positions[1..].iter().map(u64::to_string).collect();
         }
+        let optimizer_state = self.optimizer_state()?;
         if !self.world.is_main() {
             // Rank 0 writes it; the others name it in messages.
             let name = checkpoint::step_dir_name(step);
@@ -721,7 +748,7 @@ impl<'a> Training<'a> {
             &self.run.path,
             &self.varmap,
             &self.model_cfg,
-            self.optimizer.as_ref(),
+            &optimizer_state,
             &self.state,
         )?;
         let checkpoints = self.run.path.join("checkpoints");
@@ -730,6 +757,28 @@ impl<'a> Training<'a> {
         }
         checkpoint::prune(&checkpoints, self.recipe.trainer.keep_last)?;
         Ok(dir)
+    }
+
+    /// The optimizer's whole state: this process's, or under ZeRO-1 every rank's share gathered
+    /// on rank 0 (the others get theirs back), so a checkpoint resumes with any number of ranks
+    /// and with or without sharding.
+    fn optimizer_state(&self) -> Result<HashMap<String, Tensor>> {
+        let mine = self.optimizer.state();
+        if self.owners.is_none() {
+            return Ok(mine);
+        }
+        let bytes = safetensors::serialize(mine.iter().map(|(k, t)| (k.as_str(), t)), None)
+            .context("serializing this rank's optimizer state")?;
+        let mut all = HashMap::new();
+        for (rank, bytes) in self.world.gather_bytes(bytes)?.iter().enumerate() {
+            let part = checkpoint::parse_tensors(bytes, &self.device)
+                .with_context(|| format!("rank {rank}'s optimizer state"))?;
+            all.extend(part);
+        }
+        Ok(match self.world.is_main() {
+            true => all,
+            false => mine,
+        })
     }
 
     /// The run stopped by signal `stop` after `step` (its checkpoint is written).
@@ -1123,7 +1172,7 @@ fn save_checkpoint(
     run_dir: &Path,
     varmap: &VarMap,
     cfg: &ModelConfig,
-    optimizer: &dyn Optimizer,
+    optimizer_state: &HashMap<String, Tensor>,
     state: &TrainerState,
 ) -> Result<PathBuf> {
     // Frozen pretrained weights (LoRA) are not saved: `init_from` has them. Buffers (BatchNorm's
@@ -1138,7 +1187,7 @@ fn save_checkpoint(
         .collect();
     checkpoint::write_checkpoint(&run_dir.join("checkpoints"), state.step, |dir| {
         checkpoint::save_tensors(&dir.join(checkpoint::MODEL_FILE), &weights)?;
-        checkpoint::save_tensors(&dir.join(checkpoint::OPTIMIZER_FILE), &optimizer.state())?;
+        checkpoint::save_tensors(&dir.join(checkpoint::OPTIMIZER_FILE), optimizer_state)?;
         std::fs::write(
             dir.join(checkpoint::STATE_FILE),
             serde_json::to_string_pretty(state)?,
