@@ -289,10 +289,30 @@ fn sum_over_ranks(world: &World, flat: &Tensor) -> Result<Tensor> {
 }
 
 /// After a ZeRO-1 update: every rank's parameters become their owners' updated values, through
-/// one all-gather of each rank's parameters (in parameter order), in f32 (f64 when a parameter
-/// is f64), through host memory.
+/// all-gathers of each rank's parameters in buckets of whole parameters (parameter order, up to
+/// `BUCKET` elements, so no rank ever holds a second copy of the model), in f32 (f64 when a
+/// parameter is f64), through host memory.
 fn share_updates(world: &World, params: &[Param], owners: &[usize]) -> Result<()> {
     let wide = params.iter().any(|p| p.var.dtype() == DType::F64);
+    let mut start = 0;
+    while start < params.len() {
+        let (mut end, mut n) = (start, 0);
+        while end < params.len() {
+            let len = params[end].var.elem_count();
+            if end > start && n + len > BUCKET {
+                break;
+            }
+            n += len;
+            end += 1;
+        }
+        share_bucket(world, &params[start..end], &owners[start..end], wide)?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// [`share_updates`] for one bucket of parameters.
+fn share_bucket(world: &World, params: &[Param], owners: &[usize], wide: bool) -> Result<()> {
     let flat_of = |p: &Param| -> candle_core::Result<Tensor> {
         let t = p.var.as_tensor().flatten_all()?;
         t.to_dtype(if wide { DType::F64 } else { DType::F32 })

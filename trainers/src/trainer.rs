@@ -770,8 +770,9 @@ impl<'a> Training<'a> {
         let bytes = safetensors::serialize(mine.iter().map(|(k, t)| (k.as_str(), t)), None)
             .context("serializing this rank's optimizer state")?;
         let mut all = HashMap::new();
-        for (rank, bytes) in self.world.gather_bytes(bytes)?.iter().enumerate() {
-            let part = checkpoint::parse_tensors(bytes, &self.device)
+        // Each rank's bytes are dropped once parsed: rank 0 holds the whole state once.
+        for (rank, bytes) in self.world.gather_bytes(bytes)?.into_iter().enumerate() {
+            let part = checkpoint::parse_tensors(&bytes, &self.device)
                 .with_context(|| format!("rank {rank}'s optimizer state"))?;
             all.extend(part);
         }
