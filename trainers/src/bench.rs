@@ -102,7 +102,7 @@ pub fn bench(recipe: &Recipe, o: &BenchOptions) -> Result<BenchReport> {
     let data = data::load(recipe)?;
     let input_shape = crate::trainer::input_shape(&data);
     let cfg = ModelConfig::from_recipe(recipe, data.num_classes, &input_shape)?;
-    crate::memory::check_fits(recipe, &cfg, &input_shape, &device)?;
+    crate::memory::check_fits(recipe, &cfg, &input_shape, &device, 1)?;
     let varmap = VarMap::new();
     let vb = kiln_core::rng::seeded_var_builder(&varmap, recipe.seed, DType::F32, &device);
     let compute = amp::compute_dtype(recipe.precision);

@@ -273,7 +273,13 @@ impl<'a> Training<'a> {
         let data = data::load(recipe)?;
         same_data_on_every_rank(&world, &data)?;
         let model_cfg = model_config(recipe, &data, resumed.is_some())?;
-        crate::memory::check_fits(recipe, &model_cfg, &input_shape(&data), &device)?;
+        crate::memory::check_fits(
+            recipe,
+            &model_cfg,
+            &input_shape(&data),
+            &device,
+            world.size(),
+        )?;
         if world.is_main() {
             run.write_recipe(recipe, &model_cfg, &data)?;
             // A run that starts from step 0 (also one restarted before its first checkpoint)
