@@ -33,21 +33,22 @@ fn mpirun() -> Option<&'static str> {
     None
 }
 
+/// `mpirun -np N kiln ARGS…`, run in `dir`.
+fn mpi_kiln(np: usize, args: &[&str], dir: &Path) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe", "-np"])
+        .arg(np.to_string())
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir);
+    c
+}
+
 /// `mpirun -np N kiln train RECIPE --quiet --run-dir RUN ARGS…` as a command to run.
 fn mpi_train(np: usize, recipe: &Path, run: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new("mpirun");
-    c.args([
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        &np.to_string(),
-    ])
-    .arg(env!("CARGO_BIN_EXE_kiln"))
-    .args(["train", recipe.to_str().unwrap(), "--quiet", "--run-dir"])
-    .arg(run)
-    .args(extra)
-    .current_dir(recipe.parent().unwrap());
-    c
+    let head = ["train", recipe.to_str().unwrap(), "--quiet", "--run-dir"];
+    let args = [&head[..], &[run.to_str().unwrap()], extra].concat();
+    mpi_kiln(np, &args, recipe.parent().unwrap())
 }
 
 /// A short, gentle schedule for the tiny GPT: rounding differences (2 ranks sum a batch's
@@ -69,6 +70,21 @@ const GENTLE: [&str; 12] = [
     "--set",
     "trainer.keep_last=5",
 ];
+
+/// `mpirun -np N kiln train --resume RUN --quiet --set trainer.max_steps=STEPS`, run in `dir`.
+#[cfg(feature = "distributed")]
+fn mpi_resume(np: usize, run: &Path, steps: usize, dir: &Path) -> Command {
+    let steps = format!("trainer.max_steps={steps}");
+    let args = [
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        &steps,
+    ];
+    mpi_kiln(np, &args, dir)
+}
 
 fn run(mut c: Command) -> Output {
     c.output().expect("mpirun runs")
@@ -234,13 +250,7 @@ fn a_job_resumes_with_another_number_of_ranks() {
     // One process to step 10, then two ranks.
     let half = d.join("half");
     ok(&train_in(&recipe, &half, &first_half, d));
-    let mut resume = Command::new("mpirun");
-    resume
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
-        .arg(env!("CARGO_BIN_EXE_kiln"))
-        .args(["train", "--resume", half.to_str().unwrap(), "--quiet"])
-        .args(["--set", "trainer.max_steps=20"])
-        .current_dir(d);
+    let resume = mpi_resume(2, &half, 20, d);
     ok(&run(resume));
     assert_same_training(&alone, &half, 20, "1 process, then 2 ranks");
 }
@@ -432,13 +442,7 @@ fn a_resumed_job_continues_every_ranks_dropout_stream() {
         others[1], state["dropout_rng_position"],
         "the rank with fewer rows drew fewer words"
     );
-    let mut resume = Command::new("mpirun");
-    resume
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3"])
-        .arg(env!("CARGO_BIN_EXE_kiln"))
-        .args(["train", "--resume", job.to_str().unwrap(), "--quiet"])
-        .args(["--set", "trainer.max_steps=20"])
-        .current_dir(d);
+    let resume = mpi_resume(3, &job, 20, d);
     ok(&run(resume));
     let weights =
         |r: &Path| std::fs::read(r.join("checkpoints/step-20/model.safetensors")).unwrap();
@@ -515,13 +519,7 @@ fn zero_1_shards_the_optimizer_state_and_trains_what_ddp_trains() {
         let run_dir = d.join(name);
         let args = [&GENTLE[..], &["--set", "trainer.max_steps=10"], extra].concat();
         ok(&run(mpi_train(2, &recipe, &run_dir, &args)));
-        let mut resume = Command::new("mpirun");
-        resume
-            .args(["--allow-run-as-root", "--oversubscribe", "-np", "3"])
-            .arg(env!("CARGO_BIN_EXE_kiln"))
-            .args(["train", "--resume", run_dir.to_str().unwrap(), "--quiet"])
-            .args(["--set", "trainer.max_steps=20"])
-            .current_dir(d);
+        let resume = mpi_resume(3, &run_dir, 20, d);
         let o = run(resume);
         ok(&o);
         (run_dir, stderr(&o))

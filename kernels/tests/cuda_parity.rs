@@ -229,38 +229,25 @@ fn softmax() {
 #[test]
 fn causal_self_attention() {
     let Some(gpu) = gpu() else { return };
-    let mut report = Report::default();
     let every = &DTYPES[..];
-    for (shape, dtypes, seed) in [
-        ([2, 3, 67, 64], every, 31),
-        ([1, 2, 130, 40], every, 31),
-        ([1, 1, 1, 64], every, 31),
-        ([2, 1, 33, 16], every, 31),
-        // Several 64-wide key tiles at head dim 32 (the d32 kernels).
-        ([1, 2, 200, 32], every, 31),
-        // Head dim 80, padded to 128 (the d128 kernels with zero lanes).
-        ([1, 2, 77, 80], every, 31),
-        ([2, 2, 150, 128], every, 31),
-        // A GPT-2-sized layer (T = 1024, 12 heads of 64), in bf16 only: the training dtype,
-        // and the CPU reference is slow in f32/f16 at this size.
-        ([2, 12, 1024, 64], &[DType::BF16], 34),
-    ] {
-        let inputs = [
-            float(&shape, seed, 1.5),
-            float(&shape, seed + 1, 1.5),
-            float(&shape, seed + 2, 1.0),
-        ];
-        parity(
-            dtypes,
-            &mut report,
-            &gpu,
-            &format!("attention {shape:?}"),
-            &inputs,
-            F32_TOL_LONG,
-            &|t| kiln_kernels::causal_self_attention(&t[0], &t[1], &t[2]),
-        );
-    }
-    report.finish();
+    attention_parity(
+        &gpu,
+        &[
+            ([2, 3, 67, 64], every, 31),
+            ([1, 2, 130, 40], every, 31),
+            ([1, 1, 1, 64], every, 31),
+            ([2, 1, 33, 16], every, 31),
+            // Several 64-wide key tiles at head dim 32 (the d32 kernels).
+            ([1, 2, 200, 32], every, 31),
+            // Head dim 80, padded to 128 (the d128 kernels with zero lanes).
+            ([1, 2, 77, 80], every, 31),
+            ([2, 2, 150, 128], every, 31),
+            // A GPT-2-sized layer (T = 1024, 12 heads of 64), in bf16 only: the training dtype,
+            // and the CPU reference is slow in f32/f16 at this size.
+            ([2, 12, 1024, 64], &[DType::BF16], 34),
+        ],
+        None,
+    );
 }
 
 /// Dropout on the probabilities drawn inside the kernels (the `_drop` instances): the same
@@ -269,23 +256,42 @@ fn causal_self_attention() {
 #[test]
 fn causal_self_attention_with_dropout() {
     let Some(gpu) = gpu() else { return };
-    let mut report = Report::default();
     let every = &DTYPES[..];
     let drop = kiln_kernels::dropout::Draw {
         p: 0.2,
         key: [0x1234_5678, 0x9abc_def0],
         start: 4 * 1_000_003,
     };
-    for (shape, dtypes, seed) in [
-        // Tensor cores in bf16/f16 (head dim 64, and 128), the FMA kernels in f32.
-        ([2, 3, 67, 64], every, 41),
-        ([2, 2, 150, 128], every, 41),
-        // FMA kernels in every dtype: head dims 40 (d64 padded) and 32, T not a multiple of 4.
-        ([1, 2, 130, 40], every, 41),
-        ([1, 2, 201, 32], every, 41),
-        ([1, 1, 1, 64], every, 41),
-        ([2, 12, 1024, 64], &[DType::BF16], 44),
-    ] {
+    attention_parity(
+        &gpu,
+        &[
+            // Tensor cores in bf16/f16 (head dim 64, and 128), the FMA kernels in f32.
+            ([2, 3, 67, 64], every, 41),
+            ([2, 2, 150, 128], every, 41),
+            // FMA kernels in every dtype: head dims 40 (d64 padded) and 32, T not a multiple
+            // of 4.
+            ([1, 2, 130, 40], every, 41),
+            ([1, 2, 201, 32], every, 41),
+            ([1, 1, 1, 64], every, 41),
+            ([2, 12, 1024, 64], &[DType::BF16], 44),
+        ],
+        Some(&drop),
+    );
+}
+
+/// Causal attention (with dropout `drop`) against the CPU op at each (shape, dtypes, seed).
+fn attention_parity(
+    gpu: &Device,
+    cases: &[([usize; 4], &[DType], u64)],
+    drop: Option<&kiln_kernels::dropout::Draw>,
+) {
+    let mut report = Report::default();
+    let label = if drop.is_some() {
+        "attention dropout"
+    } else {
+        "attention"
+    };
+    for &(shape, dtypes, seed) in cases {
         let inputs = [
             float(&shape, seed, 1.5),
             float(&shape, seed + 1, 1.5),
@@ -294,11 +300,11 @@ fn causal_self_attention_with_dropout() {
         parity(
             dtypes,
             &mut report,
-            &gpu,
-            &format!("attention dropout {shape:?}"),
+            gpu,
+            &format!("{label} {shape:?}"),
             &inputs,
             F32_TOL_LONG,
-            &|t| kiln_kernels::causal_self_attention_dropout(&t[0], &t[1], &t[2], Some(&drop)),
+            &|t| kiln_kernels::causal_self_attention_dropout(&t[0], &t[1], &t[2], drop),
         );
     }
     report.finish();
