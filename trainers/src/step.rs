@@ -241,20 +241,12 @@ fn all_reduce(world: &World, grads: &mut [Option<Tensor>]) -> Result<()> {
     if world.size() == 1 {
         return Ok(());
     }
-    let mut start = 0;
-    while start < grads.len() {
-        // Parameters start..end, at least one, up to BUCKET elements.
-        let mut end = start;
-        let mut n = 0;
-        while end < grads.len() {
-            let len = grads[end].as_ref().map_or(0, Tensor::elem_count);
-            if end > start && n + len > BUCKET {
-                break;
-            }
-            n += len;
-            end += 1;
-        }
-        let bucket = &mut grads[start..end];
+    let lens: Vec<usize> = grads
+        .iter()
+        .map(|g| g.as_ref().map_or(0, Tensor::elem_count))
+        .collect();
+    for range in buckets(&lens) {
+        let bucket = &mut grads[range];
         let flat = bucket
             .iter()
             .flatten()
@@ -272,9 +264,25 @@ fn all_reduce(world: &World, grads: &mut [Option<Tensor>]) -> Result<()> {
                 offset += len;
             }
         }
-        start = end;
     }
     Ok(())
+}
+
+/// Consecutive ranges of tensors of `lens` elements: each at least one tensor and, beyond its
+/// first, at most `BUCKET` elements in all.
+fn buckets(lens: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < lens.len() {
+        let (mut end, mut n) = (start, 0);
+        while end < lens.len() && (end == start || n + lens[end] <= BUCKET) {
+            n += lens[end];
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
 }
 
 /// The element-wise sum over the ranks of the f32 vector `flat`.
@@ -294,19 +302,9 @@ fn sum_over_ranks(world: &World, flat: &Tensor) -> Result<Tensor> {
 /// parameter is f64), through host memory.
 fn share_updates(world: &World, params: &[Param], owners: &[usize]) -> Result<()> {
     let wide = params.iter().any(|p| p.var.dtype() == DType::F64);
-    let mut start = 0;
-    while start < params.len() {
-        let (mut end, mut n) = (start, 0);
-        while end < params.len() {
-            let len = params[end].var.elem_count();
-            if end > start && n + len > BUCKET {
-                break;
-            }
-            n += len;
-            end += 1;
-        }
-        share_bucket(world, &params[start..end], &owners[start..end], wide)?;
-        start = end;
+    let lens: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
+    for r in buckets(&lens) {
+        share_bucket(world, &params[r.clone()], &owners[r], wide)?;
     }
     Ok(())
 }

@@ -777,20 +777,25 @@ impl<'a> Training<'a> {
         if self.owners.is_none() {
             return Ok(mine);
         }
-        let bytes = safetensors::serialize(mine.iter().map(|(k, t)| (k.as_str(), t)), None)
-            .context("serializing this rank's optimizer state")?;
-        let mut all = HashMap::new();
-        // Each rank's bytes are dropped once parsed: rank 0 holds the whole state once.
-        for (rank, bytes) in self.world.gather_bytes(bytes)?.into_iter().enumerate() {
-            // Into host memory: on a GPU the whole state would not fit where its shares do.
+        // Rank 0 keeps its own share as it is; the others send theirs, serialized.
+        let bytes = match self.world.is_main() {
+            true => Vec::new(),
+            false => safetensors::serialize(mine.iter().map(|(k, t)| (k.as_str(), t)), None)
+                .context("serializing this rank's optimizer state")?,
+        };
+        let parts = self.world.gather_bytes(bytes)?;
+        if !self.world.is_main() {
+            return Ok(mine);
+        }
+        let mut all = mine;
+        // Each rank's bytes are dropped once parsed; into host memory, since on a GPU the whole
+        // state would not fit where its shares do.
+        for (rank, bytes) in parts.into_iter().enumerate().skip(1) {
             let part = checkpoint::parse_tensors(&bytes, &Device::Cpu)
                 .with_context(|| format!("rank {rank}'s optimizer state"))?;
             all.extend(part);
         }
-        Ok(match self.world.is_main() {
-            true => all,
-            false => mine,
-        })
+        Ok(all)
     }
 
     /// The run stopped by signal `stop` after `step` (its checkpoint is written).
